@@ -1,0 +1,187 @@
+//! Command-line arguments: the doc comments are the `--help`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Idempotent data loading: run a load once, twice, after a crash or twice at
+/// the same moment, and the destination is the same: no duplicate rows, no
+/// lost rows, and a checkpoint never ahead of the data.
+#[derive(Debug, Parser)]
+#[command(
+    name = "idemload",
+    version,
+    propagate_version = true,
+    arg_required_else_help = true
+)]
+#[command(
+    after_help = "Examples:\n  idemload load exports/*.jsonl --into sqlite://warehouse.db --table contacts\n  idemload run pipelines/usage.toml\n  idemload history pipelines/usage.toml\n\nExit codes: 0 success, 1 run failed, 2 usage or configuration error,\n3 pipeline locked by another run, 4 finished with rejected records."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Log more to stderr (-v: runs and batches, -vv: statements).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load files into a table, without a pipeline file.
+    ///
+    /// Reads JSONL/NDJSON, CSV and JSON array files (by extension; `-` reads
+    /// stdin as JSONL unless --format says otherwise) and merges them into
+    /// the table, which is created if missing. Loading the same files again
+    /// changes nothing. Every record of the files is read: incremental
+    /// filtering by checkpoint belongs to pipelines (`idemload run`).
+    ///
+    /// Example:
+    ///   idemload load exports/usage-*.jsonl --into sqlite://warehouse.db \
+    ///       --table daily_usage --key service_line_id,usage_date --cursor updated_at
+    #[command(verbatim_doc_comment)]
+    Load(Box<LoadArgs>),
+
+    /// Run a pipeline file.
+    ///
+    /// Takes the pipeline's lock, reads from its checkpoint (minus lookback),
+    /// commits batch by batch and moves the checkpoint with the data.
+    ///
+    /// Example:
+    ///   idemload run examples/usage.toml --json
+    #[command(verbatim_doc_comment)]
+    Run(RunArgs),
+
+    /// Validate a pipeline, connect to its destination and print the plan.
+    ///
+    /// Example:
+    ///   idemload check examples/usage.toml
+    #[command(verbatim_doc_comment)]
+    Check {
+        /// The pipeline file.
+        pipeline: PathBuf,
+    },
+
+    /// Show, reset or set a pipeline's checkpoint.
+    ///
+    /// Example:
+    ///   idemload state examples/usage.toml --set 2025-01-01T00:00:00Z
+    #[command(verbatim_doc_comment)]
+    State(StateArgs),
+
+    /// List a pipeline's latest runs.
+    ///
+    /// Example:
+    ///   idemload history examples/usage.toml --limit 5
+    #[command(verbatim_doc_comment)]
+    History {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// How many runs, newest first.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print one JSON object ({"runs": [...]}) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Show the records a run rejected, with their reference and reason.
+    ///
+    /// Without --run, shows the latest run that had rejects.
+    ///
+    /// Example:
+    ///   idemload rejects examples/usage.toml --json
+    #[command(verbatim_doc_comment)]
+    Rejects {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// The run whose rejects to show.
+        #[arg(long = "run")]
+        run_id: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print one JSON object ({"rejects": [...]}) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// Files or globs to load; `-` is stdin.
+    #[arg(required = true)]
+    pub files: Vec<String>,
+    /// Destination URL: sqlite://PATH.
+    #[arg(long, value_name = "URL")]
+    pub into: String,
+    /// Target table (created if missing).
+    #[arg(long)]
+    pub table: String,
+    /// Key fields, comma separated (default: id).
+    #[arg(long, value_delimiter = ',', conflicts_with = "hash_key")]
+    pub key: Option<Vec<String>>,
+    /// Derive the key from a SHA-256 of these fields ('*' for all).
+    #[arg(long, value_delimiter = ',')]
+    pub hash_key: Option<Vec<String>>,
+    /// Field that orders versions of a record: the greatest wins.
+    #[arg(long)]
+    pub cursor: Option<String>,
+    /// merge (default), insert_new, replace or window.
+    #[arg(long, default_value = "merge")]
+    pub mode: String,
+    /// window mode: the field whose loaded range is reloaded.
+    #[arg(long)]
+    pub window_field: Option<String>,
+    /// Field whose `true` deletes the row with the record's key.
+    #[arg(long)]
+    pub delete_field: Option<String>,
+    /// Format of stdin (or of files with another extension).
+    #[arg(long, value_parser = ["jsonl", "csv", "json"])]
+    pub format: Option<String>,
+    /// Records per transaction.
+    #[arg(long, default_value_t = 10_000)]
+    pub batch_size: usize,
+    /// Pipeline name for the lock, history and checkpoint (default: the table).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub run: RunFlags,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The pipeline file.
+    pub pipeline: PathBuf,
+    /// Ignore the checkpoint for this run and read everything.
+    #[arg(long)]
+    pub full_refresh: bool,
+    #[command(flatten)]
+    pub run: RunFlags,
+}
+
+#[derive(Debug, Args)]
+pub struct RunFlags {
+    /// Wait up to this long for a lock held by another run (e.g. 10m),
+    /// instead of exiting with code 3.
+    #[arg(long, value_name = "DURATION")]
+    pub wait: Option<String>,
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StateArgs {
+    /// The pipeline file.
+    pub pipeline: PathBuf,
+    /// Forget the checkpoint: the next run starts from `initial`.
+    #[arg(long, conflicts_with = "set")]
+    pub reset: bool,
+    /// Set the checkpoint (an integer or a timestamp).
+    #[arg(long, value_name = "VALUE")]
+    pub set: Option<String>,
+    /// Wait up to this long for a running run's lock.
+    #[arg(long, value_name = "DURATION")]
+    pub wait: Option<String>,
+}

@@ -1,0 +1,113 @@
+//! Destinations: where rows land, with the bookkeeping that makes a load
+//! idempotent.
+//!
+//! A [`Destination`] locks a pipeline, tells its checkpoint, and commits a
+//! planned batch together with its rejects and (when the run reaches it) its
+//! checkpoint, in one transaction. It reports what it did as [`RunStats`].
+//! It states its [`Capabilities`]; the pipeline asks those, never "which
+//! database is this". [`open`] picks an implementation by URL scheme.
+
+pub mod schema;
+pub mod sql;
+pub mod sqlite;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::config::{redact, Mode};
+use crate::error::{Error, Result};
+use crate::pipeline::plan::PlannedBatch;
+use crate::pipeline::stats::RunStats;
+use crate::state::{Finish, LockHolder, RejectRecord, RunInfo, RunRecord};
+
+/// What a destination can do.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Capabilities {
+    /// `CREATE`/`ALTER TABLE` roll back with the batch.
+    pub transactional_ddl: bool,
+    /// Loads through a binary COPY.
+    pub binary_copy: bool,
+    /// Upserts in one statement (`ON CONFLICT` / `ON DUPLICATE KEY`).
+    pub upsert: bool,
+}
+
+/// The table a run writes and how.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub table: String,
+    pub key_columns: Vec<String>,
+    pub cursor: Option<String>,
+    pub mode: Mode,
+    pub window_field: Option<String>,
+}
+
+/// What commits with a batch besides its rows and rejects.
+#[derive(Debug, Clone, Default)]
+pub struct Commit {
+    /// Move the checkpoint here (sources ordered by cursor, batch by batch).
+    pub checkpoint: Option<Value>,
+    /// This is the run's last batch: finish the run in the same transaction.
+    pub finish: Option<Finish>,
+}
+
+/// A place rows land, with its bookkeeping.
+#[async_trait]
+pub trait Destination: Send {
+    /// What this destination can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Takes the pipeline's run lock for `holder`, or returns who holds it.
+    /// The lease is renewed in the background until [`Destination::unlock`].
+    async fn lock(
+        &mut self,
+        pipeline: &str,
+        holder: &LockHolder,
+        lease: Duration,
+    ) -> Result<Option<LockHolder>>;
+
+    /// Releases the lock this destination holds.
+    async fn unlock(&mut self) -> Result<()>;
+
+    /// The pipeline's checkpoint.
+    async fn checkpoint(&mut self, pipeline: &str) -> Result<Option<Value>>;
+
+    /// Sets (or with `None` clears) the checkpoint; the caller holds the lock.
+    async fn set_checkpoint(&mut self, pipeline: &str, value: Option<Value>) -> Result<()>;
+
+    /// Records the start of a run and prepares the target.
+    async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()>;
+
+    /// Writes one batch, its rejects, and what `commit` asks, in one
+    /// transaction. Returns the batch's stats as the destination saw them
+    /// (inserted, updated, unchanged, deleted, skipped as stale, duplicates
+    /// across batches, rejected values).
+    async fn write(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats>;
+
+    /// Records a failed run (best effort: the destination may be gone).
+    async fn fail(&mut self, run_id: &str, stats: &RunStats, error: &str) -> Result<()>;
+
+    /// The pipeline's latest runs, newest first.
+    async fn history(&mut self, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>>;
+
+    /// The pipeline's rejects (of one run, or of the latest run with rejects).
+    async fn rejects(
+        &mut self,
+        pipeline: &str,
+        run_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RejectRecord>>;
+}
+
+/// Opens the destination an URL names.
+pub async fn open(url: &str) -> Result<Box<dyn Destination>> {
+    let scheme = url.split("://").next().unwrap_or_default();
+    match scheme {
+        "sqlite" => Ok(Box::new(sqlite::SqliteDestination::open(url).await?)),
+        _ => Err(Error::config(format!(
+            "unsupported destination URL {}: use sqlite://PATH",
+            redact(url)
+        ))),
+    }
+}

@@ -1,0 +1,232 @@
+//! Column types: inferred from the first value a column sees, kept after.
+//!
+//! A column keeps the type it was created with. JSON strings and numbers are
+//! never coerced into each other (an integer may go into a float column), so
+//! `7` and `"007"` never become one value; a value that does not fit is
+//! rejected with a reason that names the column and both types.
+
+use serde_json::Value;
+
+use crate::key::{canonical_json, parse_instant};
+
+/// Logical column types, mapped to each database's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnType {
+    Integer,
+    Float,
+    Boolean,
+    /// RFC 3339 text.
+    Timestamp,
+    Text,
+    /// Objects and arrays (and anything in a column created for them).
+    Json,
+    /// A column idemload did not create and cannot type: takes any scalar.
+    Any,
+}
+
+/// A value converted for a column.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SqlValue {
+    Null,
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Text(String),
+    Json(String),
+}
+
+impl ColumnType {
+    /// The type a new column gets for its first non-null value.
+    pub fn infer(value: &Value) -> ColumnType {
+        match value {
+            Value::Null => ColumnType::Text,
+            Value::Bool(_) => ColumnType::Boolean,
+            Value::Number(n) if n.is_i64() => ColumnType::Integer,
+            Value::Number(n) if n.is_u64() => ColumnType::Integer,
+            Value::Number(_) => ColumnType::Float,
+            Value::String(s) if parse_instant(s).is_some() => ColumnType::Timestamp,
+            Value::String(_) => ColumnType::Text,
+            Value::Object(_) | Value::Array(_) => ColumnType::Json,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnType::Integer => "integer",
+            ColumnType::Float => "float",
+            ColumnType::Boolean => "boolean",
+            ColumnType::Timestamp => "timestamp",
+            ColumnType::Text => "text",
+            ColumnType::Json => "json",
+            ColumnType::Any => "any",
+        }
+    }
+
+    /// Converts a value for this column, or says why it does not fit.
+    pub fn convert(self, column: &str, value: &Value) -> Result<SqlValue, String> {
+        let mismatch = |what: &str| {
+            let mut shown = value.to_string();
+            if shown.len() > 60 {
+                let mut cut = 57;
+                while !shown.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                shown.truncate(cut);
+                shown.push_str("...");
+            }
+            Err(format!(
+                "value {shown} of field {column:?} is {what}, but the column is {}",
+                self.name()
+            ))
+        };
+        match (self, value) {
+            (_, Value::Null) => Ok(SqlValue::Null),
+            (ColumnType::Json, v) => Ok(SqlValue::Json(canonical_json(v))),
+            (_, Value::Object(_) | Value::Array(_)) => mismatch("an object or array"),
+            (ColumnType::Integer, Value::Number(n)) => {
+                if let Some(i) = n.as_i64() {
+                    Ok(SqlValue::Int(i))
+                } else if n.is_u64() {
+                    mismatch("an integer out of the 64-bit range")
+                } else {
+                    let f = n.as_f64().unwrap_or(f64::NAN);
+                    if f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15 {
+                        Ok(SqlValue::Int(f as i64))
+                    } else {
+                        mismatch("a float")
+                    }
+                }
+            }
+            (ColumnType::Float, Value::Number(n)) => match n.as_f64() {
+                Some(f) => Ok(SqlValue::Float(f)),
+                None => mismatch("not a finite number"),
+            },
+            (ColumnType::Boolean, Value::Bool(b)) => Ok(SqlValue::Bool(*b)),
+            (ColumnType::Timestamp, Value::String(s)) => {
+                if parse_instant(s).is_some() {
+                    Ok(SqlValue::Text(s.clone()))
+                } else {
+                    mismatch("not an RFC 3339 timestamp")
+                }
+            }
+            (ColumnType::Text, Value::String(s)) => Ok(SqlValue::Text(s.clone())),
+            (ColumnType::Any, Value::String(s)) => Ok(SqlValue::Text(s.clone())),
+            (ColumnType::Any, Value::Bool(b)) => Ok(SqlValue::Bool(*b)),
+            (ColumnType::Any, Value::Number(n)) => Ok(match n.as_i64() {
+                Some(i) => SqlValue::Int(i),
+                None => SqlValue::Float(n.as_f64().unwrap_or(f64::NAN)),
+            }),
+            (_, Value::String(_)) => mismatch("text"),
+            (_, Value::Number(n)) if n.is_f64() => mismatch("a float"),
+            (_, Value::Number(_)) => mismatch("a number"),
+            (_, Value::Bool(_)) => mismatch("a boolean"),
+        }
+    }
+}
+
+/// One column of a destination table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Column {
+    pub name: String,
+    pub ty: ColumnType,
+}
+
+/// The columns of a table, in order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TableSchema {
+    pub columns: Vec<Column>,
+}
+
+impl TableSchema {
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.name == name)
+    }
+
+    /// Columns the rows need that the table lacks, typed by their first
+    /// non-null value. Fields that are null everywhere get no column yet.
+    pub fn missing<'a>(
+        &self,
+        records: impl Iterator<Item = &'a crate::record::Fields>,
+    ) -> Vec<Column> {
+        let mut missing: Vec<Column> = Vec::new();
+        for fields in records {
+            for (name, value) in fields {
+                if value.is_null() || self.position(name).is_some() {
+                    continue;
+                }
+                if missing.iter().any(|c| &c.name == name) {
+                    continue;
+                }
+                missing.push(Column {
+                    name: name.clone(),
+                    ty: ColumnType::infer(value),
+                });
+            }
+        }
+        missing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn strings_and_numbers_are_never_coerced() {
+        assert!(ColumnType::Text.convert("zip", &json!(7)).is_err());
+        assert!(ColumnType::Integer.convert("n", &json!("7")).is_err());
+        assert_eq!(
+            ColumnType::Float.convert("x", &json!(7)).unwrap(),
+            SqlValue::Float(7.0)
+        );
+        assert_eq!(
+            ColumnType::Integer.convert("n", &json!(7.0)).unwrap(),
+            SqlValue::Int(7)
+        );
+        let err = ColumnType::Integer.convert("n", &json!(7.5)).unwrap_err();
+        assert_eq!(
+            err,
+            "value 7.5 of field \"n\" is a float, but the column is integer"
+        );
+        assert!(ColumnType::Timestamp
+            .convert("t", &json!("yesterday"))
+            .is_err());
+        assert_eq!(
+            ColumnType::Json
+                .convert("j", &json!({"b": 1, "a": 2}))
+                .unwrap(),
+            SqlValue::Json("{\"a\":2,\"b\":1}".into())
+        );
+    }
+
+    #[test]
+    fn new_columns_take_the_type_of_their_first_non_null_value() {
+        let schema = TableSchema {
+            columns: vec![Column {
+                name: "id".into(),
+                ty: ColumnType::Integer,
+            }],
+        };
+        let a = json!({"id": 1, "x": null, "t": "2024-01-01T00:00:00Z"});
+        let b = json!({"id": 2, "x": 1.5});
+        let rows = [
+            a.as_object().unwrap().clone(),
+            b.as_object().unwrap().clone(),
+        ];
+        let missing = schema.missing(rows.iter());
+        assert_eq!(
+            missing,
+            vec![
+                Column {
+                    name: "t".into(),
+                    ty: ColumnType::Timestamp
+                },
+                Column {
+                    name: "x".into(),
+                    ty: ColumnType::Float
+                },
+            ]
+        );
+    }
+}

@@ -1,0 +1,412 @@
+//! SQLite bookkeeping: connection set-up, the `_idemload_*` tables, the run
+//! lock lease and its heartbeat.
+//!
+//! The lock is a lease row in `_idemload_locks`, taken in a `BEGIN
+//! IMMEDIATE` transaction (SQLite's write lock makes the check-and-take
+//! atomic across processes), renewed by a heartbeat thread, and checked
+//! again in every batch transaction: a run whose lease was taken over can
+//! never commit another batch.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde_json::Value;
+
+use crate::destination::sql::quote;
+use crate::destination::Target;
+use crate::error::{Error, Result};
+use crate::pipeline::stats::{RunStats, RunStatus};
+use crate::state::{
+    format_time, LockHolder, RejectRecord, RunInfo, RunRecord, LOCKS_TABLE, REJECTS_TABLE,
+    RUNS_TABLE, STATE_TABLE,
+};
+
+/// Opens the file with the settings every connection uses, and makes sure
+/// the bookkeeping tables exist.
+pub(super) fn connect(path: &Path) -> Result<Connection> {
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() && !parent.exists() {
+            std::fs::create_dir_all(parent).map_err(|source| Error::Io {
+                path: parent.to_path_buf(),
+                source,
+            })?;
+        }
+    }
+    let conn =
+        Connection::open(path).map_err(|e| Error::destination(path.display().to_string(), e))?;
+    conn.busy_timeout(Duration::from_secs(60))?;
+    // Switching to WAL needs a moment without readers; retry while others
+    // open the same file at the same time.
+    let mut attempts = 0;
+    loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0)) {
+            Ok(_) => break,
+            Err(e) if attempts < 100 && is_busy(&e) => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(Error::destination(path.display().to_string(), e)),
+        }
+    }
+    conn.execute_batch(
+        "PRAGMA synchronous = NORMAL; PRAGMA temp_store = FILE; PRAGMA cache_size = -32000;",
+    )?;
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE;
+         CREATE TABLE IF NOT EXISTS {state} (
+             pipeline TEXT PRIMARY KEY, checkpoint TEXT, run_id TEXT, updated_at TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS {runs} (
+             run_id TEXT PRIMARY KEY, pipeline TEXT NOT NULL, table_name TEXT, status TEXT NOT NULL,
+             started_at TEXT NOT NULL, finished_at TEXT, stats TEXT,
+             checkpoint_before TEXT, checkpoint_after TEXT, error TEXT);
+         CREATE INDEX IF NOT EXISTS {runs_idx} ON {runs} (pipeline, started_at);
+         CREATE TABLE IF NOT EXISTS {rejects} (
+             id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, pipeline TEXT NOT NULL,
+             source_ref TEXT NOT NULL, record_key TEXT, reason TEXT NOT NULL, raw TEXT,
+             rejected_at TEXT NOT NULL);
+         CREATE INDEX IF NOT EXISTS {rejects_idx} ON {rejects} (pipeline, run_id);
+         CREATE TABLE IF NOT EXISTS {locks} (
+             pipeline TEXT PRIMARY KEY, run_id TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
+             since TEXT NOT NULL, expires_at INTEGER NOT NULL);
+         COMMIT;",
+        state = quote(STATE_TABLE),
+        runs = quote(RUNS_TABLE),
+        runs_idx = quote("_idemload_runs_pipeline"),
+        rejects = quote(REJECTS_TABLE),
+        rejects_idx = quote("_idemload_rejects_pipeline"),
+        locks = quote(LOCKS_TABLE),
+    ))?;
+    Ok(conn)
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+/// Takes the lock, or returns its living holder.
+pub(super) fn try_lock(
+    conn: &mut Connection,
+    pipeline: &str,
+    me: &LockHolder,
+    lease: Duration,
+) -> Result<Option<LockHolder>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let current = tx
+        .query_row(
+            &format!(
+                "SELECT run_id, host, pid, since, expires_at FROM {} WHERE pipeline = ?1",
+                quote(LOCKS_TABLE)
+            ),
+            [pipeline],
+            |r| {
+                Ok((
+                    LockHolder {
+                        run_id: r.get(0)?,
+                        host: r.get(1)?,
+                        pid: r.get(2)?,
+                        since: r
+                            .get::<_, String>(3)?
+                            .parse::<DateTime<Utc>>()
+                            .unwrap_or_else(|_| Utc::now()),
+                    },
+                    r.get::<_, i64>(4)?,
+                ))
+            },
+        )
+        .optional()?;
+    if let Some((holder, expires_at)) = current {
+        let alive = expires_at > now_ms() && !holder.is_dead_local_process();
+        if alive && holder.run_id != me.run_id {
+            return Ok(Some(holder));
+        }
+        if !alive {
+            tracing::warn!(pipeline, holder = %holder, "Taking over the lock of a run that died.");
+        }
+    }
+    tx.execute(
+        &format!(
+            "INSERT OR REPLACE INTO {} (pipeline, run_id, host, pid, since, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            quote(LOCKS_TABLE)
+        ),
+        params![pipeline, me.run_id, me.host, me.pid, format_time(me.since), now_ms() + lease.as_millis() as i64],
+    )?;
+    tx.commit()?;
+    Ok(None)
+}
+
+/// Renews the lease inside a batch transaction; fails when another run took
+/// the lock, so the batch rolls back.
+pub(super) fn fence(
+    conn: &Connection,
+    pipeline: &str,
+    run_id: &str,
+    lease: Duration,
+) -> Result<()> {
+    let renewed = conn.execute(
+        &format!(
+            "UPDATE {} SET expires_at = ?3 WHERE pipeline = ?1 AND run_id = ?2",
+            quote(LOCKS_TABLE)
+        ),
+        params![pipeline, run_id, now_ms() + lease.as_millis() as i64],
+    )?;
+    if renewed == 1 {
+        Ok(())
+    } else {
+        Err(Error::LockLost {
+            pipeline: pipeline.to_string(),
+        })
+    }
+}
+
+pub(super) fn unlock(conn: &Connection, pipeline: &str, run_id: &str) -> Result<()> {
+    conn.execute(
+        &format!(
+            "DELETE FROM {} WHERE pipeline = ?1 AND run_id = ?2",
+            quote(LOCKS_TABLE)
+        ),
+        params![pipeline, run_id],
+    )?;
+    Ok(())
+}
+
+/// Renews a lock lease from a thread of its own while the run lives.
+pub(super) struct Heartbeat {
+    stop: mpsc::Sender<()>,
+    lost: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    pub(super) fn start(
+        path: &Path,
+        pipeline: &str,
+        run_id: &str,
+        lease: Duration,
+    ) -> Result<Heartbeat> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(lease / 3)?;
+        let (stop, stopped) = mpsc::channel::<()>();
+        let lost = Arc::new(AtomicBool::new(false));
+        let (pipeline, run_id, flag) = (pipeline.to_string(), run_id.to_string(), lost.clone());
+        let thread = std::thread::Builder::new()
+            .name("idemload-heartbeat".into())
+            .spawn(move || loop {
+                match stopped.recv_timeout(lease / 3) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+                match fence(&conn, &pipeline, &run_id, lease) {
+                    Ok(()) => {}
+                    Err(Error::LockLost { .. }) => {
+                        flag.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    // Busy behind a long batch: that batch renews the lease itself.
+                    Err(e) => tracing::debug!(error = %e, "Lease renewal deferred."),
+                }
+            })
+            .map_err(|e| Error::destination("sqlite", format!("cannot start heartbeat: {e}")))?;
+        Ok(Heartbeat {
+            stop,
+            lost,
+            thread: Some(thread),
+        })
+    }
+
+    pub(super) fn lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn stop(mut self) {
+        let _ = self.stop.send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub(super) fn checkpoint(conn: &Connection, pipeline: &str) -> Result<Option<Value>> {
+    let text: Option<Option<String>> = conn
+        .query_row(
+            &format!(
+                "SELECT checkpoint FROM {} WHERE pipeline = ?1",
+                quote(STATE_TABLE)
+            ),
+            [pipeline],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(text.flatten().and_then(|t| serde_json::from_str(&t).ok()))
+}
+
+pub(super) fn write_checkpoint(
+    conn: &Connection,
+    pipeline: &str,
+    value: Option<&Value>,
+    run_id: &str,
+) -> Result<()> {
+    conn.execute(
+        &format!(
+            "INSERT INTO {} (pipeline, checkpoint, run_id, updated_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (pipeline) DO UPDATE SET checkpoint = excluded.checkpoint,
+                 run_id = excluded.run_id, updated_at = excluded.updated_at",
+            quote(STATE_TABLE)
+        ),
+        params![
+            pipeline,
+            value.map(|v| v.to_string()),
+            run_id,
+            format_time(Utc::now())
+        ],
+    )?;
+    Ok(())
+}
+
+/// Records the run and, for staged modes, prepares a fresh staging table.
+pub(super) fn begin(
+    conn: &mut Connection,
+    run: &RunInfo,
+    target: &Target,
+) -> Result<Option<String>> {
+    conn.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS _idemload_run_keys (k TEXT PRIMARY KEY) WITHOUT ROWID;
+         DELETE FROM temp._idemload_run_keys;",
+    )?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute(
+        &format!(
+            "INSERT INTO {} (run_id, pipeline, table_name, status, started_at, checkpoint_before)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            quote(RUNS_TABLE)
+        ),
+        params![
+            run.run_id,
+            run.pipeline,
+            target.table,
+            RunStatus::Running.as_str(),
+            format_time(run.started_at),
+            run.checkpoint_before.as_ref().map(Value::to_string)
+        ],
+    )?;
+    let stage = if target.mode.is_staged() {
+        let stage = format!("_idemload_stage_{}", target.table);
+        tx.execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&stage)))?;
+        if let Some(schema) = super::read_schema(&tx, &target.table)? {
+            super::write::create_table(&tx, &stage, &schema.columns, &target.key_columns)?;
+        }
+        Some(stage)
+    } else {
+        None
+    };
+    tx.commit()?;
+    Ok(stage)
+}
+
+/// Finishes the run row (inside the last batch's transaction).
+pub(super) fn finish(
+    conn: &Connection,
+    run_id: &str,
+    status: RunStatus,
+    stats: &RunStats,
+    checkpoint_after: Option<&Value>,
+    error: Option<&str>,
+) -> Result<()> {
+    conn.execute(
+        &format!(
+            "UPDATE {} SET status = ?2, finished_at = ?3, stats = ?4, checkpoint_after = ?5, error = ?6
+             WHERE run_id = ?1",
+            quote(RUNS_TABLE)
+        ),
+        params![
+            run_id,
+            status.as_str(),
+            format_time(Utc::now()),
+            serde_json::to_string(stats).unwrap_or_default(),
+            checkpoint_after.map(Value::to_string),
+            error
+        ],
+    )?;
+    Ok(())
+}
+
+pub(super) fn fail(conn: &Connection, run_id: &str, stats: &RunStats, error: &str) -> Result<()> {
+    finish(conn, run_id, RunStatus::Failed, stats, None, Some(error))
+}
+
+pub(super) fn history(conn: &Connection, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT run_id, pipeline, status, started_at, finished_at, stats, checkpoint_before, checkpoint_after, error
+         FROM {} WHERE pipeline = ?1 ORDER BY started_at DESC, run_id DESC LIMIT ?2",
+        quote(RUNS_TABLE)
+    ))?;
+    fn json<T: serde::de::DeserializeOwned>(t: Option<String>) -> Option<T> {
+        t.and_then(|t| serde_json::from_str(&t).ok())
+    }
+    let rows = stmt
+        .query_map(params![pipeline, limit as i64], |r| {
+            Ok(RunRecord {
+                run_id: r.get(0)?,
+                pipeline: r.get(1)?,
+                status: r.get(2)?,
+                started_at: r.get(3)?,
+                finished_at: r.get(4)?,
+                stats: json(r.get(5)?),
+                checkpoint_before: json(r.get(6)?),
+                checkpoint_after: json(r.get(7)?),
+                error: r.get(8)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+pub(super) fn rejects(
+    conn: &Connection,
+    pipeline: &str,
+    run_id: Option<&str>,
+    limit: usize,
+) -> Result<Vec<RejectRecord>> {
+    let table = quote(REJECTS_TABLE);
+    let run_id = match run_id {
+        Some(r) => Some(r.to_string()),
+        None => conn
+            .query_row(
+                &format!("SELECT run_id FROM {table} WHERE pipeline = ?1 ORDER BY id DESC LIMIT 1"),
+                [pipeline],
+                |r| r.get(0),
+            )
+            .optional()?,
+    };
+    let Some(run_id) = run_id else {
+        return Ok(Vec::new());
+    };
+    let mut stmt = conn.prepare(&format!(
+        "SELECT run_id, pipeline, source_ref, record_key, reason, raw, rejected_at FROM {table}
+         WHERE pipeline = ?1 AND run_id = ?2 ORDER BY id LIMIT ?3"
+    ))?;
+    let rows = stmt
+        .query_map(params![pipeline, run_id, limit as i64], |r| {
+            Ok(RejectRecord {
+                run_id: r.get(0)?,
+                pipeline: r.get(1)?,
+                source_ref: r.get(2)?,
+                record_key: r.get(3)?,
+                reason: r.get(4)?,
+                raw: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                rejected_at: r.get(6)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}

@@ -1,0 +1,281 @@
+//! The embedded SQLite destination (`sqlite://PATH`), no server needed.
+//!
+//! The rusqlite connection is blocking: it moves into `spawn_blocking` for a
+//! whole batch (BEGIN, merge, rejects, checkpoint, COMMIT in one call), so no
+//! transaction spans an `.await`. The database runs in WAL mode with
+//! `synchronous = NORMAL`: a killed process never loses a committed batch,
+//! and a batch is all or nothing. The bookkeeping tables live in the same
+//! file and commit with the data.
+
+mod bookkeeping;
+mod write;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::Connection;
+use serde_json::Value;
+
+use super::schema::{Column, ColumnType, TableSchema};
+use super::{Capabilities, Commit, Destination, Target};
+use crate::error::{Error, Result};
+use crate::pipeline::plan::PlannedBatch;
+use crate::pipeline::stats::RunStats;
+use crate::state::{LockHolder, RejectRecord, RunInfo, RunRecord};
+
+use self::bookkeeping::Heartbeat;
+
+/// A SQLite database file.
+pub struct SqliteDestination {
+    path: PathBuf,
+    inner: Option<Inner>,
+    heartbeat: Option<Heartbeat>,
+}
+
+/// What moves onto the blocking thread: the connection and the run.
+struct Inner {
+    conn: Connection,
+    run: Option<Run>,
+    /// The lock this connection holds: (pipeline, run id, lease).
+    lock: Option<(String, String, Duration)>,
+}
+
+/// The run in progress on this connection.
+struct Run {
+    info: RunInfo,
+    target: Target,
+    /// `replace`/`window`: the staging table batches go to.
+    stage: Option<String>,
+    /// Columns of the table batches go to, as last read.
+    schema: Option<TableSchema>,
+}
+
+impl SqliteDestination {
+    /// Opens (creating if needed) the database of a `sqlite://` URL.
+    pub async fn open(url: &str) -> Result<SqliteDestination> {
+        let path = path_of(url)?;
+        let open_path = path.clone();
+        let conn = tokio::task::spawn_blocking(move || bookkeeping::connect(&open_path))
+            .await
+            .map_err(join_error)??;
+        Ok(SqliteDestination {
+            path,
+            inner: Some(Inner {
+                conn,
+                run: None,
+                lock: None,
+            }),
+            heartbeat: None,
+        })
+    }
+
+    /// Runs `f` on the blocking pool with the connection.
+    async fn blocking<T, F>(&mut self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Inner) -> Result<T> + Send + 'static,
+    {
+        let mut inner = self.inner.take().ok_or_else(|| {
+            Error::destination(
+                self.path.display().to_string(),
+                "connection lost after an earlier failure",
+            )
+        })?;
+        let (inner, result) = tokio::task::spawn_blocking(move || {
+            let result = f(&mut inner);
+            (inner, result)
+        })
+        .await
+        .map_err(join_error)?;
+        self.inner = Some(inner);
+        result
+    }
+
+    fn check_heartbeat(&self) -> Result<()> {
+        match (&self.heartbeat, &self.inner) {
+            (Some(hb), Some(inner)) if hb.lost() => Err(Error::LockLost {
+                pipeline: inner.lock.as_ref().map(|l| l.0.clone()).unwrap_or_default(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `sqlite://data/w.db` is relative to the working directory,
+/// `sqlite:///var/lib/w.db` absolute.
+fn path_of(url: &str) -> Result<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .ok_or_else(|| Error::config(format!("{url}: a SQLite URL starts with sqlite://")))?;
+    let rest = rest.split('?').next().unwrap_or_default();
+    if rest.is_empty() {
+        return Err(Error::config(
+            "sqlite:// needs a path, e.g. sqlite://data/warehouse.db",
+        ));
+    }
+    Ok(PathBuf::from(rest))
+}
+
+fn join_error(e: tokio::task::JoinError) -> Error {
+    Error::destination("sqlite", format!("worker thread failed: {e}"))
+}
+
+#[async_trait]
+impl Destination for SqliteDestination {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            transactional_ddl: true,
+            binary_copy: false,
+            upsert: true,
+        }
+    }
+
+    async fn lock(
+        &mut self,
+        pipeline: &str,
+        holder: &LockHolder,
+        lease: Duration,
+    ) -> Result<Option<LockHolder>> {
+        let (p, h) = (pipeline.to_string(), holder.clone());
+        let held = self
+            .blocking(move |inner| {
+                let held = bookkeeping::try_lock(&mut inner.conn, &p, &h, lease)?;
+                if held.is_none() {
+                    inner.lock = Some((p, h.run_id.clone(), lease));
+                }
+                Ok(held)
+            })
+            .await?;
+        if held.is_none() {
+            self.heartbeat = Some(Heartbeat::start(
+                &self.path,
+                pipeline,
+                &holder.run_id,
+                lease,
+            )?);
+        }
+        Ok(held)
+    }
+
+    async fn unlock(&mut self) -> Result<()> {
+        if let Some(hb) = self.heartbeat.take() {
+            hb.stop();
+        }
+        self.blocking(|inner| match inner.lock.take() {
+            Some((pipeline, run_id, _)) => bookkeeping::unlock(&inner.conn, &pipeline, &run_id),
+            None => Ok(()),
+        })
+        .await
+    }
+
+    async fn checkpoint(&mut self, pipeline: &str) -> Result<Option<Value>> {
+        let p = pipeline.to_string();
+        self.blocking(move |inner| bookkeeping::checkpoint(&inner.conn, &p))
+            .await
+    }
+
+    async fn set_checkpoint(&mut self, pipeline: &str, value: Option<Value>) -> Result<()> {
+        let p = pipeline.to_string();
+        self.blocking(move |inner| {
+            let tx = inner.conn.transaction()?;
+            bookkeeping::write_checkpoint(&tx, &p, value.as_ref(), "manual")?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()> {
+        let (run, target) = (run.clone(), target.clone());
+        self.blocking(move |inner| {
+            let stage = bookkeeping::begin(&mut inner.conn, &run, &target)?;
+            inner.run = Some(Run {
+                info: run,
+                target,
+                stage,
+                schema: None,
+            });
+            Ok(())
+        })
+        .await
+    }
+
+    async fn write(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats> {
+        self.check_heartbeat()?;
+        self.blocking(move |inner| write::write_batch(inner, batch, commit))
+            .await
+    }
+
+    async fn fail(&mut self, run_id: &str, stats: &RunStats, error: &str) -> Result<()> {
+        let (r, s, e) = (run_id.to_string(), *stats, error.to_string());
+        self.blocking(move |inner| bookkeeping::fail(&inner.conn, &r, &s, &e))
+            .await
+    }
+
+    async fn history(&mut self, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>> {
+        let p = pipeline.to_string();
+        self.blocking(move |inner| bookkeeping::history(&inner.conn, &p, limit))
+            .await
+    }
+
+    async fn rejects(
+        &mut self,
+        pipeline: &str,
+        run_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RejectRecord>> {
+        let (p, r) = (pipeline.to_string(), run_id.map(String::from));
+        self.blocking(move |inner| bookkeeping::rejects(&inner.conn, &p, r.as_deref(), limit))
+            .await
+    }
+}
+
+impl Drop for SqliteDestination {
+    fn drop(&mut self) {
+        if let Some(hb) = self.heartbeat.take() {
+            hb.stop();
+        }
+    }
+}
+
+/// The SQLite type a column is declared with.
+fn declared_type(ty: ColumnType) -> &'static str {
+    match ty {
+        ColumnType::Integer => "INTEGER",
+        ColumnType::Float => "REAL",
+        ColumnType::Boolean => "BOOLEAN",
+        ColumnType::Timestamp => "TIMESTAMP",
+        ColumnType::Text => "TEXT",
+        ColumnType::Json => "JSON",
+        ColumnType::Any => "",
+    }
+}
+
+/// The column type of a declared SQLite type (of a table idemload may not
+/// have created).
+fn column_type(declared: &str) -> ColumnType {
+    match declared.to_ascii_uppercase().as_str() {
+        "INTEGER" | "INT" | "BIGINT" => ColumnType::Integer,
+        "REAL" | "DOUBLE" | "FLOAT" | "DOUBLE PRECISION" => ColumnType::Float,
+        "BOOLEAN" | "BOOL" => ColumnType::Boolean,
+        "TIMESTAMP" | "TIMESTAMPTZ" | "DATETIME" => ColumnType::Timestamp,
+        "TEXT" => ColumnType::Text,
+        "JSON" | "JSONB" => ColumnType::Json,
+        _ => ColumnType::Any,
+    }
+}
+
+/// The columns of a table, or `None` when it does not exist.
+fn read_schema(conn: &Connection, table: &str) -> Result<Option<TableSchema>> {
+    let mut stmt = conn.prepare_cached("SELECT name, type FROM pragma_table_info(?1)")?;
+    let columns = stmt
+        .query_map([table], |row| {
+            Ok(Column {
+                name: row.get(0)?,
+                ty: column_type(&row.get::<_, String>(1)?),
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok((!columns.is_empty()).then_some(TableSchema { columns }))
+}

@@ -1,0 +1,28 @@
+//! idemload: idempotent data loading.
+//!
+//! A run reads records from a [`Source`] (files, APIs, SQL), checks each one
+//! and keeps one version per [`Key`] (the greatest [`Cursor`] wins), and
+//! commits them batch by batch into a [`Destination`] (SQLite, PostgreSQL,
+//! MySQL) together with its bookkeeping: the rejects of the batch and the
+//! checkpoint it reaches, in the same transaction. A run locked against
+//! others, a merge that writes only what changed, and a checkpoint never
+//! ahead of the data make a load that is run once, run again, retried after
+//! a crash or started twice at once leave the same destination.
+
+pub mod config;
+pub mod destination;
+pub mod error;
+pub mod key;
+pub mod pipeline;
+pub mod record;
+pub mod source;
+pub mod state;
+
+pub use config::{Mode, PipelineConfig};
+pub use destination::{Capabilities, Destination};
+pub use error::{Error, Result};
+pub use key::{Cursor, Key, KeySpec};
+pub use pipeline::stats::{RunStats, RunStatus};
+pub use pipeline::{NoProgress, Pipeline, Progress, RunOptions, RunReport};
+pub use record::{Item, Record, Reject, SourceRef};
+pub use source::{Source, SourceQuery};

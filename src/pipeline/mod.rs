@@ -1,0 +1,343 @@
+//! Running a pipeline: lock, read the checkpoint, stream batches from the
+//! source through the planner into the destination, finish.
+//!
+//! The order of the steps is the crash-safety argument. The lock is taken
+//! before anything is read, so one run at a time. Each batch commits its rows,
+//! rejects and (when the source is ordered by cursor) its checkpoint in one
+//! transaction; otherwise the checkpoint moves only with the last batch, so
+//! a run killed anywhere leaves a checkpoint that is never ahead of the data
+//! and a re-run that reads from it again, where merge makes the overlap free.
+//! One batch is read ahead, so the last batch is known when it is written.
+
+pub mod plan;
+pub mod stats;
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+use self::plan::{PlannedBatch, Planner};
+use self::stats::{RunStats, RunStatus};
+use crate::config::{LoadSettings, PipelineConfig};
+use crate::destination::{self, Commit, Destination, Target};
+use crate::error::{Error, Result};
+use crate::key::Cursor;
+use crate::source::{self, Source, SourceProgress, SourceQuery};
+use crate::state::{format_time, Finish, LockHolder, RunInfo};
+
+/// How this process runs a pipeline (the pipeline's meaning is in its file).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Ignore the checkpoint for this run: read everything.
+    pub full_refresh: bool,
+    /// Wait this long for a lock held by another run instead of failing.
+    pub wait: Option<Duration>,
+}
+
+/// Observes a run; the binary draws a progress bar with it.
+pub trait Progress: Send + Sync {
+    /// A batch committed: the run's stats so far and the source's progress.
+    fn batch_committed(&self, _stats: &RunStats, _source: SourceProgress) {}
+}
+
+/// A [`Progress`] that ignores everything.
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// What a run did: the `--json` object of the spec.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub pipeline: String,
+    pub run_id: String,
+    pub status: RunStatus,
+    #[serde(flatten)]
+    pub stats: RunStats,
+    pub checkpoint_before: Option<Value>,
+    pub checkpoint_after: Option<Value>,
+    pub started_at: String,
+    pub finished_at: String,
+    pub duration_ms: u64,
+}
+
+/// A checked pipeline, ready to run.
+///
+/// ```no_run
+/// # async fn demo() -> idemload::Result<()> {
+/// use idemload::{NoProgress, Pipeline, PipelineConfig, RunOptions};
+///
+/// let config = PipelineConfig::from_file("pipelines/usage.toml".as_ref())?;
+/// let report = Pipeline::new(config)?.run(&RunOptions::default(), &NoProgress).await?;
+/// println!("inserted {} updated {}", report.stats.inserted, report.stats.updated);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub config: PipelineConfig,
+    pub settings: LoadSettings,
+}
+
+impl Pipeline {
+    /// Checks the configuration.
+    pub fn new(config: PipelineConfig) -> Result<Pipeline> {
+        let settings = config.load.settings()?;
+        if settings.delete_field.is_some() && settings.mode != crate::config::Mode::Merge {
+            return Err(Error::config(
+                "`delete_field` applies to mode = \"merge\"; in replace and window modes a row the load no longer holds is removed, and insert_new never touches a stored row",
+            ));
+        }
+        Ok(Pipeline { config, settings })
+    }
+
+    /// The pipeline's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The destination table and how it is written.
+    pub fn target(&self) -> Target {
+        Target {
+            table: self.config.destination.table.clone(),
+            key_columns: self.settings.key.columns(),
+            cursor: self.settings.cursor.clone(),
+            mode: self.settings.mode,
+            window_field: self.settings.window_field.clone(),
+        }
+    }
+
+    /// Opens the pipeline's destination.
+    pub async fn destination(&self) -> Result<Box<dyn Destination>> {
+        destination::open(&self.config.destination.url).await
+    }
+
+    /// Runs the pipeline with the source of its configuration.
+    pub async fn run(&self, options: &RunOptions, progress: &dyn Progress) -> Result<RunReport> {
+        let config = self.config.source.clone();
+        self.run_with(options, progress, move |query| async move {
+            source::open(&config, &query).await
+        })
+        .await
+    }
+
+    /// Runs the pipeline with a source the caller opens once the run knows
+    /// its cursor low bound (a library user's own source).
+    pub async fn run_with<F, Fut>(
+        &self,
+        options: &RunOptions,
+        progress: &dyn Progress,
+        open_source: F,
+    ) -> Result<RunReport>
+    where
+        F: FnOnce(SourceQuery) -> Fut,
+        Fut: std::future::Future<Output = Result<Box<dyn Source>>>,
+    {
+        let started = Instant::now();
+        let started_at = Utc::now();
+        let run_id = uuid::Uuid::now_v7().to_string();
+        let name = self.name().to_string();
+        let mut dest = self.destination().await?;
+        let holder = LockHolder::this_process(&run_id);
+        lock(
+            dest.as_mut(),
+            &name,
+            &holder,
+            self.settings.lock_lease,
+            options.wait,
+        )
+        .await?;
+        let result = self
+            .run_locked(
+                dest.as_mut(),
+                &run_id,
+                started_at,
+                options,
+                progress,
+                open_source,
+            )
+            .await;
+        if let Err(e) = dest.unlock().await {
+            tracing::warn!(pipeline = %name, error = %e, "Could not release the run lock; it frees itself when its lease runs out.");
+        }
+        let (stats, status, before, after) = result?;
+        let finished_at = Utc::now();
+        let report = RunReport {
+            pipeline: name,
+            run_id,
+            status,
+            stats,
+            checkpoint_before: before,
+            checkpoint_after: after,
+            started_at: format_time(started_at),
+            finished_at: format_time(finished_at),
+            duration_ms: started.elapsed().as_millis() as u64,
+        };
+        tracing::info!(pipeline = %report.pipeline, run_id = %report.run_id, stats = %report.stats, "Run finished.");
+        Ok(report)
+    }
+
+    async fn run_locked<F, Fut>(
+        &self,
+        dest: &mut dyn Destination,
+        run_id: &str,
+        started_at: DateTime<Utc>,
+        options: &RunOptions,
+        progress: &dyn Progress,
+        open_source: F,
+    ) -> Result<(RunStats, RunStatus, Option<Value>, Option<Value>)>
+    where
+        F: FnOnce(SourceQuery) -> Fut,
+        Fut: std::future::Future<Output = Result<Box<dyn Source>>>,
+    {
+        let name = self.name().to_string();
+        let s = &self.settings;
+        let before = dest.checkpoint(&name).await?;
+        let low = match (&s.cursor, &before) {
+            (None, _) => None,
+            _ if options.full_refresh => None,
+            (Some(_), Some(c)) => Some(
+                Cursor::from_json(c)
+                    .ok_or_else(|| Error::config(format!("stored checkpoint {c} is not a cursor value; reset it with `idemload state --reset`")))?
+                    .minus(&s.lookback)?,
+            ),
+            (Some(_), None) => s.initial.clone(),
+        };
+        let info = RunInfo {
+            pipeline: name.clone(),
+            run_id: run_id.to_string(),
+            started_at,
+            checkpoint_before: before.clone(),
+            lease: s.lock_lease,
+        };
+        dest.begin(&info, &self.target()).await?;
+        tracing::info!(pipeline = %name, %run_id, checkpoint = ?before, low = ?low.as_ref().map(|c| c.to_string()), "Run started.");
+
+        let mut stats = RunStats::default();
+        let outcome = async {
+            let query = SourceQuery {
+                cursor: s.cursor.clone(),
+                low: low.clone(),
+                batch_size: s.batch_size,
+                max_record_bytes: 64 << 20,
+            };
+            let mut source = open_source(query).await?;
+            let ordered = source.ordered_by_cursor();
+            let planner = Planner {
+                key: s.key.clone(),
+                cursor: s.cursor.clone(),
+                low,
+                delete_field: s.delete_field.clone(),
+                window_field: s.window_field.clone(),
+                max_value_bytes: s.max_value_bytes,
+            };
+            let before_cursor = before.as_ref().and_then(Cursor::from_json);
+            let mut committed_max = before_cursor;
+            let mut pending: Option<PlannedBatch> = None;
+            let mut batch_no = 0u64;
+            while let Some(items) = source.next_batch().await? {
+                let planned = planner.plan(items);
+                let Some(ready) = pending.replace(planned) else { continue };
+                batch_no += 1;
+                let reaches = max_cursor(&committed_max, &ready.max_cursor);
+                let commit = Commit {
+                    checkpoint: if ordered { reaches.as_ref().map(Cursor::to_json) } else { None },
+                    finish: None,
+                };
+                stats += dest.write(ready, commit).await.map_err(|e| in_batch(e, &name, batch_no))?;
+                committed_max = reaches;
+                progress.batch_committed(&stats, source.progress());
+                tracing::info!(pipeline = %name, batch = batch_no, stats = %stats, "Batch committed.");
+                if let Some(max) = s.max_rejects {
+                    if stats.rejected > max {
+                        return Err(Error::TooManyRejects { rejected: stats.rejected, max });
+                    }
+                }
+            }
+            let last = pending.unwrap_or_default();
+            batch_no += 1;
+            let reaches = max_cursor(&committed_max, &last.max_cursor);
+            let finish = Finish {
+                prior: stats,
+                max_rejects: s.max_rejects,
+                checkpoint: reaches.as_ref().map(Cursor::to_json),
+            };
+            let batch = dest
+                .write(last, Commit { checkpoint: None, finish: Some(finish.clone()) })
+                .await
+                .map_err(|e| in_batch(e, &name, batch_no))?;
+            let end = finish.resolve(batch);
+            stats = end.stats;
+            progress.batch_committed(&stats, source.progress());
+            Ok(end)
+        }
+        .await;
+        match outcome {
+            Ok(end) if end.status == RunStatus::Failed => Err(Error::TooManyRejects {
+                rejected: end.stats.rejected,
+                max: s.max_rejects.unwrap_or_default(),
+            }),
+            Ok(end) => {
+                let after = end.checkpoint.or(before.clone());
+                Ok((end.stats, end.status, before, after))
+            }
+            Err(e) => {
+                if let Err(e2) = dest.fail(run_id, &stats, &e.to_string()).await {
+                    tracing::warn!(pipeline = %name, error = %e2, "Could not record the failed run.");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Waits for the lock as long as `wait` allows.
+async fn lock(
+    dest: &mut dyn Destination,
+    pipeline: &str,
+    me: &LockHolder,
+    lease: Duration,
+    wait: Option<Duration>,
+) -> Result<()> {
+    let deadline = wait.map(|w| Instant::now() + w);
+    let mut logged = false;
+    loop {
+        let Some(holder) = dest.lock(pipeline, me, lease).await? else {
+            return Ok(());
+        };
+        match deadline {
+            Some(d) if Instant::now() < d => {
+                if !logged {
+                    tracing::info!(pipeline, holder = %holder, "Waiting for the run lock.");
+                    logged = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            _ => {
+                return Err(Error::Locked {
+                    pipeline: pipeline.to_string(),
+                    holder,
+                })
+            }
+        }
+    }
+}
+
+fn max_cursor(a: &Option<Cursor>, b: &Option<Cursor>) -> Option<Cursor> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(if y > x { y.clone() } else { x.clone() }),
+        (x, None) => x.clone(),
+        (None, y) => y.clone(),
+    }
+}
+
+/// Names the pipeline and batch in a destination error.
+fn in_batch(e: Error, pipeline: &str, batch: u64) -> Error {
+    match e {
+        Error::Destination { context, message } => Error::Destination {
+            context: format!("pipeline {pipeline:?}, batch {batch}: {context}"),
+            message,
+        },
+        other => other,
+    }
+}

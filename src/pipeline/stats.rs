@@ -1,0 +1,146 @@
+//! RunStats: what a run did, record by record.
+//!
+//! Guarantee 4 of the spec, nothing silently lost, is the identity
+//! `read = inserted + updated + unchanged + deleted + skipped + duplicates +
+//! rejected`, where `deleted` counts rows deleted by a record (`delete_field`).
+//! In `replace` and `window` modes rows that the load no longer contains are
+//! removed too: they are counted in `deleted` and again in `removed`, which
+//! is not part of the identity because no record was read for them.
+
+use serde::{Deserialize, Serialize};
+
+/// Counts of one run (or one batch).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunStats {
+    pub read: u64,
+    pub inserted: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub deleted: u64,
+    /// Rows removed because a `replace`/`window` load no longer holds them
+    /// (also counted in `deleted`).
+    #[serde(default)]
+    pub removed: u64,
+    pub skipped: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+}
+
+impl RunStats {
+    /// The right-hand side of the accounting identity.
+    pub fn accounted(&self) -> u64 {
+        self.inserted
+            + self.updated
+            + self.unchanged
+            + (self.deleted - self.removed.min(self.deleted))
+            + self.skipped
+            + self.duplicates
+            + self.rejected
+    }
+
+    /// True when every record read is accounted for.
+    pub fn is_balanced(&self) -> bool {
+        self.read == self.accounted()
+    }
+
+    /// Did the run change the destination?
+    pub fn changed_anything(&self) -> bool {
+        self.inserted + self.updated + self.deleted > 0
+    }
+}
+
+impl std::ops::AddAssign for RunStats {
+    fn add_assign(&mut self, o: RunStats) {
+        self.read += o.read;
+        self.inserted += o.inserted;
+        self.updated += o.updated;
+        self.unchanged += o.unchanged;
+        self.deleted += o.deleted;
+        self.removed += o.removed;
+        self.skipped += o.skipped;
+        self.duplicates += o.duplicates;
+        self.rejected += o.rejected;
+    }
+}
+
+impl std::ops::Add for RunStats {
+    type Output = RunStats;
+    fn add(mut self, o: RunStats) -> RunStats {
+        self += o;
+        self
+    }
+}
+
+impl std::fmt::Display for RunStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "read {}, inserted {}, updated {}, unchanged {}, deleted {}, skipped {}, duplicates {}, rejected {}",
+            self.read,
+            self.inserted,
+            self.updated,
+            self.unchanged,
+            self.deleted,
+            self.skipped,
+            self.duplicates,
+            self.rejected
+        )
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Succeeded,
+    /// Finished; some records were rejected (exit 4).
+    SucceededWithRejects,
+    Failed,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::SucceededWithRejects => "succeeded_with_rejects",
+            RunStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> RunStatus {
+        match s {
+            "succeeded" => RunStatus::Succeeded,
+            "succeeded_with_rejects" => RunStatus::SucceededWithRejects,
+            "running" => RunStatus::Running,
+            _ => RunStatus::Failed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_leaves_removed_rows_out() {
+        let s = RunStats {
+            read: 10,
+            inserted: 3,
+            updated: 2,
+            unchanged: 1,
+            deleted: 5,
+            removed: 4,
+            skipped: 1,
+            duplicates: 1,
+            rejected: 1,
+        };
+        assert!(s.is_balanced());
+        assert!(!RunStats {
+            read: 1,
+            ..Default::default()
+        }
+        .is_balanced());
+    }
+}

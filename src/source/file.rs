@@ -1,0 +1,497 @@
+//! The file source: JSONL/NDJSON, CSV and JSON array files, several files or
+//! globs in one run, `-` for stdin.
+//!
+//! Parsing runs on its own thread and feeds batches through a bounded
+//! channel: memory stays flat whatever the file size, and a slow destination
+//! slows the reader (back-pressure). Every record carries `file:line`; a line
+//! that is not a JSON object, or not UTF-8, becomes a reject and reading goes
+//! on.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::{Source, SourceProgress, SourceQuery};
+use crate::error::{Error, Result};
+use crate::record::{Item, Record, Reject, SourceRef};
+
+/// `[source] type = "file"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSourceConfig {
+    /// A path, a glob (`exports/usage-*.jsonl`) or a list of them; `-` is stdin.
+    pub path: OneOrMany,
+    /// Overrides the format guessed from the extension (needed for stdin).
+    #[serde(default)]
+    pub format: Option<FileFormat>,
+}
+
+/// One path or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(p) => vec![p.clone()],
+            OneOrMany::Many(ps) => ps.clone(),
+        }
+    }
+}
+
+/// File formats, by extension: `.jsonl`/`.ndjson`, `.csv`, `.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    Jsonl,
+    Csv,
+    Json,
+}
+
+impl FileFormat {
+    fn of(path: &Path) -> Option<FileFormat> {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "jsonl" | "ndjson" => Some(FileFormat::Jsonl),
+            "csv" => Some(FileFormat::Csv),
+            "json" => Some(FileFormat::Json),
+            _ => None,
+        }
+    }
+}
+
+/// Expands paths and globs into files in a stable order; a pattern that
+/// matches nothing is a configuration error.
+pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for pattern in patterns {
+        if pattern == "-" {
+            files.push(PathBuf::from("-"));
+            continue;
+        }
+        if !pattern.contains(['*', '?', '[']) {
+            let path = PathBuf::from(pattern);
+            if !path.is_file() {
+                return Err(Error::config(format!("{pattern}: no such file")));
+            }
+            files.push(path);
+            continue;
+        }
+        let mut matched: Vec<PathBuf> = glob::glob(pattern)
+            .map_err(|e| Error::config(format!("{pattern}: bad glob: {e}")))?
+            .filter_map(|entry| entry.ok())
+            .filter(|p| p.is_file())
+            .collect();
+        if matched.is_empty() {
+            return Err(Error::config(format!("{pattern}: no file matches")));
+        }
+        matched.sort();
+        files.extend(matched);
+    }
+    Ok(files)
+}
+
+/// Reads files on a thread of its own.
+pub struct FileSource {
+    rx: mpsc::Receiver<Result<Vec<Item>>>,
+    bytes_read: Arc<AtomicU64>,
+    bytes_total: Option<u64>,
+}
+
+impl FileSource {
+    /// Checks the files and starts the reader thread.
+    pub fn open(config: &FileSourceConfig, query: &SourceQuery) -> Result<FileSource> {
+        let files = expand_paths(&config.path.to_vec())?;
+        let mut inputs = Vec::with_capacity(files.len());
+        let mut total = Some(0u64);
+        for path in files {
+            let format = match config.format {
+                Some(f) => f,
+                None if path.as_os_str() == "-" => FileFormat::Jsonl,
+                None => FileFormat::of(&path).ok_or_else(|| {
+                    Error::config(format!(
+                        "{}: cannot tell the format from the extension: use .jsonl, .ndjson, .csv or .json, or set `format`",
+                        path.display()
+                    ))
+                })?,
+            };
+            if path.as_os_str() == "-" {
+                total = None;
+            } else if let (Some(t), Ok(meta)) = (total, std::fs::metadata(&path)) {
+                total = Some(t + meta.len());
+            }
+            inputs.push((path, format));
+        }
+        let (tx, rx) = mpsc::channel(2);
+        let bytes_read = Arc::new(AtomicU64::new(0));
+        let mut reader = Reader {
+            tx,
+            batch: Vec::with_capacity(query.batch_size),
+            batch_size: query.batch_size.max(1),
+            max_record_bytes: query.max_record_bytes.max(1 << 16),
+            bytes_read: bytes_read.clone(),
+        };
+        std::thread::Builder::new()
+            .name("idemload-file-source".into())
+            .spawn(move || reader.read_all(inputs))
+            .map_err(|e| Error::Source {
+                location: "file source".into(),
+                message: format!("cannot start reader thread: {e}"),
+            })?;
+        Ok(FileSource {
+            rx,
+            bytes_read,
+            bytes_total: total,
+        })
+    }
+}
+
+#[async_trait]
+impl Source for FileSource {
+    async fn next_batch(&mut self) -> Result<Option<Vec<Item>>> {
+        self.rx.recv().await.transpose()
+    }
+
+    fn progress(&self) -> SourceProgress {
+        SourceProgress {
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            bytes_total: self.bytes_total,
+        }
+    }
+}
+
+/// The reader thread's state: the batch being filled and where it goes.
+pub(super) struct Reader {
+    tx: mpsc::Sender<Result<Vec<Item>>>,
+    batch: Vec<Item>,
+    batch_size: usize,
+    pub(super) max_record_bytes: usize,
+    bytes_read: Arc<AtomicU64>,
+}
+
+/// The receiver went away (the run stopped): stop reading.
+pub(super) struct Stopped;
+
+impl Reader {
+    fn read_all(&mut self, inputs: Vec<(PathBuf, FileFormat)>) {
+        for (path, format) in inputs {
+            let name: Arc<str> = path.display().to_string().into();
+            let result = if path.as_os_str() == "-" {
+                self.read_one(name, format, Box::new(io::stdin().lock()), None)
+            } else {
+                match File::open(&path) {
+                    Ok(file) => {
+                        let len = file.metadata().map(|m| m.len()).ok();
+                        self.read_one(name, format, Box::new(file), len)
+                    }
+                    Err(source) => {
+                        let _ = self.tx.blocking_send(Err(Error::Io { path, source }));
+                        return;
+                    }
+                }
+            };
+            match result {
+                Ok(()) => {}
+                Err(ReadError::Stopped) => return,
+                Err(ReadError::Io(source)) => {
+                    let _ = self.tx.blocking_send(Err(Error::Io { path, source }));
+                    return;
+                }
+            }
+        }
+        if !self.batch.is_empty() {
+            let batch = std::mem::take(&mut self.batch);
+            let _ = self.tx.blocking_send(Ok(batch));
+        }
+    }
+
+    fn read_one(
+        &mut self,
+        name: Arc<str>,
+        format: FileFormat,
+        input: Box<dyn Read + '_>,
+        len: Option<u64>,
+    ) -> std::result::Result<(), ReadError> {
+        if len == Some(0) {
+            let at = SourceRef::Line {
+                path: name,
+                line: 0,
+            };
+            return Ok(self.push(Item::Reject(Reject::new(
+                at,
+                "file is empty (0 bytes): no records; a CSV with only its header row is the way to say \"no rows\"",
+                "",
+            )))?);
+        }
+        let counted = Counted {
+            inner: input,
+            bytes: self.bytes_read.clone(),
+        };
+        let reader = BufReader::with_capacity(1 << 18, counted);
+        match format {
+            FileFormat::Jsonl => self.read_jsonl(name, reader),
+            FileFormat::Json => self.read_json_array(name, reader),
+            FileFormat::Csv => super::csv::read_csv(self, name, reader),
+        }
+    }
+
+    /// Adds an item to the batch, sending the batch when it is full.
+    pub(super) fn push(&mut self, item: Item) -> std::result::Result<(), Stopped> {
+        self.batch.push(item);
+        if self.batch.len() >= self.batch_size {
+            let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(self.batch_size));
+            self.tx.blocking_send(Ok(batch)).map_err(|_| Stopped)?;
+        }
+        Ok(())
+    }
+
+    fn read_jsonl(
+        &mut self,
+        name: Arc<str>,
+        mut reader: impl BufRead,
+    ) -> std::result::Result<(), ReadError> {
+        let mut line = Vec::with_capacity(1024);
+        let mut number = 0u64;
+        loop {
+            line.clear();
+            number += 1;
+            let n = (&mut reader)
+                .take(self.max_record_bytes as u64 + 1)
+                .read_until(b'\n', &mut line)?;
+            if n == 0 {
+                return Ok(());
+            }
+            let at = || SourceRef::Line {
+                path: name.clone(),
+                line: number,
+            };
+            if line.last() != Some(&b'\n') && line.len() > self.max_record_bytes {
+                // Too long to hold: skip to the end of the line, keep a prefix.
+                let mut skipped = 0u64;
+                loop {
+                    let buf = reader.fill_buf()?;
+                    if buf.is_empty() {
+                        break;
+                    }
+                    match buf.iter().position(|&b| b == b'\n') {
+                        Some(i) => {
+                            reader.consume(i + 1);
+                            skipped += i as u64;
+                            break;
+                        }
+                        None => {
+                            let len = buf.len();
+                            reader.consume(len);
+                            skipped += len as u64;
+                        }
+                    }
+                }
+                let prefix = String::from_utf8_lossy(&line[..1024.min(line.len())]).into_owned();
+                self.push(Item::Reject(Reject::new(
+                    at(),
+                    format!(
+                        "line is {} bytes, more than the {} a record may have; the raw column holds its first 1024 bytes",
+                        line.len() as u64 + skipped,
+                        self.max_record_bytes
+                    ),
+                    prefix,
+                )))?;
+                continue;
+            }
+            let text = trim_line_end(&line);
+            if text.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            self.push(parse_json_record(text, at()))?;
+        }
+    }
+
+    fn read_json_array(
+        &mut self,
+        name: Arc<str>,
+        reader: impl BufRead,
+    ) -> std::result::Result<(), ReadError> {
+        let lines = Arc::new(AtomicU64::new(1));
+        let counting = LineCounter {
+            inner: reader,
+            lines: lines.clone(),
+        };
+        let mut de = serde_json::Deserializer::from_reader(counting);
+        let seed = ArraySeed {
+            reader: self,
+            name: name.clone(),
+            lines: lines.clone(),
+            stopped: false,
+        };
+        match de.deserialize_seq(seed) {
+            Ok(()) => Ok(()),
+            Err(_) if lines.load(Ordering::Relaxed) == u64::MAX => Err(ReadError::Stopped),
+            Err(e) if e.is_io() => Err(ReadError::Io(io::Error::other(e.to_string()))),
+            Err(e) => {
+                let at = SourceRef::Line {
+                    path: name,
+                    line: e.line() as u64,
+                };
+                self.push(Item::Reject(Reject::new(
+                    at,
+                    format!("malformed JSON array: {e}; records after this point were not read"),
+                    "",
+                )))?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Parses one JSON text into a record, or a reject that says why not.
+pub(super) fn parse_json_record(text: &[u8], at: SourceRef) -> Item {
+    let raw_len = text.len();
+    let value: Value = match serde_json::from_slice(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let reason = match std::str::from_utf8(text) {
+                Err(u) => format!("invalid UTF-8 at byte {}", u.valid_up_to()),
+                Ok(_) => format!("malformed JSON: {e}"),
+            };
+            return Item::Reject(Reject::new(at, reason, String::from_utf8_lossy(text)));
+        }
+    };
+    into_record(value, at, raw_len)
+}
+
+fn into_record(value: Value, at: SourceRef, raw_len: usize) -> Item {
+    match value {
+        Value::Object(fields) => Item::Record(Record {
+            fields,
+            source: at,
+            raw_len,
+        }),
+        other => {
+            let kind = match other {
+                Value::Array(_) => "an array",
+                Value::String(_) => "a string",
+                Value::Number(_) => "a number",
+                Value::Bool(_) => "a boolean",
+                _ => "null",
+            };
+            Item::Reject(Reject::new(
+                at,
+                format!("expected a JSON object, got {kind}"),
+                other.to_string(),
+            ))
+        }
+    }
+}
+
+fn trim_line_end(line: &[u8]) -> &[u8] {
+    let mut end = line.len();
+    while end > 0 && matches!(line[end - 1], b'\n' | b'\r') {
+        end -= 1;
+    }
+    &line[..end]
+}
+
+pub(super) enum ReadError {
+    Stopped,
+    Io(io::Error),
+}
+
+impl From<io::Error> for ReadError {
+    fn from(e: io::Error) -> Self {
+        ReadError::Io(e)
+    }
+}
+
+impl From<Stopped> for ReadError {
+    fn from(_: Stopped) -> Self {
+        ReadError::Stopped
+    }
+}
+
+/// Counts bytes read, for progress.
+struct Counted<R> {
+    inner: R,
+    bytes: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Counts newlines as serde_json reads, so array elements know their line.
+struct LineCounter<R> {
+    inner: R,
+    lines: Arc<AtomicU64>,
+}
+
+impl<R: BufRead> Read for LineCounter<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let newlines = buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+        if newlines > 0 {
+            self.lines.fetch_add(newlines, Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+}
+
+/// Visits the elements of a top-level JSON array one at a time.
+struct ArraySeed<'a> {
+    reader: &'a mut Reader,
+    name: Arc<str>,
+    lines: Arc<AtomicU64>,
+    stopped: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for ArraySeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ArraySeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON array of objects")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> std::result::Result<(), A::Error> {
+        loop {
+            let line = self.lines.load(Ordering::Relaxed);
+            let Some(value) = seq.next_element::<Value>()? else {
+                return Ok(());
+            };
+            let at = SourceRef::Line {
+                path: self.name.clone(),
+                line,
+            };
+            // The element's size is unknown: the planner checks its values.
+            if self
+                .reader
+                .push(into_record(value, at, usize::MAX))
+                .is_err()
+            {
+                self.stopped = true;
+                self.lines.store(u64::MAX, Ordering::Relaxed);
+                return Err(serde::de::Error::custom("stopped"));
+            }
+        }
+    }
+}

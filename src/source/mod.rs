@@ -1,0 +1,91 @@
+//! Sources: where records come from.
+//!
+//! A [`Source`] yields batches of [`Item`]s (records, or input that could not
+//! be one) after the run's cursor low bound. Sources that can filter by
+//! cursor do it at the source; the planner filters the rest, so every record
+//! read is accounted for. [`open`] builds one from `[source]` by its `type`.
+
+mod csv;
+pub mod file;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+pub use self::file::{FileFormat, FileSource, FileSourceConfig, OneOrMany};
+use crate::error::Result;
+use crate::key::Cursor;
+use crate::record::Item;
+
+/// `[source]`, by `type`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceConfig {
+    /// JSONL/NDJSON, CSV and JSON array files, globs, `-` for stdin.
+    File(FileSourceConfig),
+}
+
+/// What the run asks of a source.
+#[derive(Debug, Clone, Default)]
+pub struct SourceQuery {
+    /// The cursor field, when the pipeline has one.
+    pub cursor: Option<String>,
+    /// Records below this cursor are not needed (checkpoint - lookback).
+    pub low: Option<Cursor>,
+    /// Items per batch.
+    pub batch_size: usize,
+    /// Largest input line (or element) read whole, in bytes.
+    pub max_record_bytes: usize,
+}
+
+/// Reading progress, for the progress bar.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SourceProgress {
+    pub bytes_read: u64,
+    pub bytes_total: Option<u64>,
+}
+
+/// A stream of record batches.
+///
+/// ```no_run
+/// use async_trait::async_trait;
+/// use idemload::{Item, Record, SourceRef, Source};
+///
+/// struct Queue(Vec<serde_json::Value>);
+///
+/// #[async_trait]
+/// impl Source for Queue {
+///     async fn next_batch(&mut self) -> idemload::Result<Option<Vec<Item>>> {
+///         if self.0.is_empty() {
+///             return Ok(None);
+///         }
+///         let items = self.0.drain(..).enumerate().map(|(i, v)| {
+///             let fields = v.as_object().cloned().unwrap_or_default();
+///             Item::Record(Record::new(fields, SourceRef::Other(format!("queue:{i}").into())))
+///         });
+///         Ok(Some(items.collect()))
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait Source: Send {
+    /// The next batch, or `None` when the source is exhausted.
+    async fn next_batch(&mut self) -> Result<Option<Vec<Item>>>;
+
+    /// True when records arrive in ascending cursor order, so the checkpoint
+    /// may move batch by batch.
+    fn ordered_by_cursor(&self) -> bool {
+        false
+    }
+
+    /// How far reading has come.
+    fn progress(&self) -> SourceProgress {
+        SourceProgress::default()
+    }
+}
+
+/// Opens the source a pipeline's `[source]` describes.
+pub async fn open(config: &SourceConfig, query: &SourceQuery) -> Result<Box<dyn Source>> {
+    match config {
+        SourceConfig::File(file) => Ok(Box::new(FileSource::open(file, query)?)),
+    }
+}

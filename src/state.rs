@@ -1,0 +1,196 @@
+//! Bookkeeping kept next to the data: checkpoint, run lock, runs, rejects.
+//!
+//! Each destination stores these in its own `_idemload_*` tables so that they
+//! commit atomically with the rows they describe: the checkpoint is written
+//! in the transaction of the batch that reaches it (guarantee 2), the lock
+//! lease makes one run at a time (guarantee 3), and the rejects table keeps
+//! every bad record (guarantee 5). This module holds the types and the rules
+//! they share; the SQL lives with each destination.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::pipeline::stats::{RunStats, RunStatus};
+
+/// Bookkeeping table names of the spec.
+pub const STATE_TABLE: &str = "_idemload_state";
+pub const RUNS_TABLE: &str = "_idemload_runs";
+pub const REJECTS_TABLE: &str = "_idemload_rejects";
+pub const QUARANTINE_TABLE: &str = "_idemload_quarantine";
+/// The run lock lease rows (one per locked pipeline).
+pub const LOCKS_TABLE: &str = "_idemload_locks";
+
+/// Who holds (or wants) a pipeline's lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LockHolder {
+    pub run_id: String,
+    pub host: String,
+    pub pid: u32,
+    pub since: DateTime<Utc>,
+}
+
+impl LockHolder {
+    /// This process, for a new run.
+    pub fn this_process(run_id: &str) -> LockHolder {
+        LockHolder {
+            run_id: run_id.to_string(),
+            host: gethostname::gethostname().to_string_lossy().into_owned(),
+            pid: std::process::id(),
+            since: Utc::now(),
+        }
+    }
+
+    /// True when the holder is a process of this host that no longer exists,
+    /// so its lock may be taken without waiting for the lease (Linux only;
+    /// elsewhere the lease decides).
+    pub fn is_dead_local_process(&self) -> bool {
+        let this_host = gethostname::gethostname().to_string_lossy().into_owned();
+        self.host == this_host
+            && self.pid != std::process::id()
+            && std::path::Path::new("/proc/self").exists()
+            && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+}
+
+impl fmt::Display for LockHolder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "run {} on host {} (pid {}) since {}",
+            self.run_id,
+            self.host,
+            self.pid,
+            format_time(self.since)
+        )
+    }
+}
+
+/// A new run, as the destination records it.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    pub pipeline: String,
+    pub run_id: String,
+    pub started_at: DateTime<Utc>,
+    pub checkpoint_before: Option<Value>,
+    pub lease: Duration,
+}
+
+/// What to do at the end of the run's last batch, in its transaction.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    /// Stats of the run before this batch.
+    pub prior: RunStats,
+    pub max_rejects: Option<u64>,
+    /// The checkpoint the run reaches if it succeeds.
+    pub checkpoint: Option<Value>,
+}
+
+/// How a finishing run is recorded.
+#[derive(Debug, Clone)]
+pub struct Resolution {
+    pub stats: RunStats,
+    pub status: RunStatus,
+    /// Written with the data; `None` leaves the checkpoint where it is.
+    pub checkpoint: Option<Value>,
+    pub error: Option<String>,
+}
+
+impl Finish {
+    /// Decides the run's ending from its totals: too many rejects fail it and
+    /// keep the checkpoint where it was.
+    pub fn resolve(&self, batch: RunStats) -> Resolution {
+        let stats = self.prior + batch;
+        match self.max_rejects {
+            Some(max) if stats.rejected > max => Resolution {
+                stats,
+                status: RunStatus::Failed,
+                checkpoint: None,
+                error: Some(format!(
+                    "{} records rejected, more than max_rejects = {max}",
+                    stats.rejected
+                )),
+            },
+            _ => Resolution {
+                stats,
+                status: if stats.rejected > 0 {
+                    RunStatus::SucceededWithRejects
+                } else {
+                    RunStatus::Succeeded
+                },
+                checkpoint: self.checkpoint.clone(),
+                error: None,
+            },
+        }
+    }
+}
+
+/// One row of `_idemload_runs`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub pipeline: String,
+    pub status: String,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub stats: Option<RunStats>,
+    pub checkpoint_before: Option<Value>,
+    pub checkpoint_after: Option<Value>,
+    pub error: Option<String>,
+}
+
+/// One row of `_idemload_rejects`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RejectRecord {
+    pub run_id: String,
+    pub pipeline: String,
+    pub source_ref: String,
+    pub record_key: Option<String>,
+    pub reason: String,
+    pub raw: String,
+    pub rejected_at: String,
+}
+
+/// RFC 3339 in UTC with milliseconds: the bookkeeping tables' time format.
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Parses a checkpoint given on the command line: an integer, else text.
+pub fn parse_checkpoint_arg(text: &str) -> Value {
+    match text.parse::<i64>() {
+        Ok(i) => Value::from(i),
+        Err(_) => Value::String(text.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn too_many_rejects_fail_the_run_and_keep_the_checkpoint() {
+        let finish = Finish {
+            prior: RunStats {
+                read: 5,
+                rejected: 2,
+                ..Default::default()
+            },
+            max_rejects: Some(2),
+            checkpoint: Some(Value::from(9)),
+        };
+        let ok = finish.resolve(RunStats::default());
+        assert_eq!(ok.status, RunStatus::SucceededWithRejects);
+        assert_eq!(ok.checkpoint, Some(Value::from(9)));
+        let failed = finish.resolve(RunStats {
+            read: 1,
+            rejected: 1,
+            ..Default::default()
+        });
+        assert_eq!(failed.status, RunStatus::Failed);
+        assert_eq!(failed.checkpoint, None);
+    }
+}
