@@ -284,6 +284,22 @@ pub(super) fn begin(
          DELETE FROM temp._idemload_run_keys;",
     )?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // This run holds the lock, so a run of this pipeline still marked as
+    // running died without finishing: say so in its history.
+    tx.execute(
+        &format!(
+            "UPDATE {} SET status = ?2, finished_at = ?3,
+                 error = 'abandoned: the process ended before the run finished'
+             WHERE pipeline = ?1 AND status = ?4",
+            quote(RUNS_TABLE)
+        ),
+        params![
+            run.pipeline,
+            RunStatus::Failed.as_str(),
+            format_time(Utc::now()),
+            RunStatus::Running.as_str()
+        ],
+    )?;
     tx.execute(
         &format!(
             "INSERT INTO {} (run_id, pipeline, table_name, status, started_at, checkpoint_before)
