@@ -9,7 +9,9 @@
 //! ahead of the data make a load that is run once, run again, retried after
 //! a crash or started twice at once leave the same destination.
 
+pub mod audit;
 pub mod config;
+pub mod dedupe;
 pub mod destination;
 pub mod error;
 pub mod key;
@@ -17,6 +19,7 @@ pub mod pipeline;
 pub mod record;
 pub mod source;
 pub mod state;
+pub mod verify;
 
 pub use config::{Mode, PipelineConfig};
 pub use destination::{Capabilities, Destination};

@@ -7,6 +7,7 @@
 //! It states its [`Capabilities`]; the pipeline asks those, never "which
 //! database is this". [`open`] picks an implementation by URL scheme.
 
+pub mod inspect;
 pub mod schema;
 pub mod sql;
 pub mod sqlite;

@@ -85,6 +85,45 @@ pub enum Command {
         json: bool,
     },
 
+    /// Find duplicate keys, NULL key parts, a missing unique constraint, and
+    /// runs after which the table grew by more than they inserted.
+    ///
+    /// Exits 1 when anything is found, 0 when the table is clean.
+    ///
+    /// Examples:
+    ///   idemload audit examples/usage.toml
+    ///   idemload audit --url sqlite://legacy.db --table usage --key line_id,day --json
+    #[command(verbatim_doc_comment)]
+    Audit(AuditArgs),
+
+    /// Collapse each group of rows sharing a key to one row, then add the
+    /// unique constraint that keeps it so.
+    ///
+    /// A dry run unless --apply. With --apply, removed rows are moved whole
+    /// into _idemload_quarantine, in one transaction with the delete and the
+    /// new constraint; `--restore RUN_ID` puts them back.
+    ///
+    /// Examples:
+    ///   idemload dedupe examples/usage.toml --keep newest --order-by updated_at
+    ///   idemload dedupe examples/usage.toml --apply
+    #[command(verbatim_doc_comment)]
+    Dedupe(DedupeArgs),
+
+    /// Prove a pipeline idempotent: run it twice into a scratch destination
+    /// and compare row counts and a content digest. Prints PASS, or FAIL
+    /// with the keys that differ and a likely cause (exit 1).
+    ///
+    /// Example:
+    ///   idemload verify examples/usage.toml
+    #[command(verbatim_doc_comment)]
+    Verify {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+
     /// Show the records a run rejected, with their reference and reason.
     ///
     /// Without --run, shows the latest run that had rejects.
@@ -105,6 +144,45 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// The pipeline file (or give --url, --table and --key).
+    #[arg(required_unless_present_all = ["url", "table", "key"])]
+    pub pipeline: Option<PathBuf>,
+    /// Database URL of a table idemload may never have seen.
+    #[arg(long, requires_all = ["table", "key"], conflicts_with = "pipeline")]
+    pub url: Option<String>,
+    /// The table to audit.
+    #[arg(long)]
+    pub table: Option<String>,
+    /// Key columns, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub key: Option<Vec<String>>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DedupeArgs {
+    #[command(flatten)]
+    pub target: AuditArgs,
+    /// Which row of each group to keep.
+    #[arg(long, default_value = "newest", value_parser = ["newest", "oldest"])]
+    pub keep: String,
+    /// Column that orders a group (default: the pipeline's cursor; ties and
+    /// NULLs go by row identity, the row stored last being the newest).
+    #[arg(long, value_name = "COL")]
+    pub order_by: Option<String>,
+    /// Remove the surplus rows (into _idemload_quarantine) and add the
+    /// unique constraint, in one transaction. Without it: a dry run.
+    #[arg(long)]
+    pub apply: bool,
+    /// Put back the rows a dedupe run quarantined.
+    #[arg(long, value_name = "RUN_ID", conflicts_with = "apply")]
+    pub restore: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -1,6 +1,7 @@
 //! The `idemload` binary: parses, runs the library, prints, picks the exit code.
 
 mod args;
+mod maintenance;
 mod output;
 mod progress;
 
@@ -60,7 +61,11 @@ fn wants_json(command: &Command) -> bool {
     match command {
         Command::Load(a) => a.run.json,
         Command::Run(a) => a.run.json,
-        Command::History { json, .. } | Command::Rejects { json, .. } => *json,
+        Command::History { json, .. }
+        | Command::Rejects { json, .. }
+        | Command::Verify { json, .. } => *json,
+        Command::Audit(a) => a.json,
+        Command::Dedupe(a) => a.target.json,
         _ => false,
     }
 }
@@ -91,6 +96,9 @@ async fn execute(command: Command) -> anyhow::Result<u8> {
             run(&pipeline, args.full_refresh, &args.run).await
         }
         Command::Check { pipeline } => check(&pipeline).await,
+        Command::Audit(args) => maintenance::audit(args).await,
+        Command::Dedupe(args) => maintenance::dedupe(args).await,
+        Command::Verify { pipeline, json } => maintenance::verify(&pipeline, json).await,
         Command::State(args) => {
             let pipeline = Pipeline::new(PipelineConfig::from_file(&args.pipeline)?)?;
             let mut dest = pipeline.destination().await?;

@@ -62,7 +62,7 @@ pub(super) fn connect(path: &Path) -> Result<Connection> {
          CREATE TABLE IF NOT EXISTS {runs} (
              run_id TEXT PRIMARY KEY, pipeline TEXT NOT NULL, table_name TEXT, status TEXT NOT NULL,
              started_at TEXT NOT NULL, finished_at TEXT, stats TEXT,
-             checkpoint_before TEXT, checkpoint_after TEXT, error TEXT);
+             checkpoint_before TEXT, checkpoint_after TEXT, error TEXT, rows_after INTEGER);
          CREATE INDEX IF NOT EXISTS {runs_idx} ON {runs} (pipeline, started_at);
          CREATE TABLE IF NOT EXISTS {rejects} (
              id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, pipeline TEXT NOT NULL,
@@ -338,9 +338,32 @@ pub(super) fn finish(
     checkpoint_after: Option<&Value>,
     error: Option<&str>,
 ) -> Result<()> {
+    // The table's size after the run lets `audit` reconcile growth with
+    // what each run inserted.
+    let table: Option<String> = conn
+        .query_row(
+            &format!(
+                "SELECT table_name FROM {} WHERE run_id = ?1",
+                quote(RUNS_TABLE)
+            ),
+            [run_id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    let rows_after: Option<i64> = match table {
+        Some(t) if status != RunStatus::Failed => conn
+            .query_row(&format!("SELECT count(*) FROM {}", quote(&t)), [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .unwrap_or(None),
+        _ => None,
+    };
     conn.execute(
         &format!(
-            "UPDATE {} SET status = ?2, finished_at = ?3, stats = ?4, checkpoint_after = ?5, error = ?6
+            "UPDATE {} SET status = ?2, finished_at = ?3, stats = ?4, checkpoint_after = ?5, error = ?6,
+                 rows_after = ?7
              WHERE run_id = ?1",
             quote(RUNS_TABLE)
         ),
@@ -350,7 +373,8 @@ pub(super) fn finish(
             format_time(Utc::now()),
             serde_json::to_string(stats).unwrap_or_default(),
             checkpoint_after.map(Value::to_string),
-            error
+            error,
+            rows_after
         ],
     )?;
     Ok(())

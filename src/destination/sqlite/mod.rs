@@ -8,6 +8,7 @@
 //! file and commit with the data.
 
 mod bookkeeping;
+pub mod inspect;
 mod write;
 
 use std::path::PathBuf;
