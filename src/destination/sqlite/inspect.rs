@@ -274,10 +274,13 @@ fn dedupe_apply(conn: &mut Connection, plan: &DedupeApply) -> Result<DedupeDone>
     })
 }
 
+/// A quarantined row: id, table, rowid, row as JSON, constraint added.
+type Quarantined = (i64, String, Option<i64>, String, Option<String>);
+
 fn restore(conn: &mut Connection, run_id: &str) -> Result<u64> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     ensure_quarantine(&tx)?;
-    let rows: Vec<(i64, String, Option<i64>, String, Option<String>)> = {
+    let rows: Vec<Quarantined> = {
         let mut stmt = tx.prepare(&format!(
             "SELECT id, table_name, row_id, row_json, constraint_added FROM {}
              WHERE run_id = ?1 AND restored_at IS NULL ORDER BY id",
