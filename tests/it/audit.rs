@@ -1,0 +1,322 @@
+//! audit, dedupe and verify (issue 5), on SQLite: the usage-report story of
+//! a table that already holds duplicates.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rusqlite::Connection;
+use serde_json::Value;
+
+fn idemload(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_idemload"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run idemload")
+}
+
+fn json_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}):\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Every row with its rowid, in rowid order, as text: "the table, byte for byte".
+fn dump(db: &Path, table: &str) -> Vec<String> {
+    let conn = Connection::open(db).unwrap();
+    let mut stmt = conn
+        .prepare(&format!("SELECT rowid, quote(\"service line\"), quote(\"Usage Date\"), quote(gb_used), quote(created_at) FROM \"{table}\" ORDER BY rowid"))
+        .unwrap();
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((0..5)
+                .map(|i| {
+                    r.get::<_, rusqlite::types::Value>(i)
+                        .map(|v| format!("{v:?}"))
+                        .unwrap()
+                })
+                .collect::<Vec<_>>()
+                .join("|"))
+        })
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    rows
+}
+
+/// A usage table written by another tool: no key, some days loaded two or
+/// three times with different created_at; column names that need quoting.
+fn seed_usage(db: &Path) -> usize {
+    let conn = Connection::open(db).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE usage (\"service line\" TEXT, \"Usage Date\" TEXT, gb_used REAL, created_at TEXT);",
+    )
+    .unwrap();
+    let mut surplus = 0;
+    for line in ["SL-1", "SL-2"] {
+        for day in 1..=10 {
+            let date = format!("2025-01-{day:02}");
+            let copies = match day % 4 {
+                0 => 3,
+                1 => 2,
+                _ => 1,
+            };
+            surplus += copies - 1;
+            for c in 0..copies {
+                conn.execute(
+                    "INSERT INTO usage VALUES (?1, ?2, ?3, ?4)",
+                    rusqlite::params![
+                        line,
+                        date,
+                        10.0 + day as f64 * 0.1 + c as f64 / 3.0,
+                        format!("2025-02-0{}T00:00:00Z", c + 1)
+                    ],
+                )
+                .unwrap();
+            }
+        }
+    }
+    surplus
+}
+
+const TARGET: [&str; 6] = [
+    "--url",
+    "sqlite://legacy.db",
+    "--table",
+    "usage",
+    "--key",
+    "service line,Usage Date",
+];
+
+#[test]
+fn usage_report_duplicates_are_found_repaired_and_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("legacy.db");
+    let surplus = seed_usage(&db);
+    let original = dump(&db, "usage");
+
+    let audit = idemload(dir.path(), &[&["audit"], &TARGET[..], &["--json"]].concat());
+    assert_eq!(audit.status.code(), Some(1), "audit finds the duplicates");
+    let report = json_of(&audit);
+    assert_eq!(
+        report["duplicate_groups"], 10,
+        "days 1,4,5,8,9 of two lines"
+    );
+    assert_eq!(report["surplus_rows"], surplus);
+    assert_eq!(report["worst"][0]["count"], 3);
+    assert!(report["unique_constraint"].is_null());
+
+    let dry = idemload(
+        dir.path(),
+        &[
+            &["dedupe"],
+            &TARGET[..],
+            &["--order-by", "created_at", "--json"],
+        ]
+        .concat(),
+    );
+    assert_eq!(dry.status.code(), Some(0));
+    assert_eq!(json_of(&dry)["rows_to_remove"], surplus);
+    assert_eq!(dump(&db, "usage"), original, "a dry run changes nothing");
+
+    let apply = idemload(
+        dir.path(),
+        &[
+            &["dedupe"],
+            &TARGET[..],
+            &["--order-by", "created_at", "--apply", "--json"],
+        ]
+        .concat(),
+    );
+    let applied = json_of(&apply);
+    assert_eq!(applied["removed"], surplus);
+    let run_id = applied["run_id"].as_str().unwrap().to_string();
+    let conn = Connection::open(&db).unwrap();
+    let kept_newest: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM usage u WHERE created_at < (SELECT max(created_at) FROM usage v
+               WHERE v.\"service line\" = u.\"service line\" AND v.\"Usage Date\" = u.\"Usage Date\")",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(kept_newest, 0, "only the newest row of each group remains");
+    let quarantined: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM _idemload_quarantine WHERE run_id = ?1",
+            [&run_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(quarantined as usize, surplus);
+
+    let again = idemload(
+        dir.path(),
+        &[&["dedupe"], &TARGET[..], &["--apply", "--json"]].concat(),
+    );
+    let again = json_of(&again);
+    assert_eq!(again["applied"], false, "a second apply is a no-op");
+    assert_eq!(again["removed"], 0);
+
+    let clean = idemload(dir.path(), &[&["audit"], &TARGET[..]].concat());
+    assert_eq!(
+        clean.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&clean.stdout)
+    );
+
+    let restore = idemload(
+        dir.path(),
+        &[&["dedupe"], &TARGET[..], &["--restore", &run_id]].concat(),
+    );
+    assert_eq!(restore.status.code(), Some(0));
+    assert_eq!(
+        dump(&db, "usage"),
+        original,
+        "restore brings the table back byte for byte"
+    );
+}
+
+#[test]
+fn dedupe_killed_at_random_moments_leaves_the_original_or_the_repaired_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("legacy.db");
+    let conn = Connection::open(&db).unwrap();
+    conn.execute_batch("CREATE TABLE usage (\"service line\" TEXT, \"Usage Date\" TEXT, gb_used REAL, created_at TEXT); BEGIN;")
+        .unwrap();
+    let n = 100_000;
+    for i in 0..n {
+        // 1% of keys appear twice.
+        let key = if i % 100 == 99 { i - 1 } else { i };
+        conn.execute(
+            "INSERT INTO usage VALUES (?1, '2025-01-01', ?2, ?3)",
+            rusqlite::params![
+                format!("SL-{key}"),
+                i as f64,
+                format!("2025-02-01T00:00:{:02}Z", i % 60)
+            ],
+        )
+        .unwrap();
+    }
+    conn.execute_batch("COMMIT").unwrap();
+    let surplus = n / 100;
+    let seed: u64 = rand::random();
+    eprintln!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut repaired_seen = 0;
+    for round in 0..12 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_idemload"))
+            .args([&["dedupe"], &TARGET[..], &["--apply"]].concat())
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..2_000)));
+        let _ = child.kill();
+        let _ = child.wait();
+        let rows: usize = conn
+            .query_row("SELECT count(*) FROM usage", [], |r| r.get(0))
+            .unwrap();
+        let quarantined: usize = conn
+            .query_row(
+                "SELECT count(*) FROM _idemload_quarantine WHERE restored_at IS NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap_or(0);
+        let indexed: usize = conn
+            .query_row(
+                "SELECT count(*) FROM pragma_index_list('usage') WHERE \"unique\" = 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        if rows == n {
+            assert_eq!(
+                (quarantined, indexed),
+                (0, 0),
+                "round {round}: original table, nothing quarantined"
+            );
+        } else {
+            assert_eq!(
+                rows,
+                n - surplus,
+                "round {round}: table is either original or repaired"
+            );
+            assert_eq!(
+                (quarantined, indexed),
+                (surplus, 1),
+                "round {round}: repaired table has its quarantine and index"
+            );
+            repaired_seen += 1;
+            let run_id: String = conn
+                .query_row(
+                    "SELECT run_id FROM _idemload_quarantine WHERE restored_at IS NULL LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            let out = idemload(
+                dir.path(),
+                &[&["dedupe"], &TARGET[..], &["--restore", &run_id]].concat(),
+            );
+            assert_eq!(out.status.code(), Some(0));
+        }
+    }
+    eprintln!("rounds that completed before the kill: {repaired_seen}");
+}
+
+#[test]
+fn audit_flags_a_run_after_which_the_table_grew_more_than_it_inserted() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.jsonl"), "{\"id\":1}\n{\"id\":2}\n").unwrap();
+    std::fs::write(dir.path().join("b.jsonl"), "{\"id\":3}\n").unwrap();
+    let pipeline = "name = \"p\"\n[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[destination]\nurl = \"sqlite://w.db\"\ntable = \"t\"\n";
+    std::fs::write(dir.path().join("p.toml"), pipeline).unwrap();
+    std::fs::copy(dir.path().join("a.jsonl"), dir.path().join("in.jsonl")).unwrap();
+    assert_eq!(
+        idemload(dir.path(), &["run", "p.toml"]).status.code(),
+        Some(0)
+    );
+    let clean = idemload(dir.path(), &["audit", "p.toml", "--json"]);
+    assert_eq!(
+        clean.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&clean.stdout)
+    );
+    // Someone else writes into the table between runs.
+    Connection::open(dir.path().join("w.db"))
+        .unwrap()
+        .execute_batch("INSERT INTO t (id) VALUES (100), (101)")
+        .unwrap();
+    std::fs::copy(dir.path().join("b.jsonl"), dir.path().join("in.jsonl")).unwrap();
+    assert_eq!(
+        idemload(dir.path(), &["run", "p.toml"]).status.code(),
+        Some(0)
+    );
+    let audit = idemload(dir.path(), &["audit", "p.toml", "--json"]);
+    assert_eq!(audit.status.code(), Some(1));
+    let report = json_of(&audit);
+    assert_eq!(report["run_mismatches"][0]["grew_by"], 3);
+    assert_eq!(report["run_mismatches"][0]["inserted"], 1);
+}
+
+#[test]
+fn verify_passes_on_the_example_pipelines() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for pipeline in ["examples/usage.toml", "examples/contacts.toml"] {
+        let out = idemload(root, &["verify", pipeline]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{pipeline}: {text}");
+        assert!(text.starts_with("PASS"), "{text}");
+    }
+}
