@@ -21,13 +21,18 @@ pub struct PipelineConfig {
     /// Names the pipeline: its checkpoint, lock and history are kept under it.
     pub name: String,
     pub source: SourceConfig,
+    /// Where records land; a pipeline used only by `watch` may leave it out.
+    #[serde(default)]
     pub destination: DestinationConfig,
     #[serde(default)]
     pub load: LoadConfig,
+    /// The polling trigger of `idemload watch`.
+    #[serde(default)]
+    pub trigger: Option<crate::trigger::TriggerConfig>,
 }
 
 /// `[destination]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
     /// `sqlite://PATH`, `postgres://…`, `mysql://…`.
@@ -242,12 +247,23 @@ impl PipelineConfig {
         Ok(config)
     }
 
+    /// Checks that `[destination]` names a URL and a table.
+    pub fn require_destination(&self) -> Result<()> {
+        if self.destination.url.trim().is_empty() {
+            return Err(Error::config("[destination] url is missing"));
+        }
+        if self.destination.table.trim().is_empty() {
+            return Err(Error::config("[destination] table is missing"));
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<()> {
         if self.name.trim().is_empty() {
             return Err(Error::config("`name` must not be empty"));
         }
-        if self.destination.table.trim().is_empty() {
-            return Err(Error::config("[destination] table must not be empty"));
+        if self.trigger.is_none() {
+            self.require_destination()?;
         }
         if self.destination.table.starts_with("_idemload") {
             return Err(Error::config(

@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod record;
 pub mod source;
 pub mod state;
+pub mod trigger;
 pub mod verify;
 
 pub use config::{Mode, PipelineConfig};

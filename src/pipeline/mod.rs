@@ -82,6 +82,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// Checks the configuration.
     pub fn new(config: PipelineConfig) -> Result<Pipeline> {
+        config.require_destination()?;
         let settings = config.load.settings()?;
         if settings.delete_field.is_some() && settings.mode != crate::config::Mode::Merge {
             return Err(Error::config(

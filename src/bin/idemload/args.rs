@@ -124,6 +124,33 @@ pub enum Command {
         json: bool,
     },
 
+    /// A polling trigger: fire each new item of the source once.
+    ///
+    /// Polls the pipeline's source every `[trigger] interval`, fires the
+    /// items whose key the seen store does not know yet (oldest first) to
+    /// stdout, a webhook or a command, and marks each key seen only once its
+    /// emission is confirmed. The first poll only records what exists
+    /// (`prime = true`). Events go to stdout for the stdout emitter; a poll
+    /// summary goes to stderr (or, with --json, a JSON line with "poll" to
+    /// stdout).
+    ///
+    /// Example:
+    ///   idemload watch examples/contacts_watch.toml --once
+    #[command(verbatim_doc_comment)]
+    Watch {
+        /// The pipeline file (with a [trigger] section).
+        pipeline: PathBuf,
+        /// Poll once and exit.
+        #[arg(long)]
+        once: bool,
+        /// Print each poll's summary as a JSON line on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Wait up to this long for another watcher's lock (e.g. 1m).
+        #[arg(long, value_name = "DURATION")]
+        wait: Option<String>,
+    },
+
     /// Show the records a run rejected, with their reference and reason.
     ///
     /// Without --run, shows the latest run that had rejects.

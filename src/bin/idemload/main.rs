@@ -65,6 +65,7 @@ fn wants_json(command: &Command) -> bool {
         | Command::Rejects { json, .. }
         | Command::Verify { json, .. } => *json,
         Command::Audit(a) => a.json,
+        Command::Watch { json, .. } => *json,
         Command::Dedupe(a) => a.target.json,
         _ => false,
     }
@@ -99,6 +100,30 @@ async fn execute(command: Command) -> anyhow::Result<u8> {
         Command::Audit(args) => maintenance::audit(args).await,
         Command::Dedupe(args) => maintenance::dedupe(args).await,
         Command::Verify { pipeline, json } => maintenance::verify(&pipeline, json).await,
+        Command::Watch {
+            pipeline,
+            once,
+            json,
+            wait,
+        } => {
+            let config = PipelineConfig::from_file(&pipeline)?;
+            let options = idemload::trigger::WatchOptions {
+                once,
+                wait: wait.as_deref().map(parse_wait).transpose()?,
+            };
+            let mut on_poll = |r: &idemload::trigger::PollReport| {
+                if json {
+                    output::json(r);
+                } else {
+                    eprintln!(
+                        "idemload: watch {}: poll {}: read {}, new {}, emitted {}, primed {}, parked {}, rejected {}",
+                        r.pipeline, r.poll, r.read, r.new, r.emitted, r.primed, r.parked, r.rejected
+                    );
+                }
+            };
+            idemload::trigger::watch(&config, &options, &mut on_poll).await?;
+            Ok(0)
+        }
         Command::State(args) => {
             let pipeline = Pipeline::new(PipelineConfig::from_file(&args.pipeline)?)?;
             let mut dest = pipeline.destination().await?;
@@ -218,6 +243,7 @@ fn load_config(args: &LoadArgs) -> anyhow::Result<PipelineConfig> {
             schema: None,
         },
         load,
+        trigger: None,
     })
 }
 

@@ -27,7 +27,7 @@ use crate::state::{
 
 /// Opens the file with the settings every connection uses, and makes sure
 /// the bookkeeping tables exist.
-pub(super) fn connect(path: &Path) -> Result<Connection> {
+pub(crate) fn connect(path: &Path) -> Result<Connection> {
     if let Some(parent) = path.parent() {
         if !parent.as_os_str().is_empty() && !parent.exists() {
             std::fs::create_dir_all(parent).map_err(|source| Error::Io {
@@ -95,7 +95,7 @@ fn now_ms() -> i64 {
 }
 
 /// Takes the lock, or returns its living holder.
-pub(super) fn try_lock(
+pub(crate) fn try_lock(
     conn: &mut Connection,
     pipeline: &str,
     me: &LockHolder,
@@ -169,7 +169,7 @@ pub(super) fn fence(
     }
 }
 
-pub(super) fn unlock(conn: &Connection, pipeline: &str, run_id: &str) -> Result<()> {
+pub(crate) fn unlock(conn: &Connection, pipeline: &str, run_id: &str) -> Result<()> {
     conn.execute(
         &format!(
             "DELETE FROM {} WHERE pipeline = ?1 AND run_id = ?2",
@@ -181,14 +181,14 @@ pub(super) fn unlock(conn: &Connection, pipeline: &str, run_id: &str) -> Result<
 }
 
 /// Renews a lock lease from a thread of its own while the run lives.
-pub(super) struct Heartbeat {
+pub(crate) struct Heartbeat {
     stop: mpsc::Sender<()>,
     lost: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Heartbeat {
-    pub(super) fn start(
+    pub(crate) fn start(
         path: &Path,
         pipeline: &str,
         run_id: &str,
@@ -224,11 +224,11 @@ impl Heartbeat {
         })
     }
 
-    pub(super) fn lost(&self) -> bool {
+    pub(crate) fn lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)
     }
 
-    pub(super) fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         let _ = self.stop.send(());
         if let Some(t) = self.thread.take() {
             let _ = t.join();

@@ -7,7 +7,7 @@
 //! and a batch is all or nothing. The bookkeeping tables live in the same
 //! file and commit with the data.
 
-mod bookkeeping;
+pub(crate) mod bookkeeping;
 pub mod inspect;
 mod write;
 
@@ -105,7 +105,7 @@ impl SqliteDestination {
 
 /// `sqlite://data/w.db` is relative to the working directory,
 /// `sqlite:///var/lib/w.db` absolute.
-fn path_of(url: &str) -> Result<PathBuf> {
+pub(crate) fn path_of(url: &str) -> Result<PathBuf> {
     let rest = url
         .strip_prefix("sqlite://")
         .ok_or_else(|| Error::config(format!("{url}: a SQLite URL starts with sqlite://")))?;
@@ -118,7 +118,7 @@ fn path_of(url: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(rest))
 }
 
-fn join_error(e: tokio::task::JoinError) -> Error {
+pub(crate) fn join_error(e: tokio::task::JoinError) -> Error {
     Error::destination("sqlite", format!("worker thread failed: {e}"))
 }
 

@@ -1,0 +1,65 @@
+//! Seen-key stores: which items a trigger has already fired.
+//!
+//! Keys live in the store, not in memory, so millions of seen keys cost no
+//! RAM; a poll looks its keys up in chunks. The store also holds the
+//! trigger's lock (two watchers of one trigger never both fire), whether the
+//! first poll primed it, and the dead letters of items whose emission kept
+//! failing.
+
+mod redis;
+mod sqlite;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::config::redact;
+use crate::error::{Error, Result};
+use crate::state::LockHolder;
+
+/// Where a trigger remembers what it fired.
+#[async_trait]
+pub trait SeenStore: Send {
+    /// Takes the trigger's lock, or returns its living holder.
+    async fn lock(
+        &mut self,
+        trigger: &str,
+        me: &LockHolder,
+        lease: Duration,
+    ) -> Result<Option<LockHolder>>;
+    /// True once another watcher took the lock over (the lease ran out).
+    fn lock_lost(&self) -> bool;
+    async fn unlock(&mut self) -> Result<()>;
+    /// Whether the first poll already recorded what existed.
+    async fn is_primed(&mut self, trigger: &str) -> Result<bool>;
+    async fn set_primed(&mut self, trigger: &str) -> Result<()>;
+    /// The keys among `keys` that were fired (or parked) before.
+    async fn known(&mut self, trigger: &str, keys: &[String]) -> Result<HashSet<String>>;
+    /// Records keys as fired; called only after their emission succeeded.
+    async fn mark_seen(&mut self, trigger: &str, keys: &[String]) -> Result<()>;
+    /// Parks an item whose emission kept failing (and marks its key known).
+    async fn park(
+        &mut self,
+        trigger: &str,
+        key: &str,
+        item: &Value,
+        error: &str,
+        attempts: u32,
+    ) -> Result<()>;
+    /// Forgets keys seen before `cutoff_ms` (epoch milliseconds).
+    async fn forget_before(&mut self, trigger: &str, cutoff_ms: i64) -> Result<u64>;
+}
+
+/// Opens the store an URL names: `sqlite://PATH` or `redis://HOST:PORT`.
+pub async fn open(url: &str) -> Result<Box<dyn SeenStore>> {
+    match url.split("://").next().unwrap_or_default() {
+        "sqlite" => Ok(Box::new(sqlite::SqliteStore::open(url).await?)),
+        "redis" | "rediss" => Ok(Box::new(redis::RedisStore::open(url).await?)),
+        _ => Err(Error::config(format!(
+            "[trigger] store = {:?}: use sqlite://PATH or redis://HOST:PORT",
+            redact(url)
+        ))),
+    }
+}
