@@ -315,6 +315,30 @@ pub(super) fn begin(
             run.checkpoint_before.as_ref().map(Value::to_string)
         ],
     )?;
+    if let Some(schema) = super::read_schema(&tx, &target.table)? {
+        // A merge is only exact when the key is unique in the table.
+        let has_key = target
+            .key_columns
+            .iter()
+            .all(|k| schema.position(k).is_some());
+        if has_key
+            && super::inspect::unique_covering(&tx, &target.table, &target.key_columns)?.is_none()
+        {
+            return Err(Error::config(format!(
+                "table {:?} has no primary key or unique index on ({}), so loads into it cannot be kept free of duplicates; \
+                 `idemload audit` shows what is there and `idemload dedupe --apply` repairs it and adds one",
+                target.table,
+                target.key_columns.join(", ")
+            )));
+        }
+        if !has_key {
+            return Err(Error::config(format!(
+                "table {:?} has no column for every key field ({}); check `key` / `hash_key`",
+                target.table,
+                target.key_columns.join(", ")
+            )));
+        }
+    }
     let stage = if target.mode.is_staged() {
         let stage = format!("_idemload_stage_{}", target.table);
         tx.execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&stage)))?;

@@ -141,7 +141,11 @@ impl Inspect for SqliteInspect {
     }
 }
 
-fn unique_covering(conn: &Connection, table: &str, key: &[String]) -> Result<Option<String>> {
+pub(crate) fn unique_covering(
+    conn: &Connection,
+    table: &str,
+    key: &[String],
+) -> Result<Option<String>> {
     let mut wanted: Vec<&str> = key.iter().map(String::as_str).collect();
     wanted.sort_unstable();
     let mut indexes =
