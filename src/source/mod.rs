@@ -7,11 +7,17 @@
 
 mod csv;
 pub mod file;
+pub mod http;
+pub mod pagination;
+pub mod retry;
+pub mod sql;
 
 use async_trait::async_trait;
 use serde::Deserialize;
 
 pub use self::file::{FileFormat, FileSource, FileSourceConfig, OneOrMany};
+pub use self::http::{HttpSource, HttpSourceConfig};
+pub use self::sql::{SqlSource, SqlSourceConfig};
 use crate::error::Result;
 use crate::key::Cursor;
 use crate::record::Item;
@@ -22,6 +28,10 @@ use crate::record::Item;
 pub enum SourceConfig {
     /// JSONL/NDJSON, CSV and JSON array files, globs, `-` for stdin.
     File(FileSourceConfig),
+    /// A paginated JSON API.
+    Http(HttpSourceConfig),
+    /// A table or query of SQLite, PostgreSQL or MySQL/MariaDB.
+    Sql(SqlSourceConfig),
 }
 
 /// What the run asks of a source.
@@ -87,5 +97,7 @@ pub trait Source: Send {
 pub async fn open(config: &SourceConfig, query: &SourceQuery) -> Result<Box<dyn Source>> {
     match config {
         SourceConfig::File(file) => Ok(Box::new(FileSource::open(file, query)?)),
+        SourceConfig::Http(http) => Ok(Box::new(HttpSource::open(http, query)?)),
+        SourceConfig::Sql(sql) => Ok(Box::new(SqlSource::open(sql, query).await?)),
     }
 }

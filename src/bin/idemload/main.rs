@@ -319,6 +319,16 @@ async fn check(path: &std::path::Path) -> anyhow::Result<u8> {
                 failed = true;
             }
         },
+        SourceConfig::Http(h) => step(
+            "ok",
+            "source",
+            format!("http {}", idemload::config::redact(h.url.split('?').next().unwrap_or_default())),
+        ),
+        SourceConfig::Sql(q) => step(
+            "ok",
+            "source",
+            format!("sql {}", idemload::config::redact(&q.url)),
+        ),
     }
     let url = idemload::config::redact(&pipeline.config.destination.url);
     match pipeline.destination().await {

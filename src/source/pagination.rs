@@ -1,0 +1,490 @@
+//! Pagination of the HTTP source: which request comes next, and when to
+//! stop.
+//!
+//! Every style stops on an empty page; page and offset also stop once a
+//! declared total (`total_path`) is reached, cursor when the next token is
+//! missing, link when there is no `Link: rel="next"`. No style stops on a
+//! short page: an API that caps its page size below the asked `size` would
+//! otherwise lose every page after the first. `max_pages` bounds a run
+//! against an API that never says "done": reaching it is an error, never a
+//! silent stop, so nothing is lost unnoticed.
+
+use reqwest::header::{HeaderMap, LINK};
+use reqwest::Url;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// `[source.pagination]`, by `type`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum PaginationConfig {
+    /// One request; the body holds every record.
+    #[default]
+    None,
+    /// A page number and a page size.
+    Page(PageConfig),
+    /// An offset (records already read) and a limit.
+    Offset(OffsetConfig),
+    /// A next-page token read from the body and sent back as a parameter.
+    Cursor(CursorConfig),
+    /// The `Link: <…>; rel="next"` header (RFC 8288).
+    Link(LinkConfig),
+}
+
+/// `type = "page"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageConfig {
+    /// Parameter carrying the page number.
+    #[serde(default = "default_page_param")]
+    pub page_param: String,
+    /// Number of the first page: 1 unless the API counts from 0.
+    #[serde(default = "one")]
+    pub first_page: u64,
+    /// Parameter carrying the page size.
+    #[serde(default = "default_size_param")]
+    pub size_param: String,
+    /// Records asked per page; unset sends no size parameter.
+    pub size: Option<u64>,
+    /// Dotted path of the total number of records in the body; reading
+    /// stops once that many were read.
+    pub total_path: Option<String>,
+    /// Most pages a run reads; more is an error.
+    #[serde(default = "default_max_pages")]
+    pub max_pages: u64,
+}
+
+/// `type = "offset"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OffsetConfig {
+    /// Parameter carrying the offset (records read so far).
+    #[serde(default = "default_offset_param")]
+    pub offset_param: String,
+    /// Parameter carrying the page size.
+    #[serde(default = "default_limit_param")]
+    pub size_param: String,
+    /// Records asked per page.
+    #[serde(default = "default_size")]
+    pub size: u64,
+    /// Dotted path of the total number of records in the body.
+    pub total_path: Option<String>,
+    /// Most pages a run reads; more is an error.
+    #[serde(default = "default_max_pages")]
+    pub max_pages: u64,
+}
+
+/// `type = "cursor"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CursorConfig {
+    /// Dotted path of the next token in the body; missing, null or "" ends.
+    pub cursor_path: String,
+    /// Parameter that sends the token back.
+    pub cursor_param: String,
+    /// Parameter carrying the page size.
+    #[serde(default = "default_size_param")]
+    pub size_param: String,
+    /// Records asked per page; unset sends no size parameter.
+    pub size: Option<u64>,
+    /// Most pages a run reads; more is an error.
+    #[serde(default = "default_max_pages")]
+    pub max_pages: u64,
+}
+
+/// `type = "link"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    /// Parameter carrying the page size on the first request.
+    #[serde(default = "default_size_param")]
+    pub size_param: String,
+    /// Records asked per page; unset sends no size parameter.
+    pub size: Option<u64>,
+    /// Most pages a run reads; more is an error.
+    #[serde(default = "default_max_pages")]
+    pub max_pages: u64,
+}
+
+fn default_page_param() -> String {
+    "page".into()
+}
+fn default_size_param() -> String {
+    "per_page".into()
+}
+fn default_offset_param() -> String {
+    "offset".into()
+}
+fn default_limit_param() -> String {
+    "limit".into()
+}
+fn default_size() -> u64 {
+    100
+}
+fn default_max_pages() -> u64 {
+    100_000
+}
+fn one() -> u64 {
+    1
+}
+
+/// Where the paging stands.
+#[derive(Debug)]
+pub struct Paginator {
+    config: PaginationConfig,
+    /// Pages fetched so far.
+    pages: u64,
+    /// Records read so far.
+    records: u64,
+}
+
+/// What comes after a page.
+#[derive(Debug, PartialEq)]
+pub enum Next {
+    Request(Url),
+    Done,
+    /// `max_pages` reached while the API still had more.
+    TooManyPages(u64),
+}
+
+impl Paginator {
+    pub fn new(config: PaginationConfig) -> Paginator {
+        Paginator {
+            config,
+            pages: 0,
+            records: 0,
+        }
+    }
+
+    /// The first request, from the base URL (params already applied).
+    pub fn first(&self, base: &Url) -> Url {
+        let mut url = base.clone();
+        match &self.config {
+            PaginationConfig::None => {}
+            PaginationConfig::Page(p) => {
+                let mut q = url.query_pairs_mut();
+                q.append_pair(&p.page_param, &p.first_page.to_string());
+                if let Some(size) = p.size {
+                    q.append_pair(&p.size_param, &size.to_string());
+                }
+            }
+            PaginationConfig::Offset(o) => {
+                url.query_pairs_mut()
+                    .append_pair(&o.offset_param, "0")
+                    .append_pair(&o.size_param, &o.size.to_string());
+            }
+            PaginationConfig::Cursor(c) => {
+                if let Some(size) = c.size {
+                    url.query_pairs_mut()
+                        .append_pair(&c.size_param, &size.to_string());
+                }
+            }
+            PaginationConfig::Link(l) => {
+                if let Some(size) = l.size {
+                    url.query_pairs_mut()
+                        .append_pair(&l.size_param, &size.to_string());
+                }
+            }
+        }
+        url
+    }
+
+    /// The next request after a page of `count` records, fetched from
+    /// `requested` with this body and these headers.
+    pub fn advance(
+        &mut self,
+        base: &Url,
+        requested: &Url,
+        body: &Value,
+        headers: &HeaderMap,
+        count: usize,
+    ) -> Result<Next, String> {
+        self.pages += 1;
+        self.records += count as u64;
+        if count == 0 {
+            return Ok(Next::Done);
+        }
+        let next = match &self.config {
+            PaginationConfig::None => return Ok(Next::Done),
+            PaginationConfig::Page(p) => {
+                if total_reached(body, p.total_path.as_deref(), self.records)? {
+                    return Ok(Next::Done);
+                }
+                let mut url = base.clone();
+                {
+                    let mut q = url.query_pairs_mut();
+                    q.append_pair(&p.page_param, &(p.first_page + self.pages).to_string());
+                    if let Some(size) = p.size {
+                        q.append_pair(&p.size_param, &size.to_string());
+                    }
+                }
+                url
+            }
+            PaginationConfig::Offset(o) => {
+                if total_reached(body, o.total_path.as_deref(), self.records)? {
+                    return Ok(Next::Done);
+                }
+                let mut url = base.clone();
+                url.query_pairs_mut()
+                    .append_pair(&o.offset_param, &self.records.to_string())
+                    .append_pair(&o.size_param, &o.size.to_string());
+                url
+            }
+            PaginationConfig::Cursor(c) => {
+                let token = match lookup(body, &c.cursor_path) {
+                    None | Some(Value::Null) => return Ok(Next::Done),
+                    Some(Value::String(s)) if s.is_empty() => return Ok(Next::Done),
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Number(n)) => n.to_string(),
+                    Some(other) => {
+                        return Err(format!(
+                            "next-page token at {:?} is {}, expected a string or a number",
+                            c.cursor_path,
+                            kind(other)
+                        ))
+                    }
+                };
+                let mut url = base.clone();
+                {
+                    let mut q = url.query_pairs_mut();
+                    q.append_pair(&c.cursor_param, &token);
+                    if let Some(size) = c.size {
+                        q.append_pair(&c.size_param, &size.to_string());
+                    }
+                }
+                if url == *requested {
+                    return Err(format!(
+                        "the API sent back the same next-page token at {:?} as the one just used: paging would never end",
+                        c.cursor_path
+                    ));
+                }
+                url
+            }
+            PaginationConfig::Link(_) => match next_link(headers, requested) {
+                None => return Ok(Next::Done),
+                Some(url) => {
+                    if url == *requested {
+                        return Err("the Link header's rel=\"next\" points at the page just read: paging would never end".into());
+                    }
+                    with_missing_params(url, base)
+                }
+            },
+        };
+        if self.pages >= self.max_pages() {
+            return Ok(Next::TooManyPages(self.max_pages()));
+        }
+        Ok(Next::Request(next))
+    }
+
+    fn max_pages(&self) -> u64 {
+        match &self.config {
+            PaginationConfig::None => 1,
+            PaginationConfig::Page(p) => p.max_pages,
+            PaginationConfig::Offset(o) => o.max_pages,
+            PaginationConfig::Cursor(c) => c.max_pages,
+            PaginationConfig::Link(l) => l.max_pages,
+        }
+    }
+}
+
+/// True when the body declares a total and that many records were read.
+fn total_reached(body: &Value, path: Option<&str>, read: u64) -> Result<bool, String> {
+    let Some(path) = path else { return Ok(false) };
+    match lookup(body, path) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(total) => Ok(read >= total),
+            None => Err(format!("total at {path:?} is {n}, not a count")),
+        },
+        Some(Value::String(s)) => match s.trim().parse::<u64>() {
+            Ok(total) => Ok(read >= total),
+            Err(_) => Err(format!("total at {path:?} is {s:?}, not a count")),
+        },
+        Some(other) => Err(format!("total at {path:?} is {}, not a count", kind(other))),
+    }
+}
+
+/// The value at a dotted path (`data.items`, `pages.0.next`); "" is the body.
+pub fn lookup<'a>(body: &'a Value, path: &str) -> Option<&'a Value> {
+    if path.is_empty() {
+        return Some(body);
+    }
+    let mut at = body;
+    for part in path.split('.') {
+        at = match at {
+            Value::Object(map) => map.get(part)?,
+            Value::Array(items) => items.get(part.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(at)
+}
+
+/// JSON kind names for messages.
+pub fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The `rel="next"` target of the `Link` headers, resolved against the URL
+/// of the page (RFC 8288).
+pub fn next_link(headers: &HeaderMap, requested: &Url) -> Option<Url> {
+    for value in headers.get_all(LINK) {
+        let Ok(text) = value.to_str() else { continue };
+        for link in split_links(text) {
+            let link = link.trim();
+            let Some(rest) = link.strip_prefix('<') else { continue };
+            let Some(end) = rest.find('>') else { continue };
+            let target = &rest[..end];
+            let is_next = rest[end + 1..].split(';').any(|param| {
+                let Some((name, value)) = param.split_once('=') else {
+                    return false;
+                };
+                name.trim().eq_ignore_ascii_case("rel")
+                    && value
+                        .trim()
+                        .trim_matches('"')
+                        .split_ascii_whitespace()
+                        .any(|rel| rel.eq_ignore_ascii_case("next"))
+            });
+            if is_next {
+                return requested.join(target).ok();
+            }
+        }
+    }
+    None
+}
+
+/// Splits a Link header at the commas between links (not those inside
+/// `<…>` or quotes).
+fn split_links(text: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut start, mut in_angle, mut in_quote) = (0, false, false);
+    for (i, c) in text.char_indices() {
+        match c {
+            '<' if !in_quote => in_angle = true,
+            '>' if !in_quote => in_angle = false,
+            '"' if !in_angle => in_quote = !in_quote,
+            ',' if !in_angle && !in_quote => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
+/// Adds the base URL's parameters a next link left out (an API key sent as
+/// a parameter, say).
+fn with_missing_params(mut url: Url, base: &Url) -> Url {
+    let present: Vec<String> = url.query_pairs().map(|(k, _)| k.into_owned()).collect();
+    let missing: Vec<(String, String)> = base
+        .query_pairs()
+        .filter(|(k, _)| !present.iter().any(|p| p == k))
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if !missing.is_empty() {
+        let mut q = url.query_pairs_mut();
+        for (k, v) in &missing {
+            q.append_pair(k, v);
+        }
+    }
+    url
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+    use serde_json::json;
+
+    fn url(s: &str) -> Url {
+        Url::parse(s).unwrap()
+    }
+
+    #[test]
+    fn link_header_next_is_found_among_others_and_resolved() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            LINK,
+            HeaderValue::from_static(
+                r#"<https://a.test/x?page=1>; rel="first", </x?page=3&q=a,b>; rel="next last""#,
+            ),
+        );
+        let next = next_link(&h, &url("https://a.test/x?page=2")).unwrap();
+        assert_eq!(next.as_str(), "https://a.test/x?page=3&q=a,b");
+        h.insert(LINK, HeaderValue::from_static(r#"<https://a.test/x?page=1>; rel="prev""#));
+        assert_eq!(next_link(&h, &url("https://a.test/x?page=2")), None);
+    }
+
+    #[test]
+    fn page_paging_stops_on_an_empty_page_or_the_total() {
+        let base = url("http://h/x?a=1");
+        let mut p = Paginator::new(PaginationConfig::Page(PageConfig {
+            page_param: "page".into(),
+            first_page: 1,
+            size_param: "per_page".into(),
+            size: Some(2),
+            total_path: Some("total".into()),
+            max_pages: 10,
+        }));
+        let first = p.first(&base);
+        assert_eq!(first.as_str(), "http://h/x?a=1&page=1&per_page=2");
+        let h = HeaderMap::new();
+        let body = json!({"total": 3});
+        let Next::Request(second) = p.advance(&base, &first, &body, &h, 2).unwrap() else {
+            panic!()
+        };
+        assert_eq!(second.as_str(), "http://h/x?a=1&page=2&per_page=2");
+        assert_eq!(p.advance(&base, &second, &body, &h, 1).unwrap(), Next::Done);
+    }
+
+    #[test]
+    fn cursor_paging_stops_when_the_token_is_missing_and_bounds_pages() {
+        let base = url("http://h/x");
+        let mut p = Paginator::new(PaginationConfig::Cursor(CursorConfig {
+            cursor_path: "paging.next".into(),
+            cursor_param: "after".into(),
+            size_param: "limit".into(),
+            size: None,
+            max_pages: 2,
+        }));
+        let h = HeaderMap::new();
+        let first = p.first(&base);
+        let next = p
+            .advance(&base, &first, &json!({"paging": {"next": "t1"}}), &h, 5)
+            .unwrap();
+        assert_eq!(next, Next::Request(url("http://h/x?after=t1")));
+        let next = p
+            .advance(&base, &first, &json!({"paging": {"next": "t2"}}), &h, 5)
+            .unwrap();
+        assert_eq!(next, Next::TooManyPages(2));
+        let mut p = Paginator::new(PaginationConfig::Cursor(CursorConfig {
+            cursor_path: "paging.next".into(),
+            cursor_param: "after".into(),
+            size_param: "limit".into(),
+            size: None,
+            max_pages: 2,
+        }));
+        let next = p
+            .advance(&base, &first, &json!({"paging": {"next": null}}), &h, 5)
+            .unwrap();
+        assert_eq!(next, Next::Done);
+    }
+
+    #[test]
+    fn lookup_walks_objects_and_arrays() {
+        let body = json!({"data": {"items": [1, {"x": 2}]}});
+        assert_eq!(lookup(&body, "data.items.1.x"), Some(&json!(2)));
+        assert_eq!(lookup(&body, "data.nope"), None);
+        assert_eq!(lookup(&body, ""), Some(&body));
+    }
+}

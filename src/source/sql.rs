@@ -1,0 +1,490 @@
+//! The SQL source: a table or query of SQLite, PostgreSQL or MySQL/MariaDB.
+//!
+//! With a cursor, the filter `cursor >= low` and `ORDER BY cursor` are pushed
+//! into the query (a user query becomes a subquery), so an incremental run
+//! reads only what it needs and the checkpoint moves batch by batch. Rows
+//! stream: SQLite steps one statement on a thread of its own, PostgreSQL
+//! reads a server-side portal `batch_size` rows at a time, MySQL reads the
+//! result set row by row; batches go through a bounded channel, so memory
+//! stays flat on a table of any size.
+//!
+//! Column values become JSON: integers and floats as numbers, booleans as
+//! booleans, text as strings, timestamps as RFC 3339 (a value without a
+//! zone is taken as UTC), json/jsonb as JSON, NUMERIC/DECIMAL as JSON
+//! numbers (cast to text in the query to keep every digit), binary as hex.
+//! MySQL's `TINYINT(1)` (its BOOLEAN) becomes a boolean. Each record's
+//! source reference is `sql:TABLE:N` (or `sql:query:N`), N counting rows
+//! from 1.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::{Number, Value};
+use tokio::sync::mpsc;
+
+use super::{Source, SourceQuery};
+use crate::config::redact;
+use crate::destination::sql::quote;
+use crate::error::{Error, Result};
+use crate::key::Cursor;
+use crate::record::{Fields, Item, Record, SourceRef};
+
+/// `[source] type = "sql"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlSourceConfig {
+    /// `sqlite://PATH`, `postgres://…` (or `postgresql://`), `mysql://…`.
+    pub url: String,
+    /// A SELECT; it is wrapped as a subquery to add the cursor filter and
+    /// order. Give this or `table`.
+    pub query: Option<String>,
+    /// A table (`schema.table` allowed), read whole or incrementally.
+    pub table: Option<String>,
+}
+
+/// Which database the URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Sqlite,
+    Postgres,
+    Mysql,
+}
+
+/// Streams rows from a task or thread of its own.
+pub struct SqlSource {
+    rx: mpsc::Receiver<Result<Vec<Item>>>,
+    ordered: bool,
+}
+
+impl SqlSource {
+    /// Checks the configuration and starts reading.
+    pub async fn open(config: &SqlSourceConfig, query: &SourceQuery) -> Result<SqlSource> {
+        let dialect = match config.url.split("://").next() {
+            Some("sqlite") => Dialect::Sqlite,
+            Some("postgres" | "postgresql") => Dialect::Postgres,
+            Some("mysql") => Dialect::Mysql,
+            _ => {
+                return Err(Error::config(format!(
+                    "[source] url {}: a SQL source reads sqlite://, postgres:// or mysql://",
+                    redact(&config.url)
+                )))
+            }
+        };
+        let (from, label) = match (&config.query, &config.table) {
+            (Some(q), None) => (format!("({q})"), "query".to_string()),
+            (None, Some(t)) => (quote_table(t, dialect), t.clone()),
+            _ => {
+                return Err(Error::config(
+                    "[source] type = \"sql\" needs exactly one of `query` and `table`",
+                ))
+            }
+        };
+        let plan = Plan {
+            from,
+            label: format!("sql:{label}").into(),
+            cursor: query.cursor.clone(),
+            low: query.low.clone(),
+            batch_size: query.batch_size.max(1),
+            shown: redact(&config.url),
+        };
+        let (tx, rx) = mpsc::channel(2);
+        let url = config.url.clone();
+        match dialect {
+            Dialect::Sqlite => {
+                let path = url.trim_start_matches("sqlite://").split('?').next().unwrap_or_default().to_string();
+                std::thread::Builder::new()
+                    .name("idemload-sql-source".into())
+                    .spawn(move || {
+                        if let Err(e) = read_sqlite(&path, &plan, &tx) {
+                            let _ = tx.blocking_send(Err(e));
+                        }
+                    })
+                    .map_err(|e| plan_error(&redact(&config.url), format!("cannot start reader thread: {e}")))?;
+            }
+            Dialect::Postgres => {
+                tokio::spawn(async move {
+                    if let Err(e) = read_postgres(&url, &plan, &tx).await {
+                        let _ = tx.send(Err(e)).await;
+                    }
+                });
+            }
+            Dialect::Mysql => {
+                tokio::spawn(async move {
+                    if let Err(e) = read_mysql(&url, &plan, &tx).await {
+                        let _ = tx.send(Err(e)).await;
+                    }
+                });
+            }
+        }
+        Ok(SqlSource {
+            rx,
+            ordered: query.cursor.is_some(),
+        })
+    }
+}
+
+#[async_trait]
+impl Source for SqlSource {
+    async fn next_batch(&mut self) -> Result<Option<Vec<Item>>> {
+        self.rx.recv().await.transpose()
+    }
+
+    /// Rows come `ORDER BY cursor` whenever the pipeline has a cursor.
+    fn ordered_by_cursor(&self) -> bool {
+        self.ordered
+    }
+}
+
+/// What to read, for every dialect.
+struct Plan {
+    /// `"table"` or `(query)`.
+    from: String,
+    label: Arc<str>,
+    cursor: Option<String>,
+    low: Option<Cursor>,
+    batch_size: usize,
+    shown: String,
+}
+
+impl Plan {
+    /// `SELECT {select} FROM {from} AS _idemload_q [WHERE c >= {param}] [ORDER BY c]`.
+    fn sql(&self, select: &str, dialect: Dialect, param: &str) -> String {
+        let mut sql = format!("SELECT {select} FROM {} AS _idemload_q", self.from);
+        if let Some(c) = &self.cursor {
+            let c = format!("_idemload_q.{}", quote_ident(c, dialect));
+            if self.low.is_some() {
+                sql.push_str(&format!(" WHERE {c} >= {param}"));
+            }
+            sql.push_str(&format!(" ORDER BY {c}"));
+        }
+        sql
+    }
+
+    fn error(&self, message: impl std::fmt::Display) -> Error {
+        plan_error(&format!("{} {}", self.shown, self.label), message)
+    }
+
+    fn record(&self, fields: Fields, row: u64) -> Item {
+        Item::Record(Record::new(
+            fields,
+            SourceRef::Line {
+                path: self.label.clone(),
+                line: row,
+            },
+        ))
+    }
+}
+
+fn plan_error(location: &str, message: impl std::fmt::Display) -> Error {
+    Error::Source {
+        location: location.to_string(),
+        message: message.to_string(),
+    }
+}
+
+fn quote_ident(name: &str, dialect: Dialect) -> String {
+    match dialect {
+        Dialect::Mysql => format!("`{}`", name.replace('`', "``")),
+        _ => quote(name),
+    }
+}
+
+fn quote_table(name: &str, dialect: Dialect) -> String {
+    name.split('.')
+        .map(|part| quote_ident(part, dialect))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// The low bound for databases that compare timestamps as text or in a
+/// session zone (SQLite, MySQL): the day before, as `YYYY-MM-DD`, which
+/// sorts at or below every spelling of any instant at or above `low`
+/// (`T` or space, any offset up to a day). The planner drops the few rows
+/// below the exact bound; the filter must only never drop one above it.
+fn loose_low(low: &Cursor) -> LowParam {
+    match low {
+        Cursor::Int(i) => LowParam::Int(*i),
+        Cursor::Instant(nanos, _) => {
+            let secs = nanos.div_euclid(1_000_000_000) as i64 - 86_400;
+            let day = chrono::DateTime::<chrono::Utc>::from_timestamp(secs, 0)
+                .map(|t| t.format("%Y-%m-%d").to_string())
+                .unwrap_or_else(|| "0000-01-01".into());
+            LowParam::Text(day)
+        }
+        Cursor::Text(t) => LowParam::Text(t.clone()),
+    }
+}
+
+enum LowParam {
+    Int(i64),
+    Text(String),
+}
+
+/// Sends a full batch; false when the run has stopped listening.
+fn send_blocking(tx: &mpsc::Sender<Result<Vec<Item>>>, batch: &mut Vec<Item>, size: usize) -> bool {
+    let full = std::mem::replace(batch, Vec::with_capacity(size));
+    tx.blocking_send(Ok(full)).is_ok()
+}
+
+fn read_sqlite(path: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) -> Result<()> {
+    use rusqlite::types::ValueRef;
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| plan.error(format!("cannot open: {e}")))?;
+    let sql = plan.sql("*", Dialect::Sqlite, "?1");
+    tracing::debug!(%sql, "SQL source query.");
+    let mut stmt = conn.prepare(&sql).map_err(|e| plan.error(e))?;
+    let names: Vec<String> = stmt.column_names().into_iter().map(String::from).collect();
+    let mut rows = match plan.low.as_ref().map(loose_low) {
+        None => stmt.query([]),
+        Some(LowParam::Int(i)) => stmt.query([i]),
+        Some(LowParam::Text(t)) => stmt.query([t]),
+    }
+    .map_err(|e| plan.error(e))?;
+    let mut batch = Vec::with_capacity(plan.batch_size);
+    let mut n = 0u64;
+    while let Some(row) = rows.next().map_err(|e| plan.error(e))? {
+        n += 1;
+        let mut fields = Fields::with_capacity(names.len());
+        for (i, name) in names.iter().enumerate() {
+            let value = match row.get_ref(i).map_err(|e| plan.error(e))? {
+                ValueRef::Null => Value::Null,
+                ValueRef::Integer(v) => Value::from(v),
+                ValueRef::Real(v) => Number::from_f64(v).map_or(Value::Null, Value::Number),
+                ValueRef::Text(t) => Value::String(String::from_utf8_lossy(t).into_owned()),
+                ValueRef::Blob(b) => Value::String(hex::encode(b)),
+            };
+            fields.insert(name.clone(), value);
+        }
+        batch.push(plan.record(fields, n));
+        if batch.len() >= plan.batch_size && !send_blocking(tx, &mut batch, plan.batch_size) {
+            return Ok(());
+        }
+    }
+    if !batch.is_empty() {
+        let _ = tx.blocking_send(Ok(batch));
+    }
+    Ok(())
+}
+
+async fn read_postgres(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) -> Result<()> {
+    use tokio_postgres::types::{ToSql, Type};
+    let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| plan.error(format!("cannot connect: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "PostgreSQL source connection ended.");
+        }
+    });
+    let pg = |e: tokio_postgres::Error| plan.error(e);
+    client
+        .batch_execute("SET TIME ZONE 'UTC'")
+        .await
+        .map_err(pg)?;
+    // The columns' types: the cursor's, for its cast, and which are
+    // timestamps without a zone, to mark them UTC.
+    let probe = client
+        .prepare(&format!("SELECT * FROM {} AS _idemload_q LIMIT 0", plan.from))
+        .await
+        .map_err(pg)?;
+    let naive: Vec<String> = probe
+        .columns()
+        .iter()
+        .filter(|c| *c.type_() == Type::TIMESTAMP)
+        .map(|c| c.name().to_string())
+        .collect();
+    let cast = match &plan.cursor {
+        Some(c) => {
+            let col = probe
+                .columns()
+                .iter()
+                .find(|col| col.name() == c)
+                .ok_or_else(|| plan.error(format!("the result has no cursor column {c:?}")))?;
+            let t = col.type_();
+            format!("CAST($1::text AS {}.{})", quote(t.schema()), quote(t.name()))
+        }
+        None => String::new(),
+    };
+    let sql = plan.sql("to_json(_idemload_q)", Dialect::Postgres, &cast);
+    tracing::debug!(%sql, "SQL source query.");
+    let stmt = client.prepare(&sql).await.map_err(pg)?;
+    let transaction = client.transaction().await.map_err(pg)?;
+    let low = plan.low.as_ref().map(|c| match c {
+        Cursor::Int(i) => i.to_string(),
+        other => other.to_string(),
+    });
+    let params: Vec<&(dyn ToSql + Sync)> = match &low {
+        Some(l) => vec![l],
+        None => vec![],
+    };
+    let portal = transaction.bind(&stmt, &params).await.map_err(pg)?;
+    let mut n = 0u64;
+    loop {
+        let rows = transaction
+            .query_portal(&portal, plan.batch_size.min(i32::MAX as usize) as i32)
+            .await
+            .map_err(pg)?;
+        if rows.is_empty() {
+            break;
+        }
+        let mut batch = Vec::with_capacity(rows.len());
+        for row in rows {
+            n += 1;
+            let value: Value = row.try_get(0).map_err(pg)?;
+            let Value::Object(mut fields) = value else {
+                return Err(plan.error("row did not become a JSON object"));
+            };
+            for name in &naive {
+                if let Some(Value::String(s)) = fields.get_mut(name) {
+                    s.push('Z');
+                }
+            }
+            batch.push(plan.record(fields, n));
+        }
+        if tx.send(Ok(batch)).await.is_err() {
+            return Ok(());
+        }
+    }
+    transaction.commit().await.map_err(pg)?;
+    Ok(())
+}
+
+async fn read_mysql(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) -> Result<()> {
+    use mysql_async::prelude::Queryable;
+    let my = |e: mysql_async::Error| plan.error(e);
+    let opts = mysql_async::Opts::from_url(url).map_err(|e| plan.error(format!("bad URL: {e}")))?;
+    let mut conn = mysql_async::Conn::new(opts)
+        .await
+        .map_err(|e| plan.error(format!("cannot connect: {e}")))?;
+    conn.query_drop("SET time_zone = '+00:00'").await.map_err(my)?;
+    let sql = plan.sql("*", Dialect::Mysql, "?");
+    tracing::debug!(%sql, "SQL source query.");
+    let params = match plan.low.as_ref().map(loose_low) {
+        None => mysql_async::Params::Empty,
+        Some(LowParam::Int(i)) => mysql_async::Params::Positional(vec![i.into()]),
+        Some(LowParam::Text(t)) => mysql_async::Params::Positional(vec![t.into()]),
+    };
+    let mut result = conn.exec_iter(sql, params).await.map_err(my)?;
+    let columns: Vec<mysql_async::Column> = result.columns_ref().to_vec();
+    let mut batch = Vec::with_capacity(plan.batch_size);
+    let mut n = 0u64;
+    while let Some(row) = result.next().await.map_err(my)? {
+        n += 1;
+        let mut fields = Fields::with_capacity(columns.len());
+        for (col, value) in columns.iter().zip(row.unwrap()) {
+            fields.insert(col.name_str().into_owned(), mysql_value(col, value));
+        }
+        batch.push(plan.record(fields, n));
+        if batch.len() >= plan.batch_size {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(plan.batch_size));
+            if tx.send(Ok(full)).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    drop(result);
+    if !batch.is_empty() {
+        let _ = tx.send(Ok(batch)).await;
+    }
+    let _ = conn.disconnect().await;
+    Ok(())
+}
+
+/// A MySQL value as JSON, by its column's type.
+fn mysql_value(col: &mysql_async::Column, value: mysql_async::Value) -> Value {
+    use mysql_async::consts::ColumnType as T;
+    use mysql_async::Value as V;
+    let ty = col.column_type();
+    match value {
+        V::NULL => Value::Null,
+        V::Int(i) if ty == T::MYSQL_TYPE_TINY && col.column_length() == 1 => Value::Bool(i != 0),
+        V::Int(i) => Value::from(i),
+        V::UInt(u) => Value::from(u),
+        V::Float(f) => Number::from_f64(f as f64).map_or(Value::Null, Value::Number),
+        V::Double(f) => Number::from_f64(f).map_or(Value::Null, Value::Number),
+        V::Date(y, mo, d, h, mi, s, us) => {
+            if ty == T::MYSQL_TYPE_DATE {
+                Value::String(format!("{y:04}-{mo:02}-{d:02}"))
+            } else if us == 0 {
+                Value::String(format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z"))
+            } else {
+                Value::String(format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{us:06}Z"))
+            }
+        }
+        V::Time(neg, days, h, mi, s, us) => {
+            let sign = if neg { "-" } else { "" };
+            let hours = days * 24 + h as u32;
+            if us == 0 {
+                Value::String(format!("{sign}{hours:02}:{mi:02}:{s:02}"))
+            } else {
+                Value::String(format!("{sign}{hours:02}:{mi:02}:{s:02}.{us:06}"))
+            }
+        }
+        V::Bytes(bytes) => match ty {
+            T::MYSQL_TYPE_JSON => serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())),
+            T::MYSQL_TYPE_DECIMAL | T::MYSQL_TYPE_NEWDECIMAL => {
+                let text = String::from_utf8_lossy(&bytes);
+                serde_json::from_str::<Number>(&text)
+                    .map(Value::Number)
+                    .unwrap_or_else(|_| Value::String(text.into_owned()))
+            }
+            _ if col.character_set() == 63 => Value::String(hex::encode(&bytes)),
+            _ => Value::String(String::from_utf8_lossy(&bytes).into_owned()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(cursor: Option<&str>, low: Option<Cursor>) -> Plan {
+        Plan {
+            from: "(SELECT * FROM usage)".into(),
+            label: "sql:query".into(),
+            cursor: cursor.map(String::from),
+            low,
+            batch_size: 10,
+            shown: "sqlite://w.db".into(),
+        }
+    }
+
+    #[test]
+    fn cursor_filter_and_order_are_pushed_into_the_query() {
+        let p = plan(Some("updated_at"), Some(Cursor::Int(5)));
+        assert_eq!(
+            p.sql("*", Dialect::Sqlite, "?1"),
+            r#"SELECT * FROM (SELECT * FROM usage) AS _idemload_q WHERE _idemload_q."updated_at" >= ?1 ORDER BY _idemload_q."updated_at""#
+        );
+        let p = plan(Some("updated_at"), None);
+        assert_eq!(
+            p.sql("*", Dialect::Mysql, "?"),
+            "SELECT * FROM (SELECT * FROM usage) AS _idemload_q ORDER BY _idemload_q.`updated_at`"
+        );
+        let p = plan(None, None);
+        assert_eq!(p.sql("*", Dialect::Sqlite, "?1"), "SELECT * FROM (SELECT * FROM usage) AS _idemload_q");
+    }
+
+    #[test]
+    fn loose_low_bound_never_excludes_an_instant_at_or_above_low() {
+        let LowParam::Text(day) = loose_low(&Cursor::from_text("2024-05-02T00:30:00+02:00")) else {
+            panic!()
+        };
+        // 2024-05-01T22:30Z, a day before: 2024-04-30.
+        assert_eq!(day, "2024-04-30");
+        for stored in ["2024-05-01T22:30:00Z", "2024-05-01 22:30:00", "2024-05-02T00:30:00+02:00"] {
+            assert!(stored >= day.as_str(), "{stored}");
+        }
+    }
+
+    #[test]
+    fn tables_are_quoted_per_part() {
+        assert_eq!(quote_table("sales.orders", Dialect::Postgres), r#""sales"."orders""#);
+        assert_eq!(quote_table("a`b", Dialect::Mysql), "`a``b`");
+    }
+}
