@@ -1,2 +1,4 @@
 mod audit;
+mod http_source;
+mod sql_source;
 mod watch;
