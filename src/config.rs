@@ -33,15 +33,25 @@ pub struct PipelineConfig {
 
 /// `[destination]`.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
     /// `sqlite://PATH`, `postgres://…`, `mysql://…`.
+    #[serde(default)]
     pub url: String,
     /// The target table, created when missing.
+    #[serde(default)]
     pub table: String,
     /// Schema (PostgreSQL) the table and bookkeeping live in.
     #[serde(default)]
     pub schema: Option<String>,
+    /// `"http"` writes records back to an API (see
+    /// [`crate::destination::http::HttpDestinationConfig`]); omitted for
+    /// databases, which the URL names.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    /// The `type = "http"` settings, kept as written and checked by the
+    /// HTTP destination.
+    #[serde(flatten)]
+    pub http: std::collections::BTreeMap<String, toml::Value>,
 }
 
 /// Write modes of the spec.
@@ -249,6 +259,22 @@ impl PipelineConfig {
 
     /// Checks that `[destination]` names a URL and a table.
     pub fn require_destination(&self) -> Result<()> {
+        if self.destination.kind.as_deref() == Some("http") {
+            return crate::destination::http::HttpDestinationConfig::from_destination(
+                &self.destination,
+            )
+            .map(|_| ());
+        }
+        if let Some(kind) = &self.destination.kind {
+            return Err(Error::config(format!(
+                "[destination] type = {kind:?}: use \"http\" for an API, or leave type out and give a database url"
+            )));
+        }
+        if let Some(unknown) = self.destination.http.keys().next() {
+            return Err(Error::config(format!(
+                "[destination] unknown field `{unknown}` (expected url, table, schema, or type = \"http\" with its settings)"
+            )));
+        }
         if self.destination.url.trim().is_empty() {
             return Err(Error::config("[destination] url is missing"));
         }

@@ -7,6 +7,7 @@
 //! It states its [`Capabilities`]; the pipeline asks those, never "which
 //! database is this". [`open`] picks an implementation by URL scheme.
 
+pub mod http;
 pub mod inspect;
 pub mod schema;
 pub mod sql;
@@ -99,6 +100,18 @@ pub trait Destination: Send {
         run_id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<RejectRecord>>;
+}
+
+/// Opens the destination a pipeline's `[destination]` describes.
+pub async fn open_config(
+    pipeline: &str,
+    config: &crate::config::DestinationConfig,
+) -> Result<Box<dyn Destination>> {
+    if config.kind.as_deref() == Some("http") {
+        let http = http::HttpDestinationConfig::from_destination(config)?;
+        return Ok(Box::new(http::HttpDestination::open(pipeline, http).await?));
+    }
+    open(&config.url).await
 }
 
 /// Opens the destination an URL names.

@@ -110,7 +110,7 @@ impl Pipeline {
 
     /// Opens the pipeline's destination.
     pub async fn destination(&self) -> Result<Box<dyn Destination>> {
-        destination::open(&self.config.destination.url).await
+        destination::open_config(&self.config.name, &self.config.destination).await
     }
 
     /// Runs the pipeline with the source of its configuration.

@@ -24,6 +24,19 @@ pub struct RunStats {
     pub skipped: u64,
     pub duplicates: u64,
     pub rejected: u64,
+    /// HTTP destinations: records looked up through the API.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub looked_up_api: u64,
+    /// HTTP destinations: records found in `lookup_table` (no API call).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub looked_up_table: u64,
+    /// HTTP destinations: requests sent, retries included.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub api_requests: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl RunStats {
@@ -60,6 +73,9 @@ impl std::ops::AddAssign for RunStats {
         self.skipped += o.skipped;
         self.duplicates += o.duplicates;
         self.rejected += o.rejected;
+        self.looked_up_api += o.looked_up_api;
+        self.looked_up_table += o.looked_up_table;
+        self.api_requests += o.api_requests;
     }
 }
 
@@ -135,6 +151,7 @@ mod tests {
             skipped: 1,
             duplicates: 1,
             rejected: 1,
+            ..Default::default()
         };
         assert!(s.is_balanced());
         assert!(!RunStats {

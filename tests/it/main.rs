@@ -2,3 +2,4 @@ mod audit;
 mod http_source;
 mod sql_source;
 mod watch;
+mod writeback;

@@ -240,7 +240,7 @@ fn load_config(args: &LoadArgs) -> anyhow::Result<PipelineConfig> {
         destination: DestinationConfig {
             url: args.into.clone(),
             table: args.table.clone(),
-            schema: None,
+            ..Default::default()
         },
         load,
         trigger: None,
@@ -322,7 +322,10 @@ async fn check(path: &std::path::Path) -> anyhow::Result<u8> {
         SourceConfig::Http(h) => step(
             "ok",
             "source",
-            format!("http {}", idemload::config::redact(h.url.split('?').next().unwrap_or_default())),
+            format!(
+                "http {}",
+                idemload::config::redact(h.url.split('?').next().unwrap_or_default())
+            ),
         ),
         SourceConfig::Sql(q) => step(
             "ok",
