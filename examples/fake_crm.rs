@@ -35,7 +35,10 @@ fn main() {
     let port = args.next().unwrap_or_else(|| "8090".into());
     let latency = Duration::from_millis(args.next().and_then(|l| l.parse().ok()).unwrap_or(0));
     let listener = TcpListener::bind(format!("127.0.0.1:{port}")).expect("cannot listen");
-    println!("fake CRM listening on http://{}", listener.local_addr().expect("no address"));
+    println!(
+        "fake CRM listening on http://{}",
+        listener.local_addr().expect("no address")
+    );
     let crm = Arc::new(Mutex::new(Crm {
         next_id: 1000,
         ..Default::default()
@@ -90,15 +93,21 @@ fn handle(mut stream: TcpStream, crm: &Mutex<Crm>) -> std::io::Result<()> {
             ("GET", t) if t.starts_with("/contacts/search?email=") => {
                 *c.counts.entry("search").or_default() += 1;
                 let email = decode(&t["/contacts/search?email=".len()..]);
-                let results: Vec<Value> = c.contacts.values().filter(|v| v["email"] == email).cloned().collect();
+                let results: Vec<Value> = c
+                    .contacts
+                    .values()
+                    .filter(|v| v["email"] == email)
+                    .cloned()
+                    .collect();
                 (200, json!({ "results": results }))
             }
             ("POST", "/contacts") => {
                 *c.counts.entry("create").or_default() += 1;
                 c.next_id += 1;
+                let id = c.next_id;
                 let mut contact = body;
-                contact["id"] = json!(c.next_id);
-                c.contacts.insert(c.next_id, contact.clone());
+                contact["id"] = json!(id);
+                c.contacts.insert(id, contact.clone());
                 (201, contact)
             }
             ("PATCH", t) if t.starts_with("/contacts/") => {
@@ -114,8 +123,14 @@ fn handle(mut stream: TcpStream, crm: &Mutex<Crm>) -> std::io::Result<()> {
                     _ => (404, json!({"error": "no such contact"})),
                 }
             }
-            ("GET", "/stats") => (200, json!({"contacts": c.contacts.len(), "requests": c.counts})),
-            _ => (400, json!({"error": format!("unknown route {method} {target}")})),
+            ("GET", "/stats") => (
+                200,
+                json!({"contacts": c.contacts.len(), "requests": c.counts}),
+            ),
+            _ => (
+                400,
+                json!({"error": format!("unknown route {method} {target}")}),
+            ),
         }
     };
     let text = answer.to_string();
