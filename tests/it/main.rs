@@ -1,0 +1,20 @@
+//! Integration tests: the real `idemload` binary in a fresh temp dir, one
+//! module per section of the spec, each body run on every backend
+//! (`idemtest!`). Server backends read `IDEMLOAD_TEST_POSTGRES` /
+//! `IDEMLOAD_TEST_MYSQL`.
+
+#[macro_use]
+mod common;
+
+mod bad_input;
+mod concurrency;
+mod crash;
+mod csv;
+mod duplicates;
+mod harness;
+mod incremental;
+mod keys;
+mod load_twice;
+mod modes;
+mod overlap;
+mod property;
