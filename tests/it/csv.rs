@@ -52,3 +52,24 @@ idemtest!(csv_with_integer_and_text_ids_keeps_types, |env| {
         ],
     );
 });
+
+idemtest!(crlf_rows_name_their_own_line, |env| {
+    // Line 2-3: a quoted field spanning two lines; line 4: a ragged row.
+    env.write_csv(
+        "crlf.csv",
+        "id,note\r\n1,\"two\r\nlines\"\r\n2\r\n3,fine\r\n",
+    );
+    let out = env.load("c", &["crlf.csv"], &[]);
+    out.code(4);
+    assert_eq!(out.report().inserted, 2);
+    let rejects = env.backend.raw_rows("_idemload_rejects");
+    assert_eq!(rejects.len(), 1);
+    assert_eq!(rejects[0]["source_ref"], "crlf.csv:4", "{rejects:?}");
+    assert_rows(
+        &env.rows("c"),
+        &[
+            json!({"id": 1, "note": "two\r\nlines"}),
+            json!({"id": 3, "note": "fine"}),
+        ],
+    );
+});
