@@ -11,6 +11,7 @@ mod concurrency;
 mod crash;
 mod csv;
 mod duplicates;
+mod files;
 mod harness;
 mod incremental;
 mod keys;
