@@ -130,3 +130,55 @@ idemtest!(killed_runs_resume_without_duplicates, |env| {
     assert_rows(&env.rows("crash"), &expected);
     assert_eq!(env.backend.checkpoint("crash"), Some(json!(max_v)));
 });
+
+idemtest!(killed_replace_leaves_the_old_or_the_new_snapshot, |env| {
+    let snapshot = |from: u64, tag: &str| {
+        let mut text = String::new();
+        for id in from..from + 30_000 {
+            text.push_str(&format!("{{\"id\":{id},\"name\":\"{tag}{id}\"}}\n"));
+        }
+        text
+    };
+    env.write("a.jsonl", snapshot(0, "a"));
+    env.write("b.jsonl", snapshot(10_000, "b"));
+    let args = ["--mode", "replace", "--batch-size", "1000"];
+    let started = Instant::now();
+    env.load("t", &["a.jsonl"], &args).code(0);
+    let whole = started.elapsed();
+
+    let url = env.url();
+    let mut rng = StdRng::seed_from_u64(crate::common::seed(
+        "killed_replace_leaves_the_old_or_the_new_snapshot",
+    ));
+    for round in 0..4 {
+        let delay = Duration::from_micros(rng.gen_range(0..whole.as_micros() as u64));
+        let mut cmd_args = vec!["load", "b.jsonl", "--into", &url, "--table", "t"];
+        cmd_args.extend_from_slice(&args);
+        let mut child = env
+            .command(&cmd_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn idemload");
+        std::thread::sleep(delay);
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+        child.wait().expect("wait");
+        let b_rows = env
+            .backend
+            .scalar_i64("SELECT count(*) FROM t WHERE name LIKE 'b%'")
+            .unwrap_or(0);
+        assert_eq!(env.backend.count("t"), 30_000, "round {round}");
+        assert!(
+            b_rows == 0 || b_rows == 30_000,
+            "round {round}: a killed replace left {b_rows} rows of the new snapshot and the rest of the old"
+        );
+    }
+    let r = env.load("t", &["b.jsonl"], &args).code(0).report();
+    assert_eq!(r.read, 30_000);
+    assert_eq!(env.backend.count("t"), 30_000);
+    assert_eq!(
+        env.backend
+            .scalar_i64("SELECT count(*) FROM t WHERE name LIKE 'b%'"),
+        Some(30_000)
+    );
+});

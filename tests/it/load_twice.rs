@@ -83,3 +83,43 @@ idemtest!(rerun_without_cursor_changes_nothing, |env| {
     assert_rows(&env.rows("contacts"), &table_1);
     assert_eq!(env.backend.checkpoint("contacts"), None);
 });
+
+/// "Leave equal rows untouched (no write at all)": a trigger that logs every
+/// write to the table stays silent during the re-run (SQLite only: trigger
+/// syntax differs per database).
+#[test]
+fn rerun_writes_no_row_sqlite() {
+    crate::common::with_backend(
+        "rerun_writes_no_row",
+        crate::common::BackendKind::Sqlite,
+        |env| {
+            let records = contacts(20);
+            env.write_jsonl("contacts.jsonl", &records);
+            env.load("contacts", &["contacts.jsonl"], &["--cursor", "updated_at"])
+                .code(0);
+            env.backend.execute(
+                "CREATE TABLE writes (what TEXT);
+                 CREATE TRIGGER log_update AFTER UPDATE ON contacts BEGIN INSERT INTO writes VALUES ('update'); END;
+                 CREATE TRIGGER log_insert AFTER INSERT ON contacts BEGIN INSERT INTO writes VALUES ('insert'); END;
+                 CREATE TRIGGER log_delete AFTER DELETE ON contacts BEGIN INSERT INTO writes VALUES ('delete'); END;",
+            );
+            let again = env
+                .load("contacts", &["contacts.jsonl"], &["--cursor", "updated_at"])
+                .code(0)
+                .report();
+            assert_eq!(again.changes(), (0, 0, 20, 0));
+            assert_eq!(env.backend.count("writes"), 0, "{:?}", env.rows("writes"));
+
+            // One changed record: exactly one write.
+            let mut changed = records.clone();
+            changed[3]["name"] = json!("Renamed");
+            env.write_jsonl("contacts.jsonl", &changed);
+            let r = env
+                .load("contacts", &["contacts.jsonl"], &["--cursor", "updated_at"])
+                .code(0)
+                .report();
+            assert_eq!(r.changes(), (0, 1, 19, 0));
+            assert_eq!(env.rows("writes"), vec![json!({"what": "update"})]);
+        },
+    );
+}
