@@ -168,3 +168,29 @@ idemtest!(check_prints_ok_for_each_step, |env| {
     assert!(out.stdout.starts_with("fail"), "{}", out.stdout);
     assert!(out.stdout.contains("window_field"), "{}", out.stdout);
 });
+
+idemtest!(integer_cursor_with_numeric_lookback, |env| {
+    let rows = |ids: std::ops::Range<u64>| -> Vec<Value> {
+        ids.map(|i| json!({"id": i, "seq": i * 10})).collect()
+    };
+    env.write_jsonl("in/1.jsonl", &rows(0..10));
+    let p = env.pipeline(
+        "seqs",
+        "in/*.jsonl",
+        "cursor = \"seq\"\nlookback = 25\ninitial = 20",
+    );
+    let first = env.run(&p, &[]).code(0).report();
+    assert_eq!((first.inserted, first.skipped), (8, 2), "{}", first.raw);
+    assert_eq!(first.checkpoint_after(), json!(90));
+    env.write_jsonl("in/2.jsonl", &rows(10..12));
+    // Low bound 90 - 25 = 65: seq 70, 80, 90 read again, 100 and 110 new.
+    let second = env.run(&p, &[]).code(0).report();
+    assert_eq!(
+        (second.skipped, second.unchanged, second.inserted),
+        (7, 3, 2),
+        "{}",
+        second.raw
+    );
+    assert_eq!(env.backend.checkpoint("seqs"), Some(json!(110)));
+    assert_rows(&env.rows("seqs"), &rows(2..12));
+});
