@@ -202,3 +202,37 @@ idemtest!(
         assert_eq!(env.backend.count("_idemload_locks"), 0);
     }
 );
+
+idemtest!(
+    a_run_whose_lease_was_taken_over_commits_nothing_more,
+    |env| {
+        big_input(env);
+        let p = env.pipeline("big", "data/big.jsonl", "batch_size = 500");
+        let child = env
+            .command(&["run", &p])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn idemload");
+        let started = wait_until(Duration::from_secs(30), || env.backend.count("big") > 0);
+        assert!(started, "the run committed a first batch");
+        // Another run takes the lease over (as after an expiry): the running
+        // one must not commit another batch.
+        let far = chrono::Utc::now().timestamp_millis() + 600_000;
+        env.backend.execute(&format!(
+        "UPDATE _idemload_locks SET run_id = 'thief', host = 'elsewhere.invalid', pid = 1, expires_at = {far} WHERE pipeline = 'big'"
+    ));
+        let at_takeover = env.backend.count("big");
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("lost its run lock"), "{stderr}");
+        assert!(at_takeover < ROWS, "the theft came after the run finished");
+        assert_eq!(
+            env.backend.count("big"),
+            at_takeover,
+            "a batch committed after the lease was taken over"
+        );
+        assert_eq!(env.backend.checkpoint("big"), None);
+    }
+);
