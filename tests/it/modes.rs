@@ -156,3 +156,29 @@ idemtest!(delete_field_outside_merge_is_a_configuration_error, |env| {
     out.code(2);
     assert!(out.stderr.contains("delete_field"), "{}", out.stderr);
 });
+
+idemtest!(new_fields_add_columns_and_keep_earlier_rows, |env| {
+    env.write_jsonl("a.jsonl", &people(1..=2, ""));
+    env.load("p", &["a.jsonl"], &[]).code(0);
+    env.write_jsonl(
+        "b.jsonl",
+        &[
+            json!({"id": 3, "name": "p3", "city": null}),
+            json!({"id": 4, "name": "p4", "city": "Oslo", "meta": {"b": [1, 2], "a": true}}),
+        ],
+    );
+    let r = env.load("p", &["b.jsonl"], &[]).code(0).report();
+    assert_eq!(r.changes(), (2, 0, 0, 0));
+    let mut expected = people(1..=3, "");
+    expected.push(json!({"id": 4, "name": "p4", "city": "Oslo", "meta": {"a": true, "b": [1, 2]}}));
+    assert_rows(&env.rows("p"), &expected);
+
+    // A snapshot without a field sets it to null in replace mode.
+    env.write_jsonl("c.jsonl", &[json!({"id": 4, "name": "p4"})]);
+    let r = env
+        .load("p", &["c.jsonl"], &["--mode", "replace"])
+        .code(0)
+        .report();
+    assert_eq!(r.changes(), (0, 1, 0, 3), "{}", r.raw);
+    assert_rows(&env.rows("p"), &[json!({"id": 4, "name": "p4"})]);
+});
