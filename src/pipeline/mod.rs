@@ -134,8 +134,6 @@ impl Pipeline {
         F: FnOnce(SourceQuery) -> Fut,
         Fut: std::future::Future<Output = Result<Box<dyn Source>>>,
     {
-        let started = Instant::now();
-        let started_at = Utc::now();
         let run_id = uuid::Uuid::now_v7().to_string();
         let name = self.name().to_string();
         let mut dest = self.destination().await?;
@@ -148,6 +146,11 @@ impl Pipeline {
             options.wait,
         )
         .await?;
+        // The run starts once it holds the lock: time spent waiting for
+        // another run (`--wait`) is not part of it, so runs recorded in
+        // `_idemload_runs` never overlap.
+        let started = Instant::now();
+        let started_at = Utc::now();
         let result = self
             .run_locked(
                 dest.as_mut(),

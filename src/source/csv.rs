@@ -8,7 +8,8 @@
 //! timestamps). The sample is held in memory once; after it, rows stream.
 //! A row with the wrong number of fields is rejected with both counts.
 
-use std::io::BufRead;
+use std::collections::VecDeque;
+use std::io::{BufRead, Read};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -110,7 +111,7 @@ pub(super) fn read_csv(
     let mut csv = csv::ReaderBuilder::new()
         .flexible(true)
         .has_headers(true)
-        .from_reader(input);
+        .from_reader(CrlfEnds::new(input));
     let at = |line: u64| SourceRef::Line {
         path: name.clone(),
         line,
@@ -151,7 +152,10 @@ pub(super) fn read_csv(
     let mut sampling = true;
     loop {
         let more = match csv.read_byte_record(&mut row) {
-            Ok(more) => more,
+            Ok(more) => {
+                correct_line(&mut csv, &mut row);
+                more
+            }
             Err(e) => {
                 let line = e.position().map_or(0, |p| p.line());
                 if let csv::ErrorKind::Io(_) = e.kind() {
@@ -189,6 +193,64 @@ pub(super) fn read_csv(
         }
         let item = to_item(&row, &names, &types, &at);
         reader.push(item)?;
+    }
+}
+
+/// Remembers where the `\n` of a `\r\n` lies in the input. The csv crate
+/// gives a record the position where reading it began, which in a CRLF file
+/// is just before the `\n` that ends the previous line: one line too early.
+struct CrlfEnds<R> {
+    inner: R,
+    offset: u64,
+    last_was_cr: bool,
+    /// Offsets of `\n`s that follow a `\r`, not yet passed by a record.
+    lf_after_cr: VecDeque<u64>,
+}
+
+impl<R> CrlfEnds<R> {
+    fn new(inner: R) -> Self {
+        CrlfEnds {
+            inner,
+            offset: 0,
+            last_was_cr: false,
+            lf_after_cr: VecDeque::new(),
+        }
+    }
+
+    /// True when the byte at `offset` is the `\n` of a `\r\n` (asked with
+    /// offsets that only grow).
+    fn is_crlf_end(&mut self, offset: u64) -> bool {
+        while self.lf_after_cr.front().is_some_and(|&o| o < offset) {
+            self.lf_after_cr.pop_front();
+        }
+        self.lf_after_cr.front() == Some(&offset)
+    }
+}
+
+impl<R: Read> Read for CrlfEnds<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        for (i, &b) in buf[..n].iter().enumerate() {
+            if b == b'\n' && self.last_was_cr {
+                self.lf_after_cr.push_back(self.offset + i as u64);
+            }
+            self.last_was_cr = b == b'\r';
+        }
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+/// Moves a record that begins at the `\n` of a `\r\n` to the next line, so
+/// its `file:line` names the line it is on.
+fn correct_line<R: Read>(csv: &mut csv::Reader<CrlfEnds<R>>, row: &mut csv::ByteRecord) {
+    let Some(mut pos) = row.position().cloned() else {
+        return;
+    };
+    if csv.get_mut().is_crlf_end(pos.byte()) {
+        let line = pos.line() + 1;
+        pos.set_line(line);
+        row.set_position(Some(pos));
     }
 }
 

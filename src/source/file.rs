@@ -323,15 +323,18 @@ impl Reader {
         reader: impl BufRead,
     ) -> std::result::Result<(), ReadError> {
         let lines = Arc::new(AtomicU64::new(1));
+        let element_line = Arc::new(AtomicU64::new(1));
         let counting = LineCounter {
             inner: reader,
             lines: lines.clone(),
+            element_line: element_line.clone(),
         };
         let mut de = serde_json::Deserializer::from_reader(counting);
         let seed = ArraySeed {
             reader: self,
             name: name.clone(),
             lines: lines.clone(),
+            element_line,
             stopped: false,
         };
         match de.deserialize_seq(seed) {
@@ -433,18 +436,29 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
-/// Counts newlines as serde_json reads, so array elements know their line.
+/// Counts newlines as serde_json reads (byte by byte), so array elements
+/// know their line.
 struct LineCounter<R> {
     inner: R,
     lines: Arc<AtomicU64>,
+    /// The line of the first byte of the element being read; 0 while the
+    /// next element has not begun (whitespace and commas come before it).
+    element_line: Arc<AtomicU64>,
 }
 
 impl<R: BufRead> Read for LineCounter<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        let newlines = buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
-        if newlines > 0 {
-            self.lines.fetch_add(newlines, Ordering::Relaxed);
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                self.lines.fetch_add(1, Ordering::Relaxed);
+            } else if !b.is_ascii_whitespace()
+                && b != b','
+                && self.element_line.load(Ordering::Relaxed) == 0
+            {
+                self.element_line
+                    .store(self.lines.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
         }
         Ok(n)
     }
@@ -455,6 +469,7 @@ struct ArraySeed<'a> {
     reader: &'a mut Reader,
     name: Arc<str>,
     lines: Arc<AtomicU64>,
+    element_line: Arc<AtomicU64>,
     stopped: bool,
 }
 
@@ -474,9 +489,15 @@ impl<'de> Visitor<'de> for ArraySeed<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> std::result::Result<(), A::Error> {
         loop {
-            let line = self.lines.load(Ordering::Relaxed);
+            // The line where the element begins, not where the previous
+            // one ended: the newlines between them are read with it.
+            self.element_line.store(0, Ordering::Relaxed);
             let Some(value) = seq.next_element::<Value>()? else {
                 return Ok(());
+            };
+            let line = match self.element_line.load(Ordering::Relaxed) {
+                0 => self.lines.load(Ordering::Relaxed),
+                line => line,
             };
             let at = SourceRef::Line {
                 path: self.name.clone(),

@@ -1,0 +1,196 @@
+//! Incremental loads: `cursor`, `lookback`, `initial`, `--full-refresh`, and
+//! the commands around a pipeline (`state`, `history`, `check`).
+
+use serde_json::{json, Value};
+
+use crate::common::{assert_rows, Env};
+
+fn event(id: u64, at: &str) -> Value {
+    json!({"id": id, "note": format!("e{id}"), "updated_at": at})
+}
+
+const LOAD: &str =
+    "cursor = \"updated_at\"\nlookback = \"1h\"\ninitial = \"2024-01-01T00:00:00Z\"\nbatch_size = 2";
+
+fn setup(env: &Env) -> String {
+    env.write_jsonl(
+        "in/1.jsonl",
+        &[
+            event(1, "2023-12-31T23:00:00Z"), // before `initial`
+            event(2, "2024-01-02T10:00:00Z"),
+            event(3, "2024-01-02T12:00:00Z"),
+        ],
+    );
+    env.pipeline("events", "in/*.jsonl", LOAD)
+}
+
+idemtest!(run_reads_from_checkpoint_minus_lookback, |env| {
+    let p = setup(env);
+    let first = env.run(&p, &[]).code(0).report();
+    assert_eq!(
+        (first.read, first.inserted, first.skipped),
+        (3, 2, 1),
+        "{}",
+        first.raw
+    );
+    assert_eq!(first.checkpoint_before(), Value::Null);
+    assert_eq!(first.checkpoint_after(), json!("2024-01-02T12:00:00Z"));
+
+    // New export: one record long before the window, one inside the
+    // lookback (11:30 >= 12:00 - 1h), one new.
+    env.write_jsonl(
+        "in/2.jsonl",
+        &[
+            event(4, "2024-01-02T09:00:00Z"),
+            json!({"id": 2, "note": "late correction", "updated_at": "2024-01-02T11:30:00Z"}),
+            event(5, "2024-01-03T08:00:00Z"),
+        ],
+    );
+    let second = env.run(&p, &[]).code(0).report();
+    assert_eq!(second.read, 6);
+    assert_eq!(
+        second.skipped, 3,
+        "ids 1, 2 and 4 are below 11:00: {}",
+        second.raw
+    );
+    assert_eq!(
+        (second.inserted, second.updated, second.unchanged),
+        (1, 1, 1),
+        "{}",
+        second.raw
+    );
+    assert_eq!(second.checkpoint_before(), json!("2024-01-02T12:00:00Z"));
+    assert_eq!(second.checkpoint_after(), json!("2024-01-03T08:00:00Z"));
+    assert_rows(
+        &env.rows("events"),
+        &[
+            json!({"id": 2, "note": "late correction", "updated_at": "2024-01-02T11:30:00Z"}),
+            event(3, "2024-01-02T12:00:00Z"),
+            event(5, "2024-01-03T08:00:00Z"),
+        ],
+    );
+
+    // --full-refresh reads everything, the checkpoint ignored for one run;
+    // only the stale version of id 2 (10:00, older than the stored 11:30)
+    // is skipped.
+    let full = env.run(&p, &["--full-refresh"]).code(0).report();
+    assert_eq!(full.read, 6);
+    assert_eq!(full.skipped, 1, "{}", full.raw);
+    assert_eq!(full.inserted, 2, "ids 1 and 4: {}", full.raw);
+    assert_eq!(env.backend.count("events"), 5);
+    assert_eq!(
+        env.backend.checkpoint("events"),
+        Some(json!("2024-01-03T08:00:00Z"))
+    );
+});
+
+idemtest!(state_set_and_reset_move_the_checkpoint, |env| {
+    let p = setup(env);
+    let out = env.idemload(&["state", &p]);
+    out.code(0);
+    assert_eq!(out.stdout.trim(), "none");
+    env.run(&p, &[]).code(0);
+    let out = env.idemload(&["state", &p]);
+    assert_eq!(out.stdout.trim(), "2024-01-02T12:00:00Z");
+
+    let out = env.idemload(&["state", &p, "--set", "2024-01-02T11:00:00Z"]);
+    out.code(0);
+    assert_eq!(out.stdout.trim(), "2024-01-02T11:00:00Z");
+    assert_eq!(
+        env.backend.checkpoint("events"),
+        Some(json!("2024-01-02T11:00:00Z"))
+    );
+    // Low bound 10:00: ids 2 and 3 read again.
+    let r = env.run(&p, &[]).code(0).report();
+    assert_eq!((r.skipped, r.unchanged), (1, 2), "{}", r.raw);
+
+    let out = env.idemload(&["state", &p, "--reset"]);
+    out.code(0);
+    assert_eq!(out.stdout.trim(), "none");
+    assert_eq!(env.backend.checkpoint("events"), None);
+    // From `initial` again: only id 1 is below it.
+    let r = env.run(&p, &[]).code(0).report();
+    assert_eq!((r.skipped, r.unchanged), (1, 2), "{}", r.raw);
+    assert_eq!(r.checkpoint_before(), Value::Null);
+
+    // An integer checkpoint is stored as a number.
+    env.idemload(&["state", &p, "--set", "42"]).code(0);
+    assert_eq!(env.backend.checkpoint("events"), Some(json!(42)));
+});
+
+idemtest!(history_lists_runs_newest_first, |env| {
+    let p = setup(env);
+    let first = env.run(&p, &[]).code(0).report();
+    let second = env.run(&p, &[]).code(0).report();
+    let runs = env.history(&p);
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0]["run_id"], json!(second.run_id()));
+    assert_eq!(runs[1]["run_id"], json!(first.run_id()));
+    for run in &runs {
+        assert_eq!(run["status"], "succeeded");
+        assert_eq!(run["pipeline"], "events");
+        assert!(run["finished_at"].is_string());
+    }
+    assert_eq!(runs[1]["stats"]["inserted"], 2);
+    assert_eq!(runs[0]["checkpoint_after"], json!("2024-01-02T12:00:00Z"));
+    assert!(
+        runs[0]["run_id"].as_str() > runs[1]["run_id"].as_str(),
+        "run ids sort by time"
+    );
+    let limited = env.idemload(&["history", &p, "--json", "--limit", "1"]);
+    assert_eq!(limited.json()["runs"].as_array().unwrap().len(), 1);
+});
+
+idemtest!(check_prints_ok_for_each_step, |env| {
+    let p = setup(env);
+    let out = env.idemload(&["check", &p]);
+    out.code(0);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    for step in ["config", "source", "destination", "plan"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("ok") && l.contains(&format!("{step}:"))),
+            "no ok line for {step}:\n{}",
+            out.stdout
+        );
+    }
+    assert!(out.stdout.contains("1 file(s)"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("2024-01-01T00:00:00Z"),
+        "plan names `initial`: {}",
+        out.stdout
+    );
+
+    env.write("bad.toml", "name = \"x\"\n[source]\ntype = \"file\"\npath = \"a\"\n[destination]\nurl = \"sqlite://x.db\"\ntable = \"t\"\n[load]\nmode = \"window\"\n");
+    let out = env.idemload(&["check", "bad.toml"]);
+    out.code(2);
+    assert!(out.stdout.starts_with("fail"), "{}", out.stdout);
+    assert!(out.stdout.contains("window_field"), "{}", out.stdout);
+});
+
+idemtest!(integer_cursor_with_numeric_lookback, |env| {
+    let rows = |ids: std::ops::Range<u64>| -> Vec<Value> {
+        ids.map(|i| json!({"id": i, "seq": i * 10})).collect()
+    };
+    env.write_jsonl("in/1.jsonl", &rows(0..10));
+    let p = env.pipeline(
+        "seqs",
+        "in/*.jsonl",
+        "cursor = \"seq\"\nlookback = 25\ninitial = 20",
+    );
+    let first = env.run(&p, &[]).code(0).report();
+    assert_eq!((first.inserted, first.skipped), (8, 2), "{}", first.raw);
+    assert_eq!(first.checkpoint_after(), json!(90));
+    env.write_jsonl("in/2.jsonl", &rows(10..12));
+    // Low bound 90 - 25 = 65: seq 70, 80, 90 read again, 100 and 110 new.
+    let second = env.run(&p, &[]).code(0).report();
+    assert_eq!(
+        (second.skipped, second.unchanged, second.inserted),
+        (7, 3, 2),
+        "{}",
+        second.raw
+    );
+    assert_eq!(env.backend.checkpoint("seqs"), Some(json!(110)));
+    assert_rows(&env.rows("seqs"), &rows(2..12));
+});
