@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::pagination::{kind, lookup, Next, PaginationConfig, Paginator};
+use super::pagination::{kind, lookup, lookup_mut, Next, PaginationConfig, Paginator};
 use super::retry::{
     backoff_delay, parse_backoff, retry_after, Failure, RateLimitConfig, RateLimiter, RetryConfig,
 };
@@ -317,11 +317,22 @@ impl Fetcher {
 
     /// Fetches one page (with retries) and turns it into items.
     async fn page(&mut self, url: &Url, page: u64) -> Result<(Vec<Item>, Next)> {
-        let (body, headers, len) = self.fetch(url, page).await?;
+        let (mut body, headers, len) = self.fetch(url, page).await?;
         let shown = self.shown.clone();
         let location = || format!("{shown} (page {page})");
-        let found = match lookup(&body, &self.records) {
-            Some(v) => v,
+        let count = match lookup(&body, &self.records) {
+            Some(Value::Array(items)) => items.len(),
+            Some(Value::Null) => 0,
+            Some(other) => {
+                return Err(Error::Source {
+                    location: location(),
+                    message: format!(
+                        "records path {:?} holds {}, not an array",
+                        self.records,
+                        kind(other)
+                    ),
+                })
+            }
             None => {
                 let fields = match &body {
                     Value::Object(map) => format!(
@@ -339,34 +350,32 @@ impl Fetcher {
                 });
             }
         };
-        let elements: &[Value] = match found {
-            Value::Array(items) => items,
-            Value::Null => &[],
-            other => {
-                return Err(Error::Source {
-                    location: location(),
-                    message: format!(
-                        "records path {:?} holds {}, not an array",
-                        self.records,
-                        kind(other)
-                    ),
-                })
-            }
+        // The paginator reads the body (next token, total) before the
+        // records are moved out of it.
+        let next = self
+            .paginator
+            .advance(&self.base, url, &body, &headers, count)
+            .map_err(|message| Error::Source {
+                location: location(),
+                message,
+            })?;
+        let elements = match lookup_mut(&mut body, &self.records) {
+            Some(Value::Array(items)) => std::mem::take(items),
+            _ => Vec::new(),
         };
         // The page's size bounds each value's: when the page is small, no
         // value needs its own size check.
         let raw_len = if len <= self.max_value_bytes { len } else { usize::MAX };
         let mut items = Vec::with_capacity(elements.len());
-        for (index, element) in elements.iter().enumerate() {
+        for (index, element) in elements.into_iter().enumerate() {
             let at = SourceRef::Page {
                 url: self.shown.clone(),
                 page,
                 index: index as u64,
             };
             match element {
-                Value::Object(map) => {
-                    let mut fields: Fields = map.clone();
-                    self.rename(&mut fields);
+                Value::Object(mut fields) => {
+                    rename(&self.fields, &mut fields);
                     items.push(Item::Record(Record {
                         fields,
                         source: at,
@@ -375,26 +384,24 @@ impl Fetcher {
                 }
                 other => items.push(Item::Reject(Reject::new(
                     at,
-                    format!("element is {}, not a JSON object", kind(other)),
+                    format!("element is {}, not a JSON object", kind(&other)),
                     other.to_string(),
                 ))),
             }
         }
-        let next = self
-            .paginator
-            .advance(&self.base, url, &body, &headers, elements.len())
-            .map_err(|message| Error::Source {
-                location: location(),
-                message,
-            })?;
-        tracing::debug!(url = %self.shown, page, records = elements.len(), "Page read.");
+        tracing::debug!(url = %self.shown, page, records = count, "Page read.");
         Ok((items, next))
     }
 
-    fn rename(&self, fields: &mut Fields) {
-        for (from, to) in &self.fields {
-            if from.contains('.') {
-                let value = lookup(&Value::Object(fields.clone()), from).cloned();
+}
+
+/// Applies `[source.fields]`: a plain name moves, a dotted one copies a
+/// nested value up.
+fn rename(renames: &BTreeMap<String, String>, fields: &mut Fields) {
+    {
+        for (from, to) in renames {
+            if let Some((head, rest)) = from.split_once('.') {
+                let value = fields.get(head).and_then(|v| lookup(v, rest)).cloned();
                 if let Some(v) = value {
                     fields.insert(to.clone(), v);
                 }
@@ -403,7 +410,9 @@ impl Fetcher {
             }
         }
     }
+}
 
+impl Fetcher {
     /// GETs a page as JSON, retrying what may pass on a second try.
     async fn fetch(&mut self, url: &Url, page: u64) -> Result<(Value, HeaderMap, usize)> {
         let mut attempt = 0u32;
@@ -527,6 +536,24 @@ mod tests {
         assert_eq!(format_low(&Cursor::Int(42), LowFormat::Epoch).unwrap(), "42");
         assert_eq!(format_low(&Cursor::Int(42), LowFormat::Raw).unwrap(), "42");
         assert!(format_low(&Cursor::Int(42), LowFormat::Date).is_err());
+    }
+
+    #[test]
+    fn fields_are_renamed_and_nested_values_copied_up() {
+        let renames: BTreeMap<String, String> = [
+            ("ID".to_string(), "id".to_string()),
+            ("owner.id".to_string(), "owner_id".to_string()),
+        ]
+        .into();
+        let mut fields = serde_json::json!({"ID": 7, "owner": {"id": "u1"}})
+            .as_object()
+            .cloned()
+            .unwrap();
+        rename(&renames, &mut fields);
+        assert_eq!(
+            Value::Object(fields),
+            serde_json::json!({"owner": {"id": "u1"}, "id": 7, "owner_id": "u1"})
+        );
     }
 
     #[test]

@@ -320,6 +320,22 @@ pub fn lookup<'a>(body: &'a Value, path: &str) -> Option<&'a Value> {
     Some(at)
 }
 
+/// The value at a dotted path, to move records out of the body.
+pub fn lookup_mut<'a>(body: &'a mut Value, path: &str) -> Option<&'a mut Value> {
+    if path.is_empty() {
+        return Some(body);
+    }
+    let mut at = body;
+    for part in path.split('.') {
+        at = match at {
+            Value::Object(map) => map.get_mut(part)?,
+            Value::Array(items) => items.get_mut(part.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(at)
+}
+
 /// JSON kind names for messages.
 pub fn kind(value: &Value) -> &'static str {
     match value {

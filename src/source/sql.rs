@@ -12,6 +12,10 @@
 //! booleans, text as strings, timestamps as RFC 3339 (a value without a
 //! zone is taken as UTC), json/jsonb as JSON, NUMERIC/DECIMAL as JSON
 //! numbers (cast to text in the query to keep every digit), binary as hex.
+//! PostgreSQL and MySQL temporal cursor columns are filtered exactly; a
+//! cursor held as text (SQLite, or a MySQL string column) is filtered from
+//! the day before the bound (see `loose_low`), so up to a day of rows more
+//! is read and counted as `skipped`.
 //! MySQL's `TINYINT(1)` (its BOOLEAN) becomes a boolean. Each record's
 //! source reference is `sql:TABLE:N` (or `sql:query:N`), N counting rows
 //! from 1.
@@ -363,12 +367,40 @@ async fn read_mysql(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>
     conn.query_drop("SET time_zone = '+00:00'").await.map_err(my)?;
     let sql = plan.sql("*", Dialect::Mysql, "?");
     tracing::debug!(%sql, "SQL source query.");
-    let params = match plan.low.as_ref().map(loose_low) {
+    let stmt = conn.prep(sql).await.map_err(my)?;
+    // A DATETIME/TIMESTAMP/DATE cursor compares as a date: the bound is
+    // exact. Text holding timestamps compares as text: the loose bound.
+    let temporal = plan.cursor.as_ref().is_some_and(|c| {
+        use mysql_async::consts::ColumnType as T;
+        stmt.columns().iter().any(|col| {
+            col.name_str() == c.as_str()
+                && matches!(
+                    col.column_type(),
+                    T::MYSQL_TYPE_DATETIME
+                        | T::MYSQL_TYPE_DATETIME2
+                        | T::MYSQL_TYPE_TIMESTAMP
+                        | T::MYSQL_TYPE_TIMESTAMP2
+                        | T::MYSQL_TYPE_DATE
+                        | T::MYSQL_TYPE_NEWDATE
+                )
+        })
+    });
+    let low = match &plan.low {
+        None => None,
+        Some(Cursor::Instant(nanos, _)) if temporal => {
+            let secs = nanos.div_euclid(1_000_000_000) as i64;
+            let sub = nanos.rem_euclid(1_000_000_000) as u32;
+            chrono::DateTime::<chrono::Utc>::from_timestamp(secs, sub)
+                .map(|t| LowParam::Text(t.format("%Y-%m-%d %H:%M:%S%.6f").to_string()))
+        }
+        Some(c) => Some(loose_low(c)),
+    };
+    let params = match low {
         None => mysql_async::Params::Empty,
         Some(LowParam::Int(i)) => mysql_async::Params::Positional(vec![i.into()]),
         Some(LowParam::Text(t)) => mysql_async::Params::Positional(vec![t.into()]),
     };
-    let mut result = conn.exec_iter(sql, params).await.map_err(my)?;
+    let mut result = conn.exec_iter(&stmt, params).await.map_err(my)?;
     let columns: Vec<mysql_async::Column> = result.columns_ref().to_vec();
     let mut batch = Vec::with_capacity(plan.batch_size);
     let mut n = 0u64;
