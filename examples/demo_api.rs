@@ -170,7 +170,11 @@ fn usage(params: &BTreeMap<String, String>) -> Value {
     let total = rows.len();
     let size = num(params, "per_page", 100).clamp(1, 1000);
     let page = num(params, "page", 1).max(1);
-    let items: Vec<Value> = rows.into_iter().skip((page - 1) * size).take(size).collect();
+    let items: Vec<Value> = rows
+        .into_iter()
+        .skip((page - 1) * size)
+        .take(size)
+        .collect();
     json!({"data": {"items": items}, "meta": {"page": page, "per_page": size, "total": total}})
 }
 

@@ -174,7 +174,9 @@ impl HttpSource {
             base.set_query(None);
         }
         if config.incremental.is_some() && query.cursor.is_none() {
-            tracing::warn!("[source.incremental] is set but [load] has no cursor: every run reads everything.");
+            tracing::warn!(
+                "[source.incremental] is set but [load] has no cursor: every run reads everything."
+            );
         }
         let timeout = parse_duration(&config.timeout)
             .map_err(|e| Error::config(format!("[source] timeout: {e}")))?;
@@ -182,8 +184,11 @@ impl HttpSource {
         let limiter = RateLimiter::new(config.rate_limit.as_ref()).map_err(Error::config)?;
         let mut headers = HeaderMap::new();
         for (name, value) in &config.headers {
-            let header = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| Error::config(format!("[source] headers: {name:?} is not a valid header name")))?;
+            let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                Error::config(format!(
+                    "[source] headers: {name:?} is not a valid header name"
+                ))
+            })?;
             let mut value = HeaderValue::from_str(value).map_err(|_| {
                 Error::config(format!(
                     "[source] headers.{name}: the value has characters a header cannot carry"
@@ -365,7 +370,11 @@ impl Fetcher {
         };
         // The page's size bounds each value's: when the page is small, no
         // value needs its own size check.
-        let raw_len = if len <= self.max_value_bytes { len } else { usize::MAX };
+        let raw_len = if len <= self.max_value_bytes {
+            len
+        } else {
+            usize::MAX
+        };
         let mut items = Vec::with_capacity(elements.len());
         for (index, element) in elements.into_iter().enumerate() {
             let at = SourceRef::Page {
@@ -392,7 +401,6 @@ impl Fetcher {
         tracing::debug!(url = %self.shown, page, records = count, "Page read.");
         Ok((items, next))
     }
-
 }
 
 /// Applies `[source.fields]`: a plain name moves, a dotted one copies a
@@ -530,10 +538,16 @@ mod tests {
     #[test]
     fn low_bound_is_written_as_the_api_wants() {
         let low = Cursor::from_text("2024-05-01T10:30:00Z");
-        assert_eq!(format_low(&low, LowFormat::Rfc3339).unwrap(), "2024-05-01T10:30:00Z");
+        assert_eq!(
+            format_low(&low, LowFormat::Rfc3339).unwrap(),
+            "2024-05-01T10:30:00Z"
+        );
         assert_eq!(format_low(&low, LowFormat::Date).unwrap(), "2024-05-01");
         assert_eq!(format_low(&low, LowFormat::Epoch).unwrap(), "1714559400");
-        assert_eq!(format_low(&Cursor::Int(42), LowFormat::Epoch).unwrap(), "42");
+        assert_eq!(
+            format_low(&Cursor::Int(42), LowFormat::Epoch).unwrap(),
+            "42"
+        );
         assert_eq!(format_low(&Cursor::Int(42), LowFormat::Raw).unwrap(), "42");
         assert!(format_low(&Cursor::Int(42), LowFormat::Date).is_err());
     }

@@ -29,7 +29,7 @@ pub enum SourceConfig {
     /// JSONL/NDJSON, CSV and JSON array files, globs, `-` for stdin.
     File(FileSourceConfig),
     /// A paginated JSON API.
-    Http(HttpSourceConfig),
+    Http(Box<HttpSourceConfig>),
     /// A table or query of SQLite, PostgreSQL or MySQL/MariaDB.
     Sql(SqlSourceConfig),
 }

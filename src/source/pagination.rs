@@ -355,7 +355,9 @@ pub fn next_link(headers: &HeaderMap, requested: &Url) -> Option<Url> {
         let Ok(text) = value.to_str() else { continue };
         for link in split_links(text) {
             let link = link.trim();
-            let Some(rest) = link.strip_prefix('<') else { continue };
+            let Some(rest) = link.strip_prefix('<') else {
+                continue;
+            };
             let Some(end) = rest.find('>') else { continue };
             let target = &rest[..end];
             let is_next = rest[end + 1..].split(';').any(|param| {
@@ -437,7 +439,10 @@ mod tests {
         );
         let next = next_link(&h, &url("https://a.test/x?page=2")).unwrap();
         assert_eq!(next.as_str(), "https://a.test/x?page=3&q=a,b");
-        h.insert(LINK, HeaderValue::from_static(r#"<https://a.test/x?page=1>; rel="prev""#));
+        h.insert(
+            LINK,
+            HeaderValue::from_static(r#"<https://a.test/x?page=1>; rel="prev""#),
+        );
         assert_eq!(next_link(&h, &url("https://a.test/x?page=2")), None);
     }
 

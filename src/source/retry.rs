@@ -194,6 +194,10 @@ mod tests {
         for _ in 0..6 {
             limiter.wait().await;
         }
-        assert!(start.elapsed() >= Duration::from_millis(95), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(95),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

@@ -96,7 +96,12 @@ impl SqlSource {
         let url = config.url.clone();
         match dialect {
             Dialect::Sqlite => {
-                let path = url.trim_start_matches("sqlite://").split('?').next().unwrap_or_default().to_string();
+                let path = url
+                    .trim_start_matches("sqlite://")
+                    .split('?')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
                 std::thread::Builder::new()
                     .name("idemload-sql-source".into())
                     .spawn(move || {
@@ -104,7 +109,12 @@ impl SqlSource {
                             let _ = tx.blocking_send(Err(e));
                         }
                     })
-                    .map_err(|e| plan_error(&redact(&config.url), format!("cannot start reader thread: {e}")))?;
+                    .map_err(|e| {
+                        plan_error(
+                            &redact(&config.url),
+                            format!("cannot start reader thread: {e}"),
+                        )
+                    })?;
             }
             Dialect::Postgres => {
                 tokio::spawn(async move {
@@ -292,7 +302,10 @@ async fn read_postgres(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item
     // The columns' types: the cursor's, for its cast, and which are
     // timestamps without a zone, to mark them UTC.
     let probe = client
-        .prepare(&format!("SELECT * FROM {} AS _idemload_q LIMIT 0", plan.from))
+        .prepare(&format!(
+            "SELECT * FROM {} AS _idemload_q LIMIT 0",
+            plan.from
+        ))
         .await
         .map_err(pg)?;
     let naive: Vec<String> = probe
@@ -309,7 +322,11 @@ async fn read_postgres(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item
                 .find(|col| col.name() == c)
                 .ok_or_else(|| plan.error(format!("the result has no cursor column {c:?}")))?;
             let t = col.type_();
-            format!("CAST($1::text AS {}.{})", quote(t.schema()), quote(t.name()))
+            format!(
+                "CAST($1::text AS {}.{})",
+                quote(t.schema()),
+                quote(t.name())
+            )
         }
         None => String::new(),
     };
@@ -364,7 +381,9 @@ async fn read_mysql(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>
     let mut conn = mysql_async::Conn::new(opts)
         .await
         .map_err(|e| plan.error(format!("cannot connect: {e}")))?;
-    conn.query_drop("SET time_zone = '+00:00'").await.map_err(my)?;
+    conn.query_drop("SET time_zone = '+00:00'")
+        .await
+        .map_err(my)?;
     let sql = plan.sql("*", Dialect::Mysql, "?");
     tracing::debug!(%sql, "SQL source query.");
     let stmt = conn.prep(sql).await.map_err(my)?;
@@ -444,7 +463,9 @@ fn mysql_value(col: &mysql_async::Column, value: mysql_async::Value) -> Value {
             } else if us == 0 {
                 Value::String(format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z"))
             } else {
-                Value::String(format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{us:06}Z"))
+                Value::String(format!(
+                    "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{us:06}Z"
+                ))
             }
         }
         V::Time(neg, days, h, mi, s, us) => {
@@ -499,7 +520,10 @@ mod tests {
             "SELECT * FROM (SELECT * FROM usage) AS _idemload_q ORDER BY _idemload_q.`updated_at`"
         );
         let p = plan(None, None);
-        assert_eq!(p.sql("*", Dialect::Sqlite, "?1"), "SELECT * FROM (SELECT * FROM usage) AS _idemload_q");
+        assert_eq!(
+            p.sql("*", Dialect::Sqlite, "?1"),
+            "SELECT * FROM (SELECT * FROM usage) AS _idemload_q"
+        );
     }
 
     #[test]
@@ -509,14 +533,21 @@ mod tests {
         };
         // 2024-05-01T22:30Z, a day before: 2024-04-30.
         assert_eq!(day, "2024-04-30");
-        for stored in ["2024-05-01T22:30:00Z", "2024-05-01 22:30:00", "2024-05-02T00:30:00+02:00"] {
+        for stored in [
+            "2024-05-01T22:30:00Z",
+            "2024-05-01 22:30:00",
+            "2024-05-02T00:30:00+02:00",
+        ] {
             assert!(stored >= day.as_str(), "{stored}");
         }
     }
 
     #[test]
     fn tables_are_quoted_per_part() {
-        assert_eq!(quote_table("sales.orders", Dialect::Postgres), r#""sales"."orders""#);
+        assert_eq!(
+            quote_table("sales.orders", Dialect::Postgres),
+            r#""sales"."orders""#
+        );
         assert_eq!(quote_table("a`b", Dialect::Mysql), "`a``b`");
     }
 }

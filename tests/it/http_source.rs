@@ -332,7 +332,11 @@ fn table(db: &Path) -> Vec<String> {
 fn page_of(all: &[Value], req: &Req) -> Vec<Value> {
     let size = req.num("per_page", 10);
     let page = req.num("page", 1);
-    all.iter().skip((page - 1) * size).take(size).cloned().collect()
+    all.iter()
+        .skip((page - 1) * size)
+        .take(size)
+        .cloned()
+        .collect()
 }
 
 const PAGE: &str = "url = \"{base}/v1/contacts\"\nrecords = \"data.items\"\n[source.pagination]\ntype = \"page\"\nsize = 5";
@@ -361,20 +365,29 @@ fn page_pagination_reads_a_full_last_page_and_stops_on_the_empty_one() {
         .iter()
         .map(|r| r.query["page"].clone())
         .collect();
-    assert_eq!(pages, ["1", "2", "3", "4", "5", "6"], "five full pages, then the empty sixth");
+    assert_eq!(
+        pages,
+        ["1", "2", "3", "4", "5", "6"],
+        "five full pages, then the empty sixth"
+    );
     assert!(server.requests().iter().all(|r| r.path == "/v1/contacts"));
     let again = run_ok(&p);
-    assert_eq!((again["inserted"].as_u64(), again["updated"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(
+        (again["inserted"].as_u64(), again["updated"].as_u64()),
+        (Some(0), Some(0))
+    );
 }
 
 #[test]
 fn page_pagination_stops_at_the_declared_total_without_an_extra_request() {
     let all = contacts(23);
-    let server = serve(move |req| {
-        ok(json!({"data": {"items": page_of(&all, req)}, "meta": {"total": 23}}))
-    });
+    let server =
+        serve(move |req| ok(json!({"data": {"items": page_of(&all, req)}, "meta": {"total": 23}})));
     let d = dir();
-    let src = format!("{}\ntotal_path = \"meta.total\"\nfirst_page = 1", page_source(&server.base));
+    let src = format!(
+        "{}\ntotal_path = \"meta.total\"\nfirst_page = 1",
+        page_source(&server.base)
+    );
     let p = d.pipeline(&src, "");
     run_ok(&p);
     eq_rows(table(&d.db()), expected_contacts(1..=23));
@@ -397,19 +410,34 @@ fn offset_pagination_advances_by_records_read_and_stops_on_an_empty_page() {
     );
     run_ok(&d.pipeline(&src, ""));
     eq_rows(table(&d.db()), expected_contacts(1..=12));
-    let offsets: Vec<String> = server.requests().iter().map(|r| r.query["offset"].clone()).collect();
+    let offsets: Vec<String> = server
+        .requests()
+        .iter()
+        .map(|r| r.query["offset"].clone())
+        .collect();
     assert_eq!(offsets, ["0", "4", "8", "12"]);
 }
 
 fn cursor_server(all: Vec<Value>, size: usize, last_token: Value) -> Server {
     serve(move |req| {
-        let start: usize = req.query.get("after").map_or(0, |t| t.trim_start_matches("tok").parse().unwrap());
+        let start: usize = req
+            .query
+            .get("after")
+            .map_or(0, |t| t.trim_start_matches("tok").parse().unwrap());
         let items: Vec<Value> = all.iter().skip(start).take(size).cloned().collect();
         let end = start + items.len();
-        let next = if end < all.len() { json!(format!("tok{end}")) } else { last_token.clone() };
+        let next = if end < all.len() {
+            json!(format!("tok{end}"))
+        } else {
+            last_token.clone()
+        };
         let mut body = json!({"results": items, "paging": {}});
         if !next.is_null() || last_token == json!("explicit-null") {
-            body["paging"]["next"] = if next == json!("explicit-null") { Value::Null } else { next };
+            body["paging"]["next"] = if next == json!("explicit-null") {
+                Value::Null
+            } else {
+                next
+            };
         }
         ok(body)
     })
@@ -443,7 +471,10 @@ fn link_pagination_follows_rel_next_and_keeps_the_api_key() {
         if page * 4 < all.len() {
             resp.headers.push((
                 "Link".into(),
-                format!("</v1/contacts?page={}>; rel=\"next\", </v1/contacts?page=1>; rel=\"first\"", page + 1),
+                format!(
+                    "</v1/contacts?page={}>; rel=\"next\", </v1/contacts?page=1>; rel=\"first\"",
+                    page + 1
+                ),
             ));
         }
         resp
@@ -472,7 +503,10 @@ fn no_pagination_reads_one_body_that_is_the_array() {
 
 /// A page server whose `fault` decides, per request number (from 1) and
 /// page, whether to answer normally.
-fn faulty(all: Vec<Value>, fault: impl Fn(usize, &Req) -> Option<Resp> + Send + Sync + 'static) -> Server {
+fn faulty(
+    all: Vec<Value>,
+    fault: impl Fn(usize, &Req) -> Option<Resp> + Send + Sync + 'static,
+) -> Server {
     let count = Arc::new(Mutex::new(0usize));
     serve(move |req| {
         let n = {
@@ -485,22 +519,32 @@ fn faulty(all: Vec<Value>, fault: impl Fn(usize, &Req) -> Option<Resp> + Send + 
 }
 
 fn fast_retry(base: &str) -> String {
-    format!("{}\n[source.retry]\nattempts = 4\nbackoff = \"20ms\"", page_source(base))
+    format!(
+        "{}\n[source.retry]\nattempts = 4\nbackoff = \"20ms\"",
+        page_source(base)
+    )
 }
 
 #[test]
 fn a_429_with_retry_after_is_waited_out_and_the_table_is_exact() {
-    let server = faulty(contacts(12), |n, _: &Req| (n == 2).then(|| status(429, &[("Retry-After", "1")])));
+    let server = faulty(contacts(12), |n, _: &Req| {
+        (n == 2).then(|| status(429, &[("Retry-After", "1")]))
+    });
     let d = dir();
     let started = Instant::now();
     run_ok(&d.pipeline(&fast_retry(&server.base), ""));
-    assert!(started.elapsed() >= Duration::from_millis(950), "Retry-After: 1 honoured");
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "Retry-After: 1 honoured"
+    );
     eq_rows(table(&d.db()), expected_contacts(1..=12));
 }
 
 #[test]
 fn two_500s_then_success_load_the_exact_table() {
-    let server = faulty(contacts(12), |n, _: &Req| (n == 2 || n == 3).then(|| status(500, &[])));
+    let server = faulty(contacts(12), |n, _: &Req| {
+        (n == 2 || n == 3).then(|| status(500, &[]))
+    });
     let d = dir();
     let report = run_ok(&d.pipeline(&fast_retry(&server.base), ""));
     assert_eq!(report["read"], 12);
@@ -522,7 +566,11 @@ fn a_connection_cut_mid_body_is_retried_and_the_table_is_exact() {
     let d = dir();
     run_ok(&d.pipeline(&fast_retry(&server.base), ""));
     eq_rows(table(&d.db()), expected_contacts(1..=12));
-    assert_eq!(server.requests().len(), 4 + 1, "the cut page was asked again");
+    assert_eq!(
+        server.requests().len(),
+        4 + 1,
+        "the cut page was asked again"
+    );
 }
 
 #[test]
@@ -538,7 +586,11 @@ fn a_response_slower_than_the_timeout_is_retried_and_the_table_is_exact() {
     let src = format!("timeout = \"300ms\"\n{}", fast_retry(&server.base));
     run_ok(&d.pipeline(&src, ""));
     eq_rows(table(&d.db()), expected_contacts(1..=12));
-    assert_eq!(server.requests().len(), 4 + 1, "the slow page was asked again");
+    assert_eq!(
+        server.requests().len(),
+        4 + 1,
+        "the slow page was asked again"
+    );
 }
 
 /// A server whose page `broken` is bad until `fixed` is set.
@@ -565,9 +617,23 @@ fn fails_cleanly_then_reruns_exactly(bad: fn() -> Resp, says: &str) {
     let p = d.pipeline(&src, "batch_size = 5");
     let failed = run(&p, &[]);
     assert_eq!(failed.code, 1, "{}", failed.stderr);
-    assert!(failed.stderr.contains(says), "stderr names the cause:\n{}", failed.stderr);
-    assert!(failed.stderr.contains(&format!("{}/v1/contacts (page 2)", server.base)), "{}", failed.stderr);
-    assert!(!failed.stderr.contains("s3cr3t-key"), "secret leaked:\n{}", failed.stderr);
+    assert!(
+        failed.stderr.contains(says),
+        "stderr names the cause:\n{}",
+        failed.stderr
+    );
+    assert!(
+        failed
+            .stderr
+            .contains(&format!("{}/v1/contacts (page 2)", server.base)),
+        "{}",
+        failed.stderr
+    );
+    assert!(
+        !failed.stderr.contains("s3cr3t-key"),
+        "secret leaked:\n{}",
+        failed.stderr
+    );
     let status = rows(&d.db(), "SELECT status FROM _idemload_runs");
     assert_eq!(status, ["failed"]);
     *fixed.lock().unwrap() = true;
@@ -598,21 +664,32 @@ fn a_missing_records_path_fails_cleanly_and_the_rerun_is_exact() {
 
 #[test]
 fn retries_run_out_with_the_url_status_and_attempts_named_and_no_secret() {
-    let server = faulty(contacts(12), |_, req: &Req| (req.num("page", 1) == 2).then(|| status(503, &[])));
+    let server = faulty(contacts(12), |_, req: &Req| {
+        (req.num("page", 1) == 2).then(|| status(503, &[]))
+    });
     let d = dir();
     let src = format!(
         "url = \"{}/v1/contacts\"\nrecords = \"data.items\"\nparams = {{ token = \"tok-s3cr3t\" }}\nheaders = {{ Authorization = \"Bearer ${{API_TOKEN}}\" }}\n[source.pagination]\ntype = \"page\"\nsize = 5\n[source.retry]\nattempts = 3\nbackoff = \"10ms\"",
         server.base
     );
-    let o = run(&d.pipeline(&src, ""), &[("API_TOKEN", "hdr-s3cr3t"), ("IDEMLOAD_LOG", "debug")]);
+    let o = run(
+        &d.pipeline(&src, ""),
+        &[("API_TOKEN", "hdr-s3cr3t"), ("IDEMLOAD_LOG", "debug")],
+    );
     assert_eq!(o.code, 1, "{}", o.stderr);
     assert!(
-        o.stderr.contains(&format!("GET {}/v1/contacts (page 2): HTTP 503 Service Unavailable after 3 attempts", server.base)),
+        o.stderr.contains(&format!(
+            "GET {}/v1/contacts (page 2): HTTP 503 Service Unavailable after 3 attempts",
+            server.base
+        )),
         "{}",
         o.stderr
     );
     assert!(!o.stderr.contains("s3cr3t"), "secret leaked:\n{}", o.stderr);
-    assert!(server.requests().iter().all(|r| r.headers.get("authorization").map(String::as_str) == Some("Bearer hdr-s3cr3t")));
+    assert!(server
+        .requests()
+        .iter()
+        .all(|r| r.headers.get("authorization").map(String::as_str) == Some("Bearer hdr-s3cr3t")));
 }
 
 #[test]
@@ -649,7 +726,11 @@ fn ascending_order_commits_the_checkpoint_page_by_page() {
     // Page 1 (records 1-5) committed when page 2 arrived, with the
     // checkpoint it reaches; page 3 failed.
     let checkpoint = rows(&d.db(), "SELECT checkpoint FROM _idemload_state");
-    assert_eq!(checkpoint.len(), 1, "a checkpoint was committed before the failure");
+    assert_eq!(
+        checkpoint.len(),
+        1,
+        "a checkpoint was committed before the failure"
+    );
     assert!(checkpoint[0].contains(&ts(5)), "{checkpoint:?}");
     *fixed.lock().unwrap() = true;
     run_ok(&p);
@@ -694,7 +775,11 @@ fn overlapping_billing_cycles_leave_one_row_per_day_and_the_true_monthly_sum() {
             .collect();
         let size = req.num("per_page", 10);
         let page = req.num("page", 1);
-        items = items.into_iter().skip((page - 1) * size).take(size).collect();
+        items = items
+            .into_iter()
+            .skip((page - 1) * size)
+            .take(size)
+            .collect();
         ok(json!({"usage": items}))
     });
     let d = dir();
@@ -706,7 +791,12 @@ fn overlapping_billing_cycles_leave_one_row_per_day_and_the_true_monthly_sum() {
         &src,
         "key = [\"service_line_id\", \"usage_date\"]\ncursor = \"updated_at\"\nlookback = \"45d\"\ninitial = \"2024-01-01T00:00:00Z\"",
     );
-    let cycle = |a: i64, b: i64| (start + chrono::Duration::days(a), start + chrono::Duration::days(b));
+    let cycle = |a: i64, b: i64| {
+        (
+            start + chrono::Duration::days(a),
+            start + chrono::Duration::days(b),
+        )
+    };
     // Run 1: the first two cycles (Jan 15 - Mar 14).
     state.lock().unwrap().1 = cycle(0, 59);
     run_ok(&p);
@@ -715,7 +805,10 @@ fn overlapping_billing_cycles_leave_one_row_per_day_and_the_true_monthly_sum() {
     {
         let mut s = state.lock().unwrap();
         let feb20 = chrono::NaiveDate::from_ymd_opt(2024, 2, 20).unwrap();
-        let day = s.0.iter_mut().find(|d| d.line == "SL-1" && d.date == feb20).unwrap();
+        let day =
+            s.0.iter_mut()
+                .find(|d| d.line == "SL-1" && d.date == feb20)
+                .unwrap();
         day.gb = 1000;
         day.updated_at = "2024-04-16T08:00:00Z".into();
         s.1 = cycle(31, 89);
@@ -725,10 +818,16 @@ fn overlapping_billing_cycles_leave_one_row_per_day_and_the_true_monthly_sum() {
     // Run 3: everything again, by calendar months this time.
     state.lock().unwrap().1 = cycle(0, 89);
     let third = run_ok(&p);
-    assert_eq!((third["inserted"].as_u64(), third["updated"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(
+        (third["inserted"].as_u64(), third["updated"].as_u64()),
+        (Some(0), Some(0))
+    );
 
     let truth = state.lock().unwrap().0.clone();
-    let count = rows(&d.db(), "SELECT count(*), count(DISTINCT service_line_id || usage_date) FROM t");
+    let count = rows(
+        &d.db(),
+        "SELECT count(*), count(DISTINCT service_line_id || usage_date) FROM t",
+    );
     assert_eq!(count, [format!("{0}|{0}", truth.len())]);
     let feb = rows(&d.db(), "SELECT service_line_id, sum(gb) FROM t WHERE usage_date LIKE '2024-02-%' GROUP BY 1 ORDER BY 1");
     let want: Vec<String> = ["SL-1", "SL-2"]
@@ -743,7 +842,13 @@ fn overlapping_billing_cycles_leave_one_row_per_day_and_the_true_monthly_sum() {
         })
         .collect();
     eq_rows(feb, want);
-    assert_eq!(rows(&d.db(), "SELECT gb FROM t WHERE service_line_id = 'SL-1' AND usage_date = '2024-02-20'"), ["1000"]);
+    assert_eq!(
+        rows(
+            &d.db(),
+            "SELECT gb FROM t WHERE service_line_id = 'SL-1' AND usage_date = '2024-02-20'"
+        ),
+        ["1000"]
+    );
 }
 
 // ---- a newest-first list that shifts while the run pages ----------------------
@@ -784,14 +889,23 @@ fn items_inserted_at_the_head_while_paging_are_neither_lost_nor_doubled_after_th
         "url = \"{}/v1/contacts\"\nrecords = \"items\"\norder = \"desc\"\n[source.pagination]\ntype = \"offset\"\nsize = 5\n[source.incremental]\nparam = \"updated_since\"",
         server.base
     );
-    let p = d.pipeline(&src, "cursor = \"updated_at\"\nlookback = \"10m\"\nbatch_size = 5");
+    let p = d.pipeline(
+        &src,
+        "cursor = \"updated_at\"\nlookback = \"10m\"\nbatch_size = 5",
+    );
     let first = run_ok(&p);
     // The shift repeats page-1 items on page 2: merged, never doubled.
     assert!(first["duplicates"].as_u64().unwrap() > 0, "{first}");
     let n = rows(&d.db(), "SELECT count(*), count(DISTINCT id) FROM t");
-    assert_eq!(n[0].split('|').collect::<Vec<_>>()[0], n[0].split('|').collect::<Vec<_>>()[1]);
+    assert_eq!(
+        n[0].split('|').collect::<Vec<_>>()[0],
+        n[0].split('|').collect::<Vec<_>>()[1]
+    );
     // The next run asks from checkpoint - lookback and picks up the rest.
     run_ok(&p);
     eq_rows(table(&d.db()), expected_contacts(1..=22));
-    assert_eq!(rows(&d.db(), "SELECT updated_at FROM t WHERE id = 5"), [ts(23)]);
+    assert_eq!(
+        rows(&d.db(), "SELECT updated_at FROM t WHERE id = 5"),
+        [ts(23)]
+    );
 }

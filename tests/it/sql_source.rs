@@ -162,9 +162,18 @@ fn sqlite_table_loads_incrementally_reading_only_rows_near_the_checkpoint() {
             format!("{i}|{tag}{i}|{}|{}", i * 10, i as f64 / 4.0)
         })
         .collect();
-    eq_rows(rows(&d.db(), "SELECT id, name, version, amount FROM t ORDER BY id"), want);
+    eq_rows(
+        rows(
+            &d.db(),
+            "SELECT id, name, version, amount FROM t ORDER BY id",
+        ),
+        want,
+    );
     let again = run_ok(&p);
-    assert_eq!((again["inserted"].as_u64(), again["updated"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(
+        (again["inserted"].as_u64(), again["updated"].as_u64()),
+        (Some(0), Some(0))
+    );
 }
 
 #[test]
@@ -196,7 +205,9 @@ fn sqlite_query_with_an_integer_cursor_filters_exactly_at_the_source() {
 fn pg(url: &str, sql: &str) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(conn);
         client.batch_execute(sql).await.unwrap();
     });
@@ -209,13 +220,18 @@ struct PgSchema {
 
 impl Drop for PgSchema {
     fn drop(&mut self) {
-        pg(&self.url, &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
+        pg(
+            &self.url,
+            &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name),
+        );
     }
 }
 
 #[test]
 fn postgres_table_loads_incrementally_with_the_cursor_pushed_down() {
-    let Some(url) = service("IDEMLOAD_TEST_POSTGRES") else { return };
+    let Some(url) = service("IDEMLOAD_TEST_POSTGRES") else {
+        return;
+    };
     let schema = PgSchema {
         name: unique("idemload_src"),
         url: url.clone(),
@@ -291,7 +307,9 @@ impl Drop for MyDatabase {
 
 #[test]
 fn mysql_query_loads_incrementally_with_the_cursor_pushed_down() {
-    let Some(url) = service("IDEMLOAD_TEST_MYSQL") else { return };
+    let Some(url) = service("IDEMLOAD_TEST_MYSQL") else {
+        return;
+    };
     let db = MyDatabase {
         name: unique("idemload_src"),
         url: url.clone(),
@@ -309,7 +327,10 @@ fn mysql_query_loads_incrementally_with_the_cursor_pushed_down() {
                 )
             })
             .collect();
-        my(&src, &format!("INSERT INTO events VALUES {}", values.join(",")));
+        my(
+            &src,
+            &format!("INSERT INTO events VALUES {}", values.join(",")),
+        );
     };
     my(
         &src,
@@ -318,7 +339,9 @@ fn mysql_query_loads_incrementally_with_the_cursor_pushed_down() {
     insert(1, 100);
     let d = dir();
     let p = d.pipeline(
-        &format!("url = \"{src}\"\nquery = \"SELECT id, name, price, active, updated_at FROM events\""),
+        &format!(
+            "url = \"{src}\"\nquery = \"SELECT id, name, price, active, updated_at FROM events\""
+        ),
         "cursor = \"updated_at\"\nbatch_size = 9",
     );
     let first = run_ok(&p);
@@ -332,7 +355,10 @@ fn mysql_query_loads_incrementally_with_the_cursor_pushed_down() {
     assert_eq!(second["skipped"], 0);
     assert_eq!(second["inserted"], 3);
     eq_rows(
-        rows(&d.db(), "SELECT id, name, price, active, updated_at FROM t WHERE id IN (1, 102) ORDER BY id"),
+        rows(
+            &d.db(),
+            "SELECT id, name, price, active, updated_at FROM t WHERE id IN (1, 102) ORDER BY id",
+        ),
         vec![
             "1|e1|1.5|1|2024-01-02T09:00:00Z".into(),
             "102|e102|102.5|0|2024-04-12T09:00:00Z".into(),

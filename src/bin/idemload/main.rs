@@ -288,7 +288,10 @@ async fn check(path: &std::path::Path) -> anyhow::Result<u8> {
         SourceConfig::Http(h) => step(
             "ok",
             "source",
-            format!("http {}", idemload::config::redact(h.url.split('?').next().unwrap_or_default())),
+            format!(
+                "http {}",
+                idemload::config::redact(h.url.split('?').next().unwrap_or_default())
+            ),
         ),
         SourceConfig::Sql(q) => step(
             "ok",
