@@ -909,3 +909,42 @@ fn items_inserted_at_the_head_while_paging_are_neither_lost_nor_doubled_after_th
         [ts(23)]
     );
 }
+
+// ---- bounds ---------------------------------------------------------------------
+
+#[test]
+fn an_api_that_never_ends_fails_at_max_pages_instead_of_looping() {
+    let server = serve(|req| {
+        let n: u64 = req.query.get("after").map_or(0, |t| t.parse().unwrap());
+        ok(json!({"results": [contact(n as i64 + 1)], "paging": {"next": (n + 1).to_string()}}))
+    });
+    let d = dir();
+    let src = format!(
+        "url = \"{}/v1/contacts\"\nrecords = \"results\"\n[source.pagination]\ntype = \"cursor\"\ncursor_path = \"paging.next\"\ncursor_param = \"after\"\nmax_pages = 3",
+        server.base
+    );
+    let o = run(&d.pipeline(&src, ""), &[]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("max_pages = 3"), "{}", o.stderr);
+    assert_eq!(server.requests().len(), 3);
+}
+
+#[test]
+fn the_rate_limit_spaces_requests() {
+    let server = page_server(contacts(25));
+    let d = dir();
+    let src = format!(
+        "{}\n[source.rate_limit]\nrequests_per_second = 10",
+        page_source(&server.base)
+    );
+    let started = Instant::now();
+    run_ok(&d.pipeline(&src, ""));
+    // Six requests at 10 per second: at least 0.5 s between the first and
+    // the last.
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    eq_rows(table(&d.db()), expected_contacts(1..=25));
+}
