@@ -216,7 +216,7 @@ impl HttpSource {
             shown,
             records: config.records.clone(),
             fields: config.fields.clone(),
-            paginator: Paginator::new(config.pagination.clone()),
+            paginator: Paginator::new(config.pagination.resolve().map_err(Error::config)?),
             attempts: config.retry.attempts,
             backoff,
             limiter,
@@ -571,6 +571,58 @@ mod tests {
     }
 
     #[test]
+    fn the_spec_example_parses_as_written() {
+        std::env::set_var("API_TOKEN", "t");
+        let config = crate::PipelineConfig::from_toml(
+            r#"
+name = "usage"
+[source]
+type = "http"
+url = "http://127.0.0.1:8080/v1/usage"
+records = "data.items"          # dotted path to the array; "" = the body is the array
+params = { service_line = "SL-1" }
+headers = { Authorization = "Bearer ${API_TOKEN}" }
+timeout = "30s"
+order = "desc"                  # asc lets the checkpoint move page by page
+
+[source.pagination]
+type = "page"                   # page | offset | cursor | link | none
+page_param = "page"             # page: first page 1 unless first_page = 0
+size_param = "per_page"         # page and offset: page size parameter
+size = 100
+offset_param = "offset"         # offset
+cursor_path = "paging.next"     # cursor: dotted path of the next token in the body
+cursor_param = "after"          # cursor: parameter that sends it back
+max_pages = 100000
+
+[source.incremental]
+param = "updated_since"         # receives checkpoint - lookback
+format = "rfc3339"              # rfc3339 | date | epoch | raw
+
+[source.retry]
+attempts = 5                    # timeouts, dropped connections, 429 and 5xx
+backoff = "500ms"               # exponential with jitter; Retry-After wins
+
+[source.rate_limit]
+requests_per_second = 10
+
+[destination]
+url = "sqlite://w.db"
+table = "usage"
+"#,
+        )
+        .unwrap();
+        let crate::source::SourceConfig::Http(http) = config.source else {
+            panic!("not an http source")
+        };
+        assert!(matches!(
+            http.pagination.resolve().unwrap(),
+            super::super::pagination::Pagination::Page(_)
+        ));
+        assert_eq!(http.retry.attempts, 5);
+    }
+
+    #[test]
     fn config_refuses_unknown_keys() {
         let err = toml::from_str::<HttpSourceConfig>("url = \"http://h/x\"\nrecord = \"x\"")
             .unwrap_err()
@@ -580,6 +632,9 @@ mod tests {
             "url = \"http://h/x\"\n[pagination]\ntype = \"cursor\"\ncursor_path = \"n\"\ncursor_param = \"after\"",
         )
         .unwrap();
-        assert!(matches!(ok.pagination, PaginationConfig::Cursor(_)));
+        assert!(matches!(
+            ok.pagination.resolve().unwrap(),
+            super::super::pagination::Pagination::Cursor(_)
+        ));
     }
 }
