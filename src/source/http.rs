@@ -26,7 +26,7 @@ use super::pagination::{kind, lookup, lookup_mut, Next, PaginationConfig, Pagina
 use super::retry::{
     backoff_delay, parse_backoff, retry_after, Failure, RateLimitConfig, RateLimiter, RetryConfig,
 };
-use super::{Source, SourceProgress, SourceQuery};
+use super::{AscendingCheck, Source, SourceProgress, SourceQuery};
 use crate::config::redact;
 use crate::error::{Error, Result};
 use crate::key::{parse_duration, Cursor};
@@ -209,6 +209,7 @@ impl HttpSource {
         shown.set_fragment(None);
         let shown: Arc<str> = redact(shown.as_str()).into();
         let bytes_read = Arc::new(AtomicU64::new(0));
+        let ordered = config.order == Some(SortOrder::Asc) && query.cursor.is_some();
         let (tx, rx) = mpsc::channel(4);
         let fetcher = Fetcher {
             client,
@@ -223,12 +224,13 @@ impl HttpSource {
             max_value_bytes: query.max_record_bytes,
             bytes_read: bytes_read.clone(),
             timeout,
+            ascending: AscendingCheck::new(if ordered { query.cursor.clone() } else { None }),
         };
         tokio::spawn(fetcher.run(tx));
         Ok(HttpSource {
             rx,
             batch_size: query.batch_size.max(1),
-            ordered: config.order == Some(SortOrder::Asc) && query.cursor.is_some(),
+            ordered,
             bytes_read,
         })
     }
@@ -283,6 +285,7 @@ struct Fetcher {
     max_value_bytes: usize,
     bytes_read: Arc<AtomicU64>,
     timeout: Duration,
+    ascending: AscendingCheck,
 }
 
 impl Fetcher {
@@ -385,6 +388,14 @@ impl Fetcher {
             match element {
                 Value::Object(mut fields) => {
                     rename(&self.fields, &mut fields);
+                    if let Some(message) = self.ascending.check(&fields, &at) {
+                        return Err(Error::Source {
+                            location: location(),
+                            message: format!(
+                                "{message}; remove order = \"asc\" or fix the API's sort"
+                            ),
+                        });
+                    }
                     items.push(Item::Record(Record {
                         fields,
                         source: at,

@@ -27,7 +27,7 @@ use serde::Deserialize;
 use serde_json::{Number, Value};
 use tokio::sync::mpsc;
 
-use super::{Source, SourceQuery};
+use super::{AscendingCheck, Source, SourceQuery};
 use crate::config::redact;
 use crate::destination::sql::quote;
 use crate::error::{Error, Result};
@@ -179,14 +179,17 @@ impl Plan {
         plan_error(&format!("{} {}", self.shown, self.label), message)
     }
 
-    fn record(&self, fields: Fields, row: u64) -> Item {
-        Item::Record(Record::new(
-            fields,
-            SourceRef::Line {
-                path: self.label.clone(),
-                line: row,
-            },
-        ))
+    /// The row as a record, checked against the ORDER BY promise (a text
+    /// cursor whose spellings sort differently from their instants).
+    fn record(&self, check: &mut AscendingCheck, fields: Fields, row: u64) -> Result<Item> {
+        let at = SourceRef::Line {
+            path: self.label.clone(),
+            line: row,
+        };
+        if let Some(message) = check.check(&fields, &at) {
+            return Err(self.error(message));
+        }
+        Ok(Item::Record(Record::new(fields, at)))
     }
 }
 
@@ -242,6 +245,7 @@ fn send_blocking(tx: &mpsc::Sender<Result<Vec<Item>>>, batch: &mut Vec<Item>, si
 }
 
 fn read_sqlite(path: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) -> Result<()> {
+    let mut check = AscendingCheck::new(plan.cursor.clone());
     use rusqlite::types::ValueRef;
     let conn = rusqlite::Connection::open_with_flags(
         path,
@@ -273,7 +277,7 @@ fn read_sqlite(path: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) ->
             };
             fields.insert(name.clone(), value);
         }
-        batch.push(plan.record(fields, n));
+        batch.push(plan.record(&mut check, fields, n)?);
         if batch.len() >= plan.batch_size && !send_blocking(tx, &mut batch, plan.batch_size) {
             return Ok(());
         }
@@ -285,6 +289,7 @@ fn read_sqlite(path: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) ->
 }
 
 async fn read_postgres(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) -> Result<()> {
+    let mut check = AscendingCheck::new(plan.cursor.clone());
     use tokio_postgres::types::{ToSql, Type};
     let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
@@ -364,7 +369,7 @@ async fn read_postgres(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item
                     s.push('Z');
                 }
             }
-            batch.push(plan.record(fields, n));
+            batch.push(plan.record(&mut check, fields, n)?);
         }
         if tx.send(Ok(batch)).await.is_err() {
             return Ok(());
@@ -375,6 +380,7 @@ async fn read_postgres(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item
 }
 
 async fn read_mysql(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) -> Result<()> {
+    let mut check = AscendingCheck::new(plan.cursor.clone());
     use mysql_async::prelude::Queryable;
     let my = |e: mysql_async::Error| plan.error(e);
     let opts = mysql_async::Opts::from_url(url).map_err(|e| plan.error(format!("bad URL: {e}")))?;
@@ -429,7 +435,7 @@ async fn read_mysql(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>
         for (col, value) in columns.iter().zip(row.unwrap()) {
             fields.insert(col.name_str().into_owned(), mysql_value(col, value));
         }
-        batch.push(plan.record(fields, n));
+        batch.push(plan.record(&mut check, fields, n)?);
         if batch.len() >= plan.batch_size {
             let full = std::mem::replace(&mut batch, Vec::with_capacity(plan.batch_size));
             if tx.send(Ok(full)).await.is_err() {

@@ -948,3 +948,26 @@ fn the_rate_limit_spaces_requests() {
     );
     eq_rows(table(&d.db()), expected_contacts(1..=25));
 }
+
+#[test]
+fn order_asc_on_an_api_that_is_not_ascending_fails_before_the_checkpoint_runs_ahead() {
+    let mut all = contacts(12);
+    all.reverse();
+    let server = page_server(all);
+    let d = dir();
+    let src = format!("order = \"asc\"\n{}", page_source(&server.base));
+    let o = run(&d.pipeline(&src, "cursor = \"updated_at\""), &[]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("not in ascending \"updated_at\" order"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(
+        rows(
+            &d.db(),
+            "SELECT count(*) FROM _idemload_state WHERE checkpoint IS NOT NULL"
+        ),
+        ["0"]
+    );
+}
