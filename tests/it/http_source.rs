@@ -43,7 +43,7 @@ enum Fault {
 struct Resp {
     status: u16,
     headers: Vec<(String, String)>,
-    body: String,
+    body: Vec<u8>,
     fault: Fault,
 }
 
@@ -51,7 +51,7 @@ fn ok(body: Value) -> Resp {
     Resp {
         status: 200,
         headers: vec![],
-        body: body.to_string(),
+        body: body.to_string().into_bytes(),
         fault: Fault::None,
     }
 }
@@ -153,7 +153,7 @@ fn answer(mut stream: TcpStream, handler: &Handler, log: &Mutex<Vec<Req>>) {
         out.push_str(&format!("{k}: {v}\r\n"));
     }
     out.push_str("\r\n");
-    let body = resp.body.as_bytes();
+    let body = &resp.body[..];
     let _ = stream.write_all(out.as_bytes());
     if let Fault::Cut = resp.fault {
         let _ = stream.write_all(&body[..body.len() / 2]);
@@ -970,4 +970,34 @@ fn order_asc_on_an_api_that_is_not_ascending_fails_before_the_checkpoint_runs_ah
         ),
         ["0"]
     );
+}
+
+#[test]
+fn gzip_bodies_are_decoded() {
+    use std::io::Write as _;
+    let all = contacts(7);
+    let server = serve(move |req| {
+        let asked = req
+            .headers
+            .get("accept-encoding")
+            .is_some_and(|v| v.contains("gzip"));
+        let items = if req.num("page", 1) == 1 {
+            all.clone()
+        } else {
+            vec![]
+        };
+        let body = json!({"data": {"items": items}}).to_string();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(body.as_bytes()).unwrap();
+        let mut r = ok(Value::Null);
+        r.body = gz.finish().unwrap();
+        r.headers.push(("Content-Encoding".into(), "gzip".into()));
+        if !asked {
+            r.status = 406;
+        }
+        r
+    });
+    let d = dir();
+    run_ok(&d.pipeline(&page_source(&server.base), ""));
+    eq_rows(table(&d.db()), expected_contacts(1..=7));
 }
