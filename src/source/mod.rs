@@ -4,6 +4,8 @@
 //! be one) after the run's cursor low bound. Sources that can filter by
 //! cursor do it at the source; the planner filters the rest, so every record
 //! read is accounted for. [`open`] builds one from `[source]` by its `type`.
+//! How the HTTP and SQL sources page, retry and push filters down:
+//! `docs/sources.md`.
 
 mod csv;
 pub mod file;
