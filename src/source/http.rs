@@ -22,11 +22,11 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::pagination::{kind, lookup, Next, PaginationConfig, Paginator};
+use super::pagination::{kind, lookup, lookup_mut, Next, PaginationConfig, Paginator};
 use super::retry::{
     backoff_delay, parse_backoff, retry_after, Failure, RateLimitConfig, RateLimiter, RetryConfig,
 };
-use super::{Source, SourceProgress, SourceQuery};
+use super::{AscendingCheck, Source, SourceProgress, SourceQuery};
 use crate::config::redact;
 use crate::error::{Error, Result};
 use crate::key::{parse_duration, Cursor};
@@ -209,6 +209,7 @@ impl HttpSource {
         shown.set_fragment(None);
         let shown: Arc<str> = redact(shown.as_str()).into();
         let bytes_read = Arc::new(AtomicU64::new(0));
+        let ordered = config.order == Some(SortOrder::Asc) && query.cursor.is_some();
         let (tx, rx) = mpsc::channel(4);
         let fetcher = Fetcher {
             client,
@@ -216,19 +217,20 @@ impl HttpSource {
             shown,
             records: config.records.clone(),
             fields: config.fields.clone(),
-            paginator: Paginator::new(config.pagination.clone()),
+            paginator: Paginator::new(config.pagination.resolve().map_err(Error::config)?),
             attempts: config.retry.attempts,
             backoff,
             limiter,
             max_value_bytes: query.max_record_bytes,
             bytes_read: bytes_read.clone(),
             timeout,
+            ascending: AscendingCheck::new(if ordered { query.cursor.clone() } else { None }),
         };
         tokio::spawn(fetcher.run(tx));
         Ok(HttpSource {
             rx,
             batch_size: query.batch_size.max(1),
-            ordered: config.order == Some(SortOrder::Asc) && query.cursor.is_some(),
+            ordered,
             bytes_read,
         })
     }
@@ -283,6 +285,7 @@ struct Fetcher {
     max_value_bytes: usize,
     bytes_read: Arc<AtomicU64>,
     timeout: Duration,
+    ascending: AscendingCheck,
 }
 
 impl Fetcher {
@@ -322,11 +325,22 @@ impl Fetcher {
 
     /// Fetches one page (with retries) and turns it into items.
     async fn page(&mut self, url: &Url, page: u64) -> Result<(Vec<Item>, Next)> {
-        let (body, headers, len) = self.fetch(url, page).await?;
+        let (mut body, headers, len) = self.fetch(url, page).await?;
         let shown = self.shown.clone();
         let location = || format!("{shown} (page {page})");
-        let found = match lookup(&body, &self.records) {
-            Some(v) => v,
+        let count = match lookup(&body, &self.records) {
+            Some(Value::Array(items)) => items.len(),
+            Some(Value::Null) => 0,
+            Some(other) => {
+                return Err(Error::Source {
+                    location: location(),
+                    message: format!(
+                        "records path {:?} holds {}, not an array",
+                        self.records,
+                        kind(other)
+                    ),
+                })
+            }
             None => {
                 let fields = match &body {
                     Value::Object(map) => format!(
@@ -344,19 +358,18 @@ impl Fetcher {
                 });
             }
         };
-        let elements: &[Value] = match found {
-            Value::Array(items) => items,
-            Value::Null => &[],
-            other => {
-                return Err(Error::Source {
-                    location: location(),
-                    message: format!(
-                        "records path {:?} holds {}, not an array",
-                        self.records,
-                        kind(other)
-                    ),
-                })
-            }
+        // The paginator reads the body (next token, total) before the
+        // records are moved out of it.
+        let next = self
+            .paginator
+            .advance(&self.base, url, &body, &headers, count)
+            .map_err(|message| Error::Source {
+                location: location(),
+                message,
+            })?;
+        let elements = match lookup_mut(&mut body, &self.records) {
+            Some(Value::Array(items)) => std::mem::take(items),
+            _ => Vec::new(),
         };
         // The page's size bounds each value's: when the page is small, no
         // value needs its own size check.
@@ -366,16 +379,23 @@ impl Fetcher {
             usize::MAX
         };
         let mut items = Vec::with_capacity(elements.len());
-        for (index, element) in elements.iter().enumerate() {
+        for (index, element) in elements.into_iter().enumerate() {
             let at = SourceRef::Page {
                 url: self.shown.clone(),
                 page,
                 index: index as u64,
             };
             match element {
-                Value::Object(map) => {
-                    let mut fields: Fields = map.clone();
-                    self.rename(&mut fields);
+                Value::Object(mut fields) => {
+                    rename(&self.fields, &mut fields);
+                    if let Some(message) = self.ascending.check(&fields, &at) {
+                        return Err(Error::Source {
+                            location: location(),
+                            message: format!(
+                                "{message}; remove order = \"asc\" or fix the API's sort"
+                            ),
+                        });
+                    }
                     items.push(Item::Record(Record {
                         fields,
                         source: at,
@@ -384,26 +404,23 @@ impl Fetcher {
                 }
                 other => items.push(Item::Reject(Reject::new(
                     at,
-                    format!("element is {}, not a JSON object", kind(other)),
+                    format!("element is {}, not a JSON object", kind(&other)),
                     other.to_string(),
                 ))),
             }
         }
-        let next = self
-            .paginator
-            .advance(&self.base, url, &body, &headers, elements.len())
-            .map_err(|message| Error::Source {
-                location: location(),
-                message,
-            })?;
-        tracing::debug!(url = %self.shown, page, records = elements.len(), "Page read.");
+        tracing::debug!(url = %self.shown, page, records = count, "Page read.");
         Ok((items, next))
     }
+}
 
-    fn rename(&self, fields: &mut Fields) {
-        for (from, to) in &self.fields {
-            if from.contains('.') {
-                let value = lookup(&Value::Object(fields.clone()), from).cloned();
+/// Applies `[source.fields]`: a plain name moves, a dotted one copies a
+/// nested value up.
+fn rename(renames: &BTreeMap<String, String>, fields: &mut Fields) {
+    {
+        for (from, to) in renames {
+            if let Some((head, rest)) = from.split_once('.') {
+                let value = fields.get(head).and_then(|v| lookup(v, rest)).cloned();
                 if let Some(v) = value {
                     fields.insert(to.clone(), v);
                 }
@@ -412,7 +429,9 @@ impl Fetcher {
             }
         }
     }
+}
 
+impl Fetcher {
     /// GETs a page as JSON, retrying what may pass on a second try.
     async fn fetch(&mut self, url: &Url, page: u64) -> Result<(Value, HeaderMap, usize)> {
         let mut attempt = 0u32;
@@ -545,6 +564,76 @@ mod tests {
     }
 
     #[test]
+    fn fields_are_renamed_and_nested_values_copied_up() {
+        let renames: BTreeMap<String, String> = [
+            ("ID".to_string(), "id".to_string()),
+            ("owner.id".to_string(), "owner_id".to_string()),
+        ]
+        .into();
+        let mut fields = serde_json::json!({"ID": 7, "owner": {"id": "u1"}})
+            .as_object()
+            .cloned()
+            .unwrap();
+        rename(&renames, &mut fields);
+        assert_eq!(
+            Value::Object(fields),
+            serde_json::json!({"owner": {"id": "u1"}, "id": 7, "owner_id": "u1"})
+        );
+    }
+
+    #[test]
+    fn the_spec_example_parses_as_written() {
+        std::env::set_var("API_TOKEN", "t");
+        let config = crate::PipelineConfig::from_toml(
+            r#"
+name = "usage"
+[source]
+type = "http"
+url = "http://127.0.0.1:8080/v1/usage"
+records = "data.items"          # dotted path to the array; "" = the body is the array
+params = { service_line = "SL-1" }
+headers = { Authorization = "Bearer ${API_TOKEN}" }
+timeout = "30s"
+order = "desc"                  # asc lets the checkpoint move page by page
+
+[source.pagination]
+type = "page"                   # page | offset | cursor | link | none
+page_param = "page"             # page: first page 1 unless first_page = 0
+size_param = "per_page"         # page and offset: page size parameter
+size = 100
+offset_param = "offset"         # offset
+cursor_path = "paging.next"     # cursor: dotted path of the next token in the body
+cursor_param = "after"          # cursor: parameter that sends it back
+max_pages = 100000
+
+[source.incremental]
+param = "updated_since"         # receives checkpoint - lookback
+format = "rfc3339"              # rfc3339 | date | epoch | raw
+
+[source.retry]
+attempts = 5                    # timeouts, dropped connections, 429 and 5xx
+backoff = "500ms"               # exponential with jitter; Retry-After wins
+
+[source.rate_limit]
+requests_per_second = 10
+
+[destination]
+url = "sqlite://w.db"
+table = "usage"
+"#,
+        )
+        .unwrap();
+        let crate::source::SourceConfig::Http(http) = config.source else {
+            panic!("not an http source")
+        };
+        assert!(matches!(
+            http.pagination.resolve().unwrap(),
+            super::super::pagination::Pagination::Page(_)
+        ));
+        assert_eq!(http.retry.attempts, 5);
+    }
+
+    #[test]
     fn config_refuses_unknown_keys() {
         let err = toml::from_str::<HttpSourceConfig>("url = \"http://h/x\"\nrecord = \"x\"")
             .unwrap_err()
@@ -554,6 +643,9 @@ mod tests {
             "url = \"http://h/x\"\n[pagination]\ntype = \"cursor\"\ncursor_path = \"n\"\ncursor_param = \"after\"",
         )
         .unwrap();
-        assert!(matches!(ok.pagination, PaginationConfig::Cursor(_)));
+        assert!(matches!(
+            ok.pagination.resolve().unwrap(),
+            super::super::pagination::Pagination::Cursor(_)
+        ));
     }
 }

@@ -4,6 +4,8 @@
 //! be one) after the run's cursor low bound. Sources that can filter by
 //! cursor do it at the source; the planner filters the rest, so every record
 //! read is accounted for. [`open`] builds one from `[source]` by its `type`.
+//! How the HTTP and SQL sources page, retry and push filters down:
+//! `docs/sources.md`.
 
 mod csv;
 pub mod file;
@@ -20,7 +22,7 @@ pub use self::http::{HttpSource, HttpSourceConfig};
 pub use self::sql::{SqlSource, SqlSourceConfig};
 use crate::error::Result;
 use crate::key::Cursor;
-use crate::record::Item;
+use crate::record::{Fields, Item, SourceRef};
 
 /// `[source]`, by `type`.
 #[derive(Debug, Clone, Deserialize)]
@@ -99,5 +101,37 @@ pub async fn open(config: &SourceConfig, query: &SourceQuery) -> Result<Box<dyn 
         SourceConfig::File(file) => Ok(Box::new(FileSource::open(file, query)?)),
         SourceConfig::Http(http) => Ok(Box::new(HttpSource::open(http, query)?)),
         SourceConfig::Sql(sql) => Ok(Box::new(SqlSource::open(sql, query).await?)),
+    }
+}
+
+/// Guards a source that promises ascending cursor order (an HTTP API with
+/// `order = "asc"`, a SQL `ORDER BY`): the checkpoint moves batch by batch
+/// on that promise, so a record that breaks it stops the run before a
+/// checkpoint can get ahead of records not yet read.
+#[derive(Debug, Default)]
+pub(crate) struct AscendingCheck {
+    field: Option<String>,
+    last: Option<Cursor>,
+}
+
+impl AscendingCheck {
+    /// Checks nothing when `field` is `None` (the source is not ordered).
+    pub(crate) fn new(field: Option<String>) -> AscendingCheck {
+        AscendingCheck { field, last: None }
+    }
+
+    /// A message naming the record when it comes before the previous one.
+    pub(crate) fn check(&mut self, fields: &Fields, at: &SourceRef) -> Option<String> {
+        let field = self.field.as_ref()?;
+        let cursor = fields.get(field).and_then(Cursor::from_json)?;
+        if let Some(last) = &self.last {
+            if cursor < *last {
+                return Some(format!(
+                    "{at}: records are not in ascending {field:?} order ({cursor} after {last}), so the checkpoint cannot move batch by batch"
+                ));
+            }
+        }
+        self.last = Some(cursor);
+        None
     }
 }

@@ -14,124 +14,147 @@ use reqwest::Url;
 use serde::Deserialize;
 use serde_json::Value;
 
-/// `[source.pagination]`, by `type`.
+/// `[source.pagination]`. One table for every style, as in the spec; a key
+/// that does not apply to the chosen `type` is ignored.
 #[derive(Debug, Clone, Deserialize, Default)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum PaginationConfig {
-    /// One request; the body holds every record.
+#[serde(deny_unknown_fields)]
+pub struct PaginationConfig {
+    /// `page` | `offset` | `cursor` | `link` | `none` (the default: one request).
+    #[serde(rename = "type", default)]
+    pub style: PageStyle,
+    /// page: parameter carrying the page number (default `page`).
+    pub page_param: Option<String>,
+    /// page: number of the first page, 1 unless the API counts from 0.
+    pub first_page: Option<u64>,
+    /// Parameter carrying the page size (default `per_page`; `limit` for offset).
+    pub size_param: Option<String>,
+    /// Records asked per page (offset: default 100; others: unset sends no
+    /// size parameter).
+    pub size: Option<u64>,
+    /// offset: parameter carrying the offset, the records read so far
+    /// (default `offset`).
+    pub offset_param: Option<String>,
+    /// cursor: dotted path of the next token in the body; missing, null or
+    /// "" ends the paging.
+    pub cursor_path: Option<String>,
+    /// cursor: parameter that sends the token back.
+    pub cursor_param: Option<String>,
+    /// page and offset: dotted path of the total number of records in the
+    /// body; reading stops once that many were read.
+    pub total_path: Option<String>,
+    /// Most pages a run reads (default 100000); an API that still has a next
+    /// page then fails the run rather than being cut silently.
+    pub max_pages: Option<u64>,
+}
+
+/// Pagination styles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PageStyle {
     #[default]
     None,
-    /// A page number and a page size.
+    Page,
+    Offset,
+    Cursor,
+    Link,
+}
+
+impl PaginationConfig {
+    /// The style with its defaults filled in; a cursor style without its
+    /// path or parameter is an error.
+    pub fn resolve(&self) -> Result<Pagination, String> {
+        let max_pages = self.max_pages.unwrap_or(100_000).max(1);
+        let size_param = |default: &str| self.size_param.clone().unwrap_or_else(|| default.into());
+        Ok(match self.style {
+            PageStyle::None => Pagination::None,
+            PageStyle::Page => Pagination::Page(PageConfig {
+                page_param: self.page_param.clone().unwrap_or_else(|| "page".into()),
+                first_page: self.first_page.unwrap_or(1),
+                size_param: size_param("per_page"),
+                size: self.size,
+                total_path: self.total_path.clone(),
+                max_pages,
+            }),
+            PageStyle::Offset => Pagination::Offset(OffsetConfig {
+                offset_param: self.offset_param.clone().unwrap_or_else(|| "offset".into()),
+                size_param: size_param("limit"),
+                size: self.size.unwrap_or(100),
+                total_path: self.total_path.clone(),
+                max_pages,
+            }),
+            PageStyle::Cursor => Pagination::Cursor(CursorConfig {
+                cursor_path: self.cursor_path.clone().ok_or(
+                    "[source.pagination] type = \"cursor\" needs `cursor_path`, the dotted path of the next token in the body",
+                )?,
+                cursor_param: self.cursor_param.clone().ok_or(
+                    "[source.pagination] type = \"cursor\" needs `cursor_param`, the parameter that sends the token back",
+                )?,
+                size_param: size_param("per_page"),
+                size: self.size,
+                max_pages,
+            }),
+            PageStyle::Link => Pagination::Link(LinkConfig {
+                size_param: size_param("per_page"),
+                size: self.size,
+                max_pages,
+            }),
+        })
+    }
+}
+
+/// A pagination style, resolved.
+#[derive(Debug, Clone)]
+pub enum Pagination {
+    None,
     Page(PageConfig),
-    /// An offset (records already read) and a limit.
     Offset(OffsetConfig),
-    /// A next-page token read from the body and sent back as a parameter.
     Cursor(CursorConfig),
-    /// The `Link: <…>; rel="next"` header (RFC 8288).
     Link(LinkConfig),
 }
 
 /// `type = "page"`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct PageConfig {
-    /// Parameter carrying the page number.
-    #[serde(default = "default_page_param")]
     pub page_param: String,
-    /// Number of the first page: 1 unless the API counts from 0.
-    #[serde(default = "one")]
     pub first_page: u64,
-    /// Parameter carrying the page size.
-    #[serde(default = "default_size_param")]
     pub size_param: String,
-    /// Records asked per page; unset sends no size parameter.
     pub size: Option<u64>,
-    /// Dotted path of the total number of records in the body; reading
-    /// stops once that many were read.
     pub total_path: Option<String>,
-    /// Most pages a run reads; more is an error.
-    #[serde(default = "default_max_pages")]
     pub max_pages: u64,
 }
 
 /// `type = "offset"`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct OffsetConfig {
-    /// Parameter carrying the offset (records read so far).
-    #[serde(default = "default_offset_param")]
     pub offset_param: String,
-    /// Parameter carrying the page size.
-    #[serde(default = "default_limit_param")]
     pub size_param: String,
-    /// Records asked per page.
-    #[serde(default = "default_size")]
     pub size: u64,
-    /// Dotted path of the total number of records in the body.
     pub total_path: Option<String>,
-    /// Most pages a run reads; more is an error.
-    #[serde(default = "default_max_pages")]
     pub max_pages: u64,
 }
 
 /// `type = "cursor"`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct CursorConfig {
-    /// Dotted path of the next token in the body; missing, null or "" ends.
     pub cursor_path: String,
-    /// Parameter that sends the token back.
     pub cursor_param: String,
-    /// Parameter carrying the page size.
-    #[serde(default = "default_size_param")]
     pub size_param: String,
-    /// Records asked per page; unset sends no size parameter.
     pub size: Option<u64>,
-    /// Most pages a run reads; more is an error.
-    #[serde(default = "default_max_pages")]
     pub max_pages: u64,
 }
 
 /// `type = "link"`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct LinkConfig {
-    /// Parameter carrying the page size on the first request.
-    #[serde(default = "default_size_param")]
     pub size_param: String,
-    /// Records asked per page; unset sends no size parameter.
     pub size: Option<u64>,
-    /// Most pages a run reads; more is an error.
-    #[serde(default = "default_max_pages")]
     pub max_pages: u64,
-}
-
-fn default_page_param() -> String {
-    "page".into()
-}
-fn default_size_param() -> String {
-    "per_page".into()
-}
-fn default_offset_param() -> String {
-    "offset".into()
-}
-fn default_limit_param() -> String {
-    "limit".into()
-}
-fn default_size() -> u64 {
-    100
-}
-fn default_max_pages() -> u64 {
-    100_000
-}
-fn one() -> u64 {
-    1
 }
 
 /// Where the paging stands.
 #[derive(Debug)]
 pub struct Paginator {
-    config: PaginationConfig,
+    config: Pagination,
     /// Pages fetched so far.
     pages: u64,
     /// Records read so far.
@@ -148,7 +171,7 @@ pub enum Next {
 }
 
 impl Paginator {
-    pub fn new(config: PaginationConfig) -> Paginator {
+    pub fn new(config: Pagination) -> Paginator {
         Paginator {
             config,
             pages: 0,
@@ -160,26 +183,26 @@ impl Paginator {
     pub fn first(&self, base: &Url) -> Url {
         let mut url = base.clone();
         match &self.config {
-            PaginationConfig::None => {}
-            PaginationConfig::Page(p) => {
+            Pagination::None => {}
+            Pagination::Page(p) => {
                 let mut q = url.query_pairs_mut();
                 q.append_pair(&p.page_param, &p.first_page.to_string());
                 if let Some(size) = p.size {
                     q.append_pair(&p.size_param, &size.to_string());
                 }
             }
-            PaginationConfig::Offset(o) => {
+            Pagination::Offset(o) => {
                 url.query_pairs_mut()
                     .append_pair(&o.offset_param, "0")
                     .append_pair(&o.size_param, &o.size.to_string());
             }
-            PaginationConfig::Cursor(c) => {
+            Pagination::Cursor(c) => {
                 if let Some(size) = c.size {
                     url.query_pairs_mut()
                         .append_pair(&c.size_param, &size.to_string());
                 }
             }
-            PaginationConfig::Link(l) => {
+            Pagination::Link(l) => {
                 if let Some(size) = l.size {
                     url.query_pairs_mut()
                         .append_pair(&l.size_param, &size.to_string());
@@ -205,8 +228,8 @@ impl Paginator {
             return Ok(Next::Done);
         }
         let next = match &self.config {
-            PaginationConfig::None => return Ok(Next::Done),
-            PaginationConfig::Page(p) => {
+            Pagination::None => return Ok(Next::Done),
+            Pagination::Page(p) => {
                 if total_reached(body, p.total_path.as_deref(), self.records)? {
                     return Ok(Next::Done);
                 }
@@ -220,7 +243,7 @@ impl Paginator {
                 }
                 url
             }
-            PaginationConfig::Offset(o) => {
+            Pagination::Offset(o) => {
                 if total_reached(body, o.total_path.as_deref(), self.records)? {
                     return Ok(Next::Done);
                 }
@@ -230,7 +253,7 @@ impl Paginator {
                     .append_pair(&o.size_param, &o.size.to_string());
                 url
             }
-            PaginationConfig::Cursor(c) => {
+            Pagination::Cursor(c) => {
                 let token = match lookup(body, &c.cursor_path) {
                     None | Some(Value::Null) => return Ok(Next::Done),
                     Some(Value::String(s)) if s.is_empty() => return Ok(Next::Done),
@@ -260,7 +283,7 @@ impl Paginator {
                 }
                 url
             }
-            PaginationConfig::Link(_) => match next_link(headers, requested) {
+            Pagination::Link(_) => match next_link(headers, requested) {
                 None => return Ok(Next::Done),
                 Some(url) => {
                     if url == *requested {
@@ -278,11 +301,11 @@ impl Paginator {
 
     fn max_pages(&self) -> u64 {
         match &self.config {
-            PaginationConfig::None => 1,
-            PaginationConfig::Page(p) => p.max_pages,
-            PaginationConfig::Offset(o) => o.max_pages,
-            PaginationConfig::Cursor(c) => c.max_pages,
-            PaginationConfig::Link(l) => l.max_pages,
+            Pagination::None => 1,
+            Pagination::Page(p) => p.max_pages,
+            Pagination::Offset(o) => o.max_pages,
+            Pagination::Cursor(c) => c.max_pages,
+            Pagination::Link(l) => l.max_pages,
         }
     }
 }
@@ -314,6 +337,22 @@ pub fn lookup<'a>(body: &'a Value, path: &str) -> Option<&'a Value> {
         at = match at {
             Value::Object(map) => map.get(part)?,
             Value::Array(items) => items.get(part.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(at)
+}
+
+/// The value at a dotted path, to move records out of the body.
+pub fn lookup_mut<'a>(body: &'a mut Value, path: &str) -> Option<&'a mut Value> {
+    if path.is_empty() {
+        return Some(body);
+    }
+    let mut at = body;
+    for part in path.split('.') {
+        at = match at {
+            Value::Object(map) => map.get_mut(part)?,
+            Value::Array(items) => items.get_mut(part.parse::<usize>().ok()?)?,
             _ => return None,
         };
     }
@@ -433,7 +472,7 @@ mod tests {
     #[test]
     fn page_paging_stops_on_an_empty_page_or_the_total() {
         let base = url("http://h/x?a=1");
-        let mut p = Paginator::new(PaginationConfig::Page(PageConfig {
+        let mut p = Paginator::new(Pagination::Page(PageConfig {
             page_param: "page".into(),
             first_page: 1,
             size_param: "per_page".into(),
@@ -455,7 +494,7 @@ mod tests {
     #[test]
     fn cursor_paging_stops_when_the_token_is_missing_and_bounds_pages() {
         let base = url("http://h/x");
-        let mut p = Paginator::new(PaginationConfig::Cursor(CursorConfig {
+        let mut p = Paginator::new(Pagination::Cursor(CursorConfig {
             cursor_path: "paging.next".into(),
             cursor_param: "after".into(),
             size_param: "limit".into(),
@@ -472,7 +511,7 @@ mod tests {
             .advance(&base, &first, &json!({"paging": {"next": "t2"}}), &h, 5)
             .unwrap();
         assert_eq!(next, Next::TooManyPages(2));
-        let mut p = Paginator::new(PaginationConfig::Cursor(CursorConfig {
+        let mut p = Paginator::new(Pagination::Cursor(CursorConfig {
             cursor_path: "paging.next".into(),
             cursor_param: "after".into(),
             size_param: "limit".into(),

@@ -12,6 +12,10 @@
 //! booleans, text as strings, timestamps as RFC 3339 (a value without a
 //! zone is taken as UTC), json/jsonb as JSON, NUMERIC/DECIMAL as JSON
 //! numbers (cast to text in the query to keep every digit), binary as hex.
+//! PostgreSQL and MySQL temporal cursor columns are filtered exactly; a
+//! cursor held as text (SQLite, or a MySQL string column) is filtered from
+//! the day before the bound (see `loose_low`), so up to a day of rows more
+//! is read and counted as `skipped`.
 //! MySQL's `TINYINT(1)` (its BOOLEAN) becomes a boolean. Each record's
 //! source reference is `sql:TABLE:N` (or `sql:query:N`), N counting rows
 //! from 1.
@@ -23,7 +27,7 @@ use serde::Deserialize;
 use serde_json::{Number, Value};
 use tokio::sync::mpsc;
 
-use super::{Source, SourceQuery};
+use super::{AscendingCheck, Source, SourceQuery};
 use crate::config::redact;
 use crate::destination::sql::quote;
 use crate::error::{Error, Result};
@@ -175,14 +179,17 @@ impl Plan {
         plan_error(&format!("{} {}", self.shown, self.label), message)
     }
 
-    fn record(&self, fields: Fields, row: u64) -> Item {
-        Item::Record(Record::new(
-            fields,
-            SourceRef::Line {
-                path: self.label.clone(),
-                line: row,
-            },
-        ))
+    /// The row as a record, checked against the ORDER BY promise (a text
+    /// cursor whose spellings sort differently from their instants).
+    fn record(&self, check: &mut AscendingCheck, fields: Fields, row: u64) -> Result<Item> {
+        let at = SourceRef::Line {
+            path: self.label.clone(),
+            line: row,
+        };
+        if let Some(message) = check.check(&fields, &at) {
+            return Err(self.error(message));
+        }
+        Ok(Item::Record(Record::new(fields, at)))
     }
 }
 
@@ -238,6 +245,7 @@ fn send_blocking(tx: &mpsc::Sender<Result<Vec<Item>>>, batch: &mut Vec<Item>, si
 }
 
 fn read_sqlite(path: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) -> Result<()> {
+    let mut check = AscendingCheck::new(plan.cursor.clone());
     use rusqlite::types::ValueRef;
     let conn = rusqlite::Connection::open_with_flags(
         path,
@@ -269,7 +277,7 @@ fn read_sqlite(path: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) ->
             };
             fields.insert(name.clone(), value);
         }
-        batch.push(plan.record(fields, n));
+        batch.push(plan.record(&mut check, fields, n)?);
         if batch.len() >= plan.batch_size && !send_blocking(tx, &mut batch, plan.batch_size) {
             return Ok(());
         }
@@ -281,6 +289,7 @@ fn read_sqlite(path: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) ->
 }
 
 async fn read_postgres(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) -> Result<()> {
+    let mut check = AscendingCheck::new(plan.cursor.clone());
     use tokio_postgres::types::{ToSql, Type};
     let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
@@ -360,7 +369,7 @@ async fn read_postgres(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item
                     s.push('Z');
                 }
             }
-            batch.push(plan.record(fields, n));
+            batch.push(plan.record(&mut check, fields, n)?);
         }
         if tx.send(Ok(batch)).await.is_err() {
             return Ok(());
@@ -371,6 +380,7 @@ async fn read_postgres(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item
 }
 
 async fn read_mysql(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) -> Result<()> {
+    let mut check = AscendingCheck::new(plan.cursor.clone());
     use mysql_async::prelude::Queryable;
     let my = |e: mysql_async::Error| plan.error(e);
     let opts = mysql_async::Opts::from_url(url).map_err(|e| plan.error(format!("bad URL: {e}")))?;
@@ -382,12 +392,40 @@ async fn read_mysql(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>
         .map_err(my)?;
     let sql = plan.sql("*", Dialect::Mysql, "?");
     tracing::debug!(%sql, "SQL source query.");
-    let params = match plan.low.as_ref().map(loose_low) {
+    let stmt = conn.prep(sql).await.map_err(my)?;
+    // A DATETIME/TIMESTAMP/DATE cursor compares as a date: the bound is
+    // exact. Text holding timestamps compares as text: the loose bound.
+    let temporal = plan.cursor.as_ref().is_some_and(|c| {
+        use mysql_async::consts::ColumnType as T;
+        stmt.columns().iter().any(|col| {
+            col.name_str() == c.as_str()
+                && matches!(
+                    col.column_type(),
+                    T::MYSQL_TYPE_DATETIME
+                        | T::MYSQL_TYPE_DATETIME2
+                        | T::MYSQL_TYPE_TIMESTAMP
+                        | T::MYSQL_TYPE_TIMESTAMP2
+                        | T::MYSQL_TYPE_DATE
+                        | T::MYSQL_TYPE_NEWDATE
+                )
+        })
+    });
+    let low = match &plan.low {
+        None => None,
+        Some(Cursor::Instant(nanos, _)) if temporal => {
+            let secs = nanos.div_euclid(1_000_000_000) as i64;
+            let sub = nanos.rem_euclid(1_000_000_000) as u32;
+            chrono::DateTime::<chrono::Utc>::from_timestamp(secs, sub)
+                .map(|t| LowParam::Text(t.format("%Y-%m-%d %H:%M:%S%.6f").to_string()))
+        }
+        Some(c) => Some(loose_low(c)),
+    };
+    let params = match low {
         None => mysql_async::Params::Empty,
         Some(LowParam::Int(i)) => mysql_async::Params::Positional(vec![i.into()]),
         Some(LowParam::Text(t)) => mysql_async::Params::Positional(vec![t.into()]),
     };
-    let mut result = conn.exec_iter(sql, params).await.map_err(my)?;
+    let mut result = conn.exec_iter(&stmt, params).await.map_err(my)?;
     let columns: Vec<mysql_async::Column> = result.columns_ref().to_vec();
     let mut batch = Vec::with_capacity(plan.batch_size);
     let mut n = 0u64;
@@ -397,7 +435,7 @@ async fn read_mysql(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>
         for (col, value) in columns.iter().zip(row.unwrap()) {
             fields.insert(col.name_str().into_owned(), mysql_value(col, value));
         }
-        batch.push(plan.record(fields, n));
+        batch.push(plan.record(&mut check, fields, n)?);
         if batch.len() >= plan.batch_size {
             let full = std::mem::replace(&mut batch, Vec::with_capacity(plan.batch_size));
             if tx.send(Ok(full)).await.is_err() {

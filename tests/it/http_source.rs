@@ -43,7 +43,7 @@ enum Fault {
 struct Resp {
     status: u16,
     headers: Vec<(String, String)>,
-    body: String,
+    body: Vec<u8>,
     fault: Fault,
 }
 
@@ -51,7 +51,7 @@ fn ok(body: Value) -> Resp {
     Resp {
         status: 200,
         headers: vec![],
-        body: body.to_string(),
+        body: body.to_string().into_bytes(),
         fault: Fault::None,
     }
 }
@@ -153,7 +153,7 @@ fn answer(mut stream: TcpStream, handler: &Handler, log: &Mutex<Vec<Req>>) {
         out.push_str(&format!("{k}: {v}\r\n"));
     }
     out.push_str("\r\n");
-    let body = resp.body.as_bytes();
+    let body = &resp.body[..];
     let _ = stream.write_all(out.as_bytes());
     if let Fault::Cut = resp.fault {
         let _ = stream.write_all(&body[..body.len() / 2]);
@@ -908,4 +908,96 @@ fn items_inserted_at_the_head_while_paging_are_neither_lost_nor_doubled_after_th
         rows(&d.db(), "SELECT updated_at FROM t WHERE id = 5"),
         [ts(23)]
     );
+}
+
+// ---- bounds ---------------------------------------------------------------------
+
+#[test]
+fn an_api_that_never_ends_fails_at_max_pages_instead_of_looping() {
+    let server = serve(|req| {
+        let n: u64 = req.query.get("after").map_or(0, |t| t.parse().unwrap());
+        ok(json!({"results": [contact(n as i64 + 1)], "paging": {"next": (n + 1).to_string()}}))
+    });
+    let d = dir();
+    let src = format!(
+        "url = \"{}/v1/contacts\"\nrecords = \"results\"\n[source.pagination]\ntype = \"cursor\"\ncursor_path = \"paging.next\"\ncursor_param = \"after\"\nmax_pages = 3",
+        server.base
+    );
+    let o = run(&d.pipeline(&src, ""), &[]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("max_pages = 3"), "{}", o.stderr);
+    assert_eq!(server.requests().len(), 3);
+}
+
+#[test]
+fn the_rate_limit_spaces_requests() {
+    let server = page_server(contacts(25));
+    let d = dir();
+    let src = format!(
+        "{}\n[source.rate_limit]\nrequests_per_second = 10",
+        page_source(&server.base)
+    );
+    let started = Instant::now();
+    run_ok(&d.pipeline(&src, ""));
+    // Six requests at 10 per second: at least 0.5 s between the first and
+    // the last.
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    eq_rows(table(&d.db()), expected_contacts(1..=25));
+}
+
+#[test]
+fn order_asc_on_an_api_that_is_not_ascending_fails_before_the_checkpoint_runs_ahead() {
+    let mut all = contacts(12);
+    all.reverse();
+    let server = page_server(all);
+    let d = dir();
+    let src = format!("order = \"asc\"\n{}", page_source(&server.base));
+    let o = run(&d.pipeline(&src, "cursor = \"updated_at\""), &[]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("not in ascending \"updated_at\" order"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(
+        rows(
+            &d.db(),
+            "SELECT count(*) FROM _idemload_state WHERE checkpoint IS NOT NULL"
+        ),
+        ["0"]
+    );
+}
+
+#[test]
+fn gzip_bodies_are_decoded() {
+    use std::io::Write as _;
+    let all = contacts(7);
+    let server = serve(move |req| {
+        let asked = req
+            .headers
+            .get("accept-encoding")
+            .is_some_and(|v| v.contains("gzip"));
+        let items = if req.num("page", 1) == 1 {
+            all.clone()
+        } else {
+            vec![]
+        };
+        let body = json!({"data": {"items": items}}).to_string();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(body.as_bytes()).unwrap();
+        let mut r = ok(Value::Null);
+        r.body = gz.finish().unwrap();
+        r.headers.push(("Content-Encoding".into(), "gzip".into()));
+        if !asked {
+            r.status = 406;
+        }
+        r
+    });
+    let d = dir();
+    run_ok(&d.pipeline(&page_source(&server.base), ""));
+    eq_rows(table(&d.db()), expected_contacts(1..=7));
 }
