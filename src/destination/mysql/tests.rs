@@ -269,7 +269,7 @@ async fn an_older_version_never_overwrites_a_newer_row() {
     let Some(db) = TestDb::create("stale").await else {
         return;
     };
-    let load = "cursor = \"updated_at\"";
+    let load = "cursor = \"updated_at\"\ndelete_field = \"_deleted\"";
     let runs = vec![
         vec![vec![
             json!({"id": 1, "v": "new", "updated_at": "2024-01-01T10:00:00Z"}),
@@ -283,6 +283,11 @@ async fn an_older_version_never_overwrites_a_newer_row() {
             ],
             vec![json!({"id": 3, "v": "c", "updated_at": "2024-01-02T00:00:00Z"})],
         ],
+        vec![vec![
+            // A stale delete is skipped like a stale update; a newer one deletes.
+            json!({"id": 2, "_deleted": true, "updated_at": "2023-01-01T00:00:00Z"}),
+            json!({"id": 3, "_deleted": true, "updated_at": "2025-01-01T00:00:00Z"}),
+        ]],
     ];
     let stats = same_as_sqlite(&db, load, runs).await;
     assert_eq!(
@@ -295,7 +300,8 @@ async fn an_older_version_never_overwrites_a_newer_row() {
         .query("SELECT v FROM items ORDER BY id")
         .await
         .unwrap();
-    assert_eq!(v, ["new", "b2", "c"]);
+    assert_eq!(v, ["new", "b2"]);
+    assert_eq!((stats[2].skipped, stats[2].deleted), (1, 1));
 }
 
 #[tokio::test]
@@ -528,4 +534,79 @@ async fn secrets_never_reach_errors() {
     };
     assert!(!err.contains("hunter2secret"), "{err}");
     assert!(err.contains("***"), "{err}");
+}
+
+/// Servers that refuse `LOAD DATA LOCAL` (MySQL 8's default) get the same
+/// batch through multi-row `INSERT`s.
+#[tokio::test]
+async fn batches_load_the_same_without_local_infile() {
+    use crate::config::Mode;
+    use crate::destination::{Commit, Destination as _, Target};
+    use crate::key::KeySpec;
+    use crate::pipeline::plan::Planner;
+    use crate::state::{Finish, RunInfo};
+
+    let Some(db) = TestDb::create("insert").await else {
+        return;
+    };
+    let mut dumps = Vec::new();
+    for local_infile in [true, false] {
+        let mut dest = super::MysqlDestination::open(&db.url).await.unwrap();
+        dest.local_infile = local_infile;
+        let run_id = format!("run-{local_infile}");
+        let me = LockHolder::this_process(&run_id);
+        assert!(dest
+            .lock("p", &me, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_none());
+        let target = Target {
+            table: format!("items_{local_infile}"),
+            key_columns: vec!["id".into()],
+            cursor: None,
+            mode: Mode::Merge,
+            window_field: None,
+        };
+        let info = RunInfo {
+            pipeline: "p".into(),
+            run_id: run_id.clone(),
+            started_at: chrono::Utc::now(),
+            checkpoint_before: None,
+            lease: Duration::from_secs(30),
+        };
+        dest.begin(&info, &target).await.unwrap();
+        let planner = Planner {
+            key: KeySpec::Fields(vec!["id".into()]),
+            cursor: None,
+            low: None,
+            delete_field: None,
+            window_field: None,
+            max_value_bytes: usize::MAX,
+        };
+        let items = Batches(vec![typed_rows(0..50)].into())
+            .next_batch()
+            .await
+            .unwrap()
+            .unwrap();
+        let finish = Finish {
+            prior: RunStats::default(),
+            max_rejects: None,
+            checkpoint: None,
+        };
+        let stats = dest
+            .write(
+                planner.plan(items),
+                Commit {
+                    checkpoint: None,
+                    finish: Some(finish),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(stats.inserted, 50);
+        assert_eq!(dest.local_infile, local_infile);
+        dest.unlock().await.unwrap();
+        dumps.push(db.dump(&target.table).await);
+    }
+    assert_eq!(dumps[0], dumps[1]);
 }

@@ -40,7 +40,7 @@ use crate::record::Reject;
 /// The temporary table a batch is loaded into.
 const BATCH: &str = "_idemload_batch";
 
-/// Row classes in `_idemload_batch._idemload_op`.
+/// Row classes of a batch.
 const OP_INSERT: i64 = 1;
 const OP_UPDATE: i64 = 2;
 const OP_UNCHANGED: i64 = 3;
@@ -109,13 +109,21 @@ pub(super) async fn write_batch(
         let (schema, rows) =
             ensure_table(conn, server, run, &table, rows, &mut rejects, &mut stats).await?;
         if !rows.is_empty() {
+            let clock = std::time::Instant::now();
             let prepared = prepare(&schema, &run.target, &table, rows, &mut rejects, &mut stats)?;
+            let converted = clock.elapsed().as_millis() as u64;
             if !prepared.is_empty() {
                 load(conn, local_infile, &schema, &prepared)
                     .await
                     .map_err(|e| Error::destination(ctx.clone(), e))?;
                 loaded = Some(schema);
             }
+            tracing::debug!(
+                converted,
+                ms = clock.elapsed().as_millis() as u64,
+                rows = prepared.len(),
+                "Batch loaded."
+            );
         }
     }
     let finishing_stage = match (&commit.finish, &run.stage) {
@@ -180,9 +188,11 @@ pub(super) async fn write_batch(
             .await
             .map_err(bk)?;
         }
+        let clock = std::time::Instant::now();
         conn.query_drop("COMMIT")
             .await
             .map_err(|e| Error::destination(ctx.clone(), e))?;
+        tracing::debug!(ms = clock.elapsed().as_millis() as u64, "Batch committed.");
         Ok::<_, Error>(())
     }
     .await;
@@ -364,6 +374,13 @@ fn convert(schema: &Table, row: &Row) -> std::result::Result<Vec<Cell>, String> 
     let mut cells = Vec::with_capacity(schema.columns.len());
     for column in &schema.columns {
         let value = row.fields.get(&column.name).unwrap_or(&Value::Null);
+        if let (ColumnType::Timestamp, Value::String(text)) = (column.ty, value) {
+            // Parsed once here; `convert` words the reason when it fails.
+            if let Ok(t) = to_utc(&column.name, text) {
+                cells.push(Cell::Time(t));
+                continue;
+            }
+        }
         let cell = match column.ty.convert(&column.name, value)? {
             SqlValue::Null => Cell::Null,
             SqlValue::Int(i) => Cell::Int(i),
@@ -481,6 +498,10 @@ fn to_mysql(cell: &Cell) -> MyValue {
 }
 
 /// (Re)creates `_idemload_batch` for `schema` and loads the rows into it.
+///
+/// The table has no index: rows are unique by key already, every statement
+/// scans it once and probes the target's primary key, and rows stay in
+/// input order, which keeps those probes close together.
 async fn load(
     conn: &mut Conn,
     local_infile: &mut bool,
@@ -498,10 +519,8 @@ async fn load(
         .join(", ");
     conn.query_drop(format!(
         "CREATE TEMPORARY TABLE {b} ({defs},
-            `_idemload_rk` BINARY(16) NOT NULL PRIMARY KEY,
-            `_idemload_del` TINYINT NOT NULL DEFAULT 0,
-            `_idemload_dup` TINYINT NOT NULL DEFAULT 0,
-            `_idemload_op` TINYINT NOT NULL DEFAULT 0) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4"
+            `_idemload_rk` BINARY(16) NOT NULL,
+            `_idemload_del` TINYINT NOT NULL DEFAULT 0) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4"
     ))
     .await?;
     let cols = schema
@@ -584,7 +603,8 @@ async fn check_warnings(conn: &mut Conn) -> std::result::Result<(), mysql_async:
     ))
 }
 
-/// Classifies and applies the loaded batch; returns inserted, updated,
+/// Classifies the loaded batch against the stored rows and the run's keys
+/// (read only), then writes only what changed; returns inserted, updated,
 /// unchanged, deleted, skipped (stale) and duplicates.
 async fn merge(
     conn: &mut Conn,
@@ -593,7 +613,7 @@ async fn merge(
     target: &Target,
     mode: Mode,
 ) -> std::result::Result<RunStats, mysql_async::Error> {
-    let (t, b) = (q(table), q(BATCH));
+    let (t, b, rk) = (q(table), q(BATCH), q(RUN_KEYS));
     let keys = &target.key_columns;
     let matched = keys
         .iter()
@@ -614,45 +634,46 @@ async fn merge(
             .collect::<Vec<_>>()
             .join(" AND ")
     };
-    let mut cases = Vec::new();
-    if mode == Mode::InsertNew {
-        cases.push(format!("WHEN TRUE THEN {OP_UNCHANGED}"));
-    }
-    if let Some(c) = target
+    // Never NULL: both sides are tested first.
+    let stale = match target
         .cursor
         .as_deref()
         .filter(|c| schema.position(c).is_some())
     {
-        let c = q(c);
-        cases.push(format!(
-            "WHEN s.{c} IS NOT NULL AND t.{c} IS NOT NULL AND s.{c} < t.{c} THEN {OP_STALE}"
-        ));
-    }
+        Some(c) => {
+            let c = q(c);
+            format!("(s.{c} IS NOT NULL AND t.{c} IS NOT NULL AND s.{c} < t.{c})")
+        }
+        None => "FALSE".to_string(),
+    };
+    let insert_new = if mode == Mode::InsertNew {
+        "TRUE"
+    } else {
+        "FALSE"
+    };
     let k0 = q(&keys[0]);
-    conn.query_drop(format!(
-        "UPDATE {b} s LEFT JOIN {t} t ON {matched} LEFT JOIN {rk} r ON r.k = s.`_idemload_rk`
-         SET s.`_idemload_dup` = (r.k IS NOT NULL),
-             s.`_idemload_op` = CASE
-                 WHEN t.{k0} IS NULL THEN IF(s.`_idemload_del` = 1, {OP_UNCHANGED}, {OP_INSERT})
-                 {cases}
-                 WHEN s.`_idemload_del` = 1 THEN {OP_DELETE}
-                 WHEN {same} THEN {OP_UNCHANGED}
-                 ELSE {OP_UPDATE} END",
-        rk = q(RUN_KEYS),
-        cases = cases.join(" "),
-    ))
-    .await?;
-    conn.query_drop(format!(
-        "INSERT INTO {} (k) SELECT `_idemload_rk` FROM {b} WHERE `_idemload_dup` = 0",
-        q(RUN_KEYS)
-    ))
-    .await?;
+    let del = "s.`_idemload_del` = 1";
+    let clock = std::time::Instant::now();
     let counts: Vec<(i64, i64, i64)> = conn
         .query(format!(
-            "SELECT `_idemload_op`, `_idemload_dup`, COUNT(*) FROM {b}
-             GROUP BY `_idemload_op`, `_idemload_dup`"
+            "SELECT CASE
+                 WHEN t.{k0} IS NULL THEN IF({del}, {OP_UNCHANGED}, {OP_INSERT})
+                 WHEN {insert_new} THEN {OP_UNCHANGED}
+                 WHEN {stale} THEN {OP_STALE}
+                 WHEN {del} THEN {OP_DELETE}
+                 WHEN {same} THEN {OP_UNCHANGED}
+                 ELSE {OP_UPDATE} END AS op,
+               r.k IS NOT NULL AS dup, COUNT(*)
+             FROM {b} s LEFT JOIN {t} t ON {matched} LEFT JOIN {rk} r ON r.k = s.`_idemload_rk`
+             GROUP BY op, dup"
         ))
         .await?;
+    tracing::debug!(ms = clock.elapsed().as_millis() as u64, "Batch classified.");
+    // Keys of this batch seen before are kept: IGNORE skips exactly those.
+    conn.query_drop(format!(
+        "INSERT IGNORE INTO {rk} (k) SELECT `_idemload_rk` FROM {b} ORDER BY `_idemload_rk`"
+    ))
+    .await?;
     let mut stats = RunStats::default();
     let mut todo = [false; 6];
     for (op, dup, n) in counts {
@@ -673,9 +694,10 @@ async fn merge(
             _ => {}
         }
     }
+    let clock = std::time::Instant::now();
     if todo[OP_DELETE as usize] {
         conn.query_drop(format!(
-            "DELETE t FROM {t} t JOIN {b} s ON {matched} WHERE s.`_idemload_op` = {OP_DELETE}"
+            "DELETE t FROM {t} t JOIN {b} s ON {matched} WHERE {del} AND NOT {stale}"
         ))
         .await?;
     }
@@ -686,7 +708,8 @@ async fn merge(
             .collect::<Vec<_>>()
             .join(", ");
         conn.query_drop(format!(
-            "UPDATE {t} t JOIN {b} s ON {matched} SET {set} WHERE s.`_idemload_op` = {OP_UPDATE}"
+            "UPDATE {t} t JOIN {b} s ON {matched} SET {set}
+             WHERE NOT {del} AND NOT {stale} AND NOT ({same})"
         ))
         .await?;
     }
@@ -697,11 +720,19 @@ async fn merge(
             .map(|n| q(n))
             .collect::<Vec<_>>()
             .join(", ");
+        let s_cols = schema
+            .names()
+            .iter()
+            .map(|n| format!("s.{}", q(n)))
+            .collect::<Vec<_>>()
+            .join(", ");
         conn.query_drop(format!(
-            "INSERT INTO {t} ({cols}) SELECT {cols} FROM {b} WHERE `_idemload_op` = {OP_INSERT}"
+            "INSERT INTO {t} ({cols}) SELECT {s_cols} FROM {b} s LEFT JOIN {t} t ON {matched}
+             WHERE t.{k0} IS NULL AND NOT {del}"
         ))
         .await?;
     }
+    tracing::debug!(ms = clock.elapsed().as_millis() as u64, "Batch applied.");
     Ok(stats)
 }
 
