@@ -77,6 +77,7 @@ measure "idemload, 10% changed + 5% new" "$changed_n" contacts "${load[@]}" "$WO
     echo
     echo "$N generated contacts ($(nproc) cores, $("${mysql[@]}" -e 'SELECT VERSION()'), $(date -u +%F))."
     echo "Ratio = rows/s against LOAD DATA LOCAL INFILE into a table with a primary key."
+    echo "Load average when the run ended: $(cut -d' ' -f1-3 /proc/loadavg) (other work shares the machine)."
     echo
     echo "| scenario | wall | rows/s | ratio | peak RSS | redo log written | rows / distinct ids | idemload stats |"
     echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
