@@ -676,8 +676,13 @@ async fn merge(
     .await?;
     let mut stats = RunStats::default();
     let mut todo = [false; 6];
+    let (mut rows, mut new_rows) = (0u64, 0u64);
     for (op, dup, n) in counts {
         let n = n as u64;
+        rows += n;
+        if op == OP_INSERT {
+            new_rows += n;
+        }
         if (1..=5).contains(&op) {
             todo[op as usize] = true;
         }
@@ -726,11 +731,17 @@ async fn merge(
             .map(|n| format!("s.{}", q(n)))
             .collect::<Vec<_>>()
             .join(", ");
-        conn.query_drop(format!(
-            "INSERT INTO {t} ({cols}) SELECT {s_cols} FROM {b} s LEFT JOIN {t} t ON {matched}
-             WHERE t.{k0} IS NULL AND NOT {del}"
-        ))
-        .await?;
+        if new_rows == rows {
+            // Every row is new (a first load): no anti-join needed.
+            conn.query_drop(format!("INSERT INTO {t} ({cols}) SELECT {cols} FROM {b}"))
+                .await?;
+        } else {
+            conn.query_drop(format!(
+                "INSERT INTO {t} ({cols}) SELECT {s_cols} FROM {b} s LEFT JOIN {t} t ON {matched}
+                 WHERE t.{k0} IS NULL AND NOT {del}"
+            ))
+            .await?;
+        }
     }
     tracing::debug!(ms = clock.elapsed().as_millis() as u64, "Batch applied.");
     Ok(stats)
