@@ -257,9 +257,19 @@ impl Destination for MysqlDestination {
         let ctx = self.context();
         // A failed statement may have left a transaction open.
         let _ = self.conn.query_drop("ROLLBACK").await;
-        bookkeeping::fail(&mut self.conn, run_id, stats, error)
+        if bookkeeping::fail(&mut self.conn, run_id, stats, error)
             .await
-            .map_err(db(ctx))
+            .is_ok()
+        {
+            return Ok(());
+        }
+        // The connection itself may be what failed: record it on a new one.
+        let mut conn = Conn::new(self.opts.clone())
+            .await
+            .map_err(db(ctx.clone()))?;
+        let recorded = bookkeeping::fail(&mut conn, run_id, stats, error).await;
+        let _ = conn.disconnect().await;
+        recorded.map_err(db(ctx))
     }
 
     async fn history(&mut self, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>> {
