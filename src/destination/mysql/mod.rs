@@ -18,6 +18,7 @@
 //! Everything is utf8mb4; text columns use a binary no-pad collation so that
 //! `a`, `A` and `a ` stay three keys.
 
+mod batch;
 mod bookkeeping;
 mod schema;
 mod stage;
