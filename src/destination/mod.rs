@@ -9,6 +9,7 @@
 
 pub mod http;
 pub mod inspect;
+pub mod mysql;
 pub mod schema;
 pub mod sql;
 pub mod sqlite;
@@ -119,8 +120,9 @@ pub async fn open(url: &str) -> Result<Box<dyn Destination>> {
     let scheme = url.split("://").next().unwrap_or_default();
     match scheme {
         "sqlite" => Ok(Box::new(sqlite::SqliteDestination::open(url).await?)),
+        "mysql" => Ok(Box::new(mysql::MysqlDestination::open(url).await?)),
         _ => Err(Error::config(format!(
-            "unsupported destination URL {}: use sqlite://PATH",
+            "unsupported destination URL {}: use sqlite://PATH or mysql://USER:PASS@HOST:PORT/DB",
             redact(url)
         ))),
     }

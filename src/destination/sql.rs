@@ -1,7 +1,7 @@
 //! SQL text shared by the SQL destinations: quoting and column lists.
 //!
-//! Every identifier that reaches SQL goes through [`quote`]: names come from
-//! data and are never trusted.
+//! Every identifier that reaches SQL goes through [`quote`] (or
+//! [`quote_mysql`] for MySQL): names come from data and are never trusted.
 
 /// Quotes an identifier for SQLite and PostgreSQL: `"a""b"`.
 pub fn quote(name: &str) -> String {
@@ -14,6 +14,20 @@ pub fn quote(name: &str) -> String {
         out.push(c);
     }
     out.push('"');
+    out
+}
+
+/// Quotes an identifier for MySQL and MariaDB: `` `a``b` ``.
+pub fn quote_mysql(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 2);
+    out.push('`');
+    for c in name.chars() {
+        if c == '`' {
+            out.push('`');
+        }
+        out.push(c);
+    }
+    out.push('`');
     out
 }
 
@@ -49,5 +63,9 @@ mod tests {
         );
         assert_eq!(column_list(&["a", "b c"]), "\"a\", \"b c\"");
         assert_eq!(key_match(&["id"], "t", "s"), "t.\"id\" = s.\"id\"");
+        assert_eq!(
+            quote_mysql("x`; DROP TABLE t; --"),
+            "`x``; DROP TABLE t; --`"
+        );
     }
 }

@@ -1,0 +1,392 @@
+//! A batch as MySQL sees it: every value converted for its column in Rust
+//! (a value that does not fit is a reject, never a failed statement), one
+//! row per key as the database compares keys, and the rows loaded into the
+//! temporary table `_idemload_batch` with `LOAD DATA LOCAL INFILE` from
+//! memory, or multi-row `INSERT`s where the server refuses local files.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+
+use bytes::Bytes;
+use chrono::{DateTime, Datelike, NaiveDateTime, Timelike, Utc};
+use futures_util::StreamExt;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Params, Value as MyValue};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::schema::{Limit, SqlColumn, Table};
+use crate::destination::schema::{ColumnType, SqlValue};
+use crate::destination::sql::quote_mysql as q;
+use crate::destination::Target;
+use crate::error::{Error, Result};
+use crate::key::Cursor;
+use crate::pipeline::plan::Row;
+use crate::pipeline::stats::RunStats;
+use crate::record::Reject;
+
+/// The temporary table a batch is loaded into.
+pub(super) const BATCH: &str = "_idemload_batch";
+
+/// A value ready for MySQL.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Cell {
+    Null,
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Text(String),
+    /// UTC, to the microsecond.
+    Time(NaiveDateTime),
+}
+
+/// A converted row.
+pub(super) struct Prepared {
+    cells: Vec<Cell>,
+    /// Identity of the key as the database sees it (first 16 bytes of a
+    /// SHA-256 of the converted key values).
+    rk: [u8; 16],
+    delete: bool,
+    cursor: Option<Cursor>,
+}
+
+pub(super) fn reject(row: &Row, reason: String) -> Reject {
+    Reject {
+        source: row.source.clone(),
+        key: Some(row.key.to_string()),
+        raw: serde_json::to_string(&row.fields).unwrap_or_default(),
+        reason,
+    }
+}
+
+/// Converts every row for its columns, and keeps one row per key as the
+/// database sees it (two timestamps with different offsets can be one
+/// instant): the greatest cursor wins, a tie goes to the later row.
+pub(super) fn prepare(
+    schema: &Table,
+    target: &Target,
+    table: &str,
+    rows: Vec<Row>,
+    rejects: &mut Vec<Reject>,
+    stats: &mut RunStats,
+) -> Result<Vec<Prepared>> {
+    let keys = target
+        .key_columns
+        .iter()
+        .map(|k| {
+            schema.position(k).ok_or_else(|| {
+                Error::destination(
+                    format!("mysql table {table:?}"),
+                    format!("has no key column {k:?}"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut out: Vec<Prepared> = Vec::with_capacity(rows.len());
+    let mut index: HashMap<[u8; 16], usize> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let cells = match convert(schema, &row) {
+            Ok(cells) => cells,
+            Err(reason) => {
+                stats.rejected += 1;
+                rejects.push(reject(&row, reason));
+                continue;
+            }
+        };
+        let rk = key_hash(&cells, &keys);
+        let prepared = Prepared {
+            cells,
+            rk,
+            delete: row.delete,
+            cursor: row.cursor,
+        };
+        match index.get(&rk) {
+            Some(&at) => {
+                stats.duplicates += 1;
+                let newer = match (&prepared.cursor, &out[at].cursor) {
+                    (Some(new), Some(old)) => new >= old,
+                    _ => true,
+                };
+                if newer {
+                    out[at] = prepared;
+                }
+            }
+            None => {
+                index.insert(rk, out.len());
+                out.push(prepared);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn convert(schema: &Table, row: &Row) -> std::result::Result<Vec<Cell>, String> {
+    let mut cells = Vec::with_capacity(schema.columns.len());
+    for column in &schema.columns {
+        let value = row.fields.get(&column.name).unwrap_or(&Value::Null);
+        if let (ColumnType::Timestamp, Value::String(text)) = (column.ty, value) {
+            // Parsed once here; `convert` words the reason when it fails.
+            if let Ok(t) = to_utc(&column.name, text) {
+                cells.push(Cell::Time(t));
+                continue;
+            }
+        }
+        let cell = match column.ty.convert(&column.name, value)? {
+            SqlValue::Null => Cell::Null,
+            SqlValue::Int(i) => Cell::Int(i),
+            SqlValue::Float(f) => Cell::Float(f),
+            SqlValue::Bool(b) => Cell::Bool(b),
+            SqlValue::Text(s) if column.ty == ColumnType::Timestamp => {
+                Cell::Time(to_utc(&column.name, &s)?)
+            }
+            SqlValue::Text(s) | SqlValue::Json(s) => {
+                check_limit(column, &s)?;
+                Cell::Text(s)
+            }
+        };
+        cells.push(cell);
+    }
+    Ok(cells)
+}
+
+/// An RFC 3339 timestamp as a UTC `DATETIME(6)`.
+fn to_utc(column: &str, text: &str) -> std::result::Result<NaiveDateTime, String> {
+    let out_of_range = || {
+        format!(
+            "value {text:?} of field {column:?} is outside a MySQL DATETIME (years 1000 to 9999)"
+        )
+    };
+    let t = DateTime::parse_from_rfc3339(text)
+        .map_err(|_| format!("value {text:?} of field {column:?} is not an RFC 3339 timestamp"))?
+        .with_timezone(&Utc)
+        .naive_utc();
+    if !(1000..=9999).contains(&t.year()) || t.nanosecond() >= 1_000_000_000 {
+        return Err(out_of_range());
+    }
+    t.with_nanosecond(t.nanosecond() / 1000 * 1000)
+        .ok_or_else(out_of_range)
+}
+
+fn check_limit(column: &SqlColumn, text: &str) -> std::result::Result<(), String> {
+    let too_long = |n: usize, unit: &str| {
+        Err(format!(
+            "value of field {:?} is longer than the column's {n} {unit}",
+            column.name
+        ))
+    };
+    match column.limit {
+        Some(Limit::Chars(n)) if text.len() > n && text.chars().count() > n => {
+            too_long(n, "characters")
+        }
+        Some(Limit::Bytes(n)) if text.len() > n => too_long(n, "bytes"),
+        _ => Ok(()),
+    }
+}
+
+fn key_hash(cells: &[Cell], keys: &[usize]) -> [u8; 16] {
+    let mut h = Sha256::new();
+    let mut buf = Vec::new();
+    for &i in keys {
+        buf.clear();
+        encode_cell(&mut buf, &cells[i]);
+        h.update(&buf);
+        // 0xff never occurs in UTF-8: an unambiguous separator.
+        h.update([0xff]);
+    }
+    let digest = h.finalize();
+    let mut rk = [0u8; 16];
+    rk.copy_from_slice(&digest[..16]);
+    rk
+}
+
+/// One field of `LOAD DATA` text (tab-separated, backslash escapes).
+fn encode_cell(buf: &mut Vec<u8>, cell: &Cell) {
+    match cell {
+        Cell::Null => buf.extend_from_slice(b"\\N"),
+        Cell::Int(i) => {
+            let _ = write!(buf, "{i}");
+        }
+        Cell::Float(f) => {
+            let _ = write!(buf, "{f:e}");
+        }
+        Cell::Bool(b) => buf.push(if *b { b'1' } else { b'0' }),
+        Cell::Time(t) => {
+            let _ = write!(buf, "{}", t.format("%Y-%m-%d %H:%M:%S%.6f"));
+        }
+        Cell::Text(s) => {
+            for &b in s.as_bytes() {
+                match b {
+                    b'\\' => buf.extend_from_slice(b"\\\\"),
+                    b'\t' => buf.extend_from_slice(b"\\t"),
+                    b'\n' => buf.extend_from_slice(b"\\n"),
+                    b'\r' => buf.extend_from_slice(b"\\r"),
+                    0 => buf.extend_from_slice(b"\\0"),
+                    _ => buf.push(b),
+                }
+            }
+        }
+    }
+}
+
+fn to_mysql(cell: &Cell) -> MyValue {
+    match cell {
+        Cell::Null => MyValue::NULL,
+        Cell::Int(i) => MyValue::Int(*i),
+        Cell::Float(f) => MyValue::Double(*f),
+        Cell::Bool(b) => MyValue::Int(*b as i64),
+        Cell::Text(s) => MyValue::Bytes(s.as_bytes().to_vec()),
+        Cell::Time(t) => MyValue::Date(
+            t.year() as u16,
+            t.month() as u8,
+            t.day() as u8,
+            t.hour() as u8,
+            t.minute() as u8,
+            t.second() as u8,
+            t.nanosecond() / 1000,
+        ),
+    }
+}
+
+/// (Re)creates `_idemload_batch` for `schema` and loads the rows into it.
+///
+/// The table has no index: rows are unique by key already, every statement
+/// scans it once and probes the target's primary key, and rows stay in
+/// input order, which keeps those probes close together.
+pub(super) async fn load(
+    conn: &mut Conn,
+    local_infile: &mut bool,
+    schema: &Table,
+    rows: &[Prepared],
+) -> std::result::Result<(), mysql_async::Error> {
+    let b = q(BATCH);
+    conn.query_drop(format!("DROP TEMPORARY TABLE IF EXISTS {b}"))
+        .await?;
+    let defs = schema
+        .columns
+        .iter()
+        .map(|c| format!("{} {}", q(&c.name), c.definition))
+        .collect::<Vec<_>>()
+        .join(", ");
+    conn.query_drop(format!(
+        "CREATE TEMPORARY TABLE {b} ({defs},
+            `_idemload_rk` BINARY(16) NOT NULL,
+            `_idemload_del` TINYINT NOT NULL DEFAULT 0) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4"
+    ))
+    .await?;
+    let cols = schema
+        .names()
+        .iter()
+        .map(|n| q(n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if *local_infile {
+        let mut buf = Vec::with_capacity(rows.len() * (schema.columns.len() * 12 + 40));
+        for row in rows {
+            for cell in &row.cells {
+                encode_cell(&mut buf, cell);
+                buf.push(b'\t');
+            }
+            buf.extend_from_slice(hex::encode(row.rk).as_bytes());
+            buf.push(b'\t');
+            buf.push(if row.delete { b'1' } else { b'0' });
+            buf.push(b'\n');
+        }
+        let data = Bytes::from(buf);
+        conn.set_infile_handler(async move { Ok(futures_util::stream::iter([Ok(data)]).boxed()) });
+        let loaded = conn
+            .query_drop(format!(
+                r"LOAD DATA LOCAL INFILE 'idemload-batch' INTO TABLE {b} CHARACTER SET utf8mb4
+                  FIELDS TERMINATED BY '\t' ESCAPED BY '\\' LINES TERMINATED BY '\n'
+                  ({cols}, @rk, `_idemload_del`) SET `_idemload_rk` = UNHEX(@rk)"
+            ))
+            .await;
+        match loaded {
+            Ok(()) => return check_warnings(conn).await,
+            // Local files refused by the server or this client: INSERT instead.
+            Err(mysql_async::Error::Server(e)) if matches!(e.code, 1148 | 3948 | 2068) => {
+                tracing::info!(
+                    code = e.code,
+                    "LOAD DATA LOCAL refused; loading with INSERT."
+                );
+                *local_infile = false;
+                conn.query_drop(format!("DELETE FROM {b}")).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let per_row = schema.columns.len() + 2;
+    let chunk = (60_000 / per_row).clamp(1, 2_000);
+    let row_marks = format!("({})", vec!["?"; per_row].join(", "));
+    for part in rows.chunks(chunk) {
+        let mut params = Vec::with_capacity(part.len() * per_row);
+        for row in part {
+            params.extend(row.cells.iter().map(to_mysql));
+            params.push(MyValue::Bytes(row.rk.to_vec()));
+            params.push(MyValue::Int(row.delete as i64));
+        }
+        conn.exec_drop(
+            format!(
+                "INSERT INTO {b} ({cols}, `_idemload_rk`, `_idemload_del`) VALUES {}",
+                vec![row_marks.as_str(); part.len()].join(", ")
+            ),
+            Params::Positional(params),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// `LOAD DATA LOCAL` turns bad values into warnings: values were checked
+/// already, so any warning is a real problem, not something to keep.
+async fn check_warnings(conn: &mut Conn) -> std::result::Result<(), mysql_async::Error> {
+    if conn.get_warnings() == 0 {
+        return Ok(());
+    }
+    let warnings: Vec<(String, u32, String)> = conn.query("SHOW WARNINGS LIMIT 3").await?;
+    let text = warnings
+        .into_iter()
+        .map(|(level, code, message)| format!("{level} {code}: {message}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(mysql_async::Error::Other(
+        format!("loading the batch gave warnings: {text}").into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_data_text_escapes_what_would_split_a_field() {
+        let mut buf = Vec::new();
+        encode_cell(&mut buf, &Cell::Text("a\tb\nc\\d\r\0".into()));
+        assert_eq!(buf, b"a\\tb\\nc\\\\d\\r\\0");
+        buf.clear();
+        encode_cell(&mut buf, &Cell::Null);
+        assert_eq!(buf, b"\\N");
+        buf.clear();
+        encode_cell(&mut buf, &Cell::Float(0.1));
+        assert_eq!(buf, b"1e-1");
+    }
+
+    #[test]
+    fn timestamps_become_utc_microseconds() {
+        let t = to_utc("t", "2024-03-01T01:30:00.1234567+02:00").unwrap();
+        assert_eq!(
+            t.format("%Y-%m-%d %H:%M:%S%.6f").to_string(),
+            "2024-02-29 23:30:00.123456"
+        );
+        assert!(to_utc("t", "0999-12-31T23:59:59Z").is_err());
+    }
+
+    #[test]
+    fn one_instant_is_one_key_whatever_its_offset() {
+        let a = Cell::Time(to_utc("t", "2024-01-01T02:00:00+02:00").unwrap());
+        let b = Cell::Time(to_utc("t", "2024-01-01T00:00:00Z").unwrap());
+        assert_eq!(key_hash(&[a], &[0]), key_hash(&[b], &[0]));
+        let a = Cell::Text("a".into());
+        let b = Cell::Text("a ".into());
+        assert_ne!(key_hash(&[a], &[0]), key_hash(&[b], &[0]));
+    }
+}

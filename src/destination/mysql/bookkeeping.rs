@@ -1,0 +1,543 @@
+//! MySQL bookkeeping: the `_idemload_*` tables, the run lock and its lease,
+//! checkpoint, runs and rejects.
+//!
+//! The run lock is `GET_LOCK` on the destination's connection: the server
+//! holds it for the session and frees it the moment the session ends, so a
+//! dead run never blocks the next one for longer than the server takes to
+//! notice. The lease row in `_idemload_locks` says who holds it and since
+//! when; every batch transaction re-checks both (the fence), so a run that
+//! lost its session can never commit another batch.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Opts, OptsBuilder, Params, Value as MyValue};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::schema::{create_table, read_table, short_name};
+use super::{Lock, Server};
+use crate::destination::sql::quote_mysql as q;
+use crate::destination::Target;
+use crate::error::Error;
+use crate::pipeline::stats::{RunStats, RunStatus};
+use crate::record::Reject;
+use crate::state::{
+    format_time, LockHolder, RejectRecord, RunInfo, RunRecord, LOCKS_TABLE, REJECTS_TABLE,
+    RUNS_TABLE, STATE_TABLE,
+};
+
+type R<T> = std::result::Result<T, mysql_async::Error>;
+
+/// The temporary table of the keys this run wrote (duplicates across batches).
+pub(super) const RUN_KEYS: &str = "_idemload_run_keys";
+
+/// Creates the bookkeeping tables when missing.
+pub(super) async fn create_tables(conn: &mut Conn, server: &Server) -> R<()> {
+    let tail = format!(
+        "ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = {}",
+        server.collation
+    );
+    for ddl in [
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+                pipeline VARCHAR(255) NOT NULL PRIMARY KEY, `checkpoint` LONGTEXT,
+                run_id VARCHAR(64), updated_at VARCHAR(40) NOT NULL) {tail}",
+            q(STATE_TABLE)
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+                run_id VARCHAR(64) NOT NULL PRIMARY KEY, pipeline VARCHAR(255) NOT NULL,
+                table_name VARCHAR(255), status VARCHAR(32) NOT NULL,
+                started_at VARCHAR(40) NOT NULL, finished_at VARCHAR(40), stats LONGTEXT,
+                checkpoint_before LONGTEXT, checkpoint_after LONGTEXT, error LONGTEXT,
+                KEY `_idemload_runs_pipeline` (pipeline, started_at)) {tail}",
+            q(RUNS_TABLE)
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+                id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, run_id VARCHAR(64) NOT NULL,
+                pipeline VARCHAR(255) NOT NULL, source_ref LONGTEXT NOT NULL,
+                record_key LONGTEXT, reason LONGTEXT NOT NULL, raw LONGTEXT,
+                rejected_at VARCHAR(40) NOT NULL,
+                KEY `_idemload_rejects_pipeline` (pipeline, run_id)) {tail}",
+            q(REJECTS_TABLE)
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+                pipeline VARCHAR(255) NOT NULL PRIMARY KEY, run_id VARCHAR(64) NOT NULL,
+                host VARCHAR(255) NOT NULL, pid BIGINT NOT NULL, since VARCHAR(40) NOT NULL,
+                expires_at BIGINT NOT NULL) {tail}",
+            q(LOCKS_TABLE)
+        ),
+    ] {
+        conn.query_drop(ddl).await?;
+    }
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+/// The `GET_LOCK` name of a pipeline in a database: a hash, because lock
+/// names are limited to 64 characters and compared without case.
+pub(super) fn lock_name(database: &str, pipeline: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(database.as_bytes());
+    h.update([0]);
+    h.update(pipeline.as_bytes());
+    format!("idemload:{}", &hex::encode(h.finalize())[..40])
+}
+
+async fn read_holder(conn: &mut Conn, pipeline: &str) -> R<Option<LockHolder>> {
+    let row: Option<(String, String, u32, String)> = conn
+        .exec_first(
+            format!(
+                "SELECT run_id, host, pid, since FROM {} WHERE pipeline = ?",
+                q(LOCKS_TABLE)
+            ),
+            (pipeline,),
+        )
+        .await?;
+    Ok(row.map(|(run_id, host, pid, since)| LockHolder {
+        run_id,
+        host,
+        pid,
+        since: since
+            .parse::<DateTime<Utc>>()
+            .unwrap_or_else(|_| Utc::now()),
+    }))
+}
+
+/// Takes the lock, or returns its holder.
+pub(super) async fn try_lock(
+    conn: &mut Conn,
+    name: &str,
+    pipeline: &str,
+    me: &LockHolder,
+    lease: Duration,
+) -> R<Option<LockHolder>> {
+    let got: Option<Option<i64>> = conn.exec_first("SELECT GET_LOCK(?, 0)", (name,)).await?;
+    if got.flatten() != Some(1) {
+        // The holder writes its lease row right after GET_LOCK: give it a moment.
+        for _ in 0..10 {
+            if let Some(holder) = read_holder(conn, pipeline).await? {
+                if holder.run_id != me.run_id {
+                    return Ok(Some(holder));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let session: Option<Option<i64>> =
+            conn.exec_first("SELECT IS_USED_LOCK(?)", (name,)).await?;
+        return Ok(Some(LockHolder {
+            run_id: "unknown".into(),
+            host: format!(
+                "unknown (MySQL connection {})",
+                session.flatten().unwrap_or_default()
+            ),
+            pid: 0,
+            since: Utc::now(),
+        }));
+    }
+    // The session lock is ours: any lease row left is of a run that died.
+    if let Some(old) = read_holder(conn, pipeline).await? {
+        if old.run_id != me.run_id {
+            tracing::warn!(pipeline, holder = %old, "Taking over the lock of a run that died.");
+        }
+    }
+    conn.exec_drop(
+        format!(
+            "REPLACE INTO {} (pipeline, run_id, host, pid, since, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+            q(LOCKS_TABLE)
+        ),
+        (
+            pipeline,
+            &me.run_id,
+            &me.host,
+            me.pid,
+            format_time(me.since),
+            now_ms() + lease.as_millis() as i64,
+        ),
+    )
+    .await?;
+    Ok(None)
+}
+
+/// Inside a batch transaction: fails unless this session still holds the
+/// lock and the lease row is this run's, and renews the lease.
+pub(super) async fn fence(conn: &mut Conn, lock: &Lock) -> crate::error::Result<()> {
+    let lost = || Error::LockLost {
+        pipeline: lock.pipeline.clone(),
+    };
+    let ctx = || format!("lock of pipeline {:?}", lock.pipeline);
+    let mine: Option<Option<i64>> = conn
+        .exec_first("SELECT IS_USED_LOCK(?) = CONNECTION_ID()", (&lock.name,))
+        .await
+        .map_err(|e| Error::destination(ctx(), e))?;
+    if mine.flatten() != Some(1) {
+        return Err(lost());
+    }
+    let holder: Option<String> = conn
+        .exec_first(
+            format!(
+                "SELECT run_id FROM {} WHERE pipeline = ? FOR UPDATE",
+                q(LOCKS_TABLE)
+            ),
+            (&lock.pipeline,),
+        )
+        .await
+        .map_err(|e| Error::destination(ctx(), e))?;
+    if holder.as_deref() != Some(lock.run_id.as_str()) {
+        return Err(lost());
+    }
+    conn.exec_drop(
+        format!(
+            "UPDATE {} SET expires_at = ? WHERE pipeline = ? AND run_id = ?",
+            q(LOCKS_TABLE)
+        ),
+        (
+            now_ms() + lock.lease.as_millis() as i64,
+            &lock.pipeline,
+            &lock.run_id,
+        ),
+    )
+    .await
+    .map_err(|e| Error::destination(ctx(), e))
+}
+
+pub(super) async fn unlock(conn: &mut Conn, lock: &Lock) -> R<()> {
+    conn.exec_drop(
+        format!(
+            "DELETE FROM {} WHERE pipeline = ? AND run_id = ?",
+            q(LOCKS_TABLE)
+        ),
+        (&lock.pipeline, &lock.run_id),
+    )
+    .await?;
+    let _: Option<Option<i64>> = conn
+        .exec_first("SELECT RELEASE_LOCK(?)", (&lock.name,))
+        .await?;
+    Ok(())
+}
+
+/// Renews the lease row from a connection of its own while the run lives,
+/// so that others see a living holder.
+pub(super) struct Heartbeat {
+    stop: tokio::sync::oneshot::Sender<()>,
+    lost: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Heartbeat {
+    pub(super) fn start(opts: Opts, pipeline: &str, run_id: &str, lease: Duration) -> Heartbeat {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let lost = Arc::new(AtomicBool::new(false));
+        let (pipeline, run_id, flag) = (pipeline.to_string(), run_id.to_string(), lost.clone());
+        let task = tokio::spawn(async move {
+            let opts = OptsBuilder::from_opts(opts).setup(vec![
+                // Behind a batch that holds the lease row, give up quickly:
+                // the batch renews the lease itself.
+                "SET SESSION innodb_lock_wait_timeout = 5",
+            ]);
+            let mut conn: Option<Conn> = None;
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tokio::time::sleep(lease / 3) => {}
+                }
+                if conn.is_none() {
+                    conn = Conn::new(opts.clone()).await.ok();
+                }
+                let Some(c) = conn.as_mut() else { continue };
+                let renewed = c
+                    .exec_drop(
+                        format!(
+                            "UPDATE {} SET expires_at = ? WHERE pipeline = ? AND run_id = ?",
+                            q(LOCKS_TABLE)
+                        ),
+                        (now_ms() + lease.as_millis() as i64, &pipeline, &run_id),
+                    )
+                    .await;
+                match renewed {
+                    Ok(()) if c.affected_rows() == 0 => {
+                        if let Ok(None) = read_holder(c, &pipeline)
+                            .await
+                            .map(|h| h.filter(|h| h.run_id == run_id))
+                        {
+                            flag.store(true, Ordering::SeqCst);
+                            break;
+                        }
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "Lease renewal deferred.");
+                        conn = None;
+                    }
+                }
+            }
+            if let Some(c) = conn {
+                let _ = c.disconnect().await;
+            }
+        });
+        Heartbeat { stop, lost, task }
+    }
+
+    pub(super) fn lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    pub(super) async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+
+    pub(super) fn abort(self) {
+        self.task.abort();
+    }
+}
+
+pub(super) async fn checkpoint(conn: &mut Conn, pipeline: &str) -> R<Option<Value>> {
+    let text: Option<Option<String>> = conn
+        .exec_first(
+            format!(
+                "SELECT `checkpoint` FROM {} WHERE pipeline = ?",
+                q(STATE_TABLE)
+            ),
+            (pipeline,),
+        )
+        .await?;
+    Ok(text.flatten().and_then(|t| serde_json::from_str(&t).ok()))
+}
+
+pub(super) async fn write_checkpoint(
+    conn: &mut Conn,
+    pipeline: &str,
+    value: Option<&Value>,
+    run_id: &str,
+) -> R<()> {
+    conn.exec_drop(
+        format!(
+            "INSERT INTO {} (pipeline, `checkpoint`, run_id, updated_at) VALUES (?, ?, ?, ?)
+             ON DUPLICATE KEY UPDATE `checkpoint` = VALUES(`checkpoint`),
+                 run_id = VALUES(run_id), updated_at = VALUES(updated_at)",
+            q(STATE_TABLE)
+        ),
+        (
+            pipeline,
+            value.map(Value::to_string),
+            run_id,
+            format_time(Utc::now()),
+        ),
+    )
+    .await
+}
+
+/// Records the run, empties the run's key set and, for staged modes,
+/// prepares a fresh staging table (all outside any batch transaction).
+pub(super) async fn begin(
+    conn: &mut Conn,
+    server: &Server,
+    run: &RunInfo,
+    target: &Target,
+) -> R<Option<String>> {
+    conn.query_drop(format!(
+        "CREATE TEMPORARY TABLE IF NOT EXISTS {} (k BINARY(16) NOT NULL PRIMARY KEY) ENGINE = InnoDB",
+        q(RUN_KEYS)
+    ))
+    .await?;
+    conn.query_drop(format!("DELETE FROM {}", q(RUN_KEYS)))
+        .await?;
+    conn.exec_drop(
+        format!(
+            "INSERT INTO {} (run_id, pipeline, table_name, status, started_at, checkpoint_before)
+             VALUES (?, ?, ?, ?, ?, ?)",
+            q(RUNS_TABLE)
+        ),
+        (
+            &run.run_id,
+            &run.pipeline,
+            &target.table,
+            RunStatus::Running.as_str(),
+            format_time(run.started_at),
+            run.checkpoint_before.as_ref().map(Value::to_string),
+        ),
+    )
+    .await?;
+    if !target.mode.is_staged() {
+        return Ok(None);
+    }
+    let stage = short_name("_idemload_stage_", &target.table);
+    conn.query_drop(format!("DROP TABLE IF EXISTS {}", q(&stage)))
+        .await?;
+    if let Some(schema) = read_table(conn, server, &target.table).await? {
+        create_table(conn, server, &stage, &schema.columns, &target.key_columns).await?;
+    }
+    Ok(Some(stage))
+}
+
+/// Finishes the run row (inside the last batch's transaction).
+pub(super) async fn finish(
+    conn: &mut Conn,
+    run_id: &str,
+    status: RunStatus,
+    stats: &RunStats,
+    checkpoint_after: Option<&Value>,
+    error: Option<&str>,
+) -> R<()> {
+    conn.exec_drop(
+        format!(
+            "UPDATE {} SET status = ?, finished_at = ?, stats = ?, checkpoint_after = ?, error = ?
+             WHERE run_id = ?",
+            q(RUNS_TABLE)
+        ),
+        (
+            status.as_str(),
+            format_time(Utc::now()),
+            serde_json::to_string(stats).unwrap_or_default(),
+            checkpoint_after.map(Value::to_string),
+            error,
+            run_id,
+        ),
+    )
+    .await
+}
+
+pub(super) async fn fail(conn: &mut Conn, run_id: &str, stats: &RunStats, error: &str) -> R<()> {
+    finish(conn, run_id, RunStatus::Failed, stats, None, Some(error)).await
+}
+
+/// Inserts a batch's rejects (inside its transaction), many rows a statement.
+pub(super) async fn insert_rejects(
+    conn: &mut Conn,
+    pipeline: &str,
+    run_id: &str,
+    rejects: &[Reject],
+) -> R<()> {
+    let now = format_time(Utc::now());
+    for chunk in rejects.chunks(500) {
+        let rows = vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+        let mut params: Vec<MyValue> = Vec::with_capacity(chunk.len() * 7);
+        for r in chunk {
+            params.extend([
+                run_id.into(),
+                pipeline.into(),
+                r.source.to_string().into(),
+                r.key.clone().into(),
+                r.reason.clone().into(),
+                r.raw.clone().into(),
+                now.clone().into(),
+            ]);
+        }
+        conn.exec_drop(
+            format!(
+                "INSERT INTO {} (run_id, pipeline, source_ref, record_key, reason, raw, rejected_at)
+                 VALUES {rows}",
+                q(REJECTS_TABLE)
+            ),
+            Params::Positional(params),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+type RunRow = (
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+pub(super) async fn history(conn: &mut Conn, pipeline: &str, limit: usize) -> R<Vec<RunRecord>> {
+    fn json<T: serde::de::DeserializeOwned>(t: Option<String>) -> Option<T> {
+        t.and_then(|t| serde_json::from_str(&t).ok())
+    }
+    let rows: Vec<RunRow> = conn
+        .exec(
+            format!(
+                "SELECT run_id, pipeline, status, started_at, finished_at, stats,
+                        checkpoint_before, checkpoint_after, error
+                 FROM {} WHERE pipeline = ? ORDER BY started_at DESC, run_id DESC LIMIT ?",
+                q(RUNS_TABLE)
+            ),
+            (pipeline, limit as u64),
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| RunRecord {
+            run_id: r.0,
+            pipeline: r.1,
+            status: r.2,
+            started_at: r.3,
+            finished_at: r.4,
+            stats: json(r.5),
+            checkpoint_before: json(r.6),
+            checkpoint_after: json(r.7),
+            error: r.8,
+        })
+        .collect())
+}
+
+type RejectRow = (
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    String,
+);
+
+pub(super) async fn rejects(
+    conn: &mut Conn,
+    pipeline: &str,
+    run_id: Option<&str>,
+    limit: usize,
+) -> R<Vec<RejectRecord>> {
+    let table = q(REJECTS_TABLE);
+    let run_id: Option<String> = match run_id {
+        Some(r) => Some(r.to_string()),
+        None => {
+            conn.exec_first(
+                format!("SELECT run_id FROM {table} WHERE pipeline = ? ORDER BY id DESC LIMIT 1"),
+                (pipeline,),
+            )
+            .await?
+        }
+    };
+    let Some(run_id) = run_id else {
+        return Ok(Vec::new());
+    };
+    let rows: Vec<RejectRow> = conn
+        .exec(
+            format!(
+                "SELECT run_id, pipeline, source_ref, record_key, reason, raw, rejected_at
+                 FROM {table} WHERE pipeline = ? AND run_id = ? ORDER BY id LIMIT ?"
+            ),
+            (pipeline, &run_id, limit as u64),
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| RejectRecord {
+            run_id: r.0,
+            pipeline: r.1,
+            source_ref: r.2,
+            record_key: r.3,
+            reason: r.4,
+            raw: r.5.unwrap_or_default(),
+            rejected_at: r.6,
+        })
+        .collect())
+}

@@ -1,0 +1,153 @@
+//! `replace` and `window` on MySQL: the run's rows are merged batch by batch
+//! into `_idemload_stage_<table>`, and the last batch's transaction applies
+//! only the differences to the target (DELETE rows absent in scope, UPDATE
+//! changed rows, INSERT new ones), so an identical snapshot writes nothing.
+//!
+//! The DDL this needs (creating the target, giving both tables each other's
+//! columns) runs in [`prepare`], before that transaction opens, because
+//! MySQL commits implicitly before DDL; it is idempotent, so a crash in
+//! between leaves nothing a re-run does not expect.
+
+use mysql_async::prelude::Queryable;
+use mysql_async::Conn;
+
+use super::schema::{add_columns, create_table, read_table, SqlColumn};
+use super::{Run, Server};
+use crate::config::Mode;
+use crate::destination::sql::quote_mysql as q;
+use crate::pipeline::stats::RunStats;
+
+type R<T> = std::result::Result<T, mysql_async::Error>;
+
+/// What the last batch's transaction applies.
+#[derive(Debug)]
+pub(super) enum Plan {
+    /// Nothing was staged: a replace empties an existing target.
+    Nothing { target_exists: bool },
+    /// Apply the stage; both tables have these columns.
+    Apply { columns: Vec<String> },
+}
+
+/// Makes target and stage ready for [`apply`] (before the transaction).
+pub(super) async fn prepare(conn: &mut Conn, server: &Server, run: &Run, stage: &str) -> R<Plan> {
+    let target = &run.target.table;
+    let Some(staged) = read_table(conn, server, stage).await? else {
+        return Ok(Plan::Nothing {
+            target_exists: read_table(conn, server, target).await?.is_some(),
+        });
+    };
+    let existing = match read_table(conn, server, target).await? {
+        Some(t) => t,
+        None => {
+            create_table(
+                conn,
+                server,
+                target,
+                &staged.columns,
+                &run.target.key_columns,
+            )
+            .await?;
+            read_table(conn, server, target)
+                .await?
+                .unwrap_or_else(|| staged.clone())
+        }
+    };
+    // Both tables get every column of the other, so a snapshot without a
+    // field sets it to null.
+    let to_target: Vec<SqlColumn> = staged
+        .columns
+        .iter()
+        .filter(|c| existing.position(&c.name).is_none())
+        .cloned()
+        .collect();
+    let to_stage: Vec<SqlColumn> = existing
+        .columns
+        .iter()
+        .filter(|c| staged.position(&c.name).is_none())
+        .cloned()
+        .collect();
+    add_columns(conn, target, &to_target).await?;
+    add_columns(conn, stage, &to_stage).await?;
+    let mut columns: Vec<String> = existing.columns.iter().map(|c| c.name.clone()).collect();
+    columns.extend(to_target.into_iter().map(|c| c.name));
+    Ok(Plan::Apply { columns })
+}
+
+/// Applies the stage to the target inside the last batch's transaction;
+/// returns the logical change.
+pub(super) async fn apply(conn: &mut Conn, run: &Run, stage: &str, plan: &Plan) -> R<RunStats> {
+    let mut stats = RunStats::default();
+    let (t, s) = (q(&run.target.table), q(stage));
+    let columns = match plan {
+        Plan::Nothing { target_exists } => {
+            if run.target.mode == Mode::Replace && *target_exists {
+                conn.query_drop(format!("DELETE FROM {t}")).await?;
+                stats.deleted = conn.affected_rows();
+                stats.removed = stats.deleted;
+            }
+            return Ok(stats);
+        }
+        Plan::Apply { columns } => columns,
+    };
+    let keys = &run.target.key_columns;
+    let matched = keys
+        .iter()
+        .map(|k| format!("t.{0} = s.{0}", q(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let k0 = q(&keys[0]);
+    let others: Vec<&String> = columns.iter().filter(|c| !keys.contains(c)).collect();
+    let scope = match (&run.target.mode, &run.target.window_field) {
+        (Mode::Window, Some(w)) => {
+            let w = q(w);
+            format!("t.{w} BETWEEN (SELECT MIN({w}) FROM {s}) AND (SELECT MAX({w}) FROM {s})")
+        }
+        _ => "TRUE".to_string(),
+    };
+    let staged: Option<i64> = conn
+        .query_first(format!("SELECT COUNT(*) FROM {s}"))
+        .await?;
+    let staged = staged.unwrap_or_default() as u64;
+    conn.query_drop(format!(
+        "DELETE t FROM {t} t LEFT JOIN {s} s ON {matched} WHERE s.{k0} IS NULL AND {scope}"
+    ))
+    .await?;
+    let removed = conn.affected_rows();
+    let updated = if others.is_empty() {
+        0
+    } else {
+        let set = others
+            .iter()
+            .map(|c| format!("t.{0} = s.{0}", q(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let same = others
+            .iter()
+            .map(|c| format!("t.{0} <=> s.{0}", q(c)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        conn.query_drop(format!(
+            "UPDATE {t} t JOIN {s} s ON {matched} SET {set} WHERE NOT ({same})"
+        ))
+        .await?;
+        conn.affected_rows()
+    };
+    let cols = columns.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
+    let s_cols = columns
+        .iter()
+        .map(|c| format!("s.{}", q(c)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    conn.query_drop(format!(
+        "INSERT INTO {t} ({cols}) SELECT {s_cols} FROM {s} s LEFT JOIN {t} t ON {matched}
+         WHERE t.{k0} IS NULL"
+    ))
+    .await?;
+    let inserted = conn.affected_rows();
+    stats.inserted = inserted;
+    stats.updated = updated;
+    stats.unchanged = staged.saturating_sub(inserted + updated);
+    stats.deleted = removed;
+    stats.removed = removed;
+    Ok(stats)
+}

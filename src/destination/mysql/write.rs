@@ -1,0 +1,409 @@
+//! Writing one batch to MySQL, in one transaction.
+//!
+//! Before the transaction: tables and columns are created (MySQL's DDL
+//! commits on its own), and the batch is converted and loaded into a
+//! temporary table (`batch.rs`). Inside the transaction, set-based statements classify every row
+//! against the stored one (new, changed, unchanged by `<=>` on every column,
+//! stale by cursor, to delete) and against the run's key set (a key written
+//! by an earlier batch is a duplicate), then write only what changed. The
+//! batch's rejects, its checkpoint and, for the last batch, the run's ending
+//! commit with it.
+
+use std::collections::HashMap;
+
+use mysql_async::prelude::Queryable;
+use mysql_async::Conn;
+
+use super::batch::{load, prepare, reject, BATCH};
+use super::bookkeeping::{self, fence, write_checkpoint, RUN_KEYS};
+use super::schema::{add_columns, create_table, declare, read_table, unfit_name, SqlColumn, Table};
+use super::{stage, MysqlDestination, Run, Server};
+use crate::config::Mode;
+use crate::destination::sql::quote_mysql as q;
+use crate::destination::{Commit, Target};
+use crate::error::{Error, Result};
+use crate::pipeline::plan::{PlannedBatch, Row};
+use crate::pipeline::stats::RunStats;
+use crate::record::Reject;
+
+/// Row classes of a batch.
+const OP_INSERT: i64 = 1;
+const OP_UPDATE: i64 = 2;
+const OP_UNCHANGED: i64 = 3;
+const OP_DELETE: i64 = 4;
+const OP_STALE: i64 = 5;
+
+/// Writes a planned batch; returns its full stats (the planner's and ours).
+pub(super) async fn write_batch(
+    dest: &mut MysqlDestination,
+    batch: PlannedBatch,
+    commit: Commit,
+) -> Result<RunStats> {
+    let MysqlDestination {
+        conn,
+        server,
+        run,
+        lock,
+        local_infile,
+        ..
+    } = dest;
+    let run = run
+        .as_mut()
+        .ok_or_else(|| Error::destination("mysql", "write before begin"))?;
+    let lock = lock
+        .clone()
+        .ok_or_else(|| Error::destination("mysql", "write without the run lock"))?;
+    let PlannedBatch {
+        rows,
+        mut rejects,
+        mut stats,
+        ..
+    } = batch;
+    let table = run
+        .stage
+        .clone()
+        .unwrap_or_else(|| run.target.table.clone());
+    let ctx = format!("mysql table {table:?}");
+    let staged = run.stage.is_some();
+    let mode = if staged { Mode::Merge } else { run.target.mode };
+
+    // Outside the transaction: DDL, conversion, and the temporary batch table.
+    let mut loaded: Option<Table> = None;
+    if !rows.is_empty() {
+        let (schema, rows) =
+            ensure_table(conn, server, run, &table, rows, &mut rejects, &mut stats).await?;
+        if !rows.is_empty() {
+            let clock = std::time::Instant::now();
+            let prepared = prepare(&schema, &run.target, &table, rows, &mut rejects, &mut stats)?;
+            let converted = clock.elapsed().as_millis() as u64;
+            if !prepared.is_empty() {
+                load(conn, local_infile, &schema, &prepared)
+                    .await
+                    .map_err(|e| Error::destination(ctx.clone(), e))?;
+                loaded = Some(schema);
+            }
+            tracing::debug!(
+                converted,
+                ms = clock.elapsed().as_millis() as u64,
+                rows = prepared.len(),
+                "Batch loaded."
+            );
+        }
+    }
+    let finishing_stage = match (&commit.finish, &run.stage) {
+        (Some(_), Some(stage)) => Some((
+            stage.clone(),
+            stage::prepare(conn, server, run, stage)
+                .await
+                .map_err(|e| Error::destination(format!("mysql table {stage:?}"), e))?,
+        )),
+        _ => None,
+    };
+
+    conn.query_drop("START TRANSACTION")
+        .await
+        .map_err(|e| Error::destination(ctx.clone(), e))?;
+    let result = async {
+        fence(conn, &lock).await?;
+        if let Some(schema) = &loaded {
+            let counts = merge(conn, &table, schema, &run.target, mode)
+                .await
+                .map_err(|e| Error::destination(ctx.clone(), e))?;
+            if staged {
+                // Staged rows are counted when the stage is applied.
+                stats.duplicates += counts.duplicates;
+            } else {
+                stats += counts;
+            }
+        }
+        let bk = |e| Error::destination("mysql bookkeeping", e);
+        bookkeeping::insert_rejects(conn, &lock.pipeline, &lock.run_id, &rejects)
+            .await
+            .map_err(bk)?;
+        if let Some(checkpoint) = &commit.checkpoint {
+            write_checkpoint(conn, &lock.pipeline, Some(checkpoint), &lock.run_id)
+                .await
+                .map_err(bk)?;
+        }
+        if let Some(finish) = &commit.finish {
+            if let Some((stage, plan)) = &finishing_stage {
+                stats += stage::apply(conn, run, stage, plan)
+                    .await
+                    .map_err(|e| Error::destination(format!("mysql table {stage:?}"), e))?;
+            }
+            let end = finish.resolve(stats);
+            if let Some(checkpoint) = &end.checkpoint {
+                write_checkpoint(conn, &lock.pipeline, Some(checkpoint), &lock.run_id)
+                    .await
+                    .map_err(bk)?;
+            }
+            let after = end
+                .checkpoint
+                .as_ref()
+                .or(run.info.checkpoint_before.as_ref());
+            bookkeeping::finish(
+                conn,
+                &lock.run_id,
+                end.status,
+                &end.stats,
+                after,
+                end.error.as_deref(),
+            )
+            .await
+            .map_err(bk)?;
+        }
+        let clock = std::time::Instant::now();
+        conn.query_drop("COMMIT")
+            .await
+            .map_err(|e| Error::destination(ctx.clone(), e))?;
+        tracing::debug!(ms = clock.elapsed().as_millis() as u64, "Batch committed.");
+        Ok::<_, Error>(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = conn.query_drop("ROLLBACK").await;
+        return Err(e);
+    }
+    if let Some((stage, _)) = finishing_stage {
+        // After the commit: DROP commits on its own. A crash before it leaves
+        // a stage the next run's begin drops.
+        conn.query_drop(format!("DROP TABLE IF EXISTS {}", q(&stage)))
+            .await
+            .map_err(|e| Error::destination(format!("mysql table {stage:?}"), e))?;
+        run.schema = None;
+    }
+    Ok(stats)
+}
+
+/// Creates the table or adds the columns the rows need (rows whose field
+/// names MySQL cannot hold become rejects); returns its schema and the rows.
+async fn ensure_table(
+    conn: &mut Conn,
+    server: &Server,
+    run: &mut Run,
+    table: &str,
+    rows: Vec<Row>,
+    rejects: &mut Vec<Reject>,
+    stats: &mut RunStats,
+) -> Result<(Table, Vec<Row>)> {
+    let ctx = || format!("mysql table {table:?}");
+    let mut schema = match run.schema.take() {
+        Some(s) => s,
+        None => read_table(conn, server, table)
+            .await
+            .map_err(|e| Error::destination(ctx(), e))?
+            .unwrap_or_default(),
+    };
+    let mut new_names: HashMap<String, String> = HashMap::new();
+    let mut kept = Vec::with_capacity(rows.len());
+    for row in rows {
+        let mut problem = None;
+        for name in row.fields.keys() {
+            if schema.position(name).is_some() {
+                continue;
+            }
+            if let Some(p) = unfit_name(name, &schema) {
+                problem = Some(p);
+                break;
+            }
+            match new_names.get(&name.to_lowercase()) {
+                Some(exact) if exact != name => {
+                    problem = Some(format!(
+                        "field name {name:?} differs from field {exact:?} only by case, and MySQL column names ignore case"
+                    ));
+                    break;
+                }
+                Some(_) => {}
+                None => {
+                    new_names.insert(name.to_lowercase(), name.clone());
+                }
+            }
+        }
+        match problem {
+            Some(reason) => {
+                stats.rejected += 1;
+                rejects.push(reject(&row, reason));
+            }
+            None => kept.push(row),
+        }
+    }
+    let missing = schema.logical().missing(kept.iter().map(|r| &r.fields));
+    let keys = &run.target.key_columns;
+    if schema.columns.is_empty() && !missing.is_empty() {
+        let columns: Vec<SqlColumn> = missing
+            .iter()
+            .map(|c| declare(server, c, keys.contains(&c.name)))
+            .collect();
+        create_table(conn, server, table, &columns, keys)
+            .await
+            .map_err(|e| Error::destination(ctx(), e))?;
+        tracing::info!(table, columns = columns.len(), "Table created.");
+        schema = reread(conn, server, table).await?;
+    } else if !missing.is_empty() {
+        // Read again: a run that died after its ALTER may have added some.
+        let fresh = reread(conn, server, table).await?;
+        let columns: Vec<SqlColumn> = missing
+            .iter()
+            .filter(|c| fresh.position(&c.name).is_none())
+            .map(|c| declare(server, c, keys.contains(&c.name)))
+            .collect();
+        add_columns(conn, table, &columns)
+            .await
+            .map_err(|e| Error::destination(ctx(), e))?;
+        tracing::info!(table, added = columns.len(), "Columns added.");
+        schema = reread(conn, server, table).await?;
+    }
+    run.schema = Some(schema.clone());
+    Ok((schema, kept))
+}
+
+async fn reread(conn: &mut Conn, server: &Server, table: &str) -> Result<Table> {
+    read_table(conn, server, table)
+        .await
+        .map_err(|e| Error::destination(format!("mysql table {table:?}"), e))?
+        .ok_or_else(|| Error::destination(format!("mysql table {table:?}"), "vanished"))
+}
+
+/// Classifies the loaded batch against the stored rows and the run's keys
+/// (read only), then writes only what changed; returns inserted, updated,
+/// unchanged, deleted, skipped (stale) and duplicates.
+async fn merge(
+    conn: &mut Conn,
+    table: &str,
+    schema: &Table,
+    target: &Target,
+    mode: Mode,
+) -> std::result::Result<RunStats, mysql_async::Error> {
+    let (t, b, rk) = (q(table), q(BATCH), q(RUN_KEYS));
+    let keys = &target.key_columns;
+    let matched = keys
+        .iter()
+        .map(|k| format!("t.{0} = s.{0}", q(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let others: Vec<&str> = schema
+        .names()
+        .into_iter()
+        .filter(|n| !keys.iter().any(|k| k == n))
+        .collect();
+    let same = if others.is_empty() {
+        "TRUE".to_string()
+    } else {
+        others
+            .iter()
+            .map(|c| format!("t.{0} <=> s.{0}", q(c)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    // Never NULL: both sides are tested first.
+    let stale = match target
+        .cursor
+        .as_deref()
+        .filter(|c| schema.position(c).is_some())
+    {
+        Some(c) => {
+            let c = q(c);
+            format!("(s.{c} IS NOT NULL AND t.{c} IS NOT NULL AND s.{c} < t.{c})")
+        }
+        None => "FALSE".to_string(),
+    };
+    let insert_new = if mode == Mode::InsertNew {
+        "TRUE"
+    } else {
+        "FALSE"
+    };
+    let k0 = q(&keys[0]);
+    let del = "s.`_idemload_del` = 1";
+    let clock = std::time::Instant::now();
+    let counts: Vec<(i64, i64, i64)> = conn
+        .query(format!(
+            "SELECT CASE
+                 WHEN t.{k0} IS NULL THEN IF({del}, {OP_UNCHANGED}, {OP_INSERT})
+                 WHEN {insert_new} THEN {OP_UNCHANGED}
+                 WHEN {stale} THEN {OP_STALE}
+                 WHEN {del} THEN {OP_DELETE}
+                 WHEN {same} THEN {OP_UNCHANGED}
+                 ELSE {OP_UPDATE} END AS op,
+               r.k IS NOT NULL AS dup, COUNT(*)
+             FROM {b} s LEFT JOIN {t} t ON {matched} LEFT JOIN {rk} r ON r.k = s.`_idemload_rk`
+             GROUP BY op, dup"
+        ))
+        .await?;
+    tracing::debug!(ms = clock.elapsed().as_millis() as u64, "Batch classified.");
+    // Keys of this batch seen before are kept: IGNORE skips exactly those.
+    conn.query_drop(format!(
+        "INSERT IGNORE INTO {rk} (k) SELECT `_idemload_rk` FROM {b} ORDER BY `_idemload_rk`"
+    ))
+    .await?;
+    let mut stats = RunStats::default();
+    let mut todo = [false; 6];
+    let (mut rows, mut new_rows) = (0u64, 0u64);
+    for (op, dup, n) in counts {
+        let n = n as u64;
+        rows += n;
+        if op == OP_INSERT {
+            new_rows += n;
+        }
+        if (1..=5).contains(&op) {
+            todo[op as usize] = true;
+        }
+        if dup != 0 {
+            stats.duplicates += n;
+            continue;
+        }
+        match op {
+            OP_INSERT => stats.inserted += n,
+            OP_UPDATE => stats.updated += n,
+            OP_UNCHANGED => stats.unchanged += n,
+            OP_DELETE => stats.deleted += n,
+            OP_STALE => stats.skipped += n,
+            _ => {}
+        }
+    }
+    let clock = std::time::Instant::now();
+    if todo[OP_DELETE as usize] {
+        conn.query_drop(format!(
+            "DELETE t FROM {t} t JOIN {b} s ON {matched} WHERE {del} AND NOT {stale}"
+        ))
+        .await?;
+    }
+    if todo[OP_UPDATE as usize] {
+        let set = others
+            .iter()
+            .map(|c| format!("t.{0} = s.{0}", q(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        conn.query_drop(format!(
+            "UPDATE {t} t JOIN {b} s ON {matched} SET {set}
+             WHERE NOT {del} AND NOT {stale} AND NOT ({same})"
+        ))
+        .await?;
+    }
+    if todo[OP_INSERT as usize] {
+        let cols = schema
+            .names()
+            .iter()
+            .map(|n| q(n))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let s_cols = schema
+            .names()
+            .iter()
+            .map(|n| format!("s.{}", q(n)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if new_rows == rows {
+            // Every row is new (a first load): no anti-join needed.
+            conn.query_drop(format!("INSERT INTO {t} ({cols}) SELECT {cols} FROM {b}"))
+                .await?;
+        } else {
+            conn.query_drop(format!(
+                "INSERT INTO {t} ({cols}) SELECT {s_cols} FROM {b} s LEFT JOIN {t} t ON {matched}
+                 WHERE t.{k0} IS NULL AND NOT {del}"
+            ))
+            .await?;
+        }
+    }
+    tracing::debug!(ms = clock.elapsed().as_millis() as u64, "Batch applied.");
+    Ok(stats)
+}
