@@ -7,6 +7,7 @@
 //! It states its [`Capabilities`]; the pipeline asks those, never "which
 //! database is this". [`open`] picks an implementation by URL scheme.
 
+pub mod postgres;
 pub mod schema;
 pub mod sql;
 pub mod sqlite;
@@ -102,11 +103,20 @@ pub trait Destination: Send {
 
 /// Opens the destination an URL names.
 pub async fn open(url: &str) -> Result<Box<dyn Destination>> {
+    open_in(url, None).await
+}
+
+/// Opens the destination an URL names, in `schema` (`[destination] schema`)
+/// where the database has schemas.
+pub async fn open_in(url: &str, schema: Option<&str>) -> Result<Box<dyn Destination>> {
     let scheme = url.split("://").next().unwrap_or_default();
     match scheme {
         "sqlite" => Ok(Box::new(sqlite::SqliteDestination::open(url).await?)),
+        "postgres" | "postgresql" => Ok(Box::new(
+            postgres::PostgresDestination::open(url, schema).await?,
+        )),
         _ => Err(Error::config(format!(
-            "unsupported destination URL {}: use sqlite://PATH",
+            "unsupported destination URL {}: use sqlite://PATH or postgres://…",
             redact(url)
         ))),
     }

@@ -109,7 +109,11 @@ impl Pipeline {
 
     /// Opens the pipeline's destination.
     pub async fn destination(&self) -> Result<Box<dyn Destination>> {
-        destination::open(&self.config.destination.url).await
+        destination::open_in(
+            &self.config.destination.url,
+            self.config.destination.schema.as_deref(),
+        )
+        .await
     }
 
     /// Runs the pipeline with the source of its configuration.

@@ -1,0 +1,894 @@
+//! Writing one batch to PostgreSQL, in one transaction.
+//!
+//! Fence the lease; create the table or add the columns the rows need;
+//! check every value in Rust (a value that does not fit is a reject); binary
+//! COPY the rows into a temporary table; then one statement merges them:
+//! it notes the run's keys (a key this run already wrote makes the record a
+//! `duplicate`), inserts new keys, updates a row only when a column really
+//! differs (`IS DISTINCT FROM`, compared as typed values) and its cursor is
+//! not older than the stored one, deletes on `delete_field`, and counts each
+//! outcome exactly. Unchanged rows are not written at all. Rejects, the
+//! checkpoint and, for the last batch, the run's ending commit with it.
+
+use serde_json::Value;
+use tokio_postgres::{GenericClient, Transaction};
+
+use super::bookkeeping::{self, fence, insert_rejects, write_checkpoint, RUN_KEYS};
+use super::copy::CopyBuffer;
+use super::types::{read_schema, PgColumn, PgSchema, Stage};
+use super::{pg_error, qualified, PostgresDestination, Run};
+use crate::config::Mode;
+use crate::destination::schema::{ColumnType, SqlValue};
+use crate::destination::sql::{column_list, quote};
+use crate::destination::Commit;
+use crate::error::{Error, Result};
+use crate::pipeline::plan::{PlannedBatch, Row};
+use crate::pipeline::stats::RunStats;
+use crate::record::Reject;
+
+/// The temporary table a batch is copied into.
+const BATCH: &str = "pg_temp._idemload_batch";
+/// Its bookkeeping columns: the canonical key and the delete flag.
+const RK: &str = "_idemload_rk";
+const DEL: &str = "_idemload_del";
+
+/// Writes a planned batch; returns its full stats (the planner's and ours).
+pub(super) async fn write_batch(
+    dest: &mut PostgresDestination,
+    batch: PlannedBatch,
+    commit: Commit,
+) -> Result<RunStats> {
+    let PostgresDestination {
+        client,
+        schema,
+        run,
+        lock,
+        ..
+    } = dest;
+    let schema = schema.as_str();
+    let run = run
+        .as_mut()
+        .ok_or_else(|| Error::destination("postgres", "write before begin"))?;
+    let (pipeline, run_id, lease, _) = lock
+        .clone()
+        .ok_or_else(|| Error::destination("postgres", "write without the run lock"))?;
+    let context = format!("table {:?}", run.target.table);
+    let tx = client
+        .transaction()
+        .await
+        .map_err(pg_error(context.clone()))?;
+    fence(&tx, schema, &pipeline, &run_id, lease).await?;
+
+    let PlannedBatch {
+        rows,
+        mut rejects,
+        mut stats,
+        ..
+    } = batch;
+    if !rows.is_empty() {
+        let table = run
+            .stage
+            .clone()
+            .unwrap_or_else(|| run.target.table.clone());
+        let staged = run.stage.is_some();
+        let pg_schema = ensure_table(&tx, schema, run, &table, &rows, staged).await?;
+        let mode = if staged { Mode::Merge } else { run.target.mode };
+        let merge = Merge::new(&qualified(schema, &table), &pg_schema, &run.target, mode)?;
+        let (copy, deletes) = encode(&pg_schema, rows, &mut stats, &mut rejects);
+        if copy.rows > 0 {
+            tx.batch_execute(&merge.batch_table())
+                .await
+                .map_err(pg_error(context.clone()))?;
+            copy.send(&tx, BATCH, &merge.copy_columns()).await?;
+            let counts = tx
+                .query_one(&merge.statement(deletes), &[])
+                .await
+                .map_err(pg_error(context.clone()))?;
+            let get = |i: usize| counts.get::<_, i64>(i) as u64;
+            let (total, fresh, inserted, updated, deleted, stale) =
+                (get(0), get(1), get(2), get(3), get(4), get(5));
+            stats.duplicates += total - fresh;
+            // Staged rows are counted when the stage is applied.
+            if !staged {
+                stats.inserted += inserted;
+                stats.updated += updated;
+                stats.deleted += deleted;
+                stats.skipped += stale;
+                stats.unchanged += fresh - inserted - updated - deleted - stale;
+            }
+        }
+    }
+    insert_rejects(&tx, schema, &pipeline, &run_id, &rejects).await?;
+    if let Some(checkpoint) = &commit.checkpoint {
+        write_checkpoint(&tx, schema, &pipeline, Some(checkpoint), &run_id).await?;
+    }
+    if let Some(finish) = &commit.finish {
+        if let Some(stage) = run.stage.clone() {
+            stats += apply_stage(&tx, schema, run, &stage).await?;
+        }
+        let end = finish.resolve(stats);
+        if let Some(checkpoint) = &end.checkpoint {
+            write_checkpoint(&tx, schema, &pipeline, Some(checkpoint), &run_id).await?;
+        }
+        let after = end
+            .checkpoint
+            .as_ref()
+            .or(run.info.checkpoint_before.as_ref());
+        bookkeeping::finish(
+            &tx,
+            schema,
+            &run_id,
+            end.status,
+            &end.stats,
+            after,
+            end.error.as_deref(),
+        )
+        .await?;
+    }
+    tx.commit().await.map_err(pg_error(format!("{context}, commit")))?;
+    Ok(stats)
+}
+
+/// Checks and encodes every row; a value that does not fit makes its
+/// record a reject. Returns the COPY data and whether any row deletes.
+fn encode(
+    schema: &PgSchema,
+    rows: Vec<Row>,
+    stats: &mut RunStats,
+    rejects: &mut Vec<Reject>,
+) -> (CopyBuffer, bool) {
+    let mut stages = vec![Stage::Text, Stage::Bool];
+    stages.extend(schema.columns.iter().map(PgColumn::stage));
+    let mut copy = CopyBuffer::new();
+    let mut values = Vec::with_capacity(stages.len());
+    let mut deletes = false;
+    for row in rows {
+        values.clear();
+        values.push(SqlValue::Text(row.key.canonical().to_string()));
+        values.push(SqlValue::Bool(row.delete));
+        let mut reason = None;
+        for column in &schema.columns {
+            let value = row.fields.get(&column.name).unwrap_or(&Value::Null);
+            match column.convert(value) {
+                Ok(v) => values.push(v),
+                Err(r) => {
+                    reason = Some(r);
+                    break;
+                }
+            }
+        }
+        if reason.is_none() {
+            if let Err(r) = copy.push_row(&stages, &values) {
+                reason = Some(r);
+            }
+        }
+        match reason {
+            None => deletes |= row.delete,
+            Some(reason) => {
+                stats.rejected += 1;
+                rejects.push(Reject {
+                    source: row.source.clone(),
+                    key: Some(row.key.to_string()),
+                    raw: serde_json::to_string(&row.fields).unwrap_or_default(),
+                    reason,
+                });
+            }
+        }
+    }
+    (copy, deletes)
+}
+
+/// The SQL of one batch's merge into one table.
+struct Merge<'a> {
+    table: String,
+    schema: &'a PgSchema,
+    mode: Mode,
+    keys: Vec<&'a PgColumn>,
+    others: Vec<&'a PgColumn>,
+    cursor: Option<&'a PgColumn>,
+}
+
+impl<'a> Merge<'a> {
+    fn new(
+        table: &str,
+        schema: &'a PgSchema,
+        target: &crate::destination::Target,
+        mode: Mode,
+    ) -> Result<Merge<'a>> {
+        let keys = target
+            .key_columns
+            .iter()
+            .map(|k| {
+                schema
+                    .position(k)
+                    .map(|i| &schema.columns[i])
+                    .ok_or_else(|| {
+                        Error::destination(format!("table {table}"), format!("has no key column {k:?}"))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let others = schema
+            .columns
+            .iter()
+            .filter(|c| !target.key_columns.contains(&c.name))
+            .collect();
+        Ok(Merge {
+            table: table.to_string(),
+            schema,
+            mode,
+            cursor: target
+                .cursor
+                .as_deref()
+                .and_then(|c| schema.position(c))
+                .map(|i| &schema.columns[i]),
+            keys,
+            others,
+        })
+    }
+
+    /// A fresh temporary table shaped like the COPY (dropped at commit).
+    fn batch_table(&self) -> String {
+        let defs: Vec<String> = self
+            .schema
+            .columns
+            .iter()
+            .map(|c| format!("{} {}", quote(&c.name), c.stage().sql()))
+            .collect();
+        format!(
+            "CREATE TEMP TABLE _idemload_batch ({} text, {} boolean, {}) ON COMMIT DROP",
+            quote(RK),
+            quote(DEL),
+            defs.join(", ")
+        )
+    }
+
+    fn copy_columns(&self) -> String {
+        let mut names = vec![RK, DEL];
+        names.extend(self.schema.columns.iter().map(|c| c.name.as_str()));
+        column_list(&names)
+    }
+
+    /// `stored < new` is false under the stale rule: the new version's cursor
+    /// is not older (a null on either side never makes a row stale). Text
+    /// cursors compare byte-wise, like the planner's.
+    fn stale(&self, new: &str, stored: &str) -> Option<String> {
+        let c = self.cursor?;
+        let collate = if c.ty == ColumnType::Text {
+            " COLLATE \"C\""
+        } else {
+            ""
+        };
+        let q = quote(&c.name);
+        Some(format!(
+            "({new}{collate} < {stored}.{q}{collate}) IS TRUE",
+            new = c.cast(&format!("{new}.{q}"))
+        ))
+    }
+
+    /// `t.k = s.k AND …` with the batch side cast to the column's type.
+    fn key_match(&self, t: &str, s: &str) -> String {
+        self.keys
+            .iter()
+            .map(|c| {
+                let q = quote(&c.name);
+                format!("{t}.{q} = {}", c.cast(&format!("{s}.{q}")))
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// The merge and its counts: total, fresh (first time this run),
+    /// inserted, updated, deleted, stale, of the fresh rows.
+    fn statement(&self, deletes: bool) -> String {
+        let t = &self.table;
+        let names: Vec<&str> = self.schema.columns.iter().map(|c| c.name.as_str()).collect();
+        let cols = column_list(&names);
+        let exprs = self
+            .schema
+            .columns
+            .iter()
+            .map(|c| c.cast(&format!("s.{}", quote(&c.name))))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let key_cols = column_list(&self.keys.iter().map(|c| c.name.as_str()).collect::<Vec<_>>());
+        let conflict = if self.mode == Mode::InsertNew || self.others.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            let set = self
+                .others
+                .iter()
+                .map(|c| format!("{q} = EXCLUDED.{q}", q = quote(&c.name)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let stored = self
+                .others
+                .iter()
+                .map(|c| c.comparable(&format!("t.{}", quote(&c.name))))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let new = self
+                .others
+                .iter()
+                .map(|c| c.comparable(&format!("EXCLUDED.{}", quote(&c.name))))
+                .collect::<Vec<_>>()
+                .join(", ");
+            // ROW() keeps a one-column list a row constructor.
+            let mut cond = format!("ROW({stored}) IS DISTINCT FROM ROW({new})");
+            if let Some(c) = self.cursor {
+                let q = quote(&c.name);
+                let collate = if c.ty == ColumnType::Text {
+                    " COLLATE \"C\""
+                } else {
+                    ""
+                };
+                cond.push_str(&format!(
+                    " AND (EXCLUDED.{q}{collate} < t.{q}{collate}) IS NOT TRUE"
+                ));
+            }
+            format!("DO UPDATE SET {set} WHERE {cond}")
+        };
+        let returning = self
+            .keys
+            .iter()
+            .map(|c| format!("t.{}", quote(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut sql = format!(
+            "WITH fresh AS (
+                INSERT INTO {RUN_KEYS} (k) SELECT s.{rk} FROM {BATCH} s
+                ON CONFLICT DO NOTHING RETURNING k
+             ),
+             up AS (
+                INSERT INTO {t} AS t ({cols}) SELECT {exprs} FROM {BATCH} s WHERE NOT s.{del}
+                ON CONFLICT ({key_cols}) {conflict}
+                RETURNING {returning}, (t.xmax = 0) AS _idemload_ins
+             )",
+            rk = quote(RK),
+            del = quote(DEL),
+        );
+        let check_stale = self.mode != Mode::InsertNew;
+        let stale = self.stale("s", "t").filter(|_| check_stale);
+        if let Some(cond) = &stale {
+            sql.push_str(&format!(
+                ", stale AS (
+                    SELECT s.{rk} AS k FROM {BATCH} s JOIN {t} t ON {m} WHERE {cond}
+                 )",
+                rk = quote(RK),
+                m = self.key_match("t", "s"),
+            ));
+        }
+        if deletes {
+            let not_stale = match self.stale("s", "t") {
+                Some(cond) => format!(" AND NOT {cond}"),
+                None => String::new(),
+            };
+            sql.push_str(&format!(
+                ", del AS (
+                    DELETE FROM {t} t USING {BATCH} s
+                    WHERE s.{del} AND {m}{not_stale}
+                    RETURNING {returning}
+                 )",
+                del = quote(DEL),
+                m = self.key_match("t", "s"),
+            ));
+        }
+        let fresh = "f.k IS NOT NULL";
+        sql.push_str(&format!(
+            " SELECT count(*), count(f.k),
+                count(*) FILTER (WHERE {fresh} AND u._idemload_ins),
+                count(*) FILTER (WHERE {fresh} AND NOT u._idemload_ins),
+                {deleted},
+                {stale_count}
+              FROM {BATCH} s
+              LEFT JOIN fresh f ON f.k = s.{rk}
+              LEFT JOIN up u ON {um}",
+            rk = quote(RK),
+            um = self.key_match("u", "s"),
+            deleted = if deletes {
+                format!("count(*) FILTER (WHERE {fresh} AND d._idemload_gone)")
+            } else {
+                "0::bigint".into()
+            },
+            stale_count = if stale.is_some() {
+                format!(
+                    "count(*) FILTER (WHERE {fresh} AND u._idemload_ins IS NULL{} AND st.k IS NOT NULL)",
+                    if deletes { " AND d._idemload_gone IS NULL" } else { "" }
+                )
+            } else {
+                "0::bigint".into()
+            },
+        ));
+        if deletes {
+            sql.push_str(&format!(
+                " LEFT JOIN (SELECT *, true AS _idemload_gone FROM del) d ON {}",
+                self.key_match("d", "s")
+            ));
+        }
+        if stale.is_some() {
+            sql.push_str(&format!(" LEFT JOIN stale st ON st.k = s.{}", quote(RK)));
+        }
+        sql
+    }
+}
+
+/// `CREATE TABLE` with a primary key on the key columns.
+pub(super) async fn create_table(
+    tx: &impl GenericClient,
+    schema: &str,
+    table: &str,
+    columns: &[PgColumn],
+    keys: &[String],
+    unlogged: bool,
+) -> Result<()> {
+    let defs = columns
+        .iter()
+        .map(|c| {
+            let not_null = if keys.contains(&c.name) { " NOT NULL" } else { "" };
+            format!("{} {}{not_null}", quote(&c.name), c.sql)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let kind = if unlogged { "UNLOGGED " } else { "" };
+    tx.batch_execute(&format!(
+        "CREATE {kind}TABLE {} ({defs}, PRIMARY KEY ({}))",
+        qualified(schema, table),
+        column_list(keys)
+    ))
+    .await
+    .map_err(pg_error(format!("creating table {table:?}")))?;
+    Ok(())
+}
+
+async fn add_columns(
+    tx: &impl GenericClient,
+    schema: &str,
+    table: &str,
+    columns: &[PgColumn],
+) -> Result<()> {
+    if columns.is_empty() {
+        return Ok(());
+    }
+    let adds = columns
+        .iter()
+        .map(|c| format!("ADD COLUMN {} {}", quote(&c.name), c.sql))
+        .collect::<Vec<_>>()
+        .join(", ");
+    tx.batch_execute(&format!("ALTER TABLE {} {adds}", qualified(schema, table)))
+        .await
+        .map_err(pg_error(format!("adding columns to table {table:?}")))?;
+    Ok(())
+}
+
+/// Creates the table or adds the columns the rows need; returns its schema.
+async fn ensure_table(
+    tx: &Transaction<'_>,
+    schema: &str,
+    run: &mut Run,
+    table: &str,
+    rows: &[Row],
+    unlogged: bool,
+) -> Result<PgSchema> {
+    let mut current = match run.schema.take() {
+        Some(s) => s,
+        None => read_schema(tx, schema, table).await?.unwrap_or_default(),
+    };
+    let missing = current.missing(rows.iter().map(|r| &r.fields));
+    if current.columns.is_empty() {
+        create_table(tx, schema, table, &missing, &run.target.key_columns, unlogged).await?;
+        tracing::info!(table, columns = missing.len(), "Table created.");
+        current.columns = missing;
+    } else if !missing.is_empty() {
+        add_columns(tx, schema, table, &missing).await?;
+        tracing::info!(table, added = missing.len(), "Columns added.");
+        current.columns.extend(missing);
+    }
+    run.schema = Some(current.clone());
+    Ok(current)
+}
+
+/// Applies a `replace`/`window` stage to the target, writing only the
+/// differences, and drops the stage. Returns the logical change.
+async fn apply_stage(
+    tx: &Transaction<'_>,
+    schema: &str,
+    run: &mut Run,
+    stage: &str,
+) -> Result<RunStats> {
+    let target = run.target.table.clone();
+    let keys = run.target.key_columns.clone();
+    let context = format!("applying the stage of table {target:?}");
+    let (t, s) = (qualified(schema, &target), qualified(schema, stage));
+    let mut stats = RunStats::default();
+    let Some(stage_schema) = read_schema(tx, schema, stage).await? else {
+        // Nothing was staged: a replace empties the table, a window touches nothing.
+        if run.target.mode == Mode::Replace && read_schema(tx, schema, &target).await?.is_some() {
+            let removed = tx
+                .execute(&format!("DELETE FROM {t}"), &[])
+                .await
+                .map_err(pg_error(context))?;
+            stats.deleted = removed;
+            stats.removed = removed;
+        }
+        return Ok(stats);
+    };
+    let mut target_schema = match read_schema(tx, schema, &target).await? {
+        Some(ts) => ts,
+        None => {
+            create_table(tx, schema, &target, &stage_schema.columns, &keys, false).await?;
+            stage_schema.clone()
+        }
+    };
+    // Both tables get every column of the other, so a snapshot without a
+    // field sets it to null.
+    let to_target: Vec<PgColumn> = stage_schema
+        .columns
+        .iter()
+        .filter(|c| target_schema.position(&c.name).is_none())
+        .cloned()
+        .collect();
+    add_columns(tx, schema, &target, &to_target).await?;
+    target_schema.columns.extend(to_target);
+    let to_stage: Vec<PgColumn> = target_schema
+        .columns
+        .iter()
+        .filter(|c| stage_schema.position(&c.name).is_none())
+        .cloned()
+        .collect();
+    add_columns(tx, schema, stage, &to_stage).await?;
+
+    let names: Vec<&str> = target_schema
+        .columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    let others: Vec<&PgColumn> = target_schema
+        .columns
+        .iter()
+        .filter(|c| !keys.contains(&c.name))
+        .collect();
+    let matched = keys
+        .iter()
+        .map(|k| format!("t.{q} = s.{q}", q = quote(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let scope = match (&run.target.mode, &run.target.window_field) {
+        (Mode::Window, Some(w)) => {
+            let w = quote(w);
+            format!("t.{w} BETWEEN (SELECT min({w}) FROM {s}) AND (SELECT max({w}) FROM {s})")
+        }
+        _ => "true".to_string(),
+    };
+    let run_sql = |sql: String| {
+        let context = context.clone();
+        async move {
+            tx.execute(&sql, &[])
+                .await
+                .map_err(pg_error(context))
+        }
+    };
+    let staged: i64 = tx
+        .query_one(&format!("SELECT count(*) FROM {s}"), &[])
+        .await
+        .map_err(pg_error(context.clone()))?
+        .get(0);
+    let removed = run_sql(format!(
+        "DELETE FROM {t} t WHERE {scope} AND NOT EXISTS (SELECT 1 FROM {s} s WHERE {matched})"
+    ))
+    .await?;
+    let updated = if others.is_empty() {
+        0
+    } else {
+        let set = others
+            .iter()
+            .map(|c| format!("{q} = s.{q}", q = quote(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let stored = others
+            .iter()
+            .map(|c| c.comparable(&format!("t.{}", quote(&c.name))))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let new = others
+            .iter()
+            .map(|c| c.comparable(&format!("s.{}", quote(&c.name))))
+            .collect::<Vec<_>>()
+            .join(", ");
+        run_sql(format!(
+            "UPDATE {t} t SET {set} FROM {s} s
+             WHERE {matched} AND ROW({stored}) IS DISTINCT FROM ROW({new})"
+        ))
+        .await?
+    };
+    let cols = column_list(&names);
+    let s_cols = names
+        .iter()
+        .map(|n| format!("s.{}", quote(n)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let inserted = run_sql(format!(
+        "INSERT INTO {t} ({cols}) SELECT {s_cols} FROM {s} s
+         WHERE NOT EXISTS (SELECT 1 FROM {t} t WHERE {matched})"
+    ))
+    .await?;
+    tx.batch_execute(&format!("DROP TABLE {s}"))
+        .await
+        .map_err(pg_error(context))?;
+    run.schema = None;
+    stats.inserted = inserted;
+    stats.updated = updated;
+    stats.unchanged = staged as u64 - inserted - updated;
+    stats.deleted = removed;
+    stats.removed = removed;
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::super::testing::{server, TestSchema};
+    use crate::pipeline::stats::RunStats;
+    use crate::RunStatus;
+
+    /// Runs the same input into SQLite and PostgreSQL: the stats must agree.
+    async fn both(
+        pg: &TestSchema,
+        dir: &std::path::Path,
+        records: &[Value],
+        load: &str,
+    ) -> RunStats {
+        let sqlite = format!("sqlite://{}", dir.join("ref.db").display());
+        let expected = pg.run(dir, Some(&sqlite), records, load).await.unwrap();
+        let got = pg.run(dir, None, records, load).await.unwrap();
+        assert_eq!(
+            got.stats, expected.stats,
+            "\nexpected (sqlite):\n{:?}\ngot (postgres):\n{:?}",
+            expected.stats, got.stats
+        );
+        assert_eq!(got.status, expected.status);
+        assert!(got.stats.is_balanced(), "{:?}", got.stats);
+        got.stats
+    }
+
+    async fn xmins(pg: &TestSchema) -> Vec<String> {
+        pg.client
+            .query(
+                &format!("SELECT xmin::text FROM {}.t ORDER BY id", super::quote(&pg.name)),
+                &[],
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn run_twice_changes_nothing_and_counts_exactly() {
+        let Some(url) = server("run_twice_changes_nothing_and_counts_exactly") else {
+            return;
+        };
+        let pg = TestSchema::new(&url, "run_twice").await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut records: Vec<Value> = (0..50)
+            .map(|i| {
+                json!({
+                    "id": i, "name": format!("n{i}"), "score": i as f64 / 3.0, "ok": i % 2 == 0,
+                    "at": format!("2024-05-01T10:{:02}:00.123456789+02:00", i % 60),
+                    "meta": {"b": [1, 2, {"z": null}], "a": "x"},
+                })
+            })
+            .collect();
+        // An in-input duplicate in the same batch: the later version wins.
+        records.insert(5, json!({"id": 3, "name": "three", "score": 1.0, "ok": true,
+            "at": "2024-05-01T10:00:00Z", "meta": {"a": 1}}));
+        let load = "batch_size = 7";
+        let first = both(&pg, dir.path(), &records, load).await;
+        assert_eq!((first.inserted, first.duplicates), (50, 1));
+        let before = xmins(&pg).await;
+        let again = both(&pg, dir.path(), &records, load).await;
+        assert_eq!((again.inserted, again.updated, again.unchanged), (0, 0, 50));
+        assert_eq!(xmins(&pg).await, before, "an identical re-run wrote rows");
+        // The same instants written with another offset, the same object
+        // with its keys in another order: still unchanged.
+        let respelled: Vec<Value> = records
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                if r["id"] == json!(5) {
+                    r["at"] = json!("2024-05-01T08:05:00.123457Z");
+                    r["meta"] = json!({"a": "x", "b": [1, 2, {"z": null}]});
+                }
+                r
+            })
+            .collect();
+        let pg_only = pg.run(dir.path(), None, &respelled, load).await.unwrap();
+        assert_eq!((pg_only.stats.updated, pg_only.stats.unchanged), (0, 50));
+        // One change, one new key, one new field.
+        records[11]["name"] = json!("changed"); // id 10
+        records.push(json!({"id": 100, "name": "new", "extra": 18_000_000_000_000_000_000u64}));
+        // (SQLite rejects the integer beyond 64 bits; PostgreSQL makes the
+        // new column numeric.)
+        let changed = pg.run(dir.path(), None, &records, load).await.unwrap().stats;
+        assert_eq!(
+            (changed.inserted, changed.updated, changed.unchanged, changed.rejected),
+            (1, 1, 49, 0)
+        );
+        let rows = pg.rows("id").await;
+        assert_eq!(rows.len(), 51);
+        assert_eq!(rows[3]["name"], json!("three"));
+        assert_eq!(rows[10]["name"], json!("changed"));
+        assert_eq!(rows[50]["extra"], json!(18_000_000_000_000_000_000u64));
+        let types: Vec<(String, String)> = pg
+            .client
+            .query(
+                "SELECT column_name::text, data_type::text FROM information_schema.columns
+                 WHERE table_schema = $1 AND table_name = 't' ORDER BY ordinal_position",
+                &[&pg.name],
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let names: Vec<&str> = types.iter().map(|(_, t)| t.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "bigint",
+                "text",
+                "double precision",
+                "boolean",
+                "timestamp with time zone",
+                "jsonb",
+                "numeric"
+            ]
+        );
+        pg.drop().await;
+    }
+
+    #[tokio::test]
+    async fn older_versions_never_overwrite_newer_rows() {
+        let Some(url) = server("older_versions_never_overwrite_newer_rows") else {
+            return;
+        };
+        let pg = TestSchema::new(&url, "stale").await;
+        let dir = tempfile::tempdir().unwrap();
+        let load = "cursor = \"updated_at\"\nbatch_size = 2";
+        let newer = [
+            json!({"id": 1, "v": "new", "updated_at": "2024-05-02T00:00:00Z"}),
+            json!({"id": 2, "v": "new", "updated_at": "2024-05-02T00:00:00Z"}),
+            json!({"id": 3, "v": "new", "updated_at": "2024-05-02T00:00:00Z"}),
+        ];
+        both(&pg, dir.path(), &newer, load).await;
+        // 1: older (02:00+03:00 is 23:00Z the day before); 2: the same instant
+        // with another offset and another value; 3: newer.
+        let mixed = [
+            json!({"id": 1, "v": "old", "updated_at": "2024-05-02T02:00:00+03:00"}),
+            json!({"id": 2, "v": "tie", "updated_at": "2024-05-02T02:00:00+02:00"}),
+            json!({"id": 3, "v": "newest", "updated_at": "2024-05-03T00:00:00Z"}),
+            json!({"id": 4, "v": "fresh", "updated_at": "2024-05-01T00:00:00Z"}),
+        ];
+        let stats = both(&pg, dir.path(), &mixed, &format!("{load}\nlookback = \"30d\"")).await;
+        assert_eq!(
+            (stats.skipped, stats.updated, stats.inserted),
+            (1, 2, 1),
+            "{stats:?}"
+        );
+        let v: Vec<Value> = pg.rows("id").await.iter().map(|r| r["v"].clone()).collect();
+        assert_eq!(v, [json!("new"), json!("tie"), json!("newest"), json!("fresh")]);
+        pg.drop().await;
+    }
+
+    #[tokio::test]
+    async fn values_that_do_not_fit_are_rejected_not_fatal() {
+        let Some(url) = server("values_that_do_not_fit_are_rejected_not_fatal") else {
+            return;
+        };
+        let pg = TestSchema::new(&url, "rejects").await;
+        let dir = tempfile::tempdir().unwrap();
+        let records = [
+            json!({"id": 1, "n": 5, "t": "a"}),
+            json!({"id": 2, "n": "five", "t": "b"}),
+            json!({"id": 3, "n": 7.5, "t": "c"}),
+            json!({"id": 4, "n": 9, "t": {"nested": true}}),
+            json!({"id": 5, "n": 10, "t": "nul\u{0}byte"}),
+            json!({"id": 6, "n": 18_000_000_000_000_000_000u64, "t": "big"}),
+        ];
+        let report = pg.run(dir.path(), None, &records, "").await.unwrap();
+        assert_eq!(report.status, RunStatus::SucceededWithRejects);
+        assert_eq!((report.stats.inserted, report.stats.rejected), (1, 5));
+        assert!(report.stats.is_balanced());
+        let mut dest = crate::destination::open(&pg.url()).await.unwrap();
+        let rejects = dest.rejects("p", None, 100).await.unwrap();
+        let reasons: Vec<&str> = rejects.iter().map(|r| r.reason.as_str()).collect();
+        assert_eq!(reasons.len(), 5, "{reasons:?}");
+        assert!(reasons[0].contains("\"n\" is text, but the column is integer"), "{reasons:?}");
+        assert!(reasons[1].contains("is a float"), "{reasons:?}");
+        assert!(reasons[2].contains("object or array"), "{reasons:?}");
+        assert!(reasons[3].contains("NUL"), "{reasons:?}");
+        assert!(reasons[4].contains("64-bit range"), "{reasons:?}");
+        assert_eq!(rejects[0].source_ref, format!("{}:2", dir.path().join("in.jsonl").display()));
+        let history = dest.history("p", 10).await.unwrap();
+        assert_eq!(history[0].status, "succeeded_with_rejects");
+        assert_eq!(history[0].stats.unwrap().rejected, 5);
+        pg.drop().await;
+    }
+
+    #[tokio::test]
+    async fn deletes_and_insert_new_count_like_sqlite() {
+        let Some(url) = server("deletes_and_insert_new_count_like_sqlite") else {
+            return;
+        };
+        let pg = TestSchema::new(&url, "deletes").await;
+        let dir = tempfile::tempdir().unwrap();
+        let base: Vec<Value> = (0..6).map(|i| json!({"id": i, "v": i})).collect();
+        both(&pg, dir.path(), &base, "delete_field = \"_deleted\"").await;
+        let batch = [
+            json!({"id": 1, "_deleted": true}),
+            json!({"id": 9, "_deleted": true}),
+            json!({"id": 2, "v": 20}),
+            json!({"id": 1, "_deleted": true}),
+            json!({"id": 3, "v": 3}),
+        ];
+        let stats = both(&pg, dir.path(), &batch, "delete_field = \"_deleted\"\nbatch_size = 3").await;
+        assert_eq!((stats.deleted, stats.updated, stats.duplicates), (1, 1, 1), "{stats:?}");
+        let insert_new = [json!({"id": 2, "v": 99}), json!({"id": 50, "v": 50})];
+        let stats = both(&pg, dir.path(), &insert_new, "mode = \"insert_new\"").await;
+        assert_eq!((stats.inserted, stats.unchanged), (1, 1));
+        let ids: Vec<Value> = pg.rows("id").await.iter().map(|r| r["v"].clone()).collect();
+        assert_eq!(ids, [json!(0), json!(20), json!(3), json!(4), json!(5), json!(50)]);
+        pg.drop().await;
+    }
+
+    #[tokio::test]
+    async fn replace_and_window_write_only_the_difference() {
+        let Some(url) = server("replace_and_window_write_only_the_difference") else {
+            return;
+        };
+        let pg = TestSchema::new(&url, "replace").await;
+        let dir = tempfile::tempdir().unwrap();
+        let load = "mode = \"replace\"\nbatch_size = 2";
+        let a: Vec<Value> = (0..5).map(|i| json!({"id": i, "v": i})).collect();
+        let first = both(&pg, dir.path(), &a, load).await;
+        assert_eq!(first.inserted, 5);
+        let before = xmins(&pg).await;
+        let same = both(&pg, dir.path(), &a, load).await;
+        assert_eq!((same.inserted, same.updated, same.deleted, same.unchanged), (0, 0, 0, 5));
+        assert_eq!(xmins(&pg).await, before);
+        let b = [
+            json!({"id": 0, "v": 0}),
+            json!({"id": 1, "v": 100}),
+            json!({"id": 3, "v": 3, "w": "new"}),
+            json!({"id": 7, "v": 7}),
+        ];
+        let changed = both(&pg, dir.path(), &b, load).await;
+        assert_eq!(
+            (changed.inserted, changed.updated, changed.deleted, changed.removed),
+            (1, 2, 2, 2),
+            "{changed:?}"
+        );
+        assert_eq!(pg.rows("id").await.len(), 4);
+        let empty = both(&pg, dir.path(), &[], load).await;
+        assert_eq!(empty.deleted, 4);
+
+        let window = "mode = \"window\"\nwindow_field = \"day\"\nkey = [\"id\"]";
+        let days: Vec<Value> = (0..6)
+            .map(|i| json!({"id": i, "day": format!("2024-05-0{}T00:00:00Z", i % 3 + 1), "v": i}))
+            .collect();
+        pg.client
+            .batch_execute(&format!("DROP TABLE {}.t", super::quote(&pg.name)))
+            .await
+            .unwrap();
+        both(&pg, dir.path(), &days, window).await;
+        let reload = [
+            json!({"id": 1, "day": "2024-05-02T00:00:00Z", "v": 10}),
+            json!({"id": 2, "day": "2024-05-03T00:00:00Z", "v": 2}),
+        ];
+        let stats = both(&pg, dir.path(), &reload, window).await;
+        // Days 2 and 3 are reloaded: ids 4 and 5 go, 1 changes, 2 stays.
+        assert_eq!((stats.updated, stats.unchanged, stats.deleted), (1, 1, 2), "{stats:?}");
+        assert_eq!(pg.rows("id").await.len(), 4);
+        pg.drop().await;
+    }
+}
