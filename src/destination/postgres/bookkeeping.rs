@@ -277,8 +277,7 @@ pub(super) async fn begin(
     let context = format!("starting run {}", run.run_id);
     client
         .batch_execute(&format!(
-            "DROP TABLE IF EXISTS {RUN_KEYS};
-             CREATE TEMP TABLE _idemload_run_keys (k text PRIMARY KEY);"
+            "DROP TABLE IF EXISTS {RUN_KEYS}"
         ))
         .await
         .map_err(pg_error(context.clone()))?;
@@ -515,12 +514,63 @@ pub(super) async fn rejects(
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{server, TestSchema};
     use super::*;
+    use crate::destination::Destination;
 
     #[test]
     fn advisory_keys_are_stable_and_per_schema() {
         assert_eq!(advisory_key("s", "p"), advisory_key("s", "p"));
         assert_ne!(advisory_key("s", "p"), advisory_key("t", "p"));
         assert_ne!(advisory_key("s", "p"), advisory_key("s", "q"));
+    }
+
+    #[tokio::test]
+    async fn a_second_run_is_locked_out_and_told_who_holds_the_lock() {
+        let Some(url) = server("a_second_run_is_locked_out_and_told_who_holds_the_lock") else {
+            return;
+        };
+        let pg = TestSchema::new(&url, "lock").await;
+        let lease = Duration::from_secs(30);
+        let mut first = super::super::PostgresDestination::open(&pg.url(), None)
+            .await
+            .unwrap();
+        let mut second = super::super::PostgresDestination::open(&pg.url(), None)
+            .await
+            .unwrap();
+        let a = LockHolder {
+            host: "machine-a".into(),
+            ..LockHolder::this_process("run-a")
+        };
+        let b = LockHolder::this_process("run-b");
+        assert_eq!(first.lock("p", &a, lease).await.unwrap(), None);
+        // Another pipeline is not affected.
+        assert_eq!(second.lock("q", &b, lease).await.unwrap(), None);
+        second.unlock().await.unwrap();
+        let held = second.lock("p", &b, lease).await.unwrap().expect("locked");
+        assert_eq!((held.run_id.as_str(), held.host.as_str()), ("run-a", "machine-a"));
+        assert_eq!(held.since.timestamp_millis(), a.since.timestamp_millis());
+        // Even an expired lease does not free a lock whose session lives.
+        pg.client
+            .execute(
+                &format!("UPDATE {} SET expires_at = 0", qualified(&pg.name, LOCKS_TABLE)),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(second.lock("p", &b, lease).await.unwrap().is_some());
+        // A holder whose connection ends frees the lock at once.
+        drop(first);
+        let mut freed = false;
+        for _ in 0..50 {
+            if second.lock("p", &b, lease).await.unwrap().is_none() {
+                freed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(freed, "the lock of a closed session was not freed");
+        second.unlock().await.unwrap();
+        pg.drop().await;
     }
 }

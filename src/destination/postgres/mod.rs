@@ -46,6 +46,8 @@ pub struct PostgresDestination {
     run: Option<Run>,
     /// The lock this session holds: (pipeline, run id, lease, advisory key).
     lock: Option<(String, String, Duration, i64)>,
+    /// The `CREATE` of the temporary batch table as of the last commit.
+    batch_table: Option<String>,
 }
 
 /// The run in progress on this connection.
@@ -56,6 +58,8 @@ struct Run {
     stage: Option<String>,
     /// Columns of the table batches go to, as last read.
     schema: Option<PgSchema>,
+    /// The run's key set exists (made with the first batch's key types).
+    run_keys: bool,
 }
 
 /// A `postgres://` URL split into the driver's config and idemload's own
@@ -228,6 +232,7 @@ impl PostgresDestination {
             schema,
             run: None,
             lock: None,
+            batch_table: None,
         })
     }
 }
@@ -314,6 +319,7 @@ impl Destination for PostgresDestination {
             target: target.clone(),
             stage,
             schema: None,
+            run_keys: false,
         });
         Ok(())
     }

@@ -28,8 +28,7 @@ use crate::record::Reject;
 
 /// The temporary table a batch is copied into.
 const BATCH: &str = "pg_temp._idemload_batch";
-/// Its bookkeeping columns: the canonical key and the delete flag.
-const RK: &str = "_idemload_rk";
+/// Its bookkeeping column: the row deletes (`delete_field`).
 const DEL: &str = "_idemload_del";
 
 /// Writes a planned batch; returns its full stats (the planner's and ours).
@@ -43,7 +42,7 @@ pub(super) async fn write_batch(
         schema,
         run,
         lock,
-        ..
+        batch_table,
     } = dest;
     let schema = schema.as_str();
     let run = run
@@ -65,6 +64,9 @@ pub(super) async fn write_batch(
         mut stats,
         ..
     } = batch;
+    // Temporary tables made in this transaction exist after it only if it commits.
+    let mut made_batch_table = None;
+    let mut made_run_keys = false;
     if !rows.is_empty() {
         let table = run
             .stage
@@ -76,9 +78,19 @@ pub(super) async fn write_batch(
         let merge = Merge::new(&qualified(schema, &table), &pg_schema, &run.target, mode)?;
         let (copy, deletes) = encode(&pg_schema, rows, &mut stats, &mut rejects);
         if copy.rows > 0 {
-            tx.batch_execute(&merge.batch_table())
-                .await
-                .map_err(pg_error(context.clone()))?;
+            let shape = merge.batch_table();
+            if batch_table.as_deref() != Some(shape.as_str()) {
+                tx.batch_execute(&format!("DROP TABLE IF EXISTS {BATCH}; {shape}"))
+                    .await
+                    .map_err(pg_error(context.clone()))?;
+                made_batch_table = Some(shape);
+            }
+            if !run.run_keys {
+                tx.batch_execute(&merge.run_keys_table())
+                    .await
+                    .map_err(pg_error(context.clone()))?;
+                made_run_keys = true;
+            }
             copy.send(&tx, BATCH, &merge.copy_columns()).await?;
             let counts = tx
                 .query_one(&merge.statement(deletes), &[])
@@ -125,7 +137,13 @@ pub(super) async fn write_batch(
         )
         .await?;
     }
-    tx.commit().await.map_err(pg_error(format!("{context}, commit")))?;
+    tx.commit()
+        .await
+        .map_err(pg_error(format!("{context}, commit")))?;
+    if let Some(shape) = made_batch_table {
+        *batch_table = Some(shape);
+    }
+    run.run_keys |= made_run_keys;
     Ok(stats)
 }
 
@@ -137,14 +155,13 @@ fn encode(
     stats: &mut RunStats,
     rejects: &mut Vec<Reject>,
 ) -> (CopyBuffer, bool) {
-    let mut stages = vec![Stage::Text, Stage::Bool];
+    let mut stages = vec![Stage::Bool];
     stages.extend(schema.columns.iter().map(PgColumn::stage));
     let mut copy = CopyBuffer::new();
     let mut values = Vec::with_capacity(stages.len());
     let mut deletes = false;
     for row in rows {
         values.clear();
-        values.push(SqlValue::Text(row.key.canonical().to_string()));
         values.push(SqlValue::Bool(row.delete));
         let mut reason = None;
         for column in &schema.columns {
@@ -226,7 +243,7 @@ impl<'a> Merge<'a> {
         })
     }
 
-    /// A fresh temporary table shaped like the COPY (dropped at commit).
+    /// The temporary table shaped like the COPY, emptied at each commit.
     fn batch_table(&self) -> String {
         let defs: Vec<String> = self
             .schema
@@ -235,21 +252,39 @@ impl<'a> Merge<'a> {
             .map(|c| format!("{} {}", quote(&c.name), c.stage().sql()))
             .collect();
         format!(
-            "CREATE TEMP TABLE _idemload_batch ({} text, {} boolean, {}) ON COMMIT DROP",
-            quote(RK),
+            "CREATE TEMP TABLE _idemload_batch ({} boolean, {}) ON COMMIT DELETE ROWS",
             quote(DEL),
             defs.join(", ")
         )
     }
 
+    /// The temporary table of the keys the run has written (typed like the
+    /// batch's key columns, so a lookup is an index probe).
+    fn run_keys_table(&self) -> String {
+        let defs: Vec<String> = self
+            .keys
+            .iter()
+            .map(|c| format!("{} {}", quote(&c.name), c.stage().sql()))
+            .collect();
+        format!(
+            "CREATE TEMP TABLE IF NOT EXISTS _idemload_run_keys ({}, PRIMARY KEY ({}))",
+            defs.join(", "),
+            self.key_columns()
+        )
+    }
+
+    fn key_columns(&self) -> String {
+        column_list(&self.keys.iter().map(|c| c.name.as_str()).collect::<Vec<_>>())
+    }
+
     fn copy_columns(&self) -> String {
-        let mut names = vec![RK, DEL];
+        let mut names = vec![DEL];
         names.extend(self.schema.columns.iter().map(|c| c.name.as_str()));
         column_list(&names)
     }
 
-    /// `stored < new` is false under the stale rule: the new version's cursor
-    /// is not older (a null on either side never makes a row stale). Text
+    /// `(new < stored) IS TRUE`: the new version's cursor is older than the
+    /// stored one (a null on either side never makes a row stale). Text
     /// cursors compare byte-wise, like the planner's.
     fn stale(&self, new: &str, stored: &str) -> Option<String> {
         let c = self.cursor?;
@@ -277,8 +312,24 @@ impl<'a> Merge<'a> {
             .join(" AND ")
     }
 
+    /// `a.k = b.k AND …` between two tables of batch-typed keys.
+    fn same_key(&self, a: &str, b: &str) -> String {
+        self.keys
+            .iter()
+            .map(|c| format!("{a}.{q} = {b}.{q}", q = quote(&c.name)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
     /// The merge and its counts: total, fresh (first time this run),
     /// inserted, updated, deleted, stale, of the fresh rows.
+    ///
+    /// New keys are inserted by a plain `INSERT` (the run lock keeps other
+    /// runs of the pipeline out), rows whose columns differ by an `UPDATE`;
+    /// an unchanged or stale row is never touched, not even locked, so an
+    /// identical re-run writes nothing. Existence is probed per row through
+    /// the primary key (`OFFSET 0` keeps the planner from scanning the
+    /// whole table for a batch).
     fn statement(&self, deletes: bool) -> String {
         let t = &self.table;
         let names: Vec<&str> = self.schema.columns.iter().map(|c| c.name.as_str()).collect();
@@ -290,14 +341,50 @@ impl<'a> Merge<'a> {
             .map(|c| c.cast(&format!("s.{}", quote(&c.name))))
             .collect::<Vec<_>>()
             .join(", ");
-        let key_cols = column_list(&self.keys.iter().map(|c| c.name.as_str()).collect::<Vec<_>>());
-        let conflict = if self.mode == Mode::InsertNew || self.others.is_empty() {
-            "DO NOTHING".to_string()
-        } else {
+        let key_cols = self.key_columns();
+        let s_keys = self
+            .keys
+            .iter()
+            .map(|c| format!("s.{}", quote(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let del = quote(DEL);
+        let stale = self
+            .stale("s", "t")
+            .filter(|_| self.mode != Mode::InsertNew);
+        let mut sql = format!(
+            "WITH fresh AS (
+                INSERT INTO {RUN_KEYS} ({key_cols}) SELECT {s_keys} FROM {BATCH} s
+                WHERE NOT EXISTS (SELECT 1 FROM {RUN_KEYS} r WHERE {rk_match} OFFSET 0)
+                RETURNING {key_cols}
+             ),
+             ins AS (
+                INSERT INTO {t} AS i ({cols}) SELECT {exprs} FROM {BATCH} s
+                WHERE NOT s.{del} AND NOT EXISTS (SELECT 1 FROM {t} t WHERE {match} OFFSET 0)
+                RETURNING {ins_keys}
+             )",
+            ins_keys = self
+                .keys
+                .iter()
+                .map(|c| {
+                    let q = quote(&c.name);
+                    if c.stage().sql() == c.sql {
+                        format!("i.{q}")
+                    } else {
+                        format!("i.{q}::{} AS {q}", c.stage().sql())
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            rk_match = self.same_key("r", "s"),
+            match = self.key_match("t", "s"),
+        );
+        let mut outcomes = vec!["ins"];
+        if self.mode != Mode::InsertNew && !self.others.is_empty() {
             let set = self
                 .others
                 .iter()
-                .map(|c| format!("{q} = EXCLUDED.{q}", q = quote(&c.name)))
+                .map(|c| format!("{} = {}", quote(&c.name), c.cast(&format!("s.{}", quote(&c.name)))))
                 .collect::<Vec<_>>()
                 .join(", ");
             let stored = self
@@ -309,53 +396,25 @@ impl<'a> Merge<'a> {
             let new = self
                 .others
                 .iter()
-                .map(|c| c.comparable(&format!("EXCLUDED.{}", quote(&c.name))))
+                .map(|c| c.comparable(&c.cast(&format!("s.{}", quote(&c.name)))))
                 .collect::<Vec<_>>()
                 .join(", ");
+            let not_stale = match &stale {
+                Some(cond) => format!(" AND NOT {cond}"),
+                None => String::new(),
+            };
             // ROW() keeps a one-column list a row constructor.
-            let mut cond = format!("ROW({stored}) IS DISTINCT FROM ROW({new})");
-            if let Some(c) = self.cursor {
-                let q = quote(&c.name);
-                let collate = if c.ty == ColumnType::Text {
-                    " COLLATE \"C\""
-                } else {
-                    ""
-                };
-                cond.push_str(&format!(
-                    " AND (EXCLUDED.{q}{collate} < t.{q}{collate}) IS NOT TRUE"
-                ));
-            }
-            format!("DO UPDATE SET {set} WHERE {cond}")
-        };
-        let returning = self
-            .keys
-            .iter()
-            .map(|c| format!("t.{}", quote(&c.name)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut sql = format!(
-            "WITH fresh AS (
-                INSERT INTO {RUN_KEYS} (k) SELECT s.{rk} FROM {BATCH} s
-                ON CONFLICT DO NOTHING RETURNING k
-             ),
-             up AS (
-                INSERT INTO {t} AS t ({cols}) SELECT {exprs} FROM {BATCH} s WHERE NOT s.{del}
-                ON CONFLICT ({key_cols}) {conflict}
-                RETURNING {returning}, (t.xmax = 0) AS _idemload_ins
-             )",
-            rk = quote(RK),
-            del = quote(DEL),
-        );
-        let check_stale = self.mode != Mode::InsertNew;
-        let stale = self.stale("s", "t").filter(|_| check_stale);
-        if let Some(cond) = &stale {
             sql.push_str(&format!(
-                ", stale AS (
-                    SELECT s.{rk} AS k FROM {BATCH} s JOIN {t} t ON {m} WHERE {cond}
+                ", upd AS (
+                    UPDATE {t} t SET {set} FROM {BATCH} s
+                    WHERE {match} AND NOT s.{del}
+                      AND ROW({stored}) IS DISTINCT FROM ROW({new}){not_stale}
+                    RETURNING {returning}
                  )",
-                rk = quote(RK),
-                m = self.key_match("t", "s"),
+                match = self.key_match("t", "s"),
+                returning = self.returning("t", "s"),
             ));
+            outcomes.push("upd");
         }
         if deletes {
             let not_stale = match self.stale("s", "t") {
@@ -365,49 +424,58 @@ impl<'a> Merge<'a> {
             sql.push_str(&format!(
                 ", del AS (
                     DELETE FROM {t} t USING {BATCH} s
-                    WHERE s.{del} AND {m}{not_stale}
+                    WHERE s.{del} AND {match}{not_stale}
                     RETURNING {returning}
                  )",
-                del = quote(DEL),
-                m = self.key_match("t", "s"),
+                match = self.key_match("t", "s"),
+                returning = self.returning("t", "s"),
             ));
+            outcomes.push("del");
         }
-        let fresh = "f.k IS NOT NULL";
-        sql.push_str(&format!(
-            " SELECT count(*), count(f.k),
-                count(*) FILTER (WHERE {fresh} AND u._idemload_ins),
-                count(*) FILTER (WHERE {fresh} AND NOT u._idemload_ins),
-                {deleted},
-                {stale_count}
-              FROM {BATCH} s
-              LEFT JOIN fresh f ON f.k = s.{rk}
-              LEFT JOIN up u ON {um}",
-            rk = quote(RK),
-            um = self.key_match("u", "s"),
-            deleted = if deletes {
-                format!("count(*) FILTER (WHERE {fresh} AND d._idemload_gone)")
-            } else {
-                "0::bigint".into()
-            },
-            stale_count = if stale.is_some() {
+        if let Some(cond) = &stale {
+            sql.push_str(&format!(
+                ", stale AS (
+                    SELECT {s_keys} FROM {BATCH} s JOIN {t} t ON {match} WHERE {cond}
+                 )",
+                match = self.key_match("t", "s"),
+            ));
+            outcomes.push("stale");
+        }
+        // Each outcome counted among the keys the run meets for the first time.
+        let count = |name: &str| {
+            if outcomes.contains(&name) {
                 format!(
-                    "count(*) FILTER (WHERE {fresh} AND u._idemload_ins IS NULL{} AND st.k IS NOT NULL)",
-                    if deletes { " AND d._idemload_gone IS NULL" } else { "" }
+                    "(SELECT count(*) FROM {name} o WHERE EXISTS (SELECT 1 FROM fresh f WHERE {}))",
+                    self.same_key("f", "o")
                 )
             } else {
-                "0::bigint".into()
-            },
+                "0::bigint".to_string()
+            }
+        };
+        sql.push_str(&format!(
+            " SELECT (SELECT count(*) FROM {BATCH}), (SELECT count(*) FROM fresh), {}, {}, {}, {}",
+            count("ins"),
+            count("upd"),
+            count("del"),
+            count("stale"),
         ));
-        if deletes {
-            sql.push_str(&format!(
-                " LEFT JOIN (SELECT *, true AS _idemload_gone FROM del) d ON {}",
-                self.key_match("d", "s")
-            ));
-        }
-        if stale.is_some() {
-            sql.push_str(&format!(" LEFT JOIN stale st ON st.k = s.{}", quote(RK)));
-        }
         sql
+    }
+
+    /// The key columns of a modified row, typed like the batch's.
+    fn returning(&self, t: &str, s: &str) -> String {
+        self.keys
+            .iter()
+            .map(|c| {
+                let q = quote(&c.name);
+                if c.stage().sql() == c.sql {
+                    format!("{t}.{q}")
+                } else {
+                    format!("{s}.{q}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -889,6 +957,40 @@ mod tests {
         // Days 2 and 3 are reloaded: ids 4 and 5 go, 1 changes, 2 stays.
         assert_eq!((stats.updated, stats.unchanged, stats.deleted), (1, 1, 2), "{stats:?}");
         assert_eq!(pg.rows("id").await.len(), 4);
+        pg.drop().await;
+    }
+
+    #[tokio::test]
+    async fn a_statement_timeout_fails_the_run_naming_pipeline_and_batch() {
+        let Some(url) = server("a_statement_timeout_fails_the_run_naming_pipeline_and_batch") else {
+            return;
+        };
+        let pg = TestSchema::new(&url, "timeout").await;
+        let dir = tempfile::tempdir().unwrap();
+        let records: Vec<Value> = (0..10).map(|i| json!({"id": i, "v": i})).collect();
+        pg.run(dir.path(), None, &records[..1], "").await.unwrap();
+        // Another session holds the table: the batch's merge waits, and the
+        // server cancels it after 300 ms.
+        pg.client
+            .batch_execute(&format!(
+                "BEGIN; LOCK TABLE {}.t IN ACCESS EXCLUSIVE MODE",
+                super::quote(&pg.name)
+            ))
+            .await
+            .unwrap();
+        let timed = format!("{}&options=-c%20statement_timeout%3D300", pg.url());
+        let err = pg
+            .run(dir.path(), Some(&timed), &records, "")
+            .await
+            .unwrap_err();
+        pg.client.batch_execute("ROLLBACK").await.unwrap();
+        let message = err.to_string();
+        assert_eq!(err.exit_code(), 1);
+        assert!(message.contains("pipeline \"p\", batch 1"), "{message}");
+        assert!(message.contains("statement timeout"), "{message}");
+        let report = pg.run(dir.path(), None, &records, "").await.unwrap();
+        assert_eq!((report.stats.inserted, report.stats.unchanged), (9, 1));
+        assert_eq!(pg.rows("id").await.len(), 10);
         pg.drop().await;
     }
 }
