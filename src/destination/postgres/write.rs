@@ -92,8 +92,16 @@ pub(super) async fn write_batch(
                 made_run_keys = true;
             }
             copy.send(&tx, BATCH, &merge.copy_columns()).await?;
+            // A batch is small against its table: every row is looked up
+            // through the key's index, never by scanning the table.
+            tx.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
+                .await
+                .map_err(pg_error(context.clone()))?;
             let counts = tx
                 .query_one(&merge.statement(deletes), &[])
+                .await
+                .map_err(pg_error(context.clone()))?;
+            tx.batch_execute("SET LOCAL enable_hashjoin TO DEFAULT; SET LOCAL enable_mergejoin TO DEFAULT")
                 .await
                 .map_err(pg_error(context.clone()))?;
             let get = |i: usize| counts.get::<_, i64>(i) as u64;
@@ -329,7 +337,7 @@ impl<'a> Merge<'a> {
     /// an unchanged or stale row is never touched, not even locked, so an
     /// identical re-run writes nothing. Existence is probed per row through
     /// the primary key (`OFFSET 0` keeps the planner from scanning the
-    /// whole table for a batch).
+    /// whole table for a batch; the caller turns hash and merge joins off).
     fn statement(&self, deletes: bool) -> String {
         let t = &self.table;
         let names: Vec<&str> = self.schema.columns.iter().map(|c| c.name.as_str()).collect();
@@ -441,12 +449,13 @@ impl<'a> Merge<'a> {
             ));
             outcomes.push("stale");
         }
-        // Each outcome counted among the keys the run meets for the first time.
+        // Each outcome counted among the keys the run meets for the first
+        // time: a set intersection, which needs no join.
         let count = |name: &str| {
             if outcomes.contains(&name) {
                 format!(
-                    "(SELECT count(*) FROM {name} o WHERE EXISTS (SELECT 1 FROM fresh f WHERE {}))",
-                    self.same_key("f", "o")
+                    "(SELECT count(*) FROM (SELECT {key_cols} FROM {name} \
+                     INTERSECT ALL SELECT {key_cols} FROM fresh) x)"
                 )
             } else {
                 "0::bigint".to_string()
