@@ -60,6 +60,8 @@ struct Run {
     schema: Option<PgSchema>,
     /// The run's key set exists (made with the first batch's key types).
     run_keys: bool,
+    /// The run's key set, kept here instead when the key is one integer.
+    seen: Option<write::SeenKeys>,
 }
 
 /// A `postgres://` URL split into the driver's config and idemload's own
@@ -320,6 +322,7 @@ impl Destination for PostgresDestination {
             stage,
             schema: None,
             run_keys: false,
+            seen: None,
         });
         Ok(())
     }

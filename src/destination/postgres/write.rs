@@ -28,8 +28,10 @@ use crate::record::Reject;
 
 /// The temporary table a batch is copied into.
 const BATCH: &str = "pg_temp._idemload_batch";
-/// Its bookkeeping column: the row deletes (`delete_field`).
+/// Its bookkeeping columns: the row deletes (`delete_field`); its key is
+/// new to the run (when the run's key set is kept in memory).
 const DEL: &str = "_idemload_del";
+const FRESH: &str = "_idemload_fresh";
 
 /// Writes a planned batch; returns its full stats (the planner's and ours).
 pub(super) async fn write_batch(
@@ -67,6 +69,7 @@ pub(super) async fn write_batch(
     // Temporary tables made in this transaction exist after it only if it commits.
     let mut made_batch_table = None;
     let mut made_run_keys = false;
+    let mut seen_added = Vec::new();
     if !rows.is_empty() {
         let table = run
             .stage
@@ -76,7 +79,20 @@ pub(super) async fn write_batch(
         let pg_schema = ensure_table(&tx, schema, run, &table, &rows, staged).await?;
         let mode = if staged { Mode::Merge } else { run.target.mode };
         let merge = Merge::new(&qualified(schema, &table), &pg_schema, &run.target, mode)?;
-        let (copy, deletes) = encode(&pg_schema, rows, &mut stats, &mut rejects);
+        // A single integer key: the run's key set is kept in memory, exact
+        // and cheaper than a temporary table.
+        let key_at = match merge.keys.as_slice() {
+            [k] if k.stage() == Stage::Int8 => pg_schema.position(&k.name),
+            _ => None,
+        };
+        if key_at.is_some() && run.seen.is_none() && !run.run_keys {
+            run.seen = Some(SeenKeys::default());
+        }
+        let seen = run.seen.as_ref().filter(|_| key_at.is_some());
+        let in_memory = seen.is_some();
+        let (copy, deletes, added) =
+            encode(&pg_schema, rows, key_at, seen, &mut stats, &mut rejects);
+        seen_added = added;
         if copy.rows > 0 {
             let shape = merge.batch_table();
             if batch_table.as_deref() != Some(shape.as_str()) {
@@ -85,7 +101,7 @@ pub(super) async fn write_batch(
                     .map_err(pg_error(context.clone()))?;
                 made_batch_table = Some(shape);
             }
-            if !run.run_keys {
+            if !run.run_keys && !in_memory {
                 tx.batch_execute(&merge.run_keys_table())
                     .await
                     .map_err(pg_error(context.clone()))?;
@@ -98,7 +114,7 @@ pub(super) async fn write_batch(
                 .await
                 .map_err(pg_error(context.clone()))?;
             let counts = tx
-                .query_one(&merge.statement(deletes), &[])
+                .query_one(&merge.statement(deletes, in_memory), &[])
                 .await
                 .map_err(pg_error(context.clone()))?;
             tx.batch_execute("SET LOCAL enable_hashjoin TO DEFAULT; SET LOCAL enable_mergejoin TO DEFAULT")
@@ -152,25 +168,34 @@ pub(super) async fn write_batch(
         *batch_table = Some(shape);
     }
     run.run_keys |= made_run_keys;
+    if let Some(seen) = run.seen.as_mut() {
+        seen.extend(seen_added);
+    }
     Ok(stats)
 }
 
 /// Checks and encodes every row; a value that does not fit makes its
-/// record a reject. Returns the COPY data and whether any row deletes.
+/// record a reject. With `seen` (a single integer key) the run's key set is
+/// kept here and each row says whether its key is new to the run; the keys
+/// this batch adds are returned, to be kept once it commits.
 fn encode(
     schema: &PgSchema,
     rows: Vec<Row>,
+    key_at: Option<usize>,
+    seen: Option<&SeenKeys>,
     stats: &mut RunStats,
     rejects: &mut Vec<Reject>,
-) -> (CopyBuffer, bool) {
-    let mut stages = vec![Stage::Bool];
+) -> (CopyBuffer, bool, Vec<i64>) {
+    let mut stages = vec![Stage::Bool, Stage::Bool];
     stages.extend(schema.columns.iter().map(PgColumn::stage));
     let mut copy = CopyBuffer::new();
     let mut values = Vec::with_capacity(stages.len());
     let mut deletes = false;
+    let mut added = Vec::new();
     for row in rows {
         values.clear();
         values.push(SqlValue::Bool(row.delete));
+        values.push(SqlValue::Null);
         let mut reason = None;
         for column in &schema.columns {
             let value = row.fields.get(&column.name).unwrap_or(&Value::Null);
@@ -182,13 +207,23 @@ fn encode(
                 }
             }
         }
+        let key = match (seen, key_at.map(|i| values.get(i + 2))) {
+            (Some(_), Some(Some(SqlValue::Int(k)))) => Some(*k),
+            _ => None,
+        };
+        if let (Some(seen), Some(k)) = (seen, key) {
+            values[1] = SqlValue::Bool(!seen.contains(k));
+        }
         if reason.is_none() {
             if let Err(r) = copy.push_row(&stages, &values) {
                 reason = Some(r);
             }
         }
         match reason {
-            None => deletes |= row.delete,
+            None => {
+                deletes |= row.delete;
+                added.extend(key);
+            }
             Some(reason) => {
                 stats.rejected += 1;
                 rejects.push(Reject {
@@ -200,7 +235,40 @@ fn encode(
             }
         }
     }
-    (copy, deletes)
+    (copy, deletes, added)
+}
+
+/// The integer keys a run has written, sorted: 8 bytes a key, exact.
+#[derive(Debug, Default)]
+pub(super) struct SeenKeys {
+    sorted: Vec<i64>,
+}
+
+impl SeenKeys {
+    fn contains(&self, key: i64) -> bool {
+        self.sorted.binary_search(&key).is_ok()
+    }
+
+    /// Adds a committed batch's keys (unique within the batch).
+    fn extend(&mut self, mut keys: Vec<i64>) {
+        keys.sort_unstable();
+        keys.retain(|k| !self.contains(*k));
+        if keys.is_empty() {
+            return;
+        }
+        let old = std::mem::take(&mut self.sorted);
+        let mut merged = Vec::with_capacity(old.len() + keys.len());
+        let (mut a, mut b) = (old.into_iter().peekable(), keys.into_iter().peekable());
+        loop {
+            match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x <= y => merged.push(a.next().unwrap_or_default()),
+                (Some(_), Some(_)) | (None, Some(_)) => merged.push(b.next().unwrap_or_default()),
+                (Some(_), None) => merged.push(a.next().unwrap_or_default()),
+                (None, None) => break,
+            }
+        }
+        self.sorted = merged;
+    }
 }
 
 /// The SQL of one batch's merge into one table.
@@ -260,8 +328,9 @@ impl<'a> Merge<'a> {
             .map(|c| format!("{} {}", quote(&c.name), c.stage().sql()))
             .collect();
         format!(
-            "CREATE TEMP TABLE _idemload_batch ({} boolean, {}) ON COMMIT DELETE ROWS",
+            "CREATE TEMP TABLE _idemload_batch ({} boolean, {} boolean, {}) ON COMMIT DELETE ROWS",
             quote(DEL),
+            quote(FRESH),
             defs.join(", ")
         )
     }
@@ -286,7 +355,7 @@ impl<'a> Merge<'a> {
     }
 
     fn copy_columns(&self) -> String {
-        let mut names = vec![DEL];
+        let mut names = vec![DEL, FRESH];
         names.extend(self.schema.columns.iter().map(|c| c.name.as_str()));
         column_list(&names)
     }
@@ -338,7 +407,7 @@ impl<'a> Merge<'a> {
     /// identical re-run writes nothing. Existence is probed per row through
     /// the primary key (`OFFSET 0` keeps the planner from scanning the
     /// whole table for a batch; the caller turns hash and merge joins off).
-    fn statement(&self, deletes: bool) -> String {
+    fn statement(&self, deletes: bool, in_memory: bool) -> String {
         let t = &self.table;
         let names: Vec<&str> = self.schema.columns.iter().map(|c| c.name.as_str()).collect();
         let cols = column_list(&names);
@@ -360,12 +429,18 @@ impl<'a> Merge<'a> {
         let stale = self
             .stale("s", "t")
             .filter(|_| self.mode != Mode::InsertNew);
-        let mut sql = format!(
-            "WITH fresh AS (
-                INSERT INTO {RUN_KEYS} ({key_cols}) SELECT {s_keys} FROM {BATCH} s
+        let fresh = if in_memory {
+            format!("SELECT {s_keys} FROM {BATCH} s WHERE s.{}", quote(FRESH))
+        } else {
+            format!(
+                "INSERT INTO {RUN_KEYS} ({key_cols}) SELECT {s_keys} FROM {BATCH} s
                 WHERE NOT EXISTS (SELECT 1 FROM {RUN_KEYS} r WHERE {rk_match} OFFSET 0)
-                RETURNING {key_cols}
-             ),
+                RETURNING {key_cols}",
+                rk_match = self.same_key("r", "s"),
+            )
+        };
+        let mut sql = format!(
+            "WITH fresh AS ({fresh}),
              ins AS (
                 INSERT INTO {t} AS i ({cols}) SELECT {exprs} FROM {BATCH} s
                 WHERE NOT s.{del} AND NOT EXISTS (SELECT 1 FROM {t} t WHERE {match} OFFSET 0)
@@ -384,7 +459,6 @@ impl<'a> Merge<'a> {
                 })
                 .collect::<Vec<_>>()
                 .join(", "),
-            rk_match = self.same_key("r", "s"),
             match = self.key_match("t", "s"),
         );
         let mut outcomes = vec!["ins"];
@@ -704,6 +778,16 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::super::testing::{server, TestSchema};
+    use super::SeenKeys;
+
+    #[test]
+    fn seen_keys_stay_sorted_and_exact() {
+        let mut seen = SeenKeys::default();
+        seen.extend(vec![5, -3, 9]);
+        seen.extend(vec![7, 5, i64::MAX, i64::MIN]);
+        assert_eq!(seen.sorted, [i64::MIN, -3, 5, 7, 9, i64::MAX]);
+        assert!(seen.contains(7) && !seen.contains(6));
+    }
     use crate::pipeline::stats::RunStats;
     use crate::RunStatus;
 
@@ -1000,6 +1084,31 @@ mod tests {
         let report = pg.run(dir.path(), None, &records, "").await.unwrap();
         assert_eq!((report.stats.inserted, report.stats.unchanged), (9, 1));
         assert_eq!(pg.rows("id").await.len(), 10);
+        pg.drop().await;
+    }
+
+    #[tokio::test]
+    async fn text_and_composite_keys_count_duplicates_across_batches() {
+        let Some(url) = server("text_and_composite_keys_count_duplicates_across_batches") else {
+            return;
+        };
+        let pg = TestSchema::new(&url, "textkeys").await;
+        let dir = tempfile::tempdir().unwrap();
+        let records: Vec<Value> = (0..12)
+            .map(|i| json!({"line": format!("L{}", i % 5), "day": format!("2024-05-0{}T00:00:00Z", 1 + i % 2), "n": i}))
+            .collect();
+        let load = "key = [\"line\", \"day\"]\nbatch_size = 4";
+        let first = both(&pg, dir.path(), &records, load).await;
+        assert!(first.duplicates > 0, "{first:?}");
+        let again = both(&pg, dir.path(), &records, load).await;
+        assert_eq!(again.inserted, 0);
+        pg.client
+            .batch_execute(&format!("DROP TABLE {}.t", super::quote(&pg.name)))
+            .await
+            .unwrap();
+        std::fs::remove_file(dir.path().join("ref.db")).unwrap();
+        let hashed = both(&pg, dir.path(), &records, "hash_key = [\"line\"]\nbatch_size = 4").await;
+        assert_eq!((hashed.inserted, hashed.duplicates), (5, 7), "{hashed:?}");
         pg.drop().await;
     }
 }
