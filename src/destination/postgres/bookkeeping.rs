@@ -42,7 +42,13 @@ pub(super) async fn create_tables(client: &Client, schema: &str) -> Result<()> {
             "SELECT count(*) = 4 FROM pg_catalog.pg_class c
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
              WHERE n.nspname = $1 AND c.relname IN ($2, $3, $4, $5)",
-            &[&schema, &STATE_TABLE, &RUNS_TABLE, &REJECTS_TABLE, &LOCKS_TABLE],
+            &[
+                &schema,
+                &STATE_TABLE,
+                &RUNS_TABLE,
+                &REJECTS_TABLE,
+                &LOCKS_TABLE,
+            ],
         )
         .await
         .map_err(pg_error("bookkeeping tables"))?
@@ -276,9 +282,7 @@ pub(super) async fn begin(
 ) -> Result<Option<String>> {
     let context = format!("starting run {}", run.run_id);
     client
-        .batch_execute(&format!(
-            "DROP TABLE IF EXISTS {RUN_KEYS}"
-        ))
+        .batch_execute(&format!("DROP TABLE IF EXISTS {RUN_KEYS}"))
         .await
         .map_err(pg_error(context.clone()))?;
     let tx = client
@@ -548,12 +552,18 @@ mod tests {
         assert_eq!(second.lock("q", &b, lease).await.unwrap(), None);
         second.unlock().await.unwrap();
         let held = second.lock("p", &b, lease).await.unwrap().expect("locked");
-        assert_eq!((held.run_id.as_str(), held.host.as_str()), ("run-a", "machine-a"));
+        assert_eq!(
+            (held.run_id.as_str(), held.host.as_str()),
+            ("run-a", "machine-a")
+        );
         assert_eq!(held.since.timestamp_millis(), a.since.timestamp_millis());
         // Even an expired lease does not free a lock whose session lives.
         pg.client
             .execute(
-                &format!("UPDATE {} SET expires_at = 0", qualified(&pg.name, LOCKS_TABLE)),
+                &format!(
+                    "UPDATE {} SET expires_at = 0",
+                    qualified(&pg.name, LOCKS_TABLE)
+                ),
                 &[],
             )
             .await

@@ -107,8 +107,9 @@ fn encode(buf: &mut BytesMut, stage: Stage, value: &SqlValue) -> std::result::Re
             buf.put_u8(*b as u8);
         }
         (Stage::Timestamptz, SqlValue::Text(s)) => {
-            let micros = timestamp_micros(s)
-                .ok_or_else(|| format!("value {s:?} is not an RFC 3339 timestamp PostgreSQL can hold"))?;
+            let micros = timestamp_micros(s).ok_or_else(|| {
+                format!("value {s:?} is not an RFC 3339 timestamp PostgreSQL can hold")
+            })?;
             buf.put_i32(8);
             buf.put_i64(micros);
         }

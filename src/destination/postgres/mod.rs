@@ -199,11 +199,10 @@ impl PostgresDestination {
             (Some(a), _) => Some(a),
             (None, b) => b.map(String::from),
         };
-        let (client, connection) = parsed
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(|e| Error::destination(format!("cannot connect to {shown}"), describe(&e)))?;
+        let (client, connection) =
+            parsed.config.connect(NoTls).await.map_err(|e| {
+                Error::destination(format!("cannot connect to {shown}"), describe(&e))
+            })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %describe(&e), "PostgreSQL connection ended.");
@@ -275,8 +274,8 @@ impl Destination for PostgresDestination {
             }
         }
         let key = bookkeeping::advisory_key(&self.schema, pipeline);
-        let held = bookkeeping::try_lock(&self.client, &self.schema, pipeline, holder, lease, key)
-            .await?;
+        let held =
+            bookkeeping::try_lock(&self.client, &self.schema, pipeline, holder, lease, key).await?;
         if held.is_none() {
             self.lock = Some((pipeline.to_string(), holder.run_id.clone(), lease, key));
         }
@@ -362,7 +361,9 @@ pub(crate) mod testing {
             Ok(url) if !url.is_empty() => Some(url),
             _ => {
                 if std::env::var("IDEMLOAD_REQUIRE_SERVICES").as_deref() == Ok("1") {
-                    panic!("{test}: IDEMLOAD_TEST_POSTGRES is not set but IDEMLOAD_REQUIRE_SERVICES=1");
+                    panic!(
+                        "{test}: IDEMLOAD_TEST_POSTGRES is not set but IDEMLOAD_REQUIRE_SERVICES=1"
+                    );
                 }
                 eprintln!("{test}: SKIPPED (set IDEMLOAD_TEST_POSTGRES)");
                 None
@@ -448,7 +449,10 @@ pub(crate) mod testing {
 
         pub async fn drop(self) {
             self.client
-                .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote(&self.name)))
+                .batch_execute(&format!(
+                    "DROP SCHEMA IF EXISTS {} CASCADE",
+                    quote(&self.name)
+                ))
                 .await
                 .unwrap();
         }
@@ -464,13 +468,17 @@ mod tests {
         let u = parse_url("postgres://root@%2Fvar%2Frun%2Fpostgresql/db").unwrap();
         assert_eq!(
             u.config.get_hosts(),
-            &[tokio_postgres::config::Host::Unix("/var/run/postgresql".into())]
+            &[tokio_postgres::config::Host::Unix(
+                "/var/run/postgresql".into()
+            )]
         );
         assert_eq!(u.config.get_dbname(), Some("db"));
         let u = parse_url("postgresql://root@/db?host=/var/run/postgresql&schema=s%201").unwrap();
         assert_eq!(
             u.config.get_hosts(),
-            &[tokio_postgres::config::Host::Unix("/var/run/postgresql".into())]
+            &[tokio_postgres::config::Host::Unix(
+                "/var/run/postgresql".into()
+            )]
         );
         assert_eq!(u.schema.as_deref(), Some("s 1"));
         let u = parse_url("postgres://u:pw@h:6543/db?schema=raw").unwrap();

@@ -214,7 +214,10 @@ impl PgSchema {
 
     /// Columns the rows need that the table lacks (the shared inference of
     /// [`TableSchema::missing`], with `numeric` for integers beyond 64 bits).
-    pub(super) fn missing<'a>(&self, rows: impl Iterator<Item = &'a Fields> + Clone) -> Vec<PgColumn> {
+    pub(super) fn missing<'a>(
+        &self,
+        rows: impl Iterator<Item = &'a Fields> + Clone,
+    ) -> Vec<PgColumn> {
         let logical = TableSchema {
             columns: self
                 .columns

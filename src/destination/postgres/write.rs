@@ -117,9 +117,11 @@ pub(super) async fn write_batch(
                 .query_one(&merge.statement(deletes, in_memory), &[])
                 .await
                 .map_err(pg_error(context.clone()))?;
-            tx.batch_execute("SET LOCAL enable_hashjoin TO DEFAULT; SET LOCAL enable_mergejoin TO DEFAULT")
-                .await
-                .map_err(pg_error(context.clone()))?;
+            tx.batch_execute(
+                "SET LOCAL enable_hashjoin TO DEFAULT; SET LOCAL enable_mergejoin TO DEFAULT",
+            )
+            .await
+            .map_err(pg_error(context.clone()))?;
             let get = |i: usize| counts.get::<_, i64>(i) as u64;
             let (total, fresh, inserted, updated, deleted, stale) =
                 (get(0), get(1), get(2), get(3), get(4), get(5));
@@ -296,7 +298,10 @@ impl<'a> Merge<'a> {
                     .position(k)
                     .map(|i| &schema.columns[i])
                     .ok_or_else(|| {
-                        Error::destination(format!("table {table}"), format!("has no key column {k:?}"))
+                        Error::destination(
+                            format!("table {table}"),
+                            format!("has no key column {k:?}"),
+                        )
                     })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -351,7 +356,13 @@ impl<'a> Merge<'a> {
     }
 
     fn key_columns(&self) -> String {
-        column_list(&self.keys.iter().map(|c| c.name.as_str()).collect::<Vec<_>>())
+        column_list(
+            &self
+                .keys
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>(),
+        )
     }
 
     fn copy_columns(&self) -> String {
@@ -409,7 +420,12 @@ impl<'a> Merge<'a> {
     /// whole table for a batch; the caller turns hash and merge joins off).
     fn statement(&self, deletes: bool, in_memory: bool) -> String {
         let t = &self.table;
-        let names: Vec<&str> = self.schema.columns.iter().map(|c| c.name.as_str()).collect();
+        let names: Vec<&str> = self
+            .schema
+            .columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
         let cols = column_list(&names);
         let exprs = self
             .schema
@@ -466,7 +482,13 @@ impl<'a> Merge<'a> {
             let set = self
                 .others
                 .iter()
-                .map(|c| format!("{} = {}", quote(&c.name), c.cast(&format!("s.{}", quote(&c.name)))))
+                .map(|c| {
+                    format!(
+                        "{} = {}",
+                        quote(&c.name),
+                        c.cast(&format!("s.{}", quote(&c.name)))
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(", ");
             let stored = self
@@ -574,7 +596,11 @@ pub(super) async fn create_table(
     let defs = columns
         .iter()
         .map(|c| {
-            let not_null = if keys.contains(&c.name) { " NOT NULL" } else { "" };
+            let not_null = if keys.contains(&c.name) {
+                " NOT NULL"
+            } else {
+                ""
+            };
             format!("{} {}{not_null}", quote(&c.name), c.sql)
         })
         .collect::<Vec<_>>()
@@ -625,7 +651,15 @@ async fn ensure_table(
     };
     let missing = current.missing(rows.iter().map(|r| &r.fields));
     if current.columns.is_empty() {
-        create_table(tx, schema, table, &missing, &run.target.key_columns, unlogged).await?;
+        create_table(
+            tx,
+            schema,
+            table,
+            &missing,
+            &run.target.key_columns,
+            unlogged,
+        )
+        .await?;
         tracing::info!(table, columns = missing.len(), "Table created.");
         current.columns = missing;
     } else if !missing.is_empty() {
@@ -711,11 +745,7 @@ async fn apply_stage(
     };
     let run_sql = |sql: String| {
         let context = context.clone();
-        async move {
-            tx.execute(&sql, &[])
-                .await
-                .map_err(pg_error(context))
-        }
+        async move { tx.execute(&sql, &[]).await.map_err(pg_error(context)) }
     };
     let staged: i64 = tx
         .query_one(&format!("SELECT count(*) FROM {s}"), &[])
@@ -814,7 +844,10 @@ mod tests {
     async fn xmins(pg: &TestSchema) -> Vec<String> {
         pg.client
             .query(
-                &format!("SELECT xmin::text FROM {}.t ORDER BY id", super::quote(&pg.name)),
+                &format!(
+                    "SELECT xmin::text FROM {}.t ORDER BY id",
+                    super::quote(&pg.name)
+                ),
                 &[],
             )
             .await
@@ -841,8 +874,11 @@ mod tests {
             })
             .collect();
         // An in-input duplicate in the same batch: the later version wins.
-        records.insert(5, json!({"id": 3, "name": "three", "score": 1.0, "ok": true,
-            "at": "2024-05-01T10:00:00Z", "meta": {"a": 1}}));
+        records.insert(
+            5,
+            json!({"id": 3, "name": "three", "score": 1.0, "ok": true,
+            "at": "2024-05-01T10:00:00Z", "meta": {"a": 1}}),
+        );
         let load = "batch_size = 7";
         let first = both(&pg, dir.path(), &records, load).await;
         assert_eq!((first.inserted, first.duplicates), (50, 1));
@@ -870,9 +906,18 @@ mod tests {
         records.push(json!({"id": 100, "name": "new", "extra": 18_000_000_000_000_000_000u64}));
         // (SQLite rejects the integer beyond 64 bits; PostgreSQL makes the
         // new column numeric.)
-        let changed = pg.run(dir.path(), None, &records, load).await.unwrap().stats;
+        let changed = pg
+            .run(dir.path(), None, &records, load)
+            .await
+            .unwrap()
+            .stats;
         assert_eq!(
-            (changed.inserted, changed.updated, changed.unchanged, changed.rejected),
+            (
+                changed.inserted,
+                changed.updated,
+                changed.unchanged,
+                changed.rejected
+            ),
             (1, 1, 49, 0)
         );
         let rows = pg.rows("id").await;
@@ -930,14 +975,23 @@ mod tests {
             json!({"id": 3, "v": "newest", "updated_at": "2024-05-03T00:00:00Z"}),
             json!({"id": 4, "v": "fresh", "updated_at": "2024-05-01T00:00:00Z"}),
         ];
-        let stats = both(&pg, dir.path(), &mixed, &format!("{load}\nlookback = \"30d\"")).await;
+        let stats = both(
+            &pg,
+            dir.path(),
+            &mixed,
+            &format!("{load}\nlookback = \"30d\""),
+        )
+        .await;
         assert_eq!(
             (stats.skipped, stats.updated, stats.inserted),
             (1, 2, 1),
             "{stats:?}"
         );
         let v: Vec<Value> = pg.rows("id").await.iter().map(|r| r["v"].clone()).collect();
-        assert_eq!(v, [json!("new"), json!("tie"), json!("newest"), json!("fresh")]);
+        assert_eq!(
+            v,
+            [json!("new"), json!("tie"), json!("newest"), json!("fresh")]
+        );
         pg.drop().await;
     }
 
@@ -964,12 +1018,18 @@ mod tests {
         let rejects = dest.rejects("p", None, 100).await.unwrap();
         let reasons: Vec<&str> = rejects.iter().map(|r| r.reason.as_str()).collect();
         assert_eq!(reasons.len(), 5, "{reasons:?}");
-        assert!(reasons[0].contains("\"n\" is text, but the column is integer"), "{reasons:?}");
+        assert!(
+            reasons[0].contains("\"n\" is text, but the column is integer"),
+            "{reasons:?}"
+        );
         assert!(reasons[1].contains("is a float"), "{reasons:?}");
         assert!(reasons[2].contains("object or array"), "{reasons:?}");
         assert!(reasons[3].contains("NUL"), "{reasons:?}");
         assert!(reasons[4].contains("64-bit range"), "{reasons:?}");
-        assert_eq!(rejects[0].source_ref, format!("{}:2", dir.path().join("in.jsonl").display()));
+        assert_eq!(
+            rejects[0].source_ref,
+            format!("{}:2", dir.path().join("in.jsonl").display())
+        );
         let history = dest.history("p", 10).await.unwrap();
         assert_eq!(history[0].status, "succeeded_with_rejects");
         assert_eq!(history[0].stats.unwrap().rejected, 5);
@@ -992,13 +1052,26 @@ mod tests {
             json!({"id": 1, "_deleted": true}),
             json!({"id": 3, "v": 3}),
         ];
-        let stats = both(&pg, dir.path(), &batch, "delete_field = \"_deleted\"\nbatch_size = 3").await;
-        assert_eq!((stats.deleted, stats.updated, stats.duplicates), (1, 1, 1), "{stats:?}");
+        let stats = both(
+            &pg,
+            dir.path(),
+            &batch,
+            "delete_field = \"_deleted\"\nbatch_size = 3",
+        )
+        .await;
+        assert_eq!(
+            (stats.deleted, stats.updated, stats.duplicates),
+            (1, 1, 1),
+            "{stats:?}"
+        );
         let insert_new = [json!({"id": 2, "v": 99}), json!({"id": 50, "v": 50})];
         let stats = both(&pg, dir.path(), &insert_new, "mode = \"insert_new\"").await;
         assert_eq!((stats.inserted, stats.unchanged), (1, 1));
         let ids: Vec<Value> = pg.rows("id").await.iter().map(|r| r["v"].clone()).collect();
-        assert_eq!(ids, [json!(0), json!(20), json!(3), json!(4), json!(5), json!(50)]);
+        assert_eq!(
+            ids,
+            [json!(0), json!(20), json!(3), json!(4), json!(5), json!(50)]
+        );
         pg.drop().await;
     }
 
@@ -1015,7 +1088,10 @@ mod tests {
         assert_eq!(first.inserted, 5);
         let before = xmins(&pg).await;
         let same = both(&pg, dir.path(), &a, load).await;
-        assert_eq!((same.inserted, same.updated, same.deleted, same.unchanged), (0, 0, 0, 5));
+        assert_eq!(
+            (same.inserted, same.updated, same.deleted, same.unchanged),
+            (0, 0, 0, 5)
+        );
         assert_eq!(xmins(&pg).await, before);
         let b = [
             json!({"id": 0, "v": 0}),
@@ -1025,7 +1101,12 @@ mod tests {
         ];
         let changed = both(&pg, dir.path(), &b, load).await;
         assert_eq!(
-            (changed.inserted, changed.updated, changed.deleted, changed.removed),
+            (
+                changed.inserted,
+                changed.updated,
+                changed.deleted,
+                changed.removed
+            ),
             (1, 2, 2, 2),
             "{changed:?}"
         );
@@ -1048,14 +1129,19 @@ mod tests {
         ];
         let stats = both(&pg, dir.path(), &reload, window).await;
         // Days 2 and 3 are reloaded: ids 4 and 5 go, 1 changes, 2 stays.
-        assert_eq!((stats.updated, stats.unchanged, stats.deleted), (1, 1, 2), "{stats:?}");
+        assert_eq!(
+            (stats.updated, stats.unchanged, stats.deleted),
+            (1, 1, 2),
+            "{stats:?}"
+        );
         assert_eq!(pg.rows("id").await.len(), 4);
         pg.drop().await;
     }
 
     #[tokio::test]
     async fn a_statement_timeout_fails_the_run_naming_pipeline_and_batch() {
-        let Some(url) = server("a_statement_timeout_fails_the_run_naming_pipeline_and_batch") else {
+        let Some(url) = server("a_statement_timeout_fails_the_run_naming_pipeline_and_batch")
+        else {
             return;
         };
         let pg = TestSchema::new(&url, "timeout").await;
@@ -1107,7 +1193,13 @@ mod tests {
             .await
             .unwrap();
         std::fs::remove_file(dir.path().join("ref.db")).unwrap();
-        let hashed = both(&pg, dir.path(), &records, "hash_key = [\"line\"]\nbatch_size = 4").await;
+        let hashed = both(
+            &pg,
+            dir.path(),
+            &records,
+            "hash_key = [\"line\"]\nbatch_size = 4",
+        )
+        .await;
         assert_eq!((hashed.inserted, hashed.duplicates), (5, 7), "{hashed:?}");
         pg.drop().await;
     }
