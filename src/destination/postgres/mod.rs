@@ -384,7 +384,7 @@ pub(crate) mod testing {
                 "t_{}_{}_{}",
                 test.chars().take(30).collect::<String>(),
                 std::process::id(),
-                uuid::Uuid::now_v7().simple().to_string()[20..].to_string()
+                &uuid::Uuid::now_v7().simple().to_string()[20..]
             );
             let parsed = parse_url(url).unwrap();
             let (client, conn) = parsed.config.connect(NoTls).await.unwrap();
