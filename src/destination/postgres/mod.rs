@@ -62,6 +62,8 @@ struct Run {
     run_keys: bool,
     /// The run's key set, kept here instead when the key is one integer.
     seen: Option<write::SeenKeys>,
+    /// The table held no rows when the run first wrote to it.
+    empty_at_start: Option<bool>,
 }
 
 /// A `postgres://` URL split into the driver's config and idemload's own
@@ -322,6 +324,7 @@ impl Destination for PostgresDestination {
             schema: None,
             run_keys: false,
             seen: None,
+            empty_at_start: None,
         });
         Ok(())
     }

@@ -76,7 +76,7 @@ pub(super) async fn write_batch(
             .clone()
             .unwrap_or_else(|| run.target.table.clone());
         let staged = run.stage.is_some();
-        let pg_schema = ensure_table(&tx, schema, run, &table, &rows, staged).await?;
+        let (pg_schema, created) = ensure_table(&tx, schema, run, &table, &rows, staged).await?;
         let mode = if staged { Mode::Merge } else { run.target.mode };
         let merge = Merge::new(&qualified(schema, &table), &pg_schema, &run.target, mode)?;
         // A single integer key: the run's key set is kept in memory, exact
@@ -90,9 +90,47 @@ pub(super) async fn write_batch(
         }
         let seen = run.seen.as_ref().filter(|_| key_at.is_some());
         let in_memory = seen.is_some();
-        let (copy, deletes, added) =
-            encode(&pg_schema, rows, key_at, seen, &mut stats, &mut rejects);
+        // The table was empty when this run first wrote to it: a key the run
+        // has not met cannot be stored (the run lock keeps the pipeline's
+        // other runs out), so such rows are copied straight into the table,
+        // as fast as a plain COPY. Another writer's row with the same key
+        // fails the batch on the primary key; it never doubles a row.
+        if in_memory && run.empty_at_start.is_none() {
+            let empty = created
+                || !tx
+                    .query_one(
+                        &format!(
+                            "SELECT EXISTS (SELECT 1 FROM {})",
+                            qualified(schema, &table)
+                        ),
+                        &[],
+                    )
+                    .await
+                    .map_err(pg_error(context.clone()))?
+                    .get::<_, bool>(0);
+            run.empty_at_start = Some(empty);
+        }
+        let direct = in_memory
+            && run.empty_at_start == Some(true)
+            && pg_schema.columns.iter().all(|c| c.stage().sql() == c.sql);
+        let (copy, direct_copy, deletes, added) = encode(
+            &pg_schema,
+            rows,
+            key_at,
+            seen,
+            direct,
+            &mut stats,
+            &mut rejects,
+        );
         seen_added = added;
+        if direct_copy.rows > 0 {
+            let copied = direct_copy
+                .send(&tx, &qualified(schema, &table), &merge.table_columns())
+                .await?;
+            if !staged {
+                stats.inserted += copied;
+            }
+        }
         if copy.rows > 0 {
             let shape = merge.batch_table();
             if batch_table.as_deref() != Some(shape.as_str()) {
@@ -185,12 +223,14 @@ fn encode(
     rows: Vec<Row>,
     key_at: Option<usize>,
     seen: Option<&SeenKeys>,
+    direct: bool,
     stats: &mut RunStats,
     rejects: &mut Vec<Reject>,
-) -> (CopyBuffer, bool, Vec<i64>) {
+) -> (CopyBuffer, CopyBuffer, bool, Vec<i64>) {
     let mut stages = vec![Stage::Bool, Stage::Bool];
     stages.extend(schema.columns.iter().map(PgColumn::stage));
     let mut copy = CopyBuffer::new();
+    let mut direct_copy = CopyBuffer::new();
     let mut values = Vec::with_capacity(stages.len());
     let mut deletes = false;
     let mut added = Vec::new();
@@ -213,11 +253,18 @@ fn encode(
             (Some(_), Some(Some(SqlValue::Int(k)))) => Some(*k),
             _ => None,
         };
+        let mut fresh = false;
         if let (Some(seen), Some(k)) = (seen, key) {
-            values[1] = SqlValue::Bool(!seen.contains(k));
+            fresh = !seen.contains(k);
+            values[1] = SqlValue::Bool(fresh);
         }
         if reason.is_none() {
-            if let Err(r) = copy.push_row(&stages, &values) {
+            let pushed = if direct && fresh && !row.delete {
+                direct_copy.push_row(&stages[2..], &values[2..])
+            } else {
+                copy.push_row(&stages, &values)
+            };
+            if let Err(r) = pushed {
                 reason = Some(r);
             }
         }
@@ -237,7 +284,7 @@ fn encode(
             }
         }
     }
-    (copy, deletes, added)
+    (copy, direct_copy, deletes, added)
 }
 
 /// The integer keys a run has written, sorted: 8 bytes a key, exact.
@@ -359,6 +406,17 @@ impl<'a> Merge<'a> {
         column_list(
             &self
                 .keys
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn table_columns(&self) -> String {
+        column_list(
+            &self
+                .schema
+                .columns
                 .iter()
                 .map(|c| c.name.as_str())
                 .collect::<Vec<_>>(),
@@ -644,13 +702,14 @@ async fn ensure_table(
     table: &str,
     rows: &[Row],
     unlogged: bool,
-) -> Result<PgSchema> {
+) -> Result<(PgSchema, bool)> {
     let mut current = match run.schema.take() {
         Some(s) => s,
         None => read_schema(tx, schema, table).await?.unwrap_or_default(),
     };
     let missing = current.missing(rows.iter().map(|r| &r.fields));
-    if current.columns.is_empty() {
+    let created = current.columns.is_empty();
+    if created {
         create_table(
             tx,
             schema,
@@ -668,7 +727,7 @@ async fn ensure_table(
         current.columns.extend(missing);
     }
     run.schema = Some(current.clone());
-    Ok(current)
+    Ok((current, created))
 }
 
 /// Applies a `replace`/`window` stage to the target, writing only the
