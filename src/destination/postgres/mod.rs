@@ -4,9 +4,14 @@
 //! Each batch is one transaction: the lease is fenced, every value is checked
 //! against its column in Rust (a value that does not fit is a reject, never a
 //! failed batch), the rows go by binary COPY into a temporary table, and one
-//! `INSERT … SELECT … ON CONFLICT … DO UPDATE … WHERE … IS DISTINCT FROM …`
-//! writes only what changed and says exactly what it did. The rejects, the
-//! checkpoint and, for the last batch, the run's ending commit with it.
+//! statement merges them: a plain `INSERT` of the keys the table lacks, an
+//! `UPDATE … WHERE … IS DISTINCT FROM …` of the rows that really differ (and
+//! are not older by cursor), a `DELETE` for `delete_field`, and the exact
+//! counts of each. An unchanged row is never written nor even locked, so an
+//! identical re-run writes (almost) no WAL. Into a table that was empty when
+//! the run began, rows whose integer key the run has not met yet are copied
+//! straight into it. The rejects, the checkpoint and, for the last batch,
+//! the run's ending commit with it.
 //!
 //! The run lock is a session advisory lock held on this connection for the
 //! whole run (so two machines can never write the same pipeline at once,
