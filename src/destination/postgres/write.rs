@@ -18,7 +18,7 @@ use super::copy::CopyBuffer;
 use super::types::{read_schema, PgColumn, PgSchema, Stage};
 use super::{pg_error, qualified, PostgresDestination, Run};
 use crate::config::Mode;
-use crate::destination::schema::{ColumnType, SqlValue};
+use crate::destination::schema::ColumnType;
 use crate::destination::sql::{column_list, quote};
 use crate::destination::Commit;
 use crate::error::{Error, Result};
@@ -227,53 +227,32 @@ fn encode(
     stats: &mut RunStats,
     rejects: &mut Vec<Reject>,
 ) -> (CopyBuffer, CopyBuffer, bool, Vec<i64>) {
-    let mut stages = vec![Stage::Bool, Stage::Bool];
-    stages.extend(schema.columns.iter().map(PgColumn::stage));
     let mut copy = CopyBuffer::new();
     let mut direct_copy = CopyBuffer::new();
-    let mut values = Vec::with_capacity(stages.len());
     let mut deletes = false;
     let mut added = Vec::new();
     for row in rows {
-        values.clear();
-        values.push(SqlValue::Bool(row.delete));
-        values.push(SqlValue::Null);
-        let mut reason = None;
-        for column in &schema.columns {
-            let value = row.fields.get(&column.name).unwrap_or(&Value::Null);
-            match column.convert(value) {
-                Ok(v) => values.push(v),
-                Err(r) => {
-                    reason = Some(r);
-                    break;
-                }
-            }
-        }
-        let key = match (seen, key_at.map(|i| values.get(i + 2))) {
-            (Some(_), Some(Some(SqlValue::Int(k)))) => Some(*k),
+        // The key as its column holds it (7.0 is 7; a key that does not fit
+        // the column is rejected below with the rest of the row).
+        let key = match (seen, key_at) {
+            (Some(_), Some(_)) => row.key.values().first().and_then(Value::as_i64),
             _ => None,
         };
-        let mut fresh = false;
-        if let (Some(seen), Some(k)) = (seen, key) {
-            fresh = !seen.contains(k);
-            values[1] = SqlValue::Bool(fresh);
-        }
-        if reason.is_none() {
-            let pushed = if direct && fresh && !row.delete {
-                direct_copy.push_row(&stages[2..], &values[2..])
-            } else {
-                copy.push_row(&stages, &values)
-            };
-            if let Err(r) = pushed {
-                reason = Some(r);
-            }
-        }
-        match reason {
-            None => {
+        let fresh = match (seen, key) {
+            (Some(seen), Some(k)) => Some(!seen.contains(k)),
+            _ => None,
+        };
+        let pushed = if direct && fresh == Some(true) && !row.delete {
+            direct_copy.push_record(&[], &schema.columns, &row.fields)
+        } else {
+            copy.push_record(&[Some(row.delete), fresh], &schema.columns, &row.fields)
+        };
+        match pushed {
+            Ok(()) => {
                 deletes |= row.delete;
                 added.extend(key);
             }
-            Some(reason) => {
+            Err(reason) => {
                 stats.rejected += 1;
                 rejects.push(Reject {
                     source: row.source.clone(),
@@ -287,37 +266,58 @@ fn encode(
     (copy, direct_copy, deletes, added)
 }
 
-/// The integer keys a run has written, sorted: 8 bytes a key, exact.
+/// The integer keys a run has written: a few sorted runs of geometric
+/// sizes (merged like a log-structured tree), 8 bytes a key, exact.
 #[derive(Debug, Default)]
 pub(super) struct SeenKeys {
-    sorted: Vec<i64>,
+    runs: Vec<Vec<i64>>,
 }
 
 impl SeenKeys {
     fn contains(&self, key: i64) -> bool {
-        self.sorted.binary_search(&key).is_ok()
+        self.runs.iter().any(|r| r.binary_search(&key).is_ok())
     }
 
-    /// Adds a committed batch's keys (unique within the batch).
+    /// Adds a committed batch's keys.
     fn extend(&mut self, mut keys: Vec<i64>) {
         keys.sort_unstable();
+        keys.dedup();
         keys.retain(|k| !self.contains(*k));
         if keys.is_empty() {
             return;
         }
-        let old = std::mem::take(&mut self.sorted);
-        let mut merged = Vec::with_capacity(old.len() + keys.len());
-        let (mut a, mut b) = (old.into_iter().peekable(), keys.into_iter().peekable());
-        loop {
-            match (a.peek(), b.peek()) {
-                (Some(x), Some(y)) if x <= y => merged.push(a.next().unwrap_or_default()),
-                (Some(_), Some(_)) | (None, Some(_)) => merged.push(b.next().unwrap_or_default()),
-                (Some(_), None) => merged.push(a.next().unwrap_or_default()),
-                (None, None) => break,
+        self.runs.push(keys);
+        while let [.., older, newer] = self.runs.as_slice() {
+            if newer.len() * 2 < older.len() {
+                break;
             }
+            let newer = self.runs.pop().unwrap_or_default();
+            let older = self.runs.pop().unwrap_or_default();
+            self.runs.push(merge_sorted(older, newer));
         }
-        self.sorted = merged;
     }
+
+    #[cfg(test)]
+    fn all(&self) -> Vec<i64> {
+        let mut all: Vec<i64> = self.runs.iter().flatten().copied().collect();
+        all.sort_unstable();
+        all
+    }
+}
+
+fn merge_sorted(a: Vec<i64>, b: Vec<i64>) -> Vec<i64> {
+    let mut merged = Vec::with_capacity(a.len() + b.len());
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    while let (Some(x), Some(y)) = (a.peek(), b.peek()) {
+        if x <= y {
+            merged.extend(a.next());
+        } else {
+            merged.extend(b.next());
+        }
+    }
+    merged.extend(a);
+    merged.extend(b);
+    merged
 }
 
 /// The SQL of one batch's merge into one table.
@@ -874,8 +874,13 @@ mod tests {
         let mut seen = SeenKeys::default();
         seen.extend(vec![5, -3, 9]);
         seen.extend(vec![7, 5, i64::MAX, i64::MIN]);
-        assert_eq!(seen.sorted, [i64::MIN, -3, 5, 7, 9, i64::MAX]);
+        assert_eq!(seen.all(), [i64::MIN, -3, 5, 7, 9, i64::MAX]);
         assert!(seen.contains(7) && !seen.contains(6));
+        for i in 0..1000 {
+            seen.extend((i * 10..i * 10 + 10).collect());
+        }
+        assert!(seen.runs.len() < 12, "{} runs", seen.runs.len());
+        assert!((0..10_000).all(|k| seen.contains(k)) && !seen.contains(10_000));
     }
     use crate::pipeline::stats::RunStats;
     use crate::RunStatus;
