@@ -125,6 +125,10 @@ async fn server_restart_mid_run_then_rerun_gives_the_exact_table() {
             eprintln!("the run failed as expected:\n{stderr}");
             assert!(stderr.contains("pipeline \"restart\""), "{stderr}");
             assert!(stderr.contains("batch "), "{stderr}");
+            assert!(
+                stderr.contains("administrator command") || stderr.contains("closed the connection"),
+                "the server's error is not named:\n{stderr}"
+            );
         }
         Some(0) => eprintln!("the run finished before the restart; re-running anyway"),
         other => panic!("expected exit 1 (or 0), got {other:?}\n{stderr}"),

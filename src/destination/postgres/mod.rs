@@ -176,6 +176,10 @@ pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
         text.push_str(&format!(" [SQLSTATE {}]", db.code().code()));
         return text;
     }
+    if e.is_closed() {
+        return "the server closed the connection (restarted, shut down, or ended the session)"
+            .to_string();
+    }
     let mut text = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
