@@ -126,7 +126,8 @@ async fn server_restart_mid_run_then_rerun_gives_the_exact_table() {
             assert!(stderr.contains("pipeline \"restart\""), "{stderr}");
             assert!(stderr.contains("batch "), "{stderr}");
             assert!(
-                stderr.contains("administrator command") || stderr.contains("closed the connection"),
+                stderr.contains("administrator command")
+                    || stderr.contains("closed the connection"),
                 "the server's error is not named:\n{stderr}"
             );
         }
@@ -163,7 +164,9 @@ async fn server_restart_mid_run_then_rerun_gives_the_exact_table() {
     assert_eq!(sum, 7 * n * (n - 1) / 2);
     let checkpoint: serde_json::Value = client
         .query_one(
-            &format!("SELECT checkpoint FROM \"{schema}\"._idemload_state WHERE pipeline = 'restart'"),
+            &format!(
+                "SELECT checkpoint FROM \"{schema}\"._idemload_state WHERE pipeline = 'restart'"
+            ),
             &[],
         )
         .await
