@@ -10,6 +10,7 @@
 pub mod http;
 pub mod inspect;
 pub mod mysql;
+pub mod postgres;
 pub mod schema;
 pub mod sql;
 pub mod sqlite;
@@ -112,17 +113,26 @@ pub async fn open_config(
         let http = http::HttpDestinationConfig::from_destination(config)?;
         return Ok(Box::new(http::HttpDestination::open(pipeline, http).await?));
     }
-    open(&config.url).await
+    open_in(&config.url, config.schema.as_deref()).await
 }
 
 /// Opens the destination an URL names.
 pub async fn open(url: &str) -> Result<Box<dyn Destination>> {
+    open_in(url, None).await
+}
+
+/// Opens the destination an URL names, in `schema` (`[destination] schema`)
+/// where the database has schemas.
+pub async fn open_in(url: &str, schema: Option<&str>) -> Result<Box<dyn Destination>> {
     let scheme = url.split("://").next().unwrap_or_default();
     match scheme {
         "sqlite" => Ok(Box::new(sqlite::SqliteDestination::open(url).await?)),
         "mysql" => Ok(Box::new(mysql::MysqlDestination::open(url).await?)),
+        "postgres" | "postgresql" => Ok(Box::new(
+            postgres::PostgresDestination::open(url, schema).await?,
+        )),
         _ => Err(Error::config(format!(
-            "unsupported destination URL {}: use sqlite://PATH or mysql://USER:PASS@HOST:PORT/DB",
+            "unsupported destination URL {}: use sqlite://PATH, postgres://USER@HOST/DB or mysql://USER:PASS@HOST:PORT/DB",
             redact(url)
         ))),
     }

@@ -20,6 +20,7 @@ mod keys;
 mod load_twice;
 mod modes;
 mod overlap;
+mod pg_restart;
 mod property;
 mod sql_source;
 mod watch;

@@ -66,13 +66,11 @@ macro_rules! idemtest {
     };
 }
 
-/// THE switch for the server backends: delete the `#[ignore]` line once the
-/// PostgreSQL and MySQL destinations are merged.
+/// A test of a server backend (PostgreSQL, MySQL).
 #[macro_export]
 macro_rules! server_test {
     ($item:item) => {
         #[test]
-        #[ignore = "postgres/mysql destinations land with issue 3"]
         $item
     };
 }

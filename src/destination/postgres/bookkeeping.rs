@@ -1,0 +1,586 @@
+//! PostgreSQL bookkeeping: the `_idemload_*` tables, the run lock, the
+//! checkpoint, and the run and reject records.
+//!
+//! The run lock is a session advisory lock on a stable 64-bit hash of the
+//! schema and the pipeline, held on the destination's own connection for
+//! the whole run: PostgreSQL itself makes it exclusive across processes and
+//! machines, and frees it the moment its holder's connection ends. The lease
+//! row in `_idemload_locks` says who holds it and since when (for the exit 3
+//! message), and every batch transaction fences on it.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio_postgres::{Client, GenericClient};
+
+use super::types::read_schema;
+use super::{identifier, pg_error, qualified};
+use crate::destination::sql::{column_list, quote};
+use crate::destination::Target;
+use crate::error::{Error, Result};
+use crate::pipeline::stats::{RunStats, RunStatus};
+use crate::state::{
+    format_time, LockHolder, RejectRecord, RunInfo, RunRecord, LOCKS_TABLE, REJECTS_TABLE,
+    RUNS_TABLE, STATE_TABLE,
+};
+
+/// The temporary table of the keys this session's run has written.
+pub(super) const RUN_KEYS: &str = "pg_temp._idemload_run_keys";
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+/// Creates the schema and the bookkeeping tables when missing. A
+/// transaction-level advisory lock serialises processes that start at the
+/// same moment (concurrent `CREATE … IF NOT EXISTS` can collide).
+pub(super) async fn create_tables(client: &Client, schema: &str) -> Result<()> {
+    let exists: bool = client
+        .query_one(
+            "SELECT count(*) = 4 FROM pg_catalog.pg_class c
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relname IN ($2, $3, $4, $5)",
+            &[
+                &schema,
+                &STATE_TABLE,
+                &RUNS_TABLE,
+                &REJECTS_TABLE,
+                &LOCKS_TABLE,
+            ],
+        )
+        .await
+        .map_err(pg_error("bookkeeping tables"))?
+        .get(0);
+    if exists {
+        return Ok(());
+    }
+    let q = |t: &str| qualified(schema, t);
+    client
+        .batch_execute(&format!(
+            "BEGIN;
+             SELECT pg_advisory_xact_lock({lock});
+             CREATE SCHEMA IF NOT EXISTS {schema_q};
+             CREATE TABLE IF NOT EXISTS {state} (
+                 pipeline text PRIMARY KEY, checkpoint jsonb, run_id text,
+                 updated_at timestamptz NOT NULL);
+             CREATE TABLE IF NOT EXISTS {runs} (
+                 run_id text PRIMARY KEY, pipeline text NOT NULL, table_name text,
+                 status text NOT NULL, started_at timestamptz NOT NULL, finished_at timestamptz,
+                 stats jsonb, checkpoint_before jsonb, checkpoint_after jsonb, error text);
+             CREATE INDEX IF NOT EXISTS {runs_idx} ON {runs} (pipeline, started_at);
+             CREATE TABLE IF NOT EXISTS {rejects} (
+                 id bigserial PRIMARY KEY, run_id text NOT NULL, pipeline text NOT NULL,
+                 source_ref text NOT NULL, record_key text, reason text NOT NULL, raw text,
+                 rejected_at timestamptz NOT NULL);
+             CREATE INDEX IF NOT EXISTS {rejects_idx} ON {rejects} (pipeline, run_id);
+             CREATE TABLE IF NOT EXISTS {locks} (
+                 pipeline text PRIMARY KEY, run_id text NOT NULL, host text NOT NULL,
+                 pid bigint NOT NULL, since timestamptz NOT NULL, expires_at bigint NOT NULL);
+             COMMIT;",
+            lock = advisory_key("", "_idemload_bookkeeping"),
+            schema_q = quote(schema),
+            state = q(STATE_TABLE),
+            runs = q(RUNS_TABLE),
+            runs_idx = quote("_idemload_runs_pipeline"),
+            rejects = q(REJECTS_TABLE),
+            rejects_idx = quote("_idemload_rejects_pipeline"),
+            locks = q(LOCKS_TABLE),
+        ))
+        .await
+        .map_err(pg_error("creating the bookkeeping tables"))?;
+    Ok(())
+}
+
+/// A stable 64-bit advisory lock key: the first 8 bytes of the SHA-256 of
+/// schema and pipeline. The same on every machine and every version.
+pub(super) fn advisory_key(schema: &str, pipeline: &str) -> i64 {
+    let digest = Sha256::digest(format!("idemload\0{schema}\0{pipeline}").as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(bytes)
+}
+
+/// Takes the advisory lock and writes the lease row, or returns the holder.
+pub(super) async fn try_lock(
+    client: &Client,
+    schema: &str,
+    pipeline: &str,
+    me: &LockHolder,
+    lease: Duration,
+    key: i64,
+) -> Result<Option<LockHolder>> {
+    let locks = qualified(schema, LOCKS_TABLE);
+    let got: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+        .await
+        .map_err(pg_error(format!("lock of pipeline {pipeline:?}")))?
+        .get(0);
+    if got {
+        // Whoever wrote a row before us has lost its session, hence the lock.
+        let replaced = client
+            .query_opt(
+                &format!(
+                    "INSERT INTO {locks} AS l (pipeline, run_id, host, pid, since, expires_at)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (pipeline) DO UPDATE SET run_id = EXCLUDED.run_id,
+                         host = EXCLUDED.host, pid = EXCLUDED.pid, since = EXCLUDED.since,
+                         expires_at = EXCLUDED.expires_at
+                     RETURNING (SELECT run_id FROM {locks} WHERE pipeline = $1)"
+                ),
+                &[
+                    &pipeline,
+                    &me.run_id,
+                    &me.host,
+                    &(me.pid as i64),
+                    &me.since,
+                    &(now_ms() + lease.as_millis() as i64),
+                ],
+            )
+            .await
+            .map_err(pg_error(format!("lock of pipeline {pipeline:?}")))?;
+        if let Some(Some(old)) = replaced.map(|r| r.get::<_, Option<String>>(0)) {
+            if old != me.run_id {
+                tracing::warn!(pipeline, run_id = %old, "Taking over the lock of a run that died.");
+            }
+        }
+        return Ok(None);
+    }
+    // The holder writes its lease row right after taking the lock; give it
+    // a moment when we look in between.
+    for _ in 0..10 {
+        let row = client
+            .query_opt(
+                &format!("SELECT run_id, host, pid, since FROM {locks} WHERE pipeline = $1"),
+                &[&pipeline],
+            )
+            .await
+            .map_err(pg_error(format!("lock of pipeline {pipeline:?}")))?;
+        if let Some(r) = row {
+            return Ok(Some(LockHolder {
+                run_id: r.get(0),
+                host: r.get(1),
+                pid: r.get::<_, i64>(2) as u32,
+                since: r.get(3),
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Some(LockHolder {
+        run_id: "unknown".into(),
+        host: "another PostgreSQL session".into(),
+        pid: 0,
+        since: Utc::now(),
+    }))
+}
+
+/// Renews the lease inside a batch transaction; fails when the lease row is
+/// no longer this run's, so the batch rolls back.
+pub(super) async fn fence(
+    tx: &impl GenericClient,
+    schema: &str,
+    pipeline: &str,
+    run_id: &str,
+    lease: Duration,
+) -> Result<()> {
+    let renewed = tx
+        .execute(
+            &format!(
+                "UPDATE {} SET expires_at = $3 WHERE pipeline = $1 AND run_id = $2",
+                qualified(schema, LOCKS_TABLE)
+            ),
+            &[&pipeline, &run_id, &(now_ms() + lease.as_millis() as i64)],
+        )
+        .await
+        .map_err(pg_error("renewing the run lock"))?;
+    if renewed == 1 {
+        Ok(())
+    } else {
+        Err(Error::LockLost {
+            pipeline: pipeline.to_string(),
+        })
+    }
+}
+
+pub(super) async fn unlock(
+    client: &Client,
+    schema: &str,
+    pipeline: &str,
+    run_id: &str,
+    key: i64,
+) -> Result<()> {
+    let context = format!("unlock of pipeline {pipeline:?}");
+    client
+        .execute(
+            &format!(
+                "DELETE FROM {} WHERE pipeline = $1 AND run_id = $2",
+                qualified(schema, LOCKS_TABLE)
+            ),
+            &[&pipeline, &run_id],
+        )
+        .await
+        .map_err(pg_error(context.clone()))?;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&key])
+        .await
+        .map_err(pg_error(context))?;
+    Ok(())
+}
+
+pub(super) async fn checkpoint(
+    client: &Client,
+    schema: &str,
+    pipeline: &str,
+) -> Result<Option<Value>> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT checkpoint FROM {} WHERE pipeline = $1",
+                qualified(schema, STATE_TABLE)
+            ),
+            &[&pipeline],
+        )
+        .await
+        .map_err(pg_error("reading the checkpoint"))?;
+    Ok(row.and_then(|r| r.get::<_, Option<Value>>(0)))
+}
+
+pub(super) async fn write_checkpoint(
+    tx: &impl GenericClient,
+    schema: &str,
+    pipeline: &str,
+    value: Option<&Value>,
+    run_id: &str,
+) -> Result<()> {
+    tx.execute(
+        &format!(
+            "INSERT INTO {} (pipeline, checkpoint, run_id, updated_at) VALUES ($1, $2, $3, now())
+             ON CONFLICT (pipeline) DO UPDATE SET checkpoint = EXCLUDED.checkpoint,
+                 run_id = EXCLUDED.run_id, updated_at = EXCLUDED.updated_at",
+            qualified(schema, STATE_TABLE)
+        ),
+        &[&pipeline, &value, &run_id],
+    )
+    .await
+    .map_err(pg_error("writing the checkpoint"))?;
+    Ok(())
+}
+
+/// The staging table of a `replace`/`window` run.
+pub(super) fn stage_name(table: &str) -> String {
+    identifier(&format!("_idemload_stage_{table}"))
+}
+
+/// Records the run, prepares the run's key set and, for staged modes, a
+/// fresh staging table shaped like the target.
+pub(super) async fn begin(
+    client: &mut Client,
+    schema: &str,
+    run: &RunInfo,
+    target: &Target,
+) -> Result<Option<String>> {
+    let context = format!("starting run {}", run.run_id);
+    client
+        .batch_execute(&format!("DROP TABLE IF EXISTS {RUN_KEYS}"))
+        .await
+        .map_err(pg_error(context.clone()))?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(pg_error(context.clone()))?;
+    tx.execute(
+        &format!(
+            "INSERT INTO {} (run_id, pipeline, table_name, status, started_at, checkpoint_before)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            qualified(schema, RUNS_TABLE)
+        ),
+        &[
+            &run.run_id,
+            &run.pipeline,
+            &target.table,
+            &RunStatus::Running.as_str(),
+            &run.started_at,
+            &run.checkpoint_before,
+        ],
+    )
+    .await
+    .map_err(pg_error(context.clone()))?;
+    let stage = if target.mode.is_staged() {
+        let stage = stage_name(&target.table);
+        tx.batch_execute(&format!(
+            "DROP TABLE IF EXISTS {}",
+            qualified(schema, &stage)
+        ))
+        .await
+        .map_err(pg_error(context.clone()))?;
+        if let Some(existing) = read_schema(&tx, schema, &target.table).await? {
+            super::write::create_table(
+                &tx,
+                schema,
+                &stage,
+                &existing.columns,
+                &target.key_columns,
+                true,
+            )
+            .await?;
+        }
+        Some(stage)
+    } else {
+        None
+    };
+    tx.commit().await.map_err(pg_error(context))?;
+    Ok(stage)
+}
+
+/// Finishes the run row (inside the last batch's transaction).
+pub(super) async fn finish(
+    tx: &impl GenericClient,
+    schema: &str,
+    run_id: &str,
+    status: RunStatus,
+    stats: &RunStats,
+    checkpoint_after: Option<&Value>,
+    error: Option<&str>,
+) -> Result<()> {
+    let stats = serde_json::to_value(stats).unwrap_or_default();
+    tx.execute(
+        &format!(
+            "UPDATE {} SET status = $2, finished_at = now(), stats = $3, checkpoint_after = $4,
+                 error = $5
+             WHERE run_id = $1",
+            qualified(schema, RUNS_TABLE)
+        ),
+        &[
+            &run_id,
+            &status.as_str(),
+            &stats,
+            &checkpoint_after,
+            &error.map(without_nul),
+        ],
+    )
+    .await
+    .map_err(pg_error(format!("finishing run {run_id}")))?;
+    Ok(())
+}
+
+pub(super) async fn fail(
+    client: &Client,
+    schema: &str,
+    run_id: &str,
+    stats: &RunStats,
+    error: &str,
+) -> Result<()> {
+    finish(
+        client,
+        schema,
+        run_id,
+        RunStatus::Failed,
+        stats,
+        None,
+        Some(error),
+    )
+    .await
+}
+
+/// Text PostgreSQL can store: NUL becomes U+FFFD.
+pub(super) fn without_nul(text: &str) -> String {
+    text.replace('\0', "\u{fffd}")
+}
+
+/// Writes the batch's rejects in one statement.
+pub(super) async fn insert_rejects(
+    tx: &impl GenericClient,
+    schema: &str,
+    pipeline: &str,
+    run_id: &str,
+    rejects: &[crate::record::Reject],
+) -> Result<()> {
+    if rejects.is_empty() {
+        return Ok(());
+    }
+    let sources: Vec<String> = rejects
+        .iter()
+        .map(|r| without_nul(&r.source.to_string()))
+        .collect();
+    let keys: Vec<Option<String>> = rejects
+        .iter()
+        .map(|r| r.key.as_deref().map(without_nul))
+        .collect();
+    let reasons: Vec<String> = rejects.iter().map(|r| without_nul(&r.reason)).collect();
+    let raws: Vec<String> = rejects.iter().map(|r| without_nul(&r.raw)).collect();
+    tx.execute(
+        &format!(
+            "INSERT INTO {} ({})
+             SELECT $1, $2, u.s, u.k, u.r, u.w, now()
+             FROM unnest($3::text[], $4::text[], $5::text[], $6::text[]) WITH ORDINALITY
+                 AS u(s, k, r, w, n) ORDER BY u.n",
+            qualified(schema, REJECTS_TABLE),
+            column_list(&[
+                "run_id",
+                "pipeline",
+                "source_ref",
+                "record_key",
+                "reason",
+                "raw",
+                "rejected_at"
+            ])
+        ),
+        &[&run_id, &pipeline, &sources, &keys, &reasons, &raws],
+    )
+    .await
+    .map_err(pg_error("writing rejects"))?;
+    Ok(())
+}
+
+pub(super) async fn history(
+    client: &Client,
+    schema: &str,
+    pipeline: &str,
+    limit: usize,
+) -> Result<Vec<RunRecord>> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT run_id, pipeline, status, started_at, finished_at, stats,
+                        checkpoint_before, checkpoint_after, error
+                 FROM {} WHERE pipeline = $1 ORDER BY started_at DESC, run_id DESC LIMIT $2",
+                qualified(schema, RUNS_TABLE)
+            ),
+            &[&pipeline, &(limit as i64)],
+        )
+        .await
+        .map_err(pg_error("reading the run history"))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| RunRecord {
+            run_id: r.get(0),
+            pipeline: r.get(1),
+            status: r.get(2),
+            started_at: format_time(r.get::<_, DateTime<Utc>>(3)),
+            finished_at: r.get::<_, Option<DateTime<Utc>>>(4).map(format_time),
+            stats: r
+                .get::<_, Option<Value>>(5)
+                .and_then(|v| serde_json::from_value(v).ok()),
+            checkpoint_before: r.get(6),
+            checkpoint_after: r.get(7),
+            error: r.get(8),
+        })
+        .collect())
+}
+
+pub(super) async fn rejects(
+    client: &Client,
+    schema: &str,
+    pipeline: &str,
+    run_id: Option<&str>,
+    limit: usize,
+) -> Result<Vec<RejectRecord>> {
+    let table = qualified(schema, REJECTS_TABLE);
+    let context = "reading rejects";
+    let run_id = match run_id {
+        Some(r) => Some(r.to_string()),
+        None => client
+            .query_opt(
+                &format!("SELECT run_id FROM {table} WHERE pipeline = $1 ORDER BY id DESC LIMIT 1"),
+                &[&pipeline],
+            )
+            .await
+            .map_err(pg_error(context))?
+            .map(|r| r.get(0)),
+    };
+    let Some(run_id) = run_id else {
+        return Ok(Vec::new());
+    };
+    let rows = client
+        .query(
+            &format!(
+                "SELECT run_id, pipeline, source_ref, record_key, reason, raw, rejected_at
+                 FROM {table} WHERE pipeline = $1 AND run_id = $2 ORDER BY id LIMIT $3"
+            ),
+            &[&pipeline, &run_id, &(limit as i64)],
+        )
+        .await
+        .map_err(pg_error(context))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| RejectRecord {
+            run_id: r.get(0),
+            pipeline: r.get(1),
+            source_ref: r.get(2),
+            record_key: r.get(3),
+            reason: r.get(4),
+            raw: r.get::<_, Option<String>>(5).unwrap_or_default(),
+            rejected_at: format_time(r.get::<_, DateTime<Utc>>(6)),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{server, TestSchema};
+    use super::*;
+    use crate::destination::Destination;
+
+    #[test]
+    fn advisory_keys_are_stable_and_per_schema() {
+        assert_eq!(advisory_key("s", "p"), advisory_key("s", "p"));
+        assert_ne!(advisory_key("s", "p"), advisory_key("t", "p"));
+        assert_ne!(advisory_key("s", "p"), advisory_key("s", "q"));
+    }
+
+    #[tokio::test]
+    async fn a_second_run_is_locked_out_and_told_who_holds_the_lock() {
+        let Some(url) = server("a_second_run_is_locked_out_and_told_who_holds_the_lock") else {
+            return;
+        };
+        let pg = TestSchema::new(&url, "lock").await;
+        let lease = Duration::from_secs(30);
+        let mut first = super::super::PostgresDestination::open(&pg.url(), None)
+            .await
+            .unwrap();
+        let mut second = super::super::PostgresDestination::open(&pg.url(), None)
+            .await
+            .unwrap();
+        let a = LockHolder {
+            host: "machine-a".into(),
+            ..LockHolder::this_process("run-a")
+        };
+        let b = LockHolder::this_process("run-b");
+        assert_eq!(first.lock("p", &a, lease).await.unwrap(), None);
+        // Another pipeline is not affected.
+        assert_eq!(second.lock("q", &b, lease).await.unwrap(), None);
+        second.unlock().await.unwrap();
+        let held = second.lock("p", &b, lease).await.unwrap().expect("locked");
+        assert_eq!(
+            (held.run_id.as_str(), held.host.as_str()),
+            ("run-a", "machine-a")
+        );
+        assert_eq!(held.since.timestamp_millis(), a.since.timestamp_millis());
+        // Even an expired lease does not free a lock whose session lives.
+        pg.client
+            .execute(
+                &format!(
+                    "UPDATE {} SET expires_at = 0",
+                    qualified(&pg.name, LOCKS_TABLE)
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(second.lock("p", &b, lease).await.unwrap().is_some());
+        // A holder whose connection ends frees the lock at once.
+        drop(first);
+        let mut freed = false;
+        for _ in 0..50 {
+            if second.lock("p", &b, lease).await.unwrap().is_none() {
+                freed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(freed, "the lock of a closed session was not freed");
+        second.unlock().await.unwrap();
+        pg.drop().await;
+    }
+}

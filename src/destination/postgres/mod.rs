@@ -1,0 +1,513 @@
+//! The PostgreSQL destination (`postgres://…`, `postgresql://…`), on
+//! tokio-postgres.
+//!
+//! Each batch is one transaction: the lease is fenced, every value is checked
+//! against its column in Rust (a value that does not fit is a reject, never a
+//! failed batch), the rows go by binary COPY into a temporary table, and one
+//! statement merges them: a plain `INSERT` of the keys the table lacks, an
+//! `UPDATE … WHERE … IS DISTINCT FROM …` of the rows that really differ (and
+//! are not older by cursor), a `DELETE` for `delete_field`, and the exact
+//! counts of each. An unchanged row is never written nor even locked, so an
+//! identical re-run writes (almost) no WAL. Into a table that was empty when
+//! the run began, rows whose integer key the run has not met yet are copied
+//! straight into it. The rejects, the checkpoint and, for the last batch,
+//! the run's ending commit with it.
+//!
+//! The run lock is a session advisory lock held on this connection for the
+//! whole run (so two machines can never write the same pipeline at once,
+//! and a dead holder's lock frees with its connection), plus the lease row in
+//! `_idemload_locks` that says who holds it and since when. The table and
+//! the bookkeeping tables live in one schema: `?schema=NAME` in the URL or
+//! `[destination] schema`, else the connection's current schema.
+
+mod bookkeeping;
+mod copy;
+mod types;
+mod write;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tokio_postgres::{Client, Config, NoTls};
+
+use super::sql::quote;
+use super::{Capabilities, Commit, Destination, Target};
+use crate::config::redact;
+use crate::error::{Error, Result};
+use crate::pipeline::plan::PlannedBatch;
+use crate::pipeline::stats::RunStats;
+use crate::state::{LockHolder, RejectRecord, RunInfo, RunRecord};
+
+use self::types::PgSchema;
+
+/// Longest identifier PostgreSQL keeps (longer ones are cut silently).
+const MAX_IDENTIFIER: usize = 63;
+
+/// A PostgreSQL database and the schema idemload writes in.
+pub struct PostgresDestination {
+    client: Client,
+    schema: String,
+    run: Option<Run>,
+    /// The lock this session holds: (pipeline, run id, lease, advisory key).
+    lock: Option<(String, String, Duration, i64)>,
+    /// The `CREATE` of the temporary batch table as of the last commit.
+    batch_table: Option<String>,
+}
+
+/// The run in progress on this connection.
+struct Run {
+    info: RunInfo,
+    target: Target,
+    /// `replace`/`window`: the staging table batches go to.
+    stage: Option<String>,
+    /// Columns of the table batches go to, as last read.
+    schema: Option<PgSchema>,
+    /// The run's key set exists (made with the first batch's key types).
+    run_keys: bool,
+    /// The run's key set, kept here instead when the key is one integer.
+    seen: Option<write::SeenKeys>,
+    /// The table held no rows when the run first wrote to it.
+    empty_at_start: Option<bool>,
+}
+
+/// A `postgres://` URL split into the driver's config and idemload's own
+/// `schema` parameter.
+#[derive(Debug)]
+struct PgUrl {
+    config: Config,
+    schema: Option<String>,
+}
+
+/// Reads the libpq URL forms: `postgres://user:pw@host:5432/db`,
+/// `postgres://root@%2Fvar%2Frun%2Fpostgresql/db`,
+/// `postgres:///db?host=/var/run/postgresql`, plus `?schema=NAME`.
+fn parse_url(url: &str) -> Result<PgUrl> {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, q),
+        None => (url, ""),
+    };
+    let mut schema = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.strip_prefix("schema=") {
+            Some(v) => schema = Some(percent_decode(v)),
+            None => kept.push(pair),
+        }
+    }
+    let text = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    let mut config: Config = text
+        .parse()
+        .map_err(|e| Error::config(format!("{}: {e}", redact(url))))?;
+    if config.get_user().is_none() {
+        if let Ok(user) = std::env::var("PGUSER").or_else(|_| std::env::var("USER")) {
+            config.user(&user);
+        }
+    }
+    if config.get_password().is_none() {
+        if let Ok(password) = std::env::var("PGPASSWORD") {
+            config.password(password);
+        }
+    }
+    if config.get_hosts().is_empty() {
+        match std::env::var("PGHOST") {
+            Ok(host) if host.starts_with('/') => {
+                config.host_path(host);
+            }
+            Ok(host) => {
+                config.host(&host);
+            }
+            Err(_) if std::path::Path::new("/var/run/postgresql").exists() => {
+                config.host_path("/var/run/postgresql");
+            }
+            Err(_) => {
+                config.host("localhost");
+            }
+        }
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(30));
+    }
+    config.application_name("idemload");
+    if matches!(&schema, Some(s) if s.is_empty() || s.len() > MAX_IDENTIFIER) {
+        return Err(Error::config(format!(
+            "{}: schema must be 1 to {MAX_IDENTIFIER} bytes",
+            redact(url)
+        )));
+    }
+    Ok(PgUrl { config, schema })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A driver error as the user should read it: the server's message (with
+/// its detail and SQLSTATE) or the connection's failure and its cause.
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut text = format!("{}: {}", db.severity(), db.message());
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!(" ({detail})"));
+        }
+        text.push_str(&format!(" [SQLSTATE {}]", db.code().code()));
+        return text;
+    }
+    if e.is_closed() {
+        return "the server closed the connection (restarted, shut down, or ended the session)"
+            .to_string();
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
+/// Wraps a driver error with where it happened.
+pub(crate) fn pg_error(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
+    let context = context.into();
+    move |e| Error::destination(context, describe(&e))
+}
+
+impl PostgresDestination {
+    /// Connects, creates the schema and the bookkeeping tables if missing.
+    /// `schema` (from `[destination] schema`) must agree with `?schema=`.
+    pub async fn open(url: &str, schema: Option<&str>) -> Result<PostgresDestination> {
+        let parsed = parse_url(url)?;
+        let shown = redact(url);
+        let schema = match (parsed.schema, schema) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(Error::config(format!(
+                    "{shown}: ?schema={a} disagrees with [destination] schema = {b:?}"
+                )))
+            }
+            (Some(a), _) => Some(a),
+            (None, b) => b.map(String::from),
+        };
+        let (client, connection) =
+            parsed.config.connect(NoTls).await.map_err(|e| {
+                Error::destination(format!("cannot connect to {shown}"), describe(&e))
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %describe(&e), "PostgreSQL connection ended.");
+            }
+        });
+        client
+            .batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO'; SET temp_buffers = '64MB'")
+            .await
+            .map_err(pg_error(shown.clone()))?;
+        let schema = match schema {
+            Some(s) => s,
+            None => client
+                .query_one("SELECT coalesce(current_schema(), 'public')", &[])
+                .await
+                .map_err(pg_error(shown.clone()))?
+                .get(0),
+        };
+        bookkeeping::create_tables(&client, &schema)
+            .await
+            .map_err(|e| match e {
+                Error::Destination { message, .. } => {
+                    Error::destination(format!("{shown}, schema {schema:?}"), message)
+                }
+                other => other,
+            })?;
+        Ok(PostgresDestination {
+            client,
+            schema,
+            run: None,
+            lock: None,
+            batch_table: None,
+        })
+    }
+}
+
+/// `"schema"."name"`.
+pub(crate) fn qualified(schema: &str, name: &str) -> String {
+    format!("{}.{}", quote(schema), quote(name))
+}
+
+/// `name` cut to what PostgreSQL keeps, at a character boundary.
+fn identifier(name: &str) -> String {
+    let mut end = name.len().min(MAX_IDENTIFIER);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_string()
+}
+
+#[async_trait]
+impl Destination for PostgresDestination {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            transactional_ddl: true,
+            binary_copy: true,
+            upsert: true,
+        }
+    }
+
+    async fn lock(
+        &mut self,
+        pipeline: &str,
+        holder: &LockHolder,
+        lease: Duration,
+    ) -> Result<Option<LockHolder>> {
+        if let Some((p, r, ..)) = &self.lock {
+            if p == pipeline && *r == holder.run_id {
+                return Ok(None);
+            }
+        }
+        let key = bookkeeping::advisory_key(&self.schema, pipeline);
+        let held =
+            bookkeeping::try_lock(&self.client, &self.schema, pipeline, holder, lease, key).await?;
+        if held.is_none() {
+            self.lock = Some((pipeline.to_string(), holder.run_id.clone(), lease, key));
+        }
+        Ok(held)
+    }
+
+    async fn unlock(&mut self) -> Result<()> {
+        match self.lock.take() {
+            Some((pipeline, run_id, _, key)) => {
+                bookkeeping::unlock(&self.client, &self.schema, &pipeline, &run_id, key).await
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn checkpoint(&mut self, pipeline: &str) -> Result<Option<Value>> {
+        bookkeeping::checkpoint(&self.client, &self.schema, pipeline).await
+    }
+
+    async fn set_checkpoint(&mut self, pipeline: &str, value: Option<Value>) -> Result<()> {
+        let schema = self.schema.clone();
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(pg_error("set checkpoint"))?;
+        bookkeeping::write_checkpoint(&tx, &schema, pipeline, value.as_ref(), "manual").await?;
+        tx.commit().await.map_err(pg_error("set checkpoint"))?;
+        Ok(())
+    }
+
+    async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()> {
+        if target.table.len() > MAX_IDENTIFIER {
+            return Err(Error::config(format!(
+                "table name {:?} is longer than PostgreSQL's {MAX_IDENTIFIER} bytes",
+                target.table
+            )));
+        }
+        let stage = bookkeeping::begin(&mut self.client, &self.schema, run, target).await?;
+        self.run = Some(Run {
+            info: run.clone(),
+            target: target.clone(),
+            stage,
+            schema: None,
+            run_keys: false,
+            seen: None,
+            empty_at_start: None,
+        });
+        Ok(())
+    }
+
+    async fn write(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats> {
+        write::write_batch(self, batch, commit).await
+    }
+
+    async fn fail(&mut self, run_id: &str, stats: &RunStats, error: &str) -> Result<()> {
+        bookkeeping::fail(&self.client, &self.schema, run_id, stats, error).await
+    }
+
+    async fn history(&mut self, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>> {
+        bookkeeping::history(&self.client, &self.schema, pipeline, limit).await
+    }
+
+    async fn rejects(
+        &mut self,
+        pipeline: &str,
+        run_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RejectRecord>> {
+        bookkeeping::rejects(&self.client, &self.schema, pipeline, run_id, limit).await
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! A real server for tests: `IDEMLOAD_TEST_POSTGRES`, one schema each.
+
+    use super::*;
+
+    /// The test server's URL, or `None` (printed as SKIPPED) when unset;
+    /// panics when `IDEMLOAD_REQUIRE_SERVICES=1`.
+    pub fn server(test: &str) -> Option<String> {
+        match std::env::var("IDEMLOAD_TEST_POSTGRES") {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ => {
+                if std::env::var("IDEMLOAD_REQUIRE_SERVICES").as_deref() == Ok("1") {
+                    panic!(
+                        "{test}: IDEMLOAD_TEST_POSTGRES is not set but IDEMLOAD_REQUIRE_SERVICES=1"
+                    );
+                }
+                eprintln!("{test}: SKIPPED (set IDEMLOAD_TEST_POSTGRES)");
+                None
+            }
+        }
+    }
+
+    /// A uniquely named schema, dropped when the guard goes.
+    pub struct TestSchema {
+        pub url: String,
+        pub name: String,
+        pub client: Client,
+    }
+
+    impl TestSchema {
+        pub async fn new(url: &str, test: &str) -> TestSchema {
+            let name = format!(
+                "t_{}_{}_{}",
+                test.chars().take(30).collect::<String>(),
+                std::process::id(),
+                &uuid::Uuid::now_v7().simple().to_string()[20..]
+            );
+            let parsed = parse_url(url).unwrap();
+            let (client, conn) = parsed.config.connect(NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote(&name)))
+                .await
+                .unwrap();
+            TestSchema {
+                url: url.to_string(),
+                name,
+                client,
+            }
+        }
+
+        /// The destination URL with `?schema=`.
+        pub fn url(&self) -> String {
+            let sep = if self.url.contains('?') { '&' } else { '?' };
+            format!("{}{sep}schema={}", self.url, self.name)
+        }
+
+        /// Runs a pipeline over `records` (written as JSONL into `dir`) into
+        /// this schema's table `t`, or into `url` when given (SQLite, to
+        /// compare); `load` is the TOML body of `[load]`.
+        pub async fn run(
+            &self,
+            dir: &std::path::Path,
+            url: Option<&str>,
+            records: &[serde_json::Value],
+            load: &str,
+        ) -> crate::Result<crate::RunReport> {
+            let input = dir.join("in.jsonl");
+            let text: String = records.iter().map(|r| format!("{r}\n")).collect();
+            std::fs::write(&input, text).unwrap();
+            let toml = format!(
+                "name = \"p\"\n[source]\ntype = \"file\"\npath = {input:?}\n[destination]\nurl = {url:?}\ntable = \"t\"\n[load]\n{load}\n",
+                input = input.display().to_string(),
+                url = url.map(String::from).unwrap_or_else(|| self.url()),
+            );
+            let config = crate::PipelineConfig::from_toml(&toml)?;
+            crate::Pipeline::new(config)?
+                .run(&crate::RunOptions::default(), &crate::NoProgress)
+                .await
+        }
+
+        /// The table `t` as JSON rows ordered by `order`.
+        pub async fn rows(&self, order: &str) -> Vec<serde_json::Value> {
+            self.client
+                .query(
+                    &format!(
+                        "SELECT to_jsonb(x) FROM {}.t x ORDER BY {order}",
+                        quote(&self.name)
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.get(0))
+                .collect()
+        }
+
+        pub async fn drop(self) {
+            self.client
+                .batch_execute(&format!(
+                    "DROP SCHEMA IF EXISTS {} CASCADE",
+                    quote(&self.name)
+                ))
+                .await
+                .unwrap();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_take_the_libpq_forms_and_a_schema() {
+        let u = parse_url("postgres://root@%2Fvar%2Frun%2Fpostgresql/db").unwrap();
+        assert_eq!(
+            u.config.get_hosts(),
+            &[tokio_postgres::config::Host::Unix(
+                "/var/run/postgresql".into()
+            )]
+        );
+        assert_eq!(u.config.get_dbname(), Some("db"));
+        let u = parse_url("postgresql://root@/db?host=/var/run/postgresql&schema=s%201").unwrap();
+        assert_eq!(
+            u.config.get_hosts(),
+            &[tokio_postgres::config::Host::Unix(
+                "/var/run/postgresql".into()
+            )]
+        );
+        assert_eq!(u.schema.as_deref(), Some("s 1"));
+        let u = parse_url("postgres://u:pw@h:6543/db?schema=raw").unwrap();
+        assert_eq!(u.config.get_ports(), &[6543]);
+        assert_eq!(u.schema.as_deref(), Some("raw"));
+        let err = parse_url("postgres://u:topsecret@h/db?nonsense=1").unwrap_err();
+        assert!(!err.to_string().contains("topsecret"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn bad_server_errors_name_it_without_the_password() {
+        let err = PostgresDestination::open("postgres://u:topsecret@127.0.0.1:1/db", None)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("cannot connect"), "{err}");
+        assert!(!err.contains("topsecret"), "{err}");
+    }
+}

@@ -1,0 +1,302 @@
+//! PostgreSQL column types: what idemload creates, what it reads back from
+//! the catalog, and how a value is checked for a column before it is sent.
+//!
+//! New columns are `bigint`, `double precision`, `numeric` (an integer beyond
+//! the 64-bit range), `boolean`, `timestamptz`, `text` or `jsonb`. A table
+//! idemload did not create keeps its own types: each maps to a logical
+//! [`ColumnType`] for checking and to the [`Stage`] type the binary COPY
+//! sends, cast to the column's type in SQL when they differ. Every check
+//! happens in Rust, so a value that does not fit is a reject and never a
+//! failed batch.
+
+use serde_json::Value;
+use tokio_postgres::GenericClient;
+
+use super::pg_error;
+use crate::destination::schema::{Column, ColumnType, SqlValue, TableSchema};
+use crate::error::Result;
+use crate::record::Fields;
+
+/// The type a value travels in through the binary COPY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stage {
+    Int8,
+    Float8,
+    Bool,
+    Timestamptz,
+    Text,
+    Jsonb,
+}
+
+impl Stage {
+    pub(super) fn sql(self) -> &'static str {
+        match self {
+            Stage::Int8 => "bigint",
+            Stage::Float8 => "double precision",
+            Stage::Bool => "boolean",
+            Stage::Timestamptz => "timestamp with time zone",
+            Stage::Text => "text",
+            Stage::Jsonb => "jsonb",
+        }
+    }
+}
+
+/// One column of a PostgreSQL table.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct PgColumn {
+    pub name: String,
+    /// The logical type values are checked against.
+    pub ty: ColumnType,
+    /// The catalog's type name (`int4`, `varchar`, `numeric`, …).
+    pub udt: String,
+    /// The type as SQL writes it (`character varying(20)`).
+    pub sql: String,
+}
+
+impl PgColumn {
+    /// A column idemload creates for its first non-null value.
+    pub(super) fn new(name: &str, ty: ColumnType, first: Option<&Value>) -> PgColumn {
+        let numeric = matches!(first, Some(Value::Number(n)) if n.is_u64() && !n.is_i64());
+        let (udt, sql) = match ty {
+            ColumnType::Integer if numeric => ("numeric", "numeric"),
+            ColumnType::Integer => ("int8", "bigint"),
+            ColumnType::Float => ("float8", "double precision"),
+            ColumnType::Boolean => ("bool", "boolean"),
+            ColumnType::Timestamp => ("timestamptz", "timestamp with time zone"),
+            ColumnType::Json => ("jsonb", "jsonb"),
+            ColumnType::Text | ColumnType::Any => ("text", "text"),
+        };
+        PgColumn {
+            name: name.to_string(),
+            ty,
+            udt: udt.into(),
+            sql: sql.into(),
+        }
+    }
+
+    /// A column read from the catalog.
+    fn read(name: String, udt: String, sql: String) -> PgColumn {
+        let ty = match udt.as_str() {
+            "int8" | "int4" | "int2" | "numeric" => ColumnType::Integer,
+            "float8" | "float4" => ColumnType::Float,
+            "bool" => ColumnType::Boolean,
+            "timestamptz" | "timestamp" => ColumnType::Timestamp,
+            "text" | "varchar" | "bpchar" | "name" | "citext" => ColumnType::Text,
+            "jsonb" | "json" => ColumnType::Json,
+            _ => ColumnType::Any,
+        };
+        PgColumn { name, ty, udt, sql }
+    }
+
+    pub(super) fn is_numeric(&self) -> bool {
+        self.udt == "numeric"
+    }
+
+    /// The type this column's values are sent as.
+    pub(super) fn stage(&self) -> Stage {
+        if self.is_numeric() {
+            return Stage::Text;
+        }
+        match self.ty {
+            ColumnType::Integer => Stage::Int8,
+            ColumnType::Float => Stage::Float8,
+            ColumnType::Boolean => Stage::Bool,
+            ColumnType::Timestamp => Stage::Timestamptz,
+            ColumnType::Json => Stage::Jsonb,
+            ColumnType::Text | ColumnType::Any => Stage::Text,
+        }
+    }
+
+    /// `expr` cast to the column's type when the stage type differs.
+    pub(super) fn cast(&self, expr: &str) -> String {
+        if self.stage().sql() == self.sql {
+            expr.to_string()
+        } else {
+            format!("{expr}::{}", self.sql)
+        }
+    }
+
+    /// `expr` as it is compared for "unchanged": by value, never as text
+    /// (`json` has no equality, so it compares as `jsonb`).
+    pub(super) fn comparable(&self, expr: &str) -> String {
+        match (self.udt.as_str(), self.ty) {
+            ("json", _) => format!("{expr}::jsonb"),
+            (_, ColumnType::Any) => format!("{expr}::text"),
+            _ => expr.to_string(),
+        }
+    }
+
+    /// Checks and converts a value for this column, or says why it does not fit.
+    pub(super) fn convert(&self, value: &Value) -> std::result::Result<SqlValue, String> {
+        let name = &self.name;
+        if self.is_numeric() {
+            return match value {
+                Value::Null => Ok(SqlValue::Null),
+                Value::Number(n) => Ok(SqlValue::Text(n.to_string())),
+                other => {
+                    let what = match other {
+                        Value::String(_) => "text",
+                        Value::Bool(_) => "a boolean",
+                        _ => "an object or array",
+                    };
+                    Err(format!(
+                        "value {} of field {name:?} is {what}, but the column is numeric",
+                        shorten(other)
+                    ))
+                }
+            };
+        }
+        let converted = self.ty.convert(name, value)?;
+        let range = match self.udt.as_str() {
+            "int4" => Some((i32::MIN as i64, i32::MAX as i64, "integer")),
+            "int2" => Some((i16::MIN as i64, i16::MAX as i64, "smallint")),
+            _ => None,
+        };
+        match (&converted, range) {
+            (SqlValue::Int(i), Some((lo, hi, ty))) if *i < lo || *i > hi => {
+                return Err(format!(
+                    "value {i} of field {name:?} is out of the range of the column's type {ty}"
+                ))
+            }
+            (SqlValue::Float(f), _) if self.udt == "float4" && f.abs() > f32::MAX as f64 => {
+                return Err(format!(
+                    "value {f} of field {name:?} is out of the range of the column's type real"
+                ))
+            }
+            (SqlValue::Text(s), _) if s.contains('\0') => {
+                return Err(format!(
+                    "value of field {name:?} contains a NUL character, which PostgreSQL text cannot hold"
+                ))
+            }
+            (SqlValue::Json(_), _) if has_nul(value) => {
+                return Err(format!(
+                    "value of field {name:?} contains a NUL character, which PostgreSQL jsonb cannot hold"
+                ))
+            }
+            _ => {}
+        }
+        Ok(converted)
+    }
+}
+
+fn shorten(value: &Value) -> String {
+    let mut shown = value.to_string();
+    if shown.len() > 60 {
+        let mut cut = 57;
+        while !shown.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        shown.truncate(cut);
+        shown.push_str("...");
+    }
+    shown
+}
+
+fn has_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+/// The columns of a table, in order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(super) struct PgSchema {
+    pub columns: Vec<PgColumn>,
+}
+
+impl PgSchema {
+    pub(super) fn position(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.name == name)
+    }
+
+    /// Columns the rows need that the table lacks (the shared inference of
+    /// [`TableSchema::missing`], with `numeric` for integers beyond 64 bits).
+    pub(super) fn missing<'a>(
+        &self,
+        rows: impl Iterator<Item = &'a Fields> + Clone,
+    ) -> Vec<PgColumn> {
+        let logical = TableSchema {
+            columns: self
+                .columns
+                .iter()
+                .map(|c| Column {
+                    name: c.name.clone(),
+                    ty: c.ty,
+                })
+                .collect(),
+        };
+        logical
+            .missing(rows.clone())
+            .into_iter()
+            .map(|c| {
+                let first = rows
+                    .clone()
+                    .filter_map(|f| f.get(&c.name))
+                    .find(|v| !v.is_null());
+                PgColumn::new(&c.name, c.ty, first)
+            })
+            .collect()
+    }
+}
+
+/// The columns of `schema.table`, or `None` when it does not exist.
+pub(super) async fn read_schema(
+    client: &impl GenericClient,
+    schema: &str,
+    table: &str,
+) -> Result<Option<PgSchema>> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, t.typname::text, format_type(a.atttypid, a.atttypmod)
+             FROM pg_catalog.pg_attribute a
+             JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+             WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+               AND c.relkind IN ('r', 'p')
+             ORDER BY a.attnum",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(pg_error(format!("table {schema:?}.{table:?}")))?;
+    let columns: Vec<PgColumn> = rows
+        .into_iter()
+        .map(|r| PgColumn::read(r.get(0), r.get(1), r.get(2)))
+        .collect();
+    Ok((!columns.is_empty()).then_some(PgSchema { columns }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn values_are_checked_against_the_real_column_type() {
+        let int4 = PgColumn::read("n".into(), "int4".into(), "integer".into());
+        assert_eq!(int4.convert(&json!(7)).unwrap(), SqlValue::Int(7));
+        assert!(int4
+            .convert(&json!(3_000_000_000i64))
+            .unwrap_err()
+            .contains("out of the range"));
+        let text = PgColumn::new("t", ColumnType::Text, None);
+        assert!(text.convert(&json!("a\u{0}b")).unwrap_err().contains("NUL"));
+        assert!(text.convert(&json!(7)).is_err());
+        let big = json!(18_000_000_000_000_000_000u64);
+        let numeric = PgColumn::new("b", ColumnType::infer(&big), Some(&big));
+        assert_eq!(numeric.sql, "numeric");
+        assert_eq!(
+            numeric.convert(&big).unwrap(),
+            SqlValue::Text("18000000000000000000".into())
+        );
+        assert_eq!(numeric.cast("s.b"), "s.b::numeric");
+        assert!(numeric.convert(&json!("1")).is_err());
+        let json_col = PgColumn::new("j", ColumnType::Json, None);
+        assert!(json_col.convert(&json!({"a": "\u{0}"})).is_err());
+        let varchar = PgColumn::read("v".into(), "varchar".into(), "character varying(5)".into());
+        assert_eq!(varchar.cast("s.v"), "s.v::character varying(5)");
+    }
+}

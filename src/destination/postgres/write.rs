@@ -1,0 +1,1270 @@
+//! Writing one batch to PostgreSQL, in one transaction.
+//!
+//! Fence the lease; create the table or add the columns the rows need;
+//! check every value in Rust (a value that does not fit is a reject); binary
+//! COPY the rows into a temporary table; then one statement merges them:
+//! it notes the run's keys (a key this run already wrote makes the record a
+//! `duplicate`), inserts new keys, updates a row only when a column really
+//! differs (`IS DISTINCT FROM`, compared as typed values) and its cursor is
+//! not older than the stored one, deletes on `delete_field`, and counts each
+//! outcome exactly. Unchanged rows are not written at all. Rejects, the
+//! checkpoint and, for the last batch, the run's ending commit with it.
+
+use serde_json::Value;
+use tokio_postgres::{GenericClient, Transaction};
+
+use super::bookkeeping::{self, fence, insert_rejects, write_checkpoint, RUN_KEYS};
+use super::copy::CopyBuffer;
+use super::types::{read_schema, PgColumn, PgSchema, Stage};
+use super::{pg_error, qualified, PostgresDestination, Run};
+use crate::config::Mode;
+use crate::destination::schema::ColumnType;
+use crate::destination::sql::{column_list, quote};
+use crate::destination::Commit;
+use crate::error::{Error, Result};
+use crate::pipeline::plan::{PlannedBatch, Row};
+use crate::pipeline::stats::RunStats;
+use crate::record::Reject;
+
+/// The temporary table a batch is copied into.
+const BATCH: &str = "pg_temp._idemload_batch";
+/// Its bookkeeping columns: the row deletes (`delete_field`); its key is
+/// new to the run (when the run's key set is kept in memory).
+const DEL: &str = "_idemload_del";
+const FRESH: &str = "_idemload_fresh";
+
+/// Writes a planned batch; returns its full stats (the planner's and ours).
+pub(super) async fn write_batch(
+    dest: &mut PostgresDestination,
+    batch: PlannedBatch,
+    commit: Commit,
+) -> Result<RunStats> {
+    let PostgresDestination {
+        client,
+        schema,
+        run,
+        lock,
+        batch_table,
+    } = dest;
+    let schema = schema.as_str();
+    let run = run
+        .as_mut()
+        .ok_or_else(|| Error::destination("postgres", "write before begin"))?;
+    let (pipeline, run_id, lease, _) = lock
+        .clone()
+        .ok_or_else(|| Error::destination("postgres", "write without the run lock"))?;
+    let context = format!("table {:?}", run.target.table);
+    let tx = client
+        .transaction()
+        .await
+        .map_err(pg_error(context.clone()))?;
+    fence(&tx, schema, &pipeline, &run_id, lease).await?;
+
+    let PlannedBatch {
+        rows,
+        mut rejects,
+        mut stats,
+        ..
+    } = batch;
+    // Temporary tables made in this transaction exist after it only if it commits.
+    let mut made_batch_table = None;
+    let mut made_run_keys = false;
+    let mut seen_added = Vec::new();
+    if !rows.is_empty() {
+        let table = run
+            .stage
+            .clone()
+            .unwrap_or_else(|| run.target.table.clone());
+        let staged = run.stage.is_some();
+        let (pg_schema, created) = ensure_table(&tx, schema, run, &table, &rows, staged).await?;
+        let mode = if staged { Mode::Merge } else { run.target.mode };
+        let merge = Merge::new(&qualified(schema, &table), &pg_schema, &run.target, mode)?;
+        // A single integer key: the run's key set is kept in memory, exact
+        // and cheaper than a temporary table.
+        let key_at = match merge.keys.as_slice() {
+            [k] if k.stage() == Stage::Int8 => pg_schema.position(&k.name),
+            _ => None,
+        };
+        if key_at.is_some() && run.seen.is_none() && !run.run_keys {
+            run.seen = Some(SeenKeys::default());
+        }
+        let seen = run.seen.as_ref().filter(|_| key_at.is_some());
+        let in_memory = seen.is_some();
+        // The table was empty when this run first wrote to it: a key the run
+        // has not met cannot be stored (the run lock keeps the pipeline's
+        // other runs out), so such rows are copied straight into the table,
+        // as fast as a plain COPY. Another writer's row with the same key
+        // fails the batch on the primary key; it never doubles a row.
+        if in_memory && run.empty_at_start.is_none() {
+            let empty = created
+                || !tx
+                    .query_one(
+                        &format!(
+                            "SELECT EXISTS (SELECT 1 FROM {})",
+                            qualified(schema, &table)
+                        ),
+                        &[],
+                    )
+                    .await
+                    .map_err(pg_error(context.clone()))?
+                    .get::<_, bool>(0);
+            run.empty_at_start = Some(empty);
+        }
+        let direct = in_memory
+            && run.empty_at_start == Some(true)
+            && pg_schema.columns.iter().all(|c| c.stage().sql() == c.sql);
+        let (copy, direct_copy, deletes, added) = encode(
+            &pg_schema,
+            rows,
+            key_at,
+            seen,
+            direct,
+            &mut stats,
+            &mut rejects,
+        );
+        seen_added = added;
+        if direct_copy.rows > 0 {
+            let copied = direct_copy
+                .send(&tx, &qualified(schema, &table), &merge.table_columns())
+                .await?;
+            if !staged {
+                stats.inserted += copied;
+            }
+        }
+        if copy.rows > 0 {
+            let shape = merge.batch_table();
+            if batch_table.as_deref() != Some(shape.as_str()) {
+                tx.batch_execute(&format!("DROP TABLE IF EXISTS {BATCH}; {shape}"))
+                    .await
+                    .map_err(pg_error(context.clone()))?;
+                made_batch_table = Some(shape);
+            }
+            if !run.run_keys && !in_memory {
+                tx.batch_execute(&merge.run_keys_table())
+                    .await
+                    .map_err(pg_error(context.clone()))?;
+                made_run_keys = true;
+            }
+            copy.send(&tx, BATCH, &merge.copy_columns()).await?;
+            // A batch is small against its table: every row is looked up
+            // through the key's index, never by scanning the table.
+            tx.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
+                .await
+                .map_err(pg_error(context.clone()))?;
+            let counts = tx
+                .query_one(&merge.statement(deletes, in_memory), &[])
+                .await
+                .map_err(pg_error(context.clone()))?;
+            tx.batch_execute(
+                "SET LOCAL enable_hashjoin TO DEFAULT; SET LOCAL enable_mergejoin TO DEFAULT",
+            )
+            .await
+            .map_err(pg_error(context.clone()))?;
+            let get = |i: usize| counts.get::<_, i64>(i) as u64;
+            let (total, fresh, inserted, updated, deleted, stale) =
+                (get(0), get(1), get(2), get(3), get(4), get(5));
+            stats.duplicates += total - fresh;
+            // Staged rows are counted when the stage is applied.
+            if !staged {
+                stats.inserted += inserted;
+                stats.updated += updated;
+                stats.deleted += deleted;
+                stats.skipped += stale;
+                stats.unchanged += fresh - inserted - updated - deleted - stale;
+            }
+        }
+    }
+    insert_rejects(&tx, schema, &pipeline, &run_id, &rejects).await?;
+    if let Some(checkpoint) = &commit.checkpoint {
+        write_checkpoint(&tx, schema, &pipeline, Some(checkpoint), &run_id).await?;
+    }
+    if let Some(finish) = &commit.finish {
+        if let Some(stage) = run.stage.clone() {
+            stats += apply_stage(&tx, schema, run, &stage).await?;
+        }
+        let end = finish.resolve(stats);
+        if let Some(checkpoint) = &end.checkpoint {
+            write_checkpoint(&tx, schema, &pipeline, Some(checkpoint), &run_id).await?;
+        }
+        let after = end
+            .checkpoint
+            .as_ref()
+            .or(run.info.checkpoint_before.as_ref());
+        bookkeeping::finish(
+            &tx,
+            schema,
+            &run_id,
+            end.status,
+            &end.stats,
+            after,
+            end.error.as_deref(),
+        )
+        .await?;
+    }
+    tx.commit()
+        .await
+        .map_err(pg_error(format!("{context}, commit")))?;
+    if let Some(shape) = made_batch_table {
+        *batch_table = Some(shape);
+    }
+    run.run_keys |= made_run_keys;
+    if let Some(seen) = run.seen.as_mut() {
+        seen.extend(seen_added);
+    }
+    Ok(stats)
+}
+
+/// Checks and encodes every row; a value that does not fit makes its
+/// record a reject. With `seen` (a single integer key) the run's key set is
+/// kept here and each row says whether its key is new to the run; the keys
+/// this batch adds are returned, to be kept once it commits.
+fn encode(
+    schema: &PgSchema,
+    rows: Vec<Row>,
+    key_at: Option<usize>,
+    seen: Option<&SeenKeys>,
+    direct: bool,
+    stats: &mut RunStats,
+    rejects: &mut Vec<Reject>,
+) -> (CopyBuffer, CopyBuffer, bool, Vec<i64>) {
+    let mut copy = CopyBuffer::new();
+    let mut direct_copy = CopyBuffer::new();
+    let mut deletes = false;
+    let mut added = Vec::new();
+    for row in rows {
+        // The key as its column holds it (7.0 is 7; a key that does not fit
+        // the column is rejected below with the rest of the row).
+        let key = match (seen, key_at) {
+            (Some(_), Some(_)) => row.key.values().first().and_then(Value::as_i64),
+            _ => None,
+        };
+        let fresh = match (seen, key) {
+            (Some(seen), Some(k)) => Some(!seen.contains(k)),
+            _ => None,
+        };
+        let pushed = if direct && fresh == Some(true) && !row.delete {
+            direct_copy.push_record(&[], &schema.columns, &row.fields)
+        } else {
+            copy.push_record(&[Some(row.delete), fresh], &schema.columns, &row.fields)
+        };
+        match pushed {
+            Ok(()) => {
+                deletes |= row.delete;
+                added.extend(key);
+            }
+            Err(reason) => {
+                stats.rejected += 1;
+                rejects.push(Reject {
+                    source: row.source.clone(),
+                    key: Some(row.key.to_string()),
+                    raw: serde_json::to_string(&row.fields).unwrap_or_default(),
+                    reason,
+                });
+            }
+        }
+    }
+    (copy, direct_copy, deletes, added)
+}
+
+/// The integer keys a run has written: a few sorted runs of geometric
+/// sizes (merged like a log-structured tree), 8 bytes a key, exact.
+#[derive(Debug, Default)]
+pub(super) struct SeenKeys {
+    runs: Vec<Vec<i64>>,
+}
+
+impl SeenKeys {
+    fn contains(&self, key: i64) -> bool {
+        self.runs.iter().any(|r| r.binary_search(&key).is_ok())
+    }
+
+    /// Adds a committed batch's keys.
+    fn extend(&mut self, mut keys: Vec<i64>) {
+        keys.sort_unstable();
+        keys.dedup();
+        keys.retain(|k| !self.contains(*k));
+        if keys.is_empty() {
+            return;
+        }
+        self.runs.push(keys);
+        while let [.., older, newer] = self.runs.as_slice() {
+            if newer.len() * 2 < older.len() {
+                break;
+            }
+            let newer = self.runs.pop().unwrap_or_default();
+            let older = self.runs.pop().unwrap_or_default();
+            self.runs.push(merge_sorted(older, newer));
+        }
+    }
+
+    #[cfg(test)]
+    fn all(&self) -> Vec<i64> {
+        let mut all: Vec<i64> = self.runs.iter().flatten().copied().collect();
+        all.sort_unstable();
+        all
+    }
+}
+
+fn merge_sorted(a: Vec<i64>, b: Vec<i64>) -> Vec<i64> {
+    let mut merged = Vec::with_capacity(a.len() + b.len());
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    while let (Some(x), Some(y)) = (a.peek(), b.peek()) {
+        if x <= y {
+            merged.extend(a.next());
+        } else {
+            merged.extend(b.next());
+        }
+    }
+    merged.extend(a);
+    merged.extend(b);
+    merged
+}
+
+/// The SQL of one batch's merge into one table.
+struct Merge<'a> {
+    table: String,
+    schema: &'a PgSchema,
+    mode: Mode,
+    keys: Vec<&'a PgColumn>,
+    others: Vec<&'a PgColumn>,
+    cursor: Option<&'a PgColumn>,
+}
+
+impl<'a> Merge<'a> {
+    fn new(
+        table: &str,
+        schema: &'a PgSchema,
+        target: &crate::destination::Target,
+        mode: Mode,
+    ) -> Result<Merge<'a>> {
+        let keys = target
+            .key_columns
+            .iter()
+            .map(|k| {
+                schema
+                    .position(k)
+                    .map(|i| &schema.columns[i])
+                    .ok_or_else(|| {
+                        Error::destination(
+                            format!("table {table}"),
+                            format!("has no key column {k:?}"),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let others = schema
+            .columns
+            .iter()
+            .filter(|c| !target.key_columns.contains(&c.name))
+            .collect();
+        Ok(Merge {
+            table: table.to_string(),
+            schema,
+            mode,
+            cursor: target
+                .cursor
+                .as_deref()
+                .and_then(|c| schema.position(c))
+                .map(|i| &schema.columns[i]),
+            keys,
+            others,
+        })
+    }
+
+    /// The temporary table shaped like the COPY, emptied at each commit.
+    fn batch_table(&self) -> String {
+        let defs: Vec<String> = self
+            .schema
+            .columns
+            .iter()
+            .map(|c| format!("{} {}", quote(&c.name), c.stage().sql()))
+            .collect();
+        format!(
+            "CREATE TEMP TABLE _idemload_batch ({} boolean, {} boolean, {}) ON COMMIT DELETE ROWS",
+            quote(DEL),
+            quote(FRESH),
+            defs.join(", ")
+        )
+    }
+
+    /// The temporary table of the keys the run has written (typed like the
+    /// batch's key columns, so a lookup is an index probe).
+    fn run_keys_table(&self) -> String {
+        let defs: Vec<String> = self
+            .keys
+            .iter()
+            .map(|c| format!("{} {}", quote(&c.name), c.stage().sql()))
+            .collect();
+        format!(
+            "CREATE TEMP TABLE IF NOT EXISTS _idemload_run_keys ({}, PRIMARY KEY ({}))",
+            defs.join(", "),
+            self.key_columns()
+        )
+    }
+
+    fn key_columns(&self) -> String {
+        column_list(
+            &self
+                .keys
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn table_columns(&self) -> String {
+        column_list(
+            &self
+                .schema
+                .columns
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn copy_columns(&self) -> String {
+        let mut names = vec![DEL, FRESH];
+        names.extend(self.schema.columns.iter().map(|c| c.name.as_str()));
+        column_list(&names)
+    }
+
+    /// `(new < stored) IS TRUE`: the new version's cursor is older than the
+    /// stored one (a null on either side never makes a row stale). Text
+    /// cursors compare byte-wise, like the planner's.
+    fn stale(&self, new: &str, stored: &str) -> Option<String> {
+        let c = self.cursor?;
+        let collate = if c.ty == ColumnType::Text {
+            " COLLATE \"C\""
+        } else {
+            ""
+        };
+        let q = quote(&c.name);
+        Some(format!(
+            "({new}{collate} < {stored}.{q}{collate}) IS TRUE",
+            new = c.cast(&format!("{new}.{q}"))
+        ))
+    }
+
+    /// `t.k = s.k AND …` with the batch side cast to the column's type.
+    fn key_match(&self, t: &str, s: &str) -> String {
+        self.keys
+            .iter()
+            .map(|c| {
+                let q = quote(&c.name);
+                format!("{t}.{q} = {}", c.cast(&format!("{s}.{q}")))
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// `a.k = b.k AND …` between two tables of batch-typed keys.
+    fn same_key(&self, a: &str, b: &str) -> String {
+        self.keys
+            .iter()
+            .map(|c| format!("{a}.{q} = {b}.{q}", q = quote(&c.name)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// The merge and its counts: total, fresh (first time this run),
+    /// inserted, updated, deleted, stale, of the fresh rows.
+    ///
+    /// New keys are inserted by a plain `INSERT` (the run lock keeps other
+    /// runs of the pipeline out), rows whose columns differ by an `UPDATE`;
+    /// an unchanged or stale row is never touched, not even locked, so an
+    /// identical re-run writes nothing. Existence is probed per row through
+    /// the primary key (`OFFSET 0` keeps the planner from scanning the
+    /// whole table for a batch; the caller turns hash and merge joins off).
+    fn statement(&self, deletes: bool, in_memory: bool) -> String {
+        let t = &self.table;
+        let names: Vec<&str> = self
+            .schema
+            .columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        let cols = column_list(&names);
+        let exprs = self
+            .schema
+            .columns
+            .iter()
+            .map(|c| c.cast(&format!("s.{}", quote(&c.name))))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let key_cols = self.key_columns();
+        let s_keys = self
+            .keys
+            .iter()
+            .map(|c| format!("s.{}", quote(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let del = quote(DEL);
+        let stale = self
+            .stale("s", "t")
+            .filter(|_| self.mode != Mode::InsertNew);
+        let fresh = if in_memory {
+            format!("SELECT {s_keys} FROM {BATCH} s WHERE s.{}", quote(FRESH))
+        } else {
+            format!(
+                "INSERT INTO {RUN_KEYS} ({key_cols}) SELECT {s_keys} FROM {BATCH} s
+                WHERE NOT EXISTS (SELECT 1 FROM {RUN_KEYS} r WHERE {rk_match} OFFSET 0)
+                RETURNING {key_cols}",
+                rk_match = self.same_key("r", "s"),
+            )
+        };
+        let mut sql = format!(
+            "WITH fresh AS ({fresh}),
+             ins AS (
+                INSERT INTO {t} AS i ({cols}) SELECT {exprs} FROM {BATCH} s
+                WHERE NOT s.{del} AND NOT EXISTS (SELECT 1 FROM {t} t WHERE {match} OFFSET 0)
+                RETURNING {ins_keys}
+             )",
+            ins_keys = self
+                .keys
+                .iter()
+                .map(|c| {
+                    let q = quote(&c.name);
+                    if c.stage().sql() == c.sql {
+                        format!("i.{q}")
+                    } else {
+                        format!("i.{q}::{} AS {q}", c.stage().sql())
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            match = self.key_match("t", "s"),
+        );
+        let mut outcomes = vec!["ins"];
+        if self.mode != Mode::InsertNew && !self.others.is_empty() {
+            let set = self
+                .others
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} = {}",
+                        quote(&c.name),
+                        c.cast(&format!("s.{}", quote(&c.name)))
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let stored = self
+                .others
+                .iter()
+                .map(|c| c.comparable(&format!("t.{}", quote(&c.name))))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let new = self
+                .others
+                .iter()
+                .map(|c| c.comparable(&c.cast(&format!("s.{}", quote(&c.name)))))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let not_stale = match &stale {
+                Some(cond) => format!(" AND NOT {cond}"),
+                None => String::new(),
+            };
+            // ROW() keeps a one-column list a row constructor.
+            sql.push_str(&format!(
+                ", upd AS (
+                    UPDATE {t} t SET {set} FROM {BATCH} s
+                    WHERE {match} AND NOT s.{del}
+                      AND ROW({stored}) IS DISTINCT FROM ROW({new}){not_stale}
+                    RETURNING {returning}
+                 )",
+                match = self.key_match("t", "s"),
+                returning = self.returning("t", "s"),
+            ));
+            outcomes.push("upd");
+        }
+        if deletes {
+            let not_stale = match self.stale("s", "t") {
+                Some(cond) => format!(" AND NOT {cond}"),
+                None => String::new(),
+            };
+            sql.push_str(&format!(
+                ", del AS (
+                    DELETE FROM {t} t USING {BATCH} s
+                    WHERE s.{del} AND {match}{not_stale}
+                    RETURNING {returning}
+                 )",
+                match = self.key_match("t", "s"),
+                returning = self.returning("t", "s"),
+            ));
+            outcomes.push("del");
+        }
+        if let Some(cond) = &stale {
+            sql.push_str(&format!(
+                ", stale AS (
+                    SELECT {s_keys} FROM {BATCH} s JOIN {t} t ON {match} WHERE {cond}
+                 )",
+                match = self.key_match("t", "s"),
+            ));
+            outcomes.push("stale");
+        }
+        // Each outcome counted among the keys the run meets for the first
+        // time: a set intersection, which needs no join.
+        let count = |name: &str| {
+            if outcomes.contains(&name) {
+                format!(
+                    "(SELECT count(*) FROM (SELECT {key_cols} FROM {name} \
+                     INTERSECT ALL SELECT {key_cols} FROM fresh) x)"
+                )
+            } else {
+                "0::bigint".to_string()
+            }
+        };
+        sql.push_str(&format!(
+            " SELECT (SELECT count(*) FROM {BATCH}), (SELECT count(*) FROM fresh), {}, {}, {}, {}",
+            count("ins"),
+            count("upd"),
+            count("del"),
+            count("stale"),
+        ));
+        sql
+    }
+
+    /// The key columns of a modified row, typed like the batch's.
+    fn returning(&self, t: &str, s: &str) -> String {
+        self.keys
+            .iter()
+            .map(|c| {
+                let q = quote(&c.name);
+                if c.stage().sql() == c.sql {
+                    format!("{t}.{q}")
+                } else {
+                    format!("{s}.{q}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// `CREATE TABLE` with a primary key on the key columns.
+pub(super) async fn create_table(
+    tx: &impl GenericClient,
+    schema: &str,
+    table: &str,
+    columns: &[PgColumn],
+    keys: &[String],
+    unlogged: bool,
+) -> Result<()> {
+    let defs = columns
+        .iter()
+        .map(|c| {
+            let not_null = if keys.contains(&c.name) {
+                " NOT NULL"
+            } else {
+                ""
+            };
+            format!("{} {}{not_null}", quote(&c.name), c.sql)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let kind = if unlogged { "UNLOGGED " } else { "" };
+    tx.batch_execute(&format!(
+        "CREATE {kind}TABLE {} ({defs}, PRIMARY KEY ({}))",
+        qualified(schema, table),
+        column_list(keys)
+    ))
+    .await
+    .map_err(pg_error(format!("creating table {table:?}")))?;
+    Ok(())
+}
+
+async fn add_columns(
+    tx: &impl GenericClient,
+    schema: &str,
+    table: &str,
+    columns: &[PgColumn],
+) -> Result<()> {
+    if columns.is_empty() {
+        return Ok(());
+    }
+    let adds = columns
+        .iter()
+        .map(|c| format!("ADD COLUMN {} {}", quote(&c.name), c.sql))
+        .collect::<Vec<_>>()
+        .join(", ");
+    tx.batch_execute(&format!("ALTER TABLE {} {adds}", qualified(schema, table)))
+        .await
+        .map_err(pg_error(format!("adding columns to table {table:?}")))?;
+    Ok(())
+}
+
+/// Creates the table or adds the columns the rows need; returns its schema.
+async fn ensure_table(
+    tx: &Transaction<'_>,
+    schema: &str,
+    run: &mut Run,
+    table: &str,
+    rows: &[Row],
+    unlogged: bool,
+) -> Result<(PgSchema, bool)> {
+    let mut current = match run.schema.take() {
+        Some(s) => s,
+        None => read_schema(tx, schema, table).await?.unwrap_or_default(),
+    };
+    let missing = current.missing(rows.iter().map(|r| &r.fields));
+    let created = current.columns.is_empty();
+    if created {
+        create_table(
+            tx,
+            schema,
+            table,
+            &missing,
+            &run.target.key_columns,
+            unlogged,
+        )
+        .await?;
+        tracing::info!(table, columns = missing.len(), "Table created.");
+        current.columns = missing;
+    } else if !missing.is_empty() {
+        add_columns(tx, schema, table, &missing).await?;
+        tracing::info!(table, added = missing.len(), "Columns added.");
+        current.columns.extend(missing);
+    }
+    run.schema = Some(current.clone());
+    Ok((current, created))
+}
+
+/// Applies a `replace`/`window` stage to the target, writing only the
+/// differences, and drops the stage. Returns the logical change.
+async fn apply_stage(
+    tx: &Transaction<'_>,
+    schema: &str,
+    run: &mut Run,
+    stage: &str,
+) -> Result<RunStats> {
+    let target = run.target.table.clone();
+    let keys = run.target.key_columns.clone();
+    let context = format!("applying the stage of table {target:?}");
+    let (t, s) = (qualified(schema, &target), qualified(schema, stage));
+    let mut stats = RunStats::default();
+    let Some(stage_schema) = read_schema(tx, schema, stage).await? else {
+        // Nothing was staged: a replace empties the table, a window touches nothing.
+        if run.target.mode == Mode::Replace && read_schema(tx, schema, &target).await?.is_some() {
+            let removed = tx
+                .execute(&format!("DELETE FROM {t}"), &[])
+                .await
+                .map_err(pg_error(context))?;
+            stats.deleted = removed;
+            stats.removed = removed;
+        }
+        return Ok(stats);
+    };
+    let mut target_schema = match read_schema(tx, schema, &target).await? {
+        Some(ts) => ts,
+        None => {
+            create_table(tx, schema, &target, &stage_schema.columns, &keys, false).await?;
+            stage_schema.clone()
+        }
+    };
+    // Both tables get every column of the other, so a snapshot without a
+    // field sets it to null.
+    let to_target: Vec<PgColumn> = stage_schema
+        .columns
+        .iter()
+        .filter(|c| target_schema.position(&c.name).is_none())
+        .cloned()
+        .collect();
+    add_columns(tx, schema, &target, &to_target).await?;
+    target_schema.columns.extend(to_target);
+    let to_stage: Vec<PgColumn> = target_schema
+        .columns
+        .iter()
+        .filter(|c| stage_schema.position(&c.name).is_none())
+        .cloned()
+        .collect();
+    add_columns(tx, schema, stage, &to_stage).await?;
+
+    let names: Vec<&str> = target_schema
+        .columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    let others: Vec<&PgColumn> = target_schema
+        .columns
+        .iter()
+        .filter(|c| !keys.contains(&c.name))
+        .collect();
+    let matched = keys
+        .iter()
+        .map(|k| format!("t.{q} = s.{q}", q = quote(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let scope = match (&run.target.mode, &run.target.window_field) {
+        (Mode::Window, Some(w)) => {
+            let w = quote(w);
+            format!("t.{w} BETWEEN (SELECT min({w}) FROM {s}) AND (SELECT max({w}) FROM {s})")
+        }
+        _ => "true".to_string(),
+    };
+    let run_sql = |sql: String| {
+        let context = context.clone();
+        async move { tx.execute(&sql, &[]).await.map_err(pg_error(context)) }
+    };
+    let staged: i64 = tx
+        .query_one(&format!("SELECT count(*) FROM {s}"), &[])
+        .await
+        .map_err(pg_error(context.clone()))?
+        .get(0);
+    let removed = run_sql(format!(
+        "DELETE FROM {t} t WHERE {scope} AND NOT EXISTS (SELECT 1 FROM {s} s WHERE {matched})"
+    ))
+    .await?;
+    let updated = if others.is_empty() {
+        0
+    } else {
+        let set = others
+            .iter()
+            .map(|c| format!("{q} = s.{q}", q = quote(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let stored = others
+            .iter()
+            .map(|c| c.comparable(&format!("t.{}", quote(&c.name))))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let new = others
+            .iter()
+            .map(|c| c.comparable(&format!("s.{}", quote(&c.name))))
+            .collect::<Vec<_>>()
+            .join(", ");
+        run_sql(format!(
+            "UPDATE {t} t SET {set} FROM {s} s
+             WHERE {matched} AND ROW({stored}) IS DISTINCT FROM ROW({new})"
+        ))
+        .await?
+    };
+    let cols = column_list(&names);
+    let s_cols = names
+        .iter()
+        .map(|n| format!("s.{}", quote(n)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let inserted = run_sql(format!(
+        "INSERT INTO {t} ({cols}) SELECT {s_cols} FROM {s} s
+         WHERE NOT EXISTS (SELECT 1 FROM {t} t WHERE {matched})"
+    ))
+    .await?;
+    tx.batch_execute(&format!("DROP TABLE {s}"))
+        .await
+        .map_err(pg_error(context))?;
+    run.schema = None;
+    stats.inserted = inserted;
+    stats.updated = updated;
+    stats.unchanged = staged as u64 - inserted - updated;
+    stats.deleted = removed;
+    stats.removed = removed;
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::super::testing::{server, TestSchema};
+    use super::SeenKeys;
+
+    #[test]
+    fn seen_keys_stay_sorted_and_exact() {
+        let mut seen = SeenKeys::default();
+        seen.extend(vec![5, -3, 9]);
+        seen.extend(vec![7, 5, i64::MAX, i64::MIN]);
+        assert_eq!(seen.all(), [i64::MIN, -3, 5, 7, 9, i64::MAX]);
+        assert!(seen.contains(7) && !seen.contains(6));
+        for i in 0..1000 {
+            seen.extend((i * 10..i * 10 + 10).collect());
+        }
+        assert!(seen.runs.len() < 12, "{} runs", seen.runs.len());
+        assert!((0..10_000).all(|k| seen.contains(k)) && !seen.contains(10_000));
+    }
+    use crate::pipeline::stats::RunStats;
+    use crate::RunStatus;
+
+    /// Runs the same input into SQLite and PostgreSQL: the stats must agree.
+    async fn both(
+        pg: &TestSchema,
+        dir: &std::path::Path,
+        records: &[Value],
+        load: &str,
+    ) -> RunStats {
+        let sqlite = format!("sqlite://{}", dir.join("ref.db").display());
+        let expected = pg.run(dir, Some(&sqlite), records, load).await.unwrap();
+        let got = pg.run(dir, None, records, load).await.unwrap();
+        assert_eq!(
+            got.stats, expected.stats,
+            "\nexpected (sqlite):\n{:?}\ngot (postgres):\n{:?}",
+            expected.stats, got.stats
+        );
+        assert_eq!(got.status, expected.status);
+        assert!(got.stats.is_balanced(), "{:?}", got.stats);
+        got.stats
+    }
+
+    async fn xmins(pg: &TestSchema) -> Vec<String> {
+        pg.client
+            .query(
+                &format!(
+                    "SELECT xmin::text FROM {}.t ORDER BY id",
+                    super::quote(&pg.name)
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn run_twice_changes_nothing_and_counts_exactly() {
+        let Some(url) = server("run_twice_changes_nothing_and_counts_exactly") else {
+            return;
+        };
+        let pg = TestSchema::new(&url, "run_twice").await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut records: Vec<Value> = (0..50)
+            .map(|i| {
+                json!({
+                    "id": i, "name": format!("n{i}"), "score": i as f64 / 3.0, "ok": i % 2 == 0,
+                    "at": format!("2024-05-01T10:{:02}:00.123456789+02:00", i % 60),
+                    "meta": {"b": [1, 2, {"z": null}], "a": "x"},
+                })
+            })
+            .collect();
+        // An in-input duplicate in the same batch: the later version wins.
+        records.insert(
+            5,
+            json!({"id": 3, "name": "three", "score": 1.0, "ok": true,
+            "at": "2024-05-01T10:00:00Z", "meta": {"a": 1}}),
+        );
+        let load = "batch_size = 7";
+        let first = both(&pg, dir.path(), &records, load).await;
+        assert_eq!((first.inserted, first.duplicates), (50, 1));
+        let before = xmins(&pg).await;
+        let again = both(&pg, dir.path(), &records, load).await;
+        assert_eq!((again.inserted, again.updated, again.unchanged), (0, 0, 50));
+        assert_eq!(xmins(&pg).await, before, "an identical re-run wrote rows");
+        // The same instants written with another offset, the same object
+        // with its keys in another order: still unchanged.
+        let respelled: Vec<Value> = records
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                if r["id"] == json!(5) {
+                    r["at"] = json!("2024-05-01T08:05:00.123457Z");
+                    r["meta"] = json!({"a": "x", "b": [1, 2, {"z": null}]});
+                }
+                r
+            })
+            .collect();
+        let pg_only = pg.run(dir.path(), None, &respelled, load).await.unwrap();
+        assert_eq!((pg_only.stats.updated, pg_only.stats.unchanged), (0, 50));
+        // One change, one new key, one new field.
+        records[11]["name"] = json!("changed"); // id 10
+        records.push(json!({"id": 100, "name": "new", "extra": 18_000_000_000_000_000_000u64}));
+        // (SQLite rejects the integer beyond 64 bits; PostgreSQL makes the
+        // new column numeric.)
+        let changed = pg
+            .run(dir.path(), None, &records, load)
+            .await
+            .unwrap()
+            .stats;
+        assert_eq!(
+            (
+                changed.inserted,
+                changed.updated,
+                changed.unchanged,
+                changed.rejected
+            ),
+            (1, 1, 49, 0)
+        );
+        let rows = pg.rows("id").await;
+        assert_eq!(rows.len(), 51);
+        assert_eq!(rows[3]["name"], json!("three"));
+        assert_eq!(rows[10]["name"], json!("changed"));
+        assert_eq!(rows[50]["extra"], json!(18_000_000_000_000_000_000u64));
+        let types: Vec<(String, String)> = pg
+            .client
+            .query(
+                "SELECT column_name::text, data_type::text FROM information_schema.columns
+                 WHERE table_schema = $1 AND table_name = 't' ORDER BY ordinal_position",
+                &[&pg.name],
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let names: Vec<&str> = types.iter().map(|(_, t)| t.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "bigint",
+                "text",
+                "double precision",
+                "boolean",
+                "timestamp with time zone",
+                "jsonb",
+                "numeric"
+            ]
+        );
+        pg.drop().await;
+    }
+
+    #[tokio::test]
+    async fn older_versions_never_overwrite_newer_rows() {
+        let Some(url) = server("older_versions_never_overwrite_newer_rows") else {
+            return;
+        };
+        let pg = TestSchema::new(&url, "stale").await;
+        let dir = tempfile::tempdir().unwrap();
+        let load = "cursor = \"updated_at\"\nbatch_size = 2";
+        let newer = [
+            json!({"id": 1, "v": "new", "updated_at": "2024-05-02T00:00:00Z"}),
+            json!({"id": 2, "v": "new", "updated_at": "2024-05-02T00:00:00Z"}),
+            json!({"id": 3, "v": "new", "updated_at": "2024-05-02T00:00:00Z"}),
+        ];
+        both(&pg, dir.path(), &newer, load).await;
+        // 1: older (02:00+03:00 is 23:00Z the day before); 2: the same instant
+        // with another offset and another value; 3: newer.
+        let mixed = [
+            json!({"id": 1, "v": "old", "updated_at": "2024-05-02T02:00:00+03:00"}),
+            json!({"id": 2, "v": "tie", "updated_at": "2024-05-02T02:00:00+02:00"}),
+            json!({"id": 3, "v": "newest", "updated_at": "2024-05-03T00:00:00Z"}),
+            json!({"id": 4, "v": "fresh", "updated_at": "2024-05-01T00:00:00Z"}),
+        ];
+        let stats = both(
+            &pg,
+            dir.path(),
+            &mixed,
+            &format!("{load}\nlookback = \"30d\""),
+        )
+        .await;
+        assert_eq!(
+            (stats.skipped, stats.updated, stats.inserted),
+            (1, 2, 1),
+            "{stats:?}"
+        );
+        let v: Vec<Value> = pg.rows("id").await.iter().map(|r| r["v"].clone()).collect();
+        assert_eq!(
+            v,
+            [json!("new"), json!("tie"), json!("newest"), json!("fresh")]
+        );
+        pg.drop().await;
+    }
+
+    #[tokio::test]
+    async fn values_that_do_not_fit_are_rejected_not_fatal() {
+        let Some(url) = server("values_that_do_not_fit_are_rejected_not_fatal") else {
+            return;
+        };
+        let pg = TestSchema::new(&url, "rejects").await;
+        let dir = tempfile::tempdir().unwrap();
+        let records = [
+            json!({"id": 1, "n": 5, "t": "a"}),
+            json!({"id": 2, "n": "five", "t": "b"}),
+            json!({"id": 3, "n": 7.5, "t": "c"}),
+            json!({"id": 4, "n": 9, "t": {"nested": true}}),
+            json!({"id": 5, "n": 10, "t": "nul\u{0}byte"}),
+            json!({"id": 6, "n": 18_000_000_000_000_000_000u64, "t": "big"}),
+        ];
+        let report = pg.run(dir.path(), None, &records, "").await.unwrap();
+        assert_eq!(report.status, RunStatus::SucceededWithRejects);
+        assert_eq!((report.stats.inserted, report.stats.rejected), (1, 5));
+        assert!(report.stats.is_balanced());
+        let mut dest = crate::destination::open(&pg.url()).await.unwrap();
+        let rejects = dest.rejects("p", None, 100).await.unwrap();
+        let reasons: Vec<&str> = rejects.iter().map(|r| r.reason.as_str()).collect();
+        assert_eq!(reasons.len(), 5, "{reasons:?}");
+        assert!(
+            reasons[0].contains("\"n\" is text, but the column is integer"),
+            "{reasons:?}"
+        );
+        assert!(reasons[1].contains("is a float"), "{reasons:?}");
+        assert!(reasons[2].contains("object or array"), "{reasons:?}");
+        assert!(reasons[3].contains("NUL"), "{reasons:?}");
+        assert!(reasons[4].contains("64-bit range"), "{reasons:?}");
+        assert_eq!(
+            rejects[0].source_ref,
+            format!("{}:2", dir.path().join("in.jsonl").display())
+        );
+        let history = dest.history("p", 10).await.unwrap();
+        assert_eq!(history[0].status, "succeeded_with_rejects");
+        assert_eq!(history[0].stats.unwrap().rejected, 5);
+        pg.drop().await;
+    }
+
+    #[tokio::test]
+    async fn deletes_and_insert_new_count_like_sqlite() {
+        let Some(url) = server("deletes_and_insert_new_count_like_sqlite") else {
+            return;
+        };
+        let pg = TestSchema::new(&url, "deletes").await;
+        let dir = tempfile::tempdir().unwrap();
+        let base: Vec<Value> = (0..6).map(|i| json!({"id": i, "v": i})).collect();
+        both(&pg, dir.path(), &base, "delete_field = \"_deleted\"").await;
+        let batch = [
+            json!({"id": 1, "_deleted": true}),
+            json!({"id": 9, "_deleted": true}),
+            json!({"id": 2, "v": 20}),
+            json!({"id": 1, "_deleted": true}),
+            json!({"id": 3, "v": 3}),
+        ];
+        let stats = both(
+            &pg,
+            dir.path(),
+            &batch,
+            "delete_field = \"_deleted\"\nbatch_size = 3",
+        )
+        .await;
+        assert_eq!(
+            (stats.deleted, stats.updated, stats.duplicates),
+            (1, 1, 1),
+            "{stats:?}"
+        );
+        let insert_new = [json!({"id": 2, "v": 99}), json!({"id": 50, "v": 50})];
+        let stats = both(&pg, dir.path(), &insert_new, "mode = \"insert_new\"").await;
+        assert_eq!((stats.inserted, stats.unchanged), (1, 1));
+        let ids: Vec<Value> = pg.rows("id").await.iter().map(|r| r["v"].clone()).collect();
+        assert_eq!(
+            ids,
+            [json!(0), json!(20), json!(3), json!(4), json!(5), json!(50)]
+        );
+        pg.drop().await;
+    }
+
+    #[tokio::test]
+    async fn replace_and_window_write_only_the_difference() {
+        let Some(url) = server("replace_and_window_write_only_the_difference") else {
+            return;
+        };
+        let pg = TestSchema::new(&url, "replace").await;
+        let dir = tempfile::tempdir().unwrap();
+        let load = "mode = \"replace\"\nbatch_size = 2";
+        let a: Vec<Value> = (0..5).map(|i| json!({"id": i, "v": i})).collect();
+        let first = both(&pg, dir.path(), &a, load).await;
+        assert_eq!(first.inserted, 5);
+        let before = xmins(&pg).await;
+        let same = both(&pg, dir.path(), &a, load).await;
+        assert_eq!(
+            (same.inserted, same.updated, same.deleted, same.unchanged),
+            (0, 0, 0, 5)
+        );
+        assert_eq!(xmins(&pg).await, before);
+        let b = [
+            json!({"id": 0, "v": 0}),
+            json!({"id": 1, "v": 100}),
+            json!({"id": 3, "v": 3, "w": "new"}),
+            json!({"id": 7, "v": 7}),
+        ];
+        let changed = both(&pg, dir.path(), &b, load).await;
+        assert_eq!(
+            (
+                changed.inserted,
+                changed.updated,
+                changed.deleted,
+                changed.removed
+            ),
+            (1, 2, 2, 2),
+            "{changed:?}"
+        );
+        assert_eq!(pg.rows("id").await.len(), 4);
+        let empty = both(&pg, dir.path(), &[], load).await;
+        assert_eq!(empty.deleted, 4);
+
+        let window = "mode = \"window\"\nwindow_field = \"day\"\nkey = [\"id\"]";
+        let days: Vec<Value> = (0..6)
+            .map(|i| json!({"id": i, "day": format!("2024-05-0{}T00:00:00Z", i % 3 + 1), "v": i}))
+            .collect();
+        pg.client
+            .batch_execute(&format!("DROP TABLE {}.t", super::quote(&pg.name)))
+            .await
+            .unwrap();
+        both(&pg, dir.path(), &days, window).await;
+        let reload = [
+            json!({"id": 1, "day": "2024-05-02T00:00:00Z", "v": 10}),
+            json!({"id": 2, "day": "2024-05-03T00:00:00Z", "v": 2}),
+        ];
+        let stats = both(&pg, dir.path(), &reload, window).await;
+        // Days 2 and 3 are reloaded: ids 4 and 5 go, 1 changes, 2 stays.
+        assert_eq!(
+            (stats.updated, stats.unchanged, stats.deleted),
+            (1, 1, 2),
+            "{stats:?}"
+        );
+        assert_eq!(pg.rows("id").await.len(), 4);
+        pg.drop().await;
+    }
+
+    #[tokio::test]
+    async fn a_statement_timeout_fails_the_run_naming_pipeline_and_batch() {
+        let Some(url) = server("a_statement_timeout_fails_the_run_naming_pipeline_and_batch")
+        else {
+            return;
+        };
+        let pg = TestSchema::new(&url, "timeout").await;
+        let dir = tempfile::tempdir().unwrap();
+        let records: Vec<Value> = (0..10).map(|i| json!({"id": i, "v": i})).collect();
+        pg.run(dir.path(), None, &records[..1], "").await.unwrap();
+        // Another session holds the table: the batch's merge waits, and the
+        // server cancels it after 300 ms.
+        pg.client
+            .batch_execute(&format!(
+                "BEGIN; LOCK TABLE {}.t IN ACCESS EXCLUSIVE MODE",
+                super::quote(&pg.name)
+            ))
+            .await
+            .unwrap();
+        let timed = format!("{}&options=-c%20statement_timeout%3D300", pg.url());
+        let err = pg
+            .run(dir.path(), Some(&timed), &records, "")
+            .await
+            .unwrap_err();
+        pg.client.batch_execute("ROLLBACK").await.unwrap();
+        let message = err.to_string();
+        assert_eq!(err.exit_code(), 1);
+        assert!(message.contains("pipeline \"p\", batch 1"), "{message}");
+        assert!(message.contains("statement timeout"), "{message}");
+        let report = pg.run(dir.path(), None, &records, "").await.unwrap();
+        assert_eq!((report.stats.inserted, report.stats.unchanged), (9, 1));
+        assert_eq!(pg.rows("id").await.len(), 10);
+        pg.drop().await;
+    }
+
+    #[tokio::test]
+    async fn text_and_composite_keys_count_duplicates_across_batches() {
+        let Some(url) = server("text_and_composite_keys_count_duplicates_across_batches") else {
+            return;
+        };
+        let pg = TestSchema::new(&url, "textkeys").await;
+        let dir = tempfile::tempdir().unwrap();
+        let records: Vec<Value> = (0..12)
+            .map(|i| json!({"line": format!("L{}", i % 5), "day": format!("2024-05-0{}T00:00:00Z", 1 + i % 2), "n": i}))
+            .collect();
+        let load = "key = [\"line\", \"day\"]\nbatch_size = 4";
+        let first = both(&pg, dir.path(), &records, load).await;
+        assert!(first.duplicates > 0, "{first:?}");
+        let again = both(&pg, dir.path(), &records, load).await;
+        assert_eq!(again.inserted, 0);
+        pg.client
+            .batch_execute(&format!("DROP TABLE {}.t", super::quote(&pg.name)))
+            .await
+            .unwrap();
+        std::fs::remove_file(dir.path().join("ref.db")).unwrap();
+        let hashed = both(
+            &pg,
+            dir.path(),
+            &records,
+            "hash_key = [\"line\"]\nbatch_size = 4",
+        )
+        .await;
+        assert_eq!((hashed.inserted, hashed.duplicates), (5, 7), "{hashed:?}");
+        pg.drop().await;
+    }
+}
