@@ -86,9 +86,9 @@ pub async fn dedupe(conn: &mut dyn Inspect, options: &DedupeOptions) -> Result<D
     }
     let d = conn.dialect();
     let k = KeySql::new(d, &options.table, &options.key);
-    let row_id = d.row_identity().ok_or_else(|| {
-        Error::config("dedupe needs a row identity to break ties; this database has none")
-    })?;
+    // Without a row identity (MySQL) ties are broken by the key alone: the
+    // plan is still shown, and applying it is refused by that backend.
+    let row_id = d.row_identity().unwrap_or("1");
     let dir = match options.keep {
         Keep::Newest => "DESC",
         Keep::Oldest => "ASC",

@@ -104,8 +104,14 @@ pub async fn connect(url: &str) -> Result<Box<dyn Inspect>> {
         "sqlite" => Ok(Box::new(
             super::sqlite::inspect::SqliteInspect::open(url).await?,
         )),
+        "postgres" | "postgresql" => Ok(Box::new(
+            super::postgres::inspect::PostgresInspect::open(url).await?,
+        )),
+        "mysql" => Ok(Box::new(
+            super::mysql::inspect::MysqlInspect::open(url).await?,
+        )),
         _ => Err(Error::config(format!(
-            "audit, dedupe and verify do not support {} yet: use sqlite://PATH",
+            "audit, dedupe and verify do not support {}: use sqlite://, postgres:// or mysql://",
             redact(url)
         ))),
     }

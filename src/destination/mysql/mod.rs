@@ -20,6 +20,7 @@
 
 mod batch;
 mod bookkeeping;
+pub(crate) mod inspect;
 mod schema;
 mod stage;
 mod write;
@@ -49,7 +50,7 @@ pub struct MysqlDestination {
     /// The URL without its password, for messages.
     shown: String,
     opts: Opts,
-    conn: Conn,
+    pub(crate) conn: Conn,
     server: Server,
     run: Option<Run>,
     lock: Option<Lock>,

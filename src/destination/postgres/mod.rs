@@ -22,6 +22,7 @@
 
 mod bookkeeping;
 mod copy;
+pub(crate) mod inspect;
 mod types;
 mod write;
 
@@ -46,8 +47,8 @@ const MAX_IDENTIFIER: usize = 63;
 
 /// A PostgreSQL database and the schema idemload writes in.
 pub struct PostgresDestination {
-    client: Client,
-    schema: String,
+    pub(crate) client: Client,
+    pub(crate) schema: String,
     run: Option<Run>,
     /// The lock this session holds: (pipeline, run id, lease, advisory key).
     lock: Option<(String, String, Duration, i64)>,

@@ -331,13 +331,6 @@ pub(super) fn begin(
                 target.key_columns.join(", ")
             )));
         }
-        if !has_key {
-            return Err(Error::config(format!(
-                "table {:?} has no column for every key field ({}); check `key` / `hash_key`",
-                target.table,
-                target.key_columns.join(", ")
-            )));
-        }
     }
     let stage = if target.mode.is_staged() {
         let stage = format!("_idemload_stage_{}", target.table);
