@@ -320,3 +320,132 @@ fn verify_passes_on_the_example_pipelines() {
         assert!(text.starts_with("PASS"), "{text}");
     }
 }
+
+/// The usage-report story on every backend, with a column name that needs
+/// quoting: audit finds the duplicates, the dry run changes nothing,
+/// `--apply` keeps the newest and adds the constraint (PostgreSQL and
+/// SQLite; MySQL refuses it), a second apply does nothing, audit is clean,
+/// and `--restore` brings every row back.
+mod every_backend {
+    use crate::common::BackendKind;
+    use serde_json::Value;
+
+    fn seed(env: &crate::common::Env) -> usize {
+        let q = |n: &str| match env.backend.kind {
+            BackendKind::Mysql => format!("`{n}`"),
+            _ => format!("\"{n}\""),
+        };
+        let text = match env.backend.kind {
+            BackendKind::Mysql => "VARCHAR(64)",
+            _ => "TEXT",
+        };
+        env.backend.execute(&format!(
+            "CREATE TABLE {} ({} {text}, usage_date {text}, gb_used DOUBLE PRECISION, created_at {text})",
+            q("Usage Report"),
+            q("Service Line")
+        ));
+        let mut values = Vec::new();
+        let mut surplus = 0;
+        for day in 1..=6 {
+            let copies = if day % 2 == 0 { 3 } else { 1 };
+            surplus += copies - 1;
+            for c in 0..copies {
+                values.push(format!(
+                    "('SL-1', '2025-01-0{day}', {}, '2025-02-0{}T00:00:00Z')",
+                    day as f64 + 0.1 * c as f64,
+                    c + 1
+                ));
+            }
+        }
+        env.backend.execute(&format!(
+            "INSERT INTO {} VALUES {}",
+            q("Usage Report"),
+            values.join(", ")
+        ));
+        surplus
+    }
+
+    fn json(out: &crate::common::Output) -> Value {
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}\n{}", out.stdout, out.stderr))
+    }
+
+    idemtest!(usage_report_duplicates_are_audited_and_repaired, |env| {
+        let surplus = seed(env);
+        let url = env.backend.url();
+        let target = [
+            "--url",
+            url.as_str(),
+            "--table",
+            "Usage Report",
+            "--key",
+            "Service Line,usage_date",
+        ];
+        fn with<'a>(args: &[&'a str], target: &[&'a str]) -> Vec<&'a str> {
+            [args, target].concat()
+        }
+        let original = env.backend.rows("Usage Report");
+
+        let audit = env.idemload(&with(&["audit", "--json"], &target));
+        audit.code(1);
+        let report = json(&audit);
+        assert_eq!(report["duplicate_groups"], 3);
+        assert_eq!(report["surplus_rows"], surplus);
+
+        let dry = env.idemload(&with(
+            &["dedupe", "--order-by", "created_at", "--json"],
+            &target,
+        ));
+        dry.code(0);
+        assert_eq!(json(&dry)["rows_to_remove"], surplus);
+        assert_eq!(
+            env.backend.rows("Usage Report"),
+            original,
+            "a dry run changes nothing"
+        );
+
+        let apply = env.idemload(&with(
+            &["dedupe", "--order-by", "created_at", "--apply", "--json"],
+            &target,
+        ));
+        if env.backend.kind == BackendKind::Mysql {
+            apply.code(2);
+            assert!(
+                apply.stderr.contains("not available for MySQL"),
+                "{}",
+                apply.stderr
+            );
+            return;
+        }
+        apply.code(0);
+        let applied = json(&apply);
+        assert_eq!(applied["removed"], surplus);
+        assert_eq!(env.backend.count("Usage Report"), 6);
+        let newest = env.backend.rows("Usage Report");
+        for row in &newest {
+            let day: u32 = row["usage_date"].as_str().unwrap()[8..].parse().unwrap();
+            let expected = if day % 2 == 0 {
+                "2025-02-03T00:00:00Z"
+            } else {
+                "2025-02-01T00:00:00Z"
+            };
+            assert_eq!(
+                row["created_at"], expected,
+                "the newest row of each day is kept: {row}"
+            );
+        }
+        let again = env.idemload(&with(&["dedupe", "--apply", "--json"], &target));
+        again.code(0);
+        assert_eq!(json(&again)["removed"], 0, "a second apply does nothing");
+        env.idemload(&with(&["audit"], &target)).code(0);
+
+        let run_id = applied["run_id"].as_str().unwrap().to_string();
+        env.idemload(&with(&["dedupe", "--restore", run_id.as_str()], &target))
+            .code(0);
+        assert_eq!(
+            env.backend.rows("Usage Report"),
+            original,
+            "restore brings every row back"
+        );
+    });
+}

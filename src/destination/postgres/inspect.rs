@@ -107,7 +107,7 @@ impl Inspect for PostgresInspect {
                  FROM pg_index i
                  JOIN pg_class c ON c.oid = i.indexrelid
                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-                 WHERE i.indrelid = $1::regclass AND i.indisunique AND i.indpred IS NULL
+                 WHERE i.indrelid = $1::text::regclass AND i.indisunique AND i.indpred IS NULL
                  GROUP BY c.relname, i.indisprimary",
                 &[&qualified(&self.dest.schema, table)],
             )
