@@ -133,7 +133,10 @@ impl FileSource {
             }
             inputs.push((path, format));
         }
-        let (tx, rx) = mpsc::channel(2);
+        // One batch waits in the channel while the next is read: with the
+        // pipeline's planned batch and the one being written, that is four
+        // batches in memory at most.
+        let (tx, rx) = mpsc::channel(1);
         let bytes_read = Arc::new(AtomicU64::new(0));
         let mut reader = Reader {
             tx,

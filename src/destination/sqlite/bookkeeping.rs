@@ -53,7 +53,7 @@ pub(super) fn connect(path: &Path) -> Result<Connection> {
         }
     }
     conn.execute_batch(
-        "PRAGMA synchronous = NORMAL; PRAGMA temp_store = FILE; PRAGMA cache_size = -32000;",
+        "PRAGMA synchronous = NORMAL; PRAGMA temp_store = FILE; PRAGMA cache_size = -8000;",
     )?;
     conn.execute_batch(&format!(
         "BEGIN IMMEDIATE;

@@ -67,8 +67,9 @@ pub(super) fn write_batch(
         let staged = run.stage.is_some();
         let mode = if staged { Mode::Merge } else { run.target.mode };
         let mut writer = RowWriter::new(&tx, &table, &schema, run, fresh, mode)?;
-        for row in &rows {
-            match writer.write(row)? {
+        // Each row is dropped once written: the batch's memory goes as it goes.
+        for row in rows {
+            match writer.write(&row)? {
                 Ok(outcome) if staged => {
                     // Staged rows are counted when the stage is applied.
                     if outcome == Outcome::Duplicate {
