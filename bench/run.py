@@ -56,8 +56,9 @@ def log(msg):
 
 
 class Measured:
-    def __init__(self, wall, rss_kb, stdout, stderr, code):
+    def __init__(self, wall, rss_kb, stdout, stderr, code, cpu=0.0):
         self.wall = wall
+        self.cpu = cpu
         self.rss_kb = rss_kb
         self.stdout = stdout
         self.stderr = stderr
@@ -69,7 +70,8 @@ class Measured:
 RUSAGE_WRAPPER = (
     "import resource, subprocess, sys\n"
     "code = subprocess.call(sys.argv[2:])\n"
-    "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "open(sys.argv[1], 'w').write(f'{u.ru_maxrss} {u.ru_utime + u.ru_stime}')\n"
     "sys.exit(code)\n"
 )
 
@@ -93,9 +95,11 @@ def measure(cmd, env=None, input_path=None, ok_codes=(0,), cwd=None):
     if TIME:
         m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
         rss = int(m.group(1)) if m else 0
+        cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text))
     else:
-        rss = int(text or 0)
-    res = Measured(wall, rss, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"), p.returncode)
+        rss, cpu = (text.split() + ["0", "0"])[:2]
+        rss, cpu = int(rss), float(cpu)
+    res = Measured(wall, rss, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"), p.returncode, cpu)
     if p.returncode not in ok_codes:
         raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{res.stderr[-3000:]}")
     return res
@@ -239,7 +243,7 @@ def bench_sqlite(rows_list):
         n, distinct = sqlite_rows(db, "contacts")
         ceiling = rows / m.wall
         results.append((rows, "ceiling: sqlite3 .import (CSV)", m, None, f"{n:,} rows"))
-        log(f"  {m.wall:.2f}s, {fmt_rate(rows, m.wall)} rows/s, peak RSS {rss_mb(m.rss_kb)} MB")
+        log(f"  {m.wall:.2f}s ({m.cpu:.2f}s CPU), {fmt_rate(rows, m.wall)} rows/s, peak RSS {rss_mb(m.rss_kb)} MB")
         rm_db(db)
 
         db = os.path.join(db_dir, f"idemload_{rows}.db")
@@ -259,7 +263,7 @@ def bench_sqlite(rows_list):
             ok = expect(m.report, label, **want)
             results.append((rows, label, m, ceiling, counts(m.report) + ("" if ok else " (!)")))
             m.rows = n_read
-            log(f"  {m.wall:.2f}s, {fmt_rate(n_read, m.wall)} rows/s, peak RSS {rss_mb(m.rss_kb)} MB, "
+            log(f"  {m.wall:.2f}s ({m.cpu:.2f}s CPU), {fmt_rate(n_read, m.wall)} rows/s, peak RSS {rss_mb(m.rss_kb)} MB, "
                 f"inserted/updated/unchanged {counts(m.report)}")
         n, distinct = sqlite_rows(db, "contacts")
         if n != new_rows or distinct != new_rows:
@@ -278,15 +282,17 @@ def bench_sqlite(rows_list):
         "(its default journal, one transaction). idemload loads the JSONL with `idemload load FILE",
         "--into sqlite://… --table contacts --json` (key `id`, no cursor, batches of 10,000 rows,",
         "one transaction each); the changed file holds every row, 10% of them with a new score,",
-        "city and later `updated_at`, plus 5% new ids. rows/s counts the rows read.",
+        "city and later `updated_at`, plus 5% new ids. rows/s counts the rows read; CPU s is user +",
+        "system time of the process (idemload parses, plans and writes on separate threads).",
+        f"Machine load average when the run ended: {os.getloadavg()[0]:.1f} (shared machine: wall times vary with it).",
         "",
-        "| rows | run | wall s | rows/s | vs ceiling | peak RSS MB | inserted / updated / unchanged |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | --- |",
+        "| rows | run | wall s | rows/s | vs ceiling | CPU s | peak RSS MB | inserted / updated / unchanged |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for rows, label, m, ceiling, note in results:
         n = getattr(m, "rows", rows)
         ratio = f"{(n / m.wall) / ceiling:.2f}x" if ceiling else "1.00x"
-        lines.append(f"| {rows:,} | {label} | {m.wall:.2f} | {fmt_rate(n, m.wall)} | {ratio} | {rss_mb(m.rss_kb)} | {note} |")
+        lines.append(f"| {rows:,} | {label} | {m.wall:.2f} | {fmt_rate(n, m.wall)} | {ratio} | {m.cpu:.2f} | {rss_mb(m.rss_kb)} | {note} |")
     lines.append("")
     lines.append("Targets: first load >= 0.6x the ceiling; identical re-run at least 2x faster than the first load; peak RSS < 150 MB.")
     lines.append("")
