@@ -157,7 +157,8 @@ pub struct Key {
 
 impl Key {
     pub fn new(values: Vec<Value>) -> Key {
-        let canonical = canonical_json(&Value::Array(values.clone()));
+        let canonical = simple_canonical(&values)
+            .unwrap_or_else(|| canonical_json(&Value::Array(values.clone())));
         Key { canonical, values }
     }
 
@@ -170,6 +171,37 @@ impl Key {
     pub fn canonical(&self) -> &str {
         &self.canonical
     }
+}
+
+/// The JCS text of the usual key (integers up to 2^53, booleans, strings
+/// that need no escape) without building a JSON tree; `None` otherwise.
+fn simple_canonical(values: &[Value]) -> Option<String> {
+    use std::fmt::Write as _;
+    let mut text = String::with_capacity(2 + values.len() * 12);
+    text.push('[');
+    for (n, value) in values.iter().enumerate() {
+        if n > 0 {
+            text.push(',');
+        }
+        match value {
+            Value::Number(number) => {
+                let i = number.as_i64()?;
+                if i.unsigned_abs() > 1 << 53 {
+                    return None;
+                }
+                let _ = write!(text, "{i}");
+            }
+            Value::Bool(b) => text.push_str(if *b { "true" } else { "false" }),
+            Value::String(s) if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') => {
+                text.push('"');
+                text.push_str(s);
+                text.push('"');
+            }
+            _ => return None,
+        }
+    }
+    text.push(']');
+    Some(text)
 }
 
 impl fmt::Display for Key {
@@ -337,6 +369,32 @@ mod tests {
 
     fn fields(v: Value) -> Fields {
         v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn simple_keys_read_exactly_as_jcs_writes_them() {
+        let cases = [
+            json!([7]),
+            json!([-9007199254740992i64]),
+            json!([9007199254740992i64]),
+            json!(["SL-1", "2024-05-01", true, 0]),
+            json!(["prénom", false]),
+        ];
+        for case in cases {
+            let values = case.as_array().unwrap().clone();
+            assert_eq!(simple_canonical(&values), Some(canonical_json(&case)));
+        }
+        for odd in [
+            json!([1.5]),
+            json!(["a\"b"]),
+            json!(["\u{1}"]),
+            json!([null]),
+            json!([9007199254740993i64]),
+        ] {
+            assert_eq!(simple_canonical(odd.as_array().unwrap()), None);
+            let key = Key::new(odd.as_array().unwrap().clone());
+            assert_eq!(key.canonical(), canonical_json(&odd));
+        }
     }
 
     #[test]

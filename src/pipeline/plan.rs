@@ -8,7 +8,8 @@
 //! Nothing here touches a database, so it is where the merge rules are
 //! property-tested.
 
-use std::collections::HashMap;
+use std::collections::hash_map::{Entry, HashMap, RandomState};
+use std::hash::BuildHasher;
 
 use serde_json::Value;
 
@@ -61,7 +62,12 @@ impl Planner {
             rows: Vec::with_capacity(items.len()),
             ..Default::default()
         };
-        let mut index: HashMap<String, usize> = HashMap::with_capacity(items.len());
+        // Rows by a hash of their key's canonical text; keys whose hash an
+        // other key already has go to `collided`.
+        let mut index: HashMap<u64, usize> = HashMap::with_capacity(items.len());
+        let mut collided: HashMap<String, usize> = HashMap::new();
+        let hasher = RandomState::new();
+        let mut names = NameCheck::default();
         for item in items {
             batch.stats.read += 1;
             let record = match item {
@@ -72,7 +78,7 @@ impl Planner {
                 }
                 Item::Record(record) => record,
             };
-            let row = match self.check(record) {
+            let row = match self.check(record, &mut names) {
                 Ok(Some(row)) => row,
                 Ok(None) => {
                     batch.stats.skipped += 1;
@@ -89,8 +95,25 @@ impl Planner {
                     batch.max_cursor = Some(c.clone());
                 }
             }
-            match index.get(row.key.canonical()) {
-                Some(&at) => {
+            let canonical = row.key.canonical();
+            let found = match index.entry(hasher.hash_one(canonical)) {
+                Entry::Vacant(slot) => {
+                    slot.insert(batch.rows.len());
+                    None
+                }
+                Entry::Occupied(slot) if batch.rows[*slot.get()].key.canonical() == canonical => {
+                    Some(*slot.get())
+                }
+                Entry::Occupied(_) => match collided.get(canonical) {
+                    Some(&at) => Some(at),
+                    None => {
+                        collided.insert(canonical.to_string(), batch.rows.len());
+                        None
+                    }
+                },
+            };
+            match found {
+                Some(at) => {
                     batch.stats.duplicates += 1;
                     let kept = &batch.rows[at];
                     // Greatest cursor wins; a tie goes to the later record.
@@ -102,26 +125,18 @@ impl Planner {
                         batch.rows[at] = row;
                     }
                 }
-                None => {
-                    index.insert(row.key.canonical().to_string(), batch.rows.len());
-                    batch.rows.push(row);
-                }
+                None => batch.rows.push(row),
             }
         }
         batch
     }
 
     /// Checks one record: `Ok(None)` when it is below the checkpoint window.
-    fn check(&self, mut record: Record) -> Result<Option<Row>, Box<Reject>> {
+    fn check(&self, mut record: Record, names: &mut NameCheck) -> Result<Option<Row>, Box<Reject>> {
         let reject = |record: &Record, key: Option<&Key>, reason: String| {
             Box::new(Reject::record(record, key.map(|k| k.to_string()), reason))
         };
-        if let Some((name, reason)) = record
-            .fields
-            .keys()
-            .find_map(|name| invalid_column_name(name).map(|r| (name.clone(), r)))
-        {
-            let _ = name;
+        if let Some(reason) = names.first_invalid(&record.fields) {
             return Err(reject(&record, None, reason));
         }
         if record.raw_len > self.max_value_bytes {
@@ -205,6 +220,37 @@ impl Planner {
             delete,
             source: record.source,
         }))
+    }
+}
+
+/// Checks field names, remembering the valid names of the previous record
+/// by position: records of one source mostly share theirs.
+#[derive(Default)]
+struct NameCheck {
+    valid: Vec<String>,
+}
+
+impl NameCheck {
+    /// Why the first field name that cannot be a column cannot be one.
+    fn first_invalid(&mut self, fields: &Fields) -> Option<String> {
+        for (at, name) in fields.keys().enumerate() {
+            if let Some(valid) = self.valid.get(at) {
+                // Inlined comparison: this runs for every field.
+                if valid.len() == name.len() && valid.bytes().zip(name.bytes()).all(|(a, b)| a == b)
+                {
+                    continue;
+                }
+            }
+            if let Some(reason) = invalid_column_name(name) {
+                return Some(reason);
+            }
+            if at < self.valid.len() {
+                self.valid[at].clone_from(name);
+            } else {
+                self.valid.push(name.clone());
+            }
+        }
+        None
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -133,7 +133,10 @@ impl FileSource {
             }
             inputs.push((path, format));
         }
-        let (tx, rx) = mpsc::channel(2);
+        // One batch waits in the channel while the next is read: with the
+        // pipeline's planned batch and the one being written, that is four
+        // batches in memory at most.
+        let (tx, rx) = mpsc::channel(1);
         let bytes_read = Arc::new(AtomicU64::new(0));
         let mut reader = Reader {
             tx,
@@ -263,6 +266,7 @@ impl Reader {
     ) -> std::result::Result<(), ReadError> {
         let mut line = Vec::with_capacity(1024);
         let mut number = 0u64;
+        let mut width = 16;
         loop {
             line.clear();
             number += 1;
@@ -313,7 +317,7 @@ impl Reader {
             if text.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            self.push(parse_json_record(text, at()))?;
+            self.push(parse_json_record(text, at(), &mut width))?;
         }
     }
 
@@ -358,8 +362,26 @@ impl Reader {
 }
 
 /// Parses one JSON text into a record, or a reject that says why not.
-pub(super) fn parse_json_record(text: &[u8], at: SourceRef) -> Item {
+///
+/// `width` carries the number of fields of the previous record, so that an
+/// object's map is allocated once at its size instead of growing.
+pub(super) fn parse_json_record(text: &[u8], at: SourceRef, width: &mut usize) -> Item {
     let raw_len = text.len();
+    if text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        let mut de = serde_json::Deserializer::from_slice(text);
+        let parsed = ObjectSeed(*width)
+            .deserialize(&mut de)
+            .and_then(|fields| de.end().map(|()| fields));
+        if let Ok(fields) = parsed {
+            *width = fields.len();
+            return Item::Record(Record {
+                fields,
+                source: at,
+                raw_len,
+            });
+        }
+        // Malformed: the general path below says why.
+    }
     let value: Value = match serde_json::from_slice(text) {
         Ok(v) => v,
         Err(e) => {
@@ -371,6 +393,37 @@ pub(super) fn parse_json_record(text: &[u8], at: SourceRef) -> Item {
         }
     };
     into_record(value, at, raw_len)
+}
+
+/// Reads a JSON object into a map allocated for `.0` fields; keys and
+/// values exactly as `serde_json::Value` reads them (a repeated key keeps
+/// its first position and its last value).
+struct ObjectSeed(usize);
+
+impl<'de> DeserializeSeed<'de> for ObjectSeed {
+    type Value = crate::record::Fields;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ObjectSeed {
+    type Value = crate::record::Fields;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut fields = crate::record::Fields::with_capacity(self.0.min(1024));
+        while let Some((key, value)) = map.next_entry::<String, Value>()? {
+            fields.insert(key, value);
+        }
+        Ok(fields)
+    }
 }
 
 fn into_record(value: Value, at: SourceRef, raw_len: usize) -> Item {

@@ -9,6 +9,7 @@
 
 pub(crate) mod bookkeeping;
 pub mod inspect;
+mod run_keys;
 mod write;
 
 use std::path::PathBuf;
@@ -50,6 +51,11 @@ struct Run {
     stage: Option<String>,
     /// Columns of the table batches go to, as last read.
     schema: Option<TableSchema>,
+    /// Whether that table was empty when the run started (known from the
+    /// run's first rows on).
+    fresh: Option<bool>,
+    /// Keys the run wrote, for counting duplicates across batches.
+    keys: run_keys::RunKeys,
 }
 
 impl SqliteDestination {
@@ -196,6 +202,8 @@ impl Destination for SqliteDestination {
                 target,
                 stage,
                 schema: None,
+                fresh: None,
+                keys: Default::default(),
             });
             Ok(())
         })

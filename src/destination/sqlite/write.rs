@@ -9,17 +9,18 @@
 //! the same transaction.
 
 use chrono::Utc;
-use rusqlite::types::Value as Sql;
-use rusqlite::{params, params_from_iter, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::types::{ToSqlOutput, Value as Sql, ValueRef};
+use rusqlite::{params, params_from_iter, CachedStatement, Connection, TransactionBehavior};
 
 use super::bookkeeping::{self, fence, write_checkpoint};
+use super::run_keys::RunKeys;
 use super::{declared_type, read_schema, Inner, Run};
 use crate::config::Mode;
-use crate::destination::schema::{Column, SqlValue, TableSchema};
+use crate::destination::schema::{Column, ColumnType, SqlValue, TableSchema};
 use crate::destination::sql::{column_list, key_match, quote};
 use crate::destination::Commit;
 use crate::error::{Error, Result};
-use crate::key::Cursor;
+use crate::key::{parse_instant, Cursor};
 use crate::pipeline::plan::{PlannedBatch, Row};
 use crate::pipeline::stats::RunStats;
 use crate::record::Reject;
@@ -52,12 +53,23 @@ pub(super) fn write_batch(
             .stage
             .clone()
             .unwrap_or_else(|| run.target.table.clone());
+        // The first rows of the run tell whether the table was empty when
+        // it started (the run holds the lock, so nobody wrote since).
+        let fresh = match run.fresh {
+            Some(fresh) => fresh,
+            None => {
+                let fresh = is_empty(&tx, &table)?;
+                run.fresh = Some(fresh);
+                fresh
+            }
+        };
         let schema = ensure_table(&tx, run, &table, &rows)?;
         let staged = run.stage.is_some();
         let mode = if staged { Mode::Merge } else { run.target.mode };
-        let mut writer = RowWriter::new(&tx, &table, &schema, &run.target, mode)?;
+        let mut writer = RowWriter::new(&tx, &table, &schema, run, fresh, mode)?;
+        // Each row is dropped once written: the batch's memory goes as it goes.
         for row in rows {
-            match writer.write(row)? {
+            match writer.write(&row)? {
                 Ok(outcome) if staged => {
                     // Staged rows are counted when the stage is applied.
                     if outcome == Outcome::Duplicate {
@@ -136,20 +148,32 @@ struct RowWriter<'c> {
     keys: Vec<usize>,
     others: Vec<usize>,
     cursor: Option<usize>,
-    select: String,
-    insert: String,
-    update: String,
-    delete: String,
+    /// Keys this run wrote (all of them, or with `fresh` only deleted ones).
+    seen: &'c mut RunKeys,
+    /// The table held no row when the run started: a stored row can only
+    /// be one this run wrote, so a new key needs one `INSERT … ON CONFLICT
+    /// DO NOTHING` and no look-up (the keys of deleted rows are noted).
+    fresh: Option<CachedStatement<'c>>,
+    select: CachedStatement<'c>,
+    insert: CachedStatement<'c>,
+    update: Option<CachedStatement<'c>>,
+    delete: Option<CachedStatement<'c>>,
+    update_sql: String,
+    delete_sql: String,
 }
+
+static NULL: serde_json::Value = serde_json::Value::Null;
 
 impl<'c> RowWriter<'c> {
     fn new(
         conn: &'c Connection,
         table: &str,
         schema: &'c TableSchema,
-        target: &crate::destination::Target,
+        run: &'c mut Run,
+        fresh: bool,
         mode: Mode,
     ) -> Result<Self> {
+        let target = &run.target;
         let keys = target
             .key_columns
             .iter()
@@ -189,33 +213,58 @@ impl<'c> RowWriter<'c> {
             .map(|(n, &i)| format!("{} = ?{}", quote(names[i]), others.len() + n + 1))
             .collect::<Vec<_>>()
             .join(" AND ");
+        let insert = format!(
+            "INSERT INTO {t} ({}) VALUES ({placeholders})",
+            column_list(&names)
+        );
+        // A table without a primary key or unique constraint on the key
+        // (one idemload did not create) takes the general path.
+        let fresh = if fresh {
+            conn.prepare_cached(&format!(
+                "{insert} ON CONFLICT ({}) DO NOTHING",
+                column_list(&target.key_columns)
+            ))
+            .ok()
+        } else {
+            None
+        };
         Ok(RowWriter {
             conn,
             schema,
             mode,
             cursor: target.cursor.as_deref().and_then(|c| schema.position(c)),
-            select: format!("SELECT {} FROM {t} WHERE {key_where}", column_list(&names)),
-            insert: format!(
-                "INSERT INTO {t} ({}) VALUES ({placeholders})",
+            seen: &mut run.keys,
+            fresh,
+            select: conn.prepare_cached(&format!(
+                "SELECT {} FROM {t} WHERE {key_where}",
                 column_list(&names)
-            ),
-            update: format!("UPDATE {t} SET {set} WHERE {update_where}"),
-            delete: format!("DELETE FROM {t} WHERE {key_where}"),
+            ))?,
+            insert: conn.prepare_cached(&insert)?,
+            update: None,
+            delete: None,
+            update_sql: format!("UPDATE {t} SET {set} WHERE {update_where}"),
+            delete_sql: format!("DELETE FROM {t} WHERE {key_where}"),
             keys,
             others,
         })
     }
 
     /// Writes one row; `Ok(Err(reject))` when a value does not fit.
-    fn write(&mut self, row: Row) -> Result<std::result::Result<Outcome, Reject>> {
-        let mut values = Vec::with_capacity(self.schema.columns.len());
+    fn write(&mut self, row: &Row) -> Result<std::result::Result<Outcome, Reject>> {
+        let mut values: Vec<ToSqlOutput<'_>> = Vec::with_capacity(self.schema.columns.len());
+        // Fields usually come in column order: walk both, look up the rest.
+        let mut fields = row.fields.iter().peekable();
         for column in &self.schema.columns {
-            let value = row
-                .fields
-                .get(&column.name)
-                .unwrap_or(&serde_json::Value::Null);
-            match column.ty.convert(&column.name, value) {
-                Ok(v) => values.push(to_sqlite(v)),
+            let value = match fields.peek() {
+                Some((name, value)) if same_name(name, &column.name) => {
+                    let value = *value;
+                    fields.next();
+                    value
+                }
+                _ => row.fields.get(&column.name).unwrap_or(&NULL),
+            };
+            match bind(column, value) {
+                Ok(v) => values.push(v),
                 Err(reason) => {
                     return Ok(Err(Reject {
                         source: row.source.clone(),
@@ -226,60 +275,126 @@ impl<'c> RowWriter<'c> {
                 }
             }
         }
-        let first_time = self
-            .conn
-            .prepare_cached("INSERT OR IGNORE INTO temp._idemload_run_keys (k) VALUES (?1)")?
-            .execute([row.key.canonical()])?
-            == 1;
-        let key_values: Vec<&Sql> = self.keys.iter().map(|&i| &values[i]).collect();
-        let stored: Option<Vec<Sql>> = self
-            .conn
-            .prepare_cached(&self.select)?
-            .query_row(params_from_iter(key_values.iter()), |r| {
-                (0..values.len()).map(|i| r.get::<_, Sql>(i)).collect()
-            })
-            .optional()?;
-        let outcome = match stored {
-            None if row.delete => Outcome::Unchanged,
-            None => {
-                self.conn
-                    .prepare_cached(&self.insert)?
-                    .execute(params_from_iter(values.iter()))?;
-                Outcome::Inserted
-            }
-            Some(_) if self.mode == Mode::InsertNew => Outcome::Unchanged,
-            Some(stored) => {
-                let stale = match (self.cursor, &row.cursor) {
-                    (Some(i), Some(new)) => stored_cursor(&stored[i]).is_some_and(|old| *new < old),
-                    _ => false,
-                };
-                if stale {
-                    Outcome::Stale
-                } else if row.delete {
-                    self.conn
-                        .prepare_cached(&self.delete)?
-                        .execute(params_from_iter(key_values.iter()))?;
-                    Outcome::Deleted
-                } else if self.others.iter().all(|&i| same(&stored[i], &values[i])) {
-                    Outcome::Unchanged
+        if let (Some(fresh), false) = (&mut self.fresh, row.delete) {
+            if fresh.execute(params_from_iter(values.iter()))? == 1 {
+                let first_time = !self.seen.contains(self.conn, &row.key)?;
+                return Ok(Ok(if first_time {
+                    Outcome::Inserted
                 } else {
-                    let params = self
-                        .others
-                        .iter()
-                        .chain(self.keys.iter())
-                        .map(|&i| &values[i]);
-                    self.conn
-                        .prepare_cached(&self.update)?
-                        .execute(params_from_iter(params))?;
-                    Outcome::Updated
-                }
+                    Outcome::Duplicate
+                }));
             }
-        };
+            // Stored, so written earlier in this run: apply it if newer.
+            self.apply(row, &values)?;
+            return Ok(Ok(Outcome::Duplicate));
+        }
+        let noted = self.seen.insert(self.conn, &row.key)?;
+        let (stored, outcome) = self.apply(row, &values)?;
+        let first_time = noted && !(self.fresh.is_some() && stored);
         Ok(Ok(if first_time {
             outcome
         } else {
             Outcome::Duplicate
         }))
+    }
+
+    /// Reads the stored row and inserts, updates, deletes or leaves it;
+    /// returns whether a row was stored, and what happened.
+    fn apply(&mut self, row: &Row, values: &[ToSqlOutput<'_>]) -> Result<(bool, Outcome)> {
+        let key_values = || self.keys.iter().map(|&i| &values[i]);
+        // (stale, unchanged) of the stored row, if there is one.
+        let stored = {
+            let mut rows = self.select.query(params_from_iter(key_values()))?;
+            match rows.next()? {
+                None => None,
+                Some(stored) => {
+                    let stale = match (self.cursor, &row.cursor) {
+                        (Some(i), Some(new)) => {
+                            stored_cursor(stored.get_ref(i)?).is_some_and(|old| *new < old)
+                        }
+                        _ => false,
+                    };
+                    let mut unchanged = true;
+                    for &i in &self.others {
+                        if !same(stored.get_ref(i)?, value_ref(&values[i])) {
+                            unchanged = false;
+                            break;
+                        }
+                    }
+                    Some((stale, unchanged))
+                }
+            }
+        };
+        let outcome = match stored {
+            None if row.delete => Outcome::Unchanged,
+            None => {
+                self.insert.execute(params_from_iter(values.iter()))?;
+                Outcome::Inserted
+            }
+            Some(_) if self.mode == Mode::InsertNew => Outcome::Unchanged,
+            Some((true, _)) => Outcome::Stale,
+            Some(_) if row.delete => {
+                if self.delete.is_none() {
+                    self.delete = Some(self.conn.prepare_cached(&self.delete_sql)?);
+                }
+                if let Some(delete) = &mut self.delete {
+                    delete.execute(params_from_iter(key_values()))?;
+                }
+                Outcome::Deleted
+            }
+            Some((false, true)) => Outcome::Unchanged,
+            Some((false, false)) => {
+                if self.update.is_none() {
+                    self.update = Some(self.conn.prepare_cached(&self.update_sql)?);
+                }
+                if let Some(update) = &mut self.update {
+                    let params = self
+                        .others
+                        .iter()
+                        .chain(self.keys.iter())
+                        .map(|&i| &values[i]);
+                    update.execute(params_from_iter(params))?;
+                }
+                Outcome::Updated
+            }
+        };
+        Ok((stored.is_some(), outcome))
+    }
+}
+
+/// Converts a value for its column, borrowing the record's text where it
+/// can; the same rules as [`ColumnType::convert`], which handles the rest.
+fn bind<'r>(
+    column: &Column,
+    value: &'r serde_json::Value,
+) -> std::result::Result<ToSqlOutput<'r>, String> {
+    use serde_json::Value as J;
+    let borrowed = match (column.ty, value) {
+        (_, J::Null) => Some(ValueRef::Null),
+        (ColumnType::Integer, J::Number(n)) => n.as_i64().map(ValueRef::Integer),
+        (ColumnType::Float, J::Number(n)) => n.as_f64().map(ValueRef::Real),
+        (ColumnType::Boolean, J::Bool(b)) => Some(ValueRef::Integer(*b as i64)),
+        (ColumnType::Text | ColumnType::Any, J::String(s)) => Some(ValueRef::Text(s.as_bytes())),
+        (ColumnType::Timestamp, J::String(s)) if parse_instant(s).is_some() => {
+            Some(ValueRef::Text(s.as_bytes()))
+        }
+        _ => None,
+    };
+    match borrowed {
+        Some(v) => Ok(ToSqlOutput::Borrowed(v)),
+        None => column
+            .ty
+            .convert(&column.name, value)
+            .map(|v| ToSqlOutput::Owned(to_sqlite(v))),
+    }
+}
+
+fn value_ref<'a>(v: &'a ToSqlOutput<'_>) -> ValueRef<'a> {
+    match v {
+        ToSqlOutput::Borrowed(r) => *r,
+        ToSqlOutput::Owned(o) => ValueRef::from(o),
+        // Not produced by `bind`.
+        _ => ValueRef::Null,
     }
 }
 
@@ -295,18 +410,23 @@ fn to_sqlite(v: SqlValue) -> Sql {
 
 /// Equal as stored: integers and reals compare by value (a column of a
 /// table idemload did not create may have stored one for the other).
-fn same(stored: &Sql, new: &Sql) -> bool {
+fn same(stored: ValueRef<'_>, new: ValueRef<'_>) -> bool {
     match (stored, new) {
-        (Sql::Integer(a), Sql::Real(b)) | (Sql::Real(b), Sql::Integer(a)) => *a as f64 == *b,
+        (ValueRef::Integer(a), ValueRef::Real(b)) | (ValueRef::Real(b), ValueRef::Integer(a)) => {
+            a as f64 == b
+        }
+        (ValueRef::Text(a), ValueRef::Text(b)) => {
+            a == b || String::from_utf8_lossy(a) == String::from_utf8_lossy(b)
+        }
         (a, b) => a == b,
     }
 }
 
-fn stored_cursor(v: &Sql) -> Option<Cursor> {
+fn stored_cursor(v: ValueRef<'_>) -> Option<Cursor> {
     match v {
-        Sql::Integer(i) => Some(Cursor::Int(*i)),
-        Sql::Real(f) if f.fract() == 0.0 => Some(Cursor::Int(*f as i64)),
-        Sql::Text(t) => Some(Cursor::from_text(t)),
+        ValueRef::Integer(i) => Some(Cursor::Int(i)),
+        ValueRef::Real(f) if f.fract() == 0.0 => Some(Cursor::Int(f as i64)),
+        ValueRef::Text(t) => Some(Cursor::from_text(&String::from_utf8_lossy(t))),
         _ => None,
     }
 }
@@ -349,7 +469,11 @@ fn ensure_table(
         Some(s) => s,
         None => read_schema(conn, table)?.unwrap_or_default(),
     };
-    let missing = schema.missing(rows.iter().map(|r| &r.fields));
+    let missing = if rows.iter().all(|r| has_columns_for(&schema, &r.fields)) {
+        Vec::new()
+    } else {
+        schema.missing(rows.iter().map(|r| &r.fields))
+    };
     if schema.columns.is_empty() {
         // Key columns must exist even when this batch only has nulls there
         // (it cannot: keys are never null), so `missing` holds them.
@@ -370,6 +494,46 @@ fn ensure_table(
     }
     run.schema = Some(schema.clone());
     Ok(schema)
+}
+
+/// Whether every non-null field has a column (fields usually come in
+/// column order, so this is one pass over both).
+fn has_columns_for(schema: &TableSchema, fields: &crate::record::Fields) -> bool {
+    let mut at = 0;
+    fields.iter().all(|(name, value)| {
+        if value.is_null() {
+            return true;
+        }
+        match schema.columns[at..]
+            .iter()
+            .position(|c| same_name(&c.name, name))
+        {
+            Some(p) => {
+                at += p + 1;
+                true
+            }
+            None => schema.position(name).is_some(),
+        }
+    })
+}
+
+/// String equality for short names, inlined (this runs for every field).
+#[inline]
+fn same_name(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| x == y)
+}
+
+/// True when the table does not exist or holds no row.
+fn is_empty(conn: &Connection, table: &str) -> Result<bool> {
+    if read_schema(conn, table)?.is_none() {
+        return Ok(true);
+    }
+    let any: bool = conn.query_row(
+        &format!("SELECT EXISTS (SELECT 1 FROM {})", quote(table)),
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(!any)
 }
 
 fn insert_rejects(
