@@ -237,18 +237,25 @@ impl Pipeline {
             };
             let before_cursor = before.as_ref().and_then(Cursor::from_json);
             let mut committed_max = before_cursor;
-            let mut pending: Option<PlannedBatch> = None;
             let mut batch_no = 0u64;
-            while let Some(items) = source.next_batch().await? {
-                let planned = planner.plan(items);
-                let Some(ready) = pending.replace(planned) else { continue };
+            // Two batches ahead: `upcoming` says whether `current` is the
+            // last, and the batch after it is read and planned while
+            // `current` is written, so parsing overlaps the database's work.
+            let mut current = read_planned(source.as_mut(), &planner).await?;
+            let mut upcoming = match current {
+                Some(_) => read_planned(source.as_mut(), &planner).await?,
+                None => None,
+            };
+            while let Some(following) = upcoming.take() {
+                let Some(ready) = current.replace(following) else { break };
                 batch_no += 1;
                 let reaches = max_cursor(&committed_max, &ready.max_cursor);
                 let commit = Commit {
                     checkpoint: if ordered { reaches.as_ref().map(Cursor::to_json) } else { None },
                     finish: None,
                 };
-                stats += dest.write(ready, commit).await.map_err(|e| in_batch(e, &name, batch_no))?;
+                let (written, read) = tokio::join!(dest.write(ready, commit), read_planned(source.as_mut(), &planner));
+                stats += written.map_err(|e| in_batch(e, &name, batch_no))?;
                 committed_max = reaches;
                 progress.batch_committed(&stats, source.progress());
                 tracing::info!(pipeline = %name, batch = batch_no, stats = %stats, "Batch committed.");
@@ -257,8 +264,9 @@ impl Pipeline {
                         return Err(Error::TooManyRejects { rejected: stats.rejected, max });
                     }
                 }
+                upcoming = read?;
             }
-            let last = pending.unwrap_or_default();
+            let last = current.unwrap_or_default();
             batch_no += 1;
             let reaches = max_cursor(&committed_max, &last.max_cursor);
             let finish = Finish {
@@ -295,6 +303,15 @@ impl Pipeline {
     }
 }
 
+/// How long a run waits for a server to release the lock of a holder
+/// known to be dead.
+const DEAD_HOLDER_GRACE: Duration = Duration::from_secs(60);
+
+/// Reads the next batch and plans it.
+async fn read_planned(source: &mut dyn Source, planner: &Planner) -> Result<Option<PlannedBatch>> {
+    Ok(source.next_batch().await?.map(|items| planner.plan(items)))
+}
+
 /// Waits for the lock as long as `wait` allows.
 async fn lock(
     dest: &mut dyn Destination,
@@ -303,13 +320,26 @@ async fn lock(
     lease: Duration,
     wait: Option<Duration>,
 ) -> Result<()> {
-    let deadline = wait.map(|w| Instant::now() + w);
+    let started = Instant::now();
+    let deadline = wait.map(|w| started + w);
     let mut logged = false;
     loop {
         let Some(holder) = dest.lock(pipeline, me, lease).await? else {
             return Ok(());
         };
+        // A server-side lock (PostgreSQL, MySQL) outlives a killed holder
+        // until the server notices its connection is gone, which can take
+        // as long as the statement it was running: the holder is certain to
+        // be dead, so wait for the server rather than give up.
+        let dead_holder = holder.is_dead_local_process() && started.elapsed() < DEAD_HOLDER_GRACE;
         match deadline {
+            _ if dead_holder => {
+                if !logged {
+                    tracing::info!(pipeline, holder = %holder, "Waiting for the server to release the lock of a process that died.");
+                    logged = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             Some(d) if Instant::now() < d => {
                 if !logged {
                     tracing::info!(pipeline, holder = %holder, "Waiting for the run lock.");
