@@ -94,6 +94,23 @@ pub(crate) fn as_u64(v: Option<&Value>) -> u64 {
     }
 }
 
+/// How many keys appear more than once, and how many rows are surplus.
+pub(crate) async fn duplicate_counts(conn: &mut dyn Inspect, k: &KeySql) -> Result<(u64, u64)> {
+    let groups = conn
+        .query(&format!(
+            "SELECT count(*), sum(n - 1) FROM (SELECT count(*) AS n FROM {t} WHERE {nn} GROUP BY {keys} HAVING count(*) > 1) g",
+            t = k.table,
+            nn = k.not_null,
+            keys = k.keys
+        ))
+        .await?;
+    let first = groups.first();
+    Ok((
+        as_u64(first.and_then(|r| r.first())),
+        as_u64(first.and_then(|r| r.get(1))),
+    ))
+}
+
 /// Checks that the table and key columns exist.
 pub(crate) async fn check_table(
     conn: &mut dyn Inspect,
@@ -126,16 +143,7 @@ pub async fn audit(conn: &mut dyn Inspect, target: &AuditTarget) -> Result<Audit
             .first()
             .and_then(|r| r.first()),
     );
-    let groups = conn
-        .query(&format!(
-            "SELECT count(*), sum(n - 1) FROM (SELECT count(*) AS n FROM {t} WHERE {nn} GROUP BY {keys} HAVING count(*) > 1) g",
-            t = k.table,
-            nn = k.not_null,
-            keys = k.keys
-        ))
-        .await?;
-    let duplicate_groups = as_u64(groups.first().and_then(|r| r.first()));
-    let surplus_rows = as_u64(groups.first().and_then(|r| r.get(1)));
+    let (duplicate_groups, surplus_rows) = duplicate_counts(conn, &k).await?;
     let worst = if duplicate_groups == 0 {
         Vec::new()
     } else {

@@ -14,7 +14,7 @@
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::audit::{as_u64, check_table, KeySql};
+use crate::audit::{as_u64, check_table, duplicate_counts, KeySql};
 use crate::destination::inspect::{DedupeApply, Inspect};
 use crate::error::{Error, Result};
 
@@ -100,16 +100,7 @@ pub async fn dedupe(conn: &mut dyn Inspect, options: &DedupeOptions) -> Result<D
         }
         None => format!("{row_id} {dir}"),
     };
-    let groups = conn
-        .query(&format!(
-            "SELECT count(*), sum(n - 1) FROM (SELECT count(*) AS n FROM {t} WHERE {nn} GROUP BY {keys} HAVING count(*) > 1) g",
-            t = k.table,
-            nn = k.not_null,
-            keys = k.keys
-        ))
-        .await?;
-    let duplicate_groups = as_u64(groups.first().and_then(|r| r.first()));
-    let rows_to_remove = as_u64(groups.first().and_then(|r| r.get(1)));
+    let (duplicate_groups, rows_to_remove) = duplicate_counts(conn, &k).await?;
     let order_expr = options
         .order_by
         .as_deref()
