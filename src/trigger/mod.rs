@@ -44,7 +44,8 @@ pub struct TriggerConfig {
     /// The first poll records what exists without firing.
     #[serde(default = "default_true")]
     pub prime: bool,
-    /// Where seen keys live: `sqlite://PATH` or `redis://HOST:PORT`.
+    /// Where seen keys live: `sqlite://PATH`, `postgres://…` or
+    /// `redis://HOST:PORT`.
     #[serde(default = "default_store")]
     pub store: String,
     /// Forget keys seen longer ago than this (`90d`). An item that re-appears

@@ -323,3 +323,16 @@ fn two_watchers_on_a_redis_store_fire_nothing_twice() {
     };
     two_watchers_fire_nothing_twice(&url);
 }
+
+#[test]
+fn two_watchers_on_a_postgres_store_fire_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(backend) = crate::common::Backend::new(
+        crate::common::BackendKind::Postgres,
+        "watch_store",
+        dir.path(),
+    ) else {
+        return;
+    };
+    two_watchers_fire_nothing_twice(&backend.url());
+}

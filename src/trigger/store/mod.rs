@@ -6,6 +6,7 @@
 //! first poll primed it, and the dead letters of items whose emission kept
 //! failing.
 
+mod postgres;
 mod redis;
 mod sqlite;
 
@@ -52,13 +53,15 @@ pub trait SeenStore: Send {
     async fn forget_before(&mut self, trigger: &str, cutoff_ms: i64) -> Result<u64>;
 }
 
-/// Opens the store an URL names: `sqlite://PATH` or `redis://HOST:PORT`.
+/// Opens the store an URL names: `sqlite://PATH`, `postgres://…` or
+/// `redis://HOST:PORT`.
 pub async fn open(url: &str) -> Result<Box<dyn SeenStore>> {
     match url.split("://").next().unwrap_or_default() {
         "sqlite" => Ok(Box::new(sqlite::SqliteStore::open(url).await?)),
         "redis" | "rediss" => Ok(Box::new(redis::RedisStore::open(url).await?)),
+        "postgres" | "postgresql" => Ok(Box::new(postgres::PostgresStore::open(url).await?)),
         _ => Err(Error::config(format!(
-            "[trigger] store = {:?}: use sqlite://PATH or redis://HOST:PORT",
+            "[trigger] store = {:?}: use sqlite://PATH, postgres://… or redis://HOST:PORT",
             redact(url)
         ))),
     }
