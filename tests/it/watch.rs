@@ -336,3 +336,85 @@ fn two_watchers_on_a_postgres_store_fire_nothing_twice() {
     };
     two_watchers_fire_nothing_twice(&backend.url());
 }
+
+/// An API on 127.0.0.1 that lists `items` two per page, each page shuffled,
+/// every page after the first repeating the last item of the one before.
+fn shuffling_api(items: Arc<Mutex<Vec<(i64, String)>>>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut first = String::new();
+            let _ = reader.read_line(&mut first);
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            let page: usize = first
+                .split(['?', '&', ' '])
+                .find_map(|p| p.strip_prefix("page="))
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(1);
+            let all = items.lock().unwrap().clone();
+            let start = (page - 1) * 2;
+            let mut chunk: Vec<Value> = all
+                .iter()
+                .skip(start.saturating_sub(1))
+                .take(if page == 1 { 2 } else { 3 })
+                .map(|(id, t)| serde_json::json!({"id": id, "updated_at": t}))
+                .collect();
+            if start >= all.len() {
+                chunk.clear();
+            }
+            for i in (1..chunk.len()).rev() {
+                chunk.swap(i, rng.gen_range(0..=i));
+            }
+            let body = serde_json::json!({"data": chunk}).to_string();
+            let _ = stream.write_all(
+                format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+                    .as_bytes(),
+            );
+        }
+    });
+    base
+}
+
+#[test]
+fn an_api_with_shuffled_overlapping_pages_fires_each_new_item_once_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let ts = |i: i64| format!("2025-01-01T00:00:{i:02}Z");
+    let items = Arc::new(Mutex::new((1..=7).map(|i| (i, ts(i))).collect::<Vec<_>>()));
+    let base = shuffling_api(items.clone());
+    std::fs::write(
+        dir.path().join("w.toml"),
+        format!(
+            "name = \"api_{}\"\n[source]\ntype = \"http\"\nurl = \"{base}/items\"\nrecords = \"data\"\n[source.pagination]\ntype = \"page\"\npage_param = \"page\"\n[trigger]\nstore = \"sqlite://seen.db\"\norder_by = \"updated_at\"\n",
+            rand::random::<u32>()
+        ),
+    )
+    .unwrap();
+    let prime = idemload(dir.path(), &["watch", "w.toml", "--once"]);
+    assert_eq!(
+        prime.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&prime.stderr)
+    );
+    assert!(events(&prime).is_empty());
+    items.lock().unwrap().extend((8..=12).map(|i| (i, ts(i))));
+    let fired: Vec<i64> = events(&idemload(dir.path(), &["watch", "w.toml", "--once"]))
+        .iter()
+        .map(|e| e["item"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        fired,
+        vec![8, 9, 10, 11, 12],
+        "each new item once, oldest first, whatever the page order"
+    );
+    assert!(events(&idemload(dir.path(), &["watch", "w.toml", "--once"])).is_empty());
+}
