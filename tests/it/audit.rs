@@ -2,20 +2,14 @@
 //! a table that already holds duplicates.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use rusqlite::Connection;
 use serde_json::Value;
 
-fn idemload(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_idemload"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run idemload")
-}
+use crate::common::{idemload_in as idemload, kill_after};
 
 fn json_of(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -212,16 +206,11 @@ fn dedupe_killed_at_random_moments_leaves_the_original_or_the_repaired_table() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut repaired_seen = 0;
     for round in 0..12 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_idemload"))
-            .args([&["dedupe"], &TARGET[..], &["--apply"]].concat())
-            .current_dir(dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..2_000)));
-        let _ = child.kill();
-        let _ = child.wait();
+        kill_after(
+            dir.path(),
+            &[&["dedupe"], &TARGET[..], &["--apply"]].concat(),
+            Duration::from_millis(rng.gen_range(0..2_000)),
+        );
         let rows: usize = conn
             .query_row("SELECT count(*) FROM usage", [], |r| r.get(0))
             .unwrap();

@@ -12,13 +12,7 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-fn idemload(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_idemload"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run idemload")
-}
+use crate::common::{idemload_in as idemload, kill_after};
 
 fn events(out: &Output) -> Vec<Value> {
     String::from_utf8_lossy(&out.stdout)
@@ -249,16 +243,11 @@ fn killed_watcher_loses_nothing_and_refires_with_the_same_key() {
     let items = many_items(400);
     write_many(dir.path(), &items);
     for _ in 0..20 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_idemload"))
-            .args(["watch", "w.toml", "--once"])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..400)));
-        let _ = child.kill();
-        let _ = child.wait();
+        kill_after(
+            dir.path(),
+            &["watch", "w.toml", "--once"],
+            Duration::from_millis(rng.gen_range(0..400)),
+        );
     }
     let out = idemload(dir.path(), &["watch", "w.toml", "--once"]);
     assert_eq!(

@@ -6,12 +6,14 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
+
+use crate::common::{idemload_in as idemload, kill_after};
 
 /// How the fake CRM misbehaves.
 #[derive(Clone, Copy, Default)]
@@ -187,14 +189,6 @@ fn serve(faults: Faults, seed: u64) -> (String, Arc<Mutex<Crm>>) {
     (base, crm)
 }
 
-fn idemload(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_idemload"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run idemload")
-}
-
 fn report(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -328,16 +322,11 @@ fn killed_writebacks_create_nothing_twice_and_miss_nothing() {
         if round == 6 {
             contacts(dir.path(), 400, "v2");
         }
-        let mut child = Command::new(env!("CARGO_BIN_EXE_idemload"))
-            .args(["run", "crm.toml"])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..500)));
-        let _ = child.kill();
-        let _ = child.wait();
+        kill_after(
+            dir.path(),
+            &["run", "crm.toml"],
+            Duration::from_millis(rng.gen_range(0..500)),
+        );
     }
     let out = idemload(dir.path(), &["run", "crm.toml", "--json"]);
     assert_eq!(

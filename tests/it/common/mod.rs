@@ -22,6 +22,30 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_idemload")
 }
 
+/// Runs the binary in `dir` and waits for it.
+pub fn idemload_in(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run idemload")
+}
+
+/// Starts the binary in `dir`, sends it SIGKILL after `delay` (if it is
+/// still running) and reaps it.
+pub fn kill_after(dir: &std::path::Path, args: &[&str], delay: std::time::Duration) {
+    let mut child = std::process::Command::new(bin())
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start idemload");
+    std::thread::sleep(delay);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// One body for every backend: `idemtest!(name, |env| { ... })` expands into
 /// a module `name` with the tests `sqlite`, `postgres` and `mysql`
 /// (`cargo test --test it name`, or `cargo test --test it sqlite`).
