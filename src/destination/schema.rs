@@ -150,8 +150,10 @@ impl TableSchema {
     ) -> Vec<Column> {
         let mut missing: Vec<Column> = Vec::new();
         for fields in records {
-            for (name, value) in fields {
-                if value.is_null() || self.position(name).is_some() {
+            for (i, (name, value)) in fields.iter().enumerate() {
+                // Records mostly list their fields in the table's order.
+                let at_i = self.columns.get(i).is_some_and(|c| &c.name == name);
+                if value.is_null() || at_i || self.position(name).is_some() {
                     continue;
                 }
                 if missing.iter().any(|c| &c.name == name) {

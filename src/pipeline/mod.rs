@@ -238,23 +238,49 @@ impl Pipeline {
             let before_cursor = before.as_ref().and_then(Cursor::from_json);
             let mut committed_max = before_cursor;
             let mut batch_no = 0u64;
-            // Two batches ahead: `upcoming` says whether `current` is the
-            // last, and the batch after it is read and planned while
-            // `current` is written, so parsing overlaps the database's work.
-            let mut current = read_planned(source.as_mut(), &planner).await?;
-            let mut upcoming = match current {
-                Some(_) => read_planned(source.as_mut(), &planner).await?,
-                None => None,
-            };
-            while let Some(following) = upcoming.take() {
-                let Some(ready) = current.replace(following) else { break };
+            // Batches read and planned, not yet written: the one after the
+            // batch being written is read and planned while it is written,
+            // so parsing overlaps the database's work. A batch is the last
+            // when the source says it is at its end, or, for a source that
+            // cannot tell, when reading one more batch finds nothing.
+            let mut queue = std::collections::VecDeque::with_capacity(2);
+            let mut exhausted = false;
+            let last = loop {
+                if queue.is_empty() && !exhausted {
+                    match read_planned(source.as_mut(), &planner).await? {
+                        Some(b) => queue.push_back(b),
+                        None => exhausted = true,
+                    }
+                }
+                let Some(ready) = queue.pop_front() else { break PlannedBatch::default() };
+                if queue.is_empty() && !exhausted {
+                    exhausted = match source.at_end().await? {
+                        Some(end) => end,
+                        None => match read_planned(source.as_mut(), &planner).await? {
+                            Some(b) => {
+                                queue.push_back(b);
+                                false
+                            }
+                            None => true,
+                        },
+                    };
+                }
+                if queue.is_empty() && exhausted {
+                    break ready;
+                }
                 batch_no += 1;
                 let reaches = max_cursor(&committed_max, &ready.max_cursor);
                 let commit = Commit {
                     checkpoint: if ordered { reaches.as_ref().map(Cursor::to_json) } else { None },
                     finish: None,
                 };
-                let (written, read) = tokio::join!(dest.write(ready, commit), read_planned(source.as_mut(), &planner));
+                let next = async {
+                    if exhausted {
+                        return Ok(None);
+                    }
+                    read_planned(source.as_mut(), &planner).await
+                };
+                let (written, read) = tokio::join!(dest.write(ready, commit), next);
                 stats += written.map_err(|e| in_batch(e, &name, batch_no))?;
                 committed_max = reaches;
                 progress.batch_committed(&stats, source.progress());
@@ -264,9 +290,11 @@ impl Pipeline {
                         return Err(Error::TooManyRejects { rejected: stats.rejected, max });
                     }
                 }
-                upcoming = read?;
-            }
-            let last = current.unwrap_or_default();
+                match read? {
+                    Some(b) => queue.push_back(b),
+                    None => exhausted = true,
+                }
+            };
             batch_no += 1;
             let reaches = max_cursor(&committed_max, &last.max_cursor);
             let finish = Finish {

@@ -102,9 +102,15 @@ pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Records the reader thread sends at a time.
+const CHUNK: usize = 1024;
+
 /// Reads files on a thread of its own.
 pub struct FileSource {
     rx: mpsc::Receiver<Result<Vec<Item>>>,
+    /// Items received and not yet handed out.
+    pending: Vec<Item>,
+    batch_size: usize,
     bytes_read: Arc<AtomicU64>,
     bytes_total: Option<u64>,
 }
@@ -133,15 +139,17 @@ impl FileSource {
             }
             inputs.push((path, format));
         }
-        // One batch waits in the channel while the next is read: with the
-        // pipeline's planned batch and the one being written, that is four
-        // batches in memory at most.
-        let (tx, rx) = mpsc::channel(1);
+        // The reader hands over small chunks, two waiting at most: memory
+        // holds the batch being written, the one being read and a few
+        // thousand records more, whatever the batch size.
+        let (tx, rx) = mpsc::channel(2);
         let bytes_read = Arc::new(AtomicU64::new(0));
+        let batch_size = query.batch_size.max(1);
+        let chunk = batch_size.min(CHUNK);
         let mut reader = Reader {
             tx,
-            batch: Vec::with_capacity(query.batch_size),
-            batch_size: query.batch_size.max(1),
+            batch: Vec::with_capacity(chunk),
+            chunk_size: chunk,
             max_record_bytes: query.max_record_bytes.max(1 << 16),
             bytes_read: bytes_read.clone(),
         };
@@ -154,6 +162,8 @@ impl FileSource {
             })?;
         Ok(FileSource {
             rx,
+            pending: Vec::new(),
+            batch_size,
             bytes_read,
             bytes_total: total,
         })
@@ -163,7 +173,28 @@ impl FileSource {
 #[async_trait]
 impl Source for FileSource {
     async fn next_batch(&mut self) -> Result<Option<Vec<Item>>> {
-        self.rx.recv().await.transpose()
+        let mut batch = std::mem::take(&mut self.pending);
+        while batch.len() < self.batch_size {
+            match self.rx.recv().await.transpose()? {
+                Some(chunk) if batch.is_empty() => batch = chunk,
+                Some(chunk) => batch.extend(chunk),
+                None => break,
+            }
+        }
+        if batch.len() > self.batch_size {
+            self.pending = batch.split_off(self.batch_size);
+        }
+        Ok((!batch.is_empty()).then_some(batch))
+    }
+
+    async fn at_end(&mut self) -> Result<Option<bool>> {
+        if self.pending.is_empty() {
+            match self.rx.recv().await.transpose()? {
+                Some(chunk) => self.pending = chunk,
+                None => return Ok(Some(true)),
+            }
+        }
+        Ok(Some(false))
     }
 
     fn progress(&self) -> SourceProgress {
@@ -178,7 +209,7 @@ impl Source for FileSource {
 pub(super) struct Reader {
     tx: mpsc::Sender<Result<Vec<Item>>>,
     batch: Vec<Item>,
-    batch_size: usize,
+    chunk_size: usize,
     pub(super) max_record_bytes: usize,
     bytes_read: Arc<AtomicU64>,
 }
@@ -249,11 +280,11 @@ impl Reader {
         }
     }
 
-    /// Adds an item to the batch, sending the batch when it is full.
+    /// Adds an item to the chunk, sending the chunk when it is full.
     pub(super) fn push(&mut self, item: Item) -> std::result::Result<(), Stopped> {
         self.batch.push(item);
-        if self.batch.len() >= self.batch_size {
-            let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(self.batch_size));
+        if self.batch.len() >= self.chunk_size {
+            let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(self.chunk_size));
             self.tx.blocking_send(Ok(batch)).map_err(|_| Stopped)?;
         }
         Ok(())

@@ -83,6 +83,14 @@ pub trait Source: Send {
     /// The next batch, or `None` when the source is exhausted.
     async fn next_batch(&mut self) -> Result<Option<Vec<Item>>>;
 
+    /// Whether [`next_batch`](Source::next_batch) would return `None`,
+    /// known without reading a whole batch ahead; `None` (the default) when
+    /// the source cannot tell, and the run reads the next batch to know.
+    /// The run's last batch carries the run's end in its transaction.
+    async fn at_end(&mut self) -> Result<Option<bool>> {
+        Ok(None)
+    }
+
     /// True when records arrive in ascending cursor order, so the checkpoint
     /// may move batch by batch.
     fn ordered_by_cursor(&self) -> bool {

@@ -6,7 +6,10 @@
 //! value that cannot be encoded is a reject, not a failed batch.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::SinkExt;
+use std::collections::HashMap;
+use std::ops::Range;
+
+use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::Transaction;
 
 use super::pg_error;
@@ -14,7 +17,7 @@ use serde_json::Value;
 
 use super::types::{PgColumn, Stage};
 use crate::destination::schema::{ColumnType, SqlValue};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::key::parse_instant;
 use crate::record::Fields;
 
@@ -44,18 +47,10 @@ impl CopyBuffer {
         }
     }
 
-    /// Encodes one row straight from its record: `flags` first (booleans,
-    /// `None` as null), then each column's value, checked exactly as
-    /// [`PgColumn::convert`] does but without copying text. On error nothing
-    /// of the row is kept.
-    pub(super) fn push_record(
-        &mut self,
-        flags: &[Option<bool>],
-        columns: &[PgColumn],
-        fields: &Fields,
-    ) -> std::result::Result<(), String> {
-        let start = self.buf.len();
-        self.buf.put_i16((flags.len() + columns.len()) as i16);
+    /// Adds one row: `flags` first (booleans, `None` as null), then its
+    /// columns as [`encode_columns`] wrote them.
+    pub(super) fn push_encoded(&mut self, flags: &[Option<bool>], columns: usize, encoded: &[u8]) {
+        self.buf.put_i16((flags.len() + columns) as i16);
         for flag in flags {
             match flag {
                 Some(b) => {
@@ -65,62 +60,11 @@ impl CopyBuffer {
                 None => self.buf.put_i32(-1),
             }
         }
-        for column in columns {
-            let value = fields.get(&column.name).unwrap_or(&Value::Null);
-            if let Err(e) = self.put_value(column, value) {
-                self.buf.truncate(start);
-                return Err(e);
-            }
-        }
+        self.buf.put_slice(encoded);
         self.rows += 1;
         if self.buf.len() >= CHUNK {
             self.chunks.push(self.buf.split().freeze());
         }
-        Ok(())
-    }
-
-    fn put_value(&mut self, column: &PgColumn, value: &Value) -> std::result::Result<(), String> {
-        let buf = &mut self.buf;
-        // The common cases of columns idemload creates, without a detour
-        // through SqlValue; anything else goes the general way.
-        match (column.udt.as_str(), value) {
-            (_, Value::Null) => {
-                buf.put_i32(-1);
-                return Ok(());
-            }
-            ("int8", Value::Number(n)) if n.is_i64() => {
-                buf.put_i32(8);
-                buf.put_i64(n.as_i64().unwrap_or_default());
-                return Ok(());
-            }
-            ("float8", Value::Number(n)) if column.ty == ColumnType::Float => {
-                if let Some(f) = n.as_f64() {
-                    buf.put_i32(8);
-                    buf.put_f64(f);
-                    return Ok(());
-                }
-            }
-            ("bool", Value::Bool(b)) => {
-                buf.put_i32(1);
-                buf.put_u8(*b as u8);
-                return Ok(());
-            }
-            ("text", Value::String(s)) if !s.contains('\0') => {
-                buf.put_i32(s.len() as i32);
-                buf.put_slice(s.as_bytes());
-                return Ok(());
-            }
-            ("timestamptz", Value::String(s)) => {
-                if let Some(micros) = timestamp_micros(s) {
-                    buf.put_i32(8);
-                    buf.put_i64(micros);
-                    return Ok(());
-                }
-            }
-            _ => {}
-        }
-        let converted = column.convert(value)?;
-        encode(buf, column.stage(), &converted)
     }
 
     /// Sends every row into `table (columns)`; returns the rows copied.
@@ -145,6 +89,82 @@ impl CopyBuffer {
         }
         sink.as_mut().finish().await.map_err(pg_error(context))
     }
+}
+
+/// Appends each column's value of a record in binary COPY form (length,
+/// then bytes; -1 for null), checked exactly as [`PgColumn::convert`] does
+/// but without copying text. On error nothing of the row is kept.
+///
+/// For every stage type but `jsonb` the encoding is canonical: PostgreSQL's
+/// binary output of a stored value of the same type is byte-for-byte the
+/// same exactly when the values are the same.
+pub(super) fn encode_columns(
+    buf: &mut BytesMut,
+    columns: &[PgColumn],
+    fields: &Fields,
+) -> std::result::Result<(), String> {
+    let start = buf.len();
+    // Records mostly list their fields in the table's order: take them in
+    // turn, looking a name up only when the order differs.
+    let mut in_order = fields.iter().peekable();
+    for column in columns {
+        let value = match in_order.next_if(|(name, _)| **name == column.name) {
+            Some((_, value)) => value,
+            None => fields.get(&column.name).unwrap_or(&Value::Null),
+        };
+        if let Err(e) = put_value(buf, column, value) {
+            buf.truncate(start);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn put_value(
+    buf: &mut BytesMut,
+    column: &PgColumn,
+    value: &Value,
+) -> std::result::Result<(), String> {
+    // The common cases of columns idemload creates, without a detour
+    // through SqlValue; anything else goes the general way.
+    match (column.udt.as_str(), value) {
+        (_, Value::Null) => {
+            buf.put_i32(-1);
+            return Ok(());
+        }
+        ("int8", Value::Number(n)) if n.is_i64() => {
+            buf.put_i32(8);
+            buf.put_i64(n.as_i64().unwrap_or_default());
+            return Ok(());
+        }
+        ("float8", Value::Number(n)) if column.ty == ColumnType::Float => {
+            if let Some(f) = n.as_f64() {
+                buf.put_i32(8);
+                buf.put_f64(f);
+                return Ok(());
+            }
+        }
+        ("bool", Value::Bool(b)) => {
+            buf.put_i32(1);
+            buf.put_u8(*b as u8);
+            return Ok(());
+        }
+        ("text", Value::String(s)) if !s.contains('\0') => {
+            buf.put_i32(s.len() as i32);
+            buf.put_slice(s.as_bytes());
+            return Ok(());
+        }
+        ("timestamptz", Value::String(s)) => {
+            if let Some(micros) = timestamp_micros(s) {
+                buf.put_i32(8);
+                buf.put_i64(micros);
+                return Ok(());
+            }
+        }
+        _ => {}
+    }
+    let converted = column.convert(value)?;
+    encode(buf, column.stage(), &converted)
 }
 
 fn encode(buf: &mut BytesMut, stage: Stage, value: &SqlValue) -> std::result::Result<(), String> {
@@ -194,6 +214,89 @@ fn encode(buf: &mut BytesMut, stage: Stage, value: &SqlValue) -> std::result::Re
     Ok(())
 }
 
+/// Stored rows read back through `COPY (SELECT …) TO STDOUT (FORMAT binary)`,
+/// each as its columns' bytes (the form [`encode_columns`] writes), found
+/// by the integer key in one of the columns.
+pub(super) struct StoredRows {
+    data: BytesMut,
+    rows: HashMap<i64, Range<usize>>,
+}
+
+impl StoredRows {
+    /// Runs `query` (a `SELECT` of the table's columns, in order) and keys
+    /// its rows by the `bigint` column at `key_at`.
+    pub(super) async fn read(
+        tx: &Transaction<'_>,
+        query: &str,
+        key_at: usize,
+    ) -> Result<StoredRows> {
+        let context = "reading the stored rows of a batch";
+        let stream = tx
+            .copy_out(&format!("COPY ({query}) TO STDOUT (FORMAT binary)"))
+            .await
+            .map_err(pg_error(context))?;
+        futures_util::pin_mut!(stream);
+        let mut data = BytesMut::new();
+        while let Some(chunk) = stream.next().await {
+            data.extend_from_slice(&chunk.map_err(pg_error(context))?);
+        }
+        let rows = index_rows(&data, key_at)
+            .map_err(|e| Error::destination(context, format!("unexpected COPY data: {e}")))?;
+        Ok(StoredRows { data, rows })
+    }
+
+    /// The stored columns' bytes of the row with this key.
+    pub(super) fn get(&self, key: i64) -> Option<&[u8]> {
+        self.rows.get(&key).map(|r| &self.data[r.clone()])
+    }
+}
+
+/// Splits binary COPY data into rows: each row's columns' bytes by the
+/// 8-byte integer in column `key_at`.
+fn index_rows(
+    data: &[u8],
+    key_at: usize,
+) -> std::result::Result<HashMap<i64, Range<usize>>, String> {
+    const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+    let read_i32 = |at: usize| -> std::result::Result<i32, String> {
+        data.get(at..at + 4)
+            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or_else(|| "truncated".to_string())
+    };
+    if !data.starts_with(SIGNATURE) {
+        return Err("no binary COPY signature".into());
+    }
+    let extension = read_i32(SIGNATURE.len() + 4)?;
+    let mut at = SIGNATURE.len() + 8 + usize::try_from(extension).map_err(|_| "bad header")?;
+    let mut rows = HashMap::new();
+    loop {
+        let count = data
+            .get(at..at + 2)
+            .map(|b| i16::from_be_bytes([b[0], b[1]]))
+            .ok_or("truncated")?;
+        at += 2;
+        if count < 0 {
+            return Ok(rows);
+        }
+        let start = at;
+        let mut key = None;
+        for column in 0..count as usize {
+            let len = read_i32(at)?;
+            at += 4;
+            if len < 0 {
+                continue;
+            }
+            let value = data.get(at..at + len as usize).ok_or("truncated")?;
+            if column == key_at {
+                key = <[u8; 8]>::try_from(value).ok().map(i64::from_be_bytes);
+            }
+            at += len as usize;
+        }
+        let key = key.ok_or("a row without its integer key")?;
+        rows.insert(key, start..at);
+    }
+}
+
 /// Microseconds since 2000-01-01 UTC, rounded half to even like
 /// PostgreSQL's own text input.
 fn timestamp_micros(text: &str) -> Option<i64> {
@@ -227,17 +330,51 @@ mod tests {
             PgColumn::new("id", ColumnType::Integer, None),
             PgColumn::new("at", ColumnType::Timestamp, None),
         ];
+        let mut buf = BytesMut::from(&b"earlier row"[..]);
+        let bad = serde_json::json!({"id": 1, "at": "nope"});
+        let err = encode_columns(&mut buf, &columns, bad.as_object().unwrap());
+        assert!(err.unwrap_err().contains("not an RFC 3339 timestamp"));
+        assert_eq!(&buf[..], b"earlier row");
+        // Fields in another order than the columns are found by name.
+        let good = serde_json::json!({"at": "2000-01-01T00:00:00Z", "id": 1});
+        encode_columns(&mut buf, &columns, good.as_object().unwrap()).unwrap();
+        let mut expected = BytesMut::from(&b"earlier row"[..]);
+        expected.put_i32(8);
+        expected.put_i64(1);
+        expected.put_i32(8);
+        expected.put_i64(0);
+        assert_eq!(buf, expected);
         let mut copy = CopyBuffer::new();
         let before = copy.buf.len();
-        let bad = serde_json::json!({"id": 1, "at": "nope"});
-        let err = copy.push_record(&[Some(false)], &columns, bad.as_object().unwrap());
-        assert!(err.unwrap_err().contains("not an RFC 3339 timestamp"));
-        assert_eq!(copy.buf.len(), before);
-        assert_eq!(copy.rows, 0);
-        let good = serde_json::json!({"id": 1, "at": "2000-01-01T00:00:00Z"});
-        copy.push_record(&[None], &columns, good.as_object().unwrap())
-            .unwrap();
+        copy.push_encoded(&[None], columns.len(), &buf[11..]);
         // count, flag (null), id, at
         assert_eq!(copy.buf.len() - before, 2 + 4 + (4 + 8) + (4 + 8));
+        assert_eq!(copy.rows, 1);
+    }
+
+    #[test]
+    fn stored_rows_are_found_by_key_and_compare_to_their_encoding() {
+        let columns = [
+            PgColumn::new("v", ColumnType::Text, None),
+            PgColumn::new("id", ColumnType::Integer, None),
+        ];
+        let mut copy = CopyBuffer::new();
+        let mut rows = Vec::new();
+        for (id, v) in [(7, Some("a")), (-3, None), (1 << 40, Some("long text"))] {
+            let mut buf = BytesMut::new();
+            let record = serde_json::json!({"id": id, "v": v});
+            encode_columns(&mut buf, &columns, record.as_object().unwrap()).unwrap();
+            copy.push_encoded(&[], columns.len(), &buf);
+            rows.push((id, buf));
+        }
+        copy.buf.put_i16(-1);
+        let data = copy.buf.split();
+        let index = index_rows(&data, 1).unwrap();
+        assert_eq!(index.len(), 3);
+        for (id, encoded) in rows {
+            assert_eq!(&data[index[&id].clone()], &encoded[..], "row {id}");
+        }
+        assert!(index_rows(&data[..data.len() - 2], 1).is_err());
+        assert!(index_rows(b"not copy data", 1).is_err());
     }
 }

@@ -1,20 +1,30 @@
 //! Writing one batch to PostgreSQL, in one transaction.
 //!
 //! Fence the lease; create the table or add the columns the rows need;
-//! check every value in Rust (a value that does not fit is a reject); binary
-//! COPY the rows into a temporary table; then one statement merges them:
-//! it notes the run's keys (a key this run already wrote makes the record a
-//! `duplicate`), inserts new keys, updates a row only when a column really
-//! differs (`IS DISTINCT FROM`, compared as typed values) and its cursor is
-//! not older than the stored one, deletes on `delete_field`, and counts each
-//! outcome exactly. Unchanged rows are not written at all. Rejects, the
-//! checkpoint and, for the last batch, the run's ending commit with it.
+//! check every value in Rust (a value that does not fit is a reject) and
+//! encode it in binary COPY form.
+//!
+//! With a single integer key and columns of the types idemload sends, the
+//! stored versions of the batch's keys are read back (one range scan or
+//! one probe per key, binary COPY out) and compared byte for byte: a row
+//! equal to its stored version is counted and never sent, a key not stored
+//! is copied straight into the table. An identical re-run thus writes
+//! nothing and sends nothing but the keys' range.
+//!
+//! Every other row is copied into a temporary table and one statement
+//! merges it: it notes the run's keys (a key this run already wrote makes
+//! the record a `duplicate`), inserts new keys, updates a row only when a
+//! column really differs (`IS DISTINCT FROM`, compared as typed values) and
+//! its cursor is not older than the stored one, deletes on `delete_field`,
+//! and counts each outcome exactly. Rejects, the checkpoint and, for the
+//! last batch, the run's ending commit with it.
 
-use serde_json::Value;
-use tokio_postgres::{GenericClient, Transaction};
+use std::ops::Range;
 
-use super::bookkeeping::{self, fence, insert_rejects, write_checkpoint, RUN_KEYS};
-use super::copy::CopyBuffer;
+use bytes::BytesMut;
+use roaring::RoaringTreemap;
+
+use super::copy::{encode_columns, CopyBuffer, StoredRows};
 use super::types::{read_schema, PgColumn, PgSchema, Stage};
 use super::{pg_error, qualified, PostgresDestination, Run};
 use crate::config::Mode;
@@ -110,19 +120,68 @@ pub(super) async fn write_batch(
                     .get::<_, bool>(0);
             run.empty_at_start = Some(empty);
         }
-        let direct = in_memory
-            && run.empty_at_start == Some(true)
-            && pg_schema.columns.iter().all(|c| c.stage().sql() == c.sql);
-        let (copy, direct_copy, deletes, added) = encode(
-            &pg_schema,
-            rows,
-            key_at,
-            seen,
-            direct,
-            &mut stats,
-            &mut rejects,
-        );
-        seen_added = added;
+        // Every column is sent as its own type, so rows can be copied
+        // straight into the table and compared byte-wise with stored ones.
+        let native = pg_schema.columns.iter().all(|c| c.stage().sql() == c.sql);
+        let direct = in_memory && run.empty_at_start == Some(true) && native;
+        let encoded = encode(&pg_schema, rows, key_at, seen, &mut stats, &mut rejects);
+        seen_added = encoded.rows.iter().filter_map(|r| r.key).collect();
+        // The stored versions of the keys the batch may already hold: a row
+        // equal to its stored version is settled here, without sending it;
+        // a key not stored is copied straight in.
+        let stored = match key_at {
+            Some(key_at) if in_memory && native && !staged => {
+                let keys: Vec<i64> = encoded
+                    .rows
+                    .iter()
+                    .filter(|r| {
+                        let known_new = direct && r.fresh == Some(true);
+                        !r.delete && !known_new
+                    })
+                    .filter_map(|r| r.key)
+                    .collect();
+                match merge.stored_rows(&keys, key_at) {
+                    Some(query) => Some(StoredRows::read(&tx, &query, key_at).await?),
+                    None => None,
+                }
+            }
+            _ => None,
+        };
+        let columns = pg_schema.columns.len();
+        let mut copy = CopyBuffer::new();
+        let mut direct_copy = CopyBuffer::new();
+        let mut deletes = false;
+        for row in &encoded.rows {
+            let bytes = &encoded.buf[row.at.clone()];
+            let fresh = row.fresh == Some(true);
+            if !row.delete {
+                let found = match (&stored, row.key) {
+                    (Some(stored), Some(key)) => Some(stored.get(key)),
+                    _ => None,
+                };
+                match found {
+                    _ if direct && fresh => {
+                        direct_copy.push_encoded(&[], columns, bytes);
+                        continue;
+                    }
+                    Some(Some(old)) if mode == Mode::InsertNew || old == bytes => {
+                        if fresh {
+                            stats.unchanged += 1;
+                        } else {
+                            stats.duplicates += 1;
+                        }
+                        continue;
+                    }
+                    Some(None) if fresh => {
+                        direct_copy.push_encoded(&[], columns, bytes);
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            deletes |= row.delete;
+            copy.push_encoded(&[Some(row.delete), row.fresh], columns, bytes);
+        }
         if direct_copy.rows > 0 {
             let copied = direct_copy
                 .send(&tx, &qualified(schema, &table), &merge.table_columns())
@@ -214,23 +273,34 @@ pub(super) async fn write_batch(
     Ok(stats)
 }
 
+/// A batch's rows checked and encoded, each row's columns in `buf`.
+struct Encoded {
+    buf: BytesMut,
+    rows: Vec<EncodedRow>,
+}
+
+struct EncodedRow {
+    /// The single integer key, when the run's key set is kept in memory.
+    key: Option<i64>,
+    /// The key is new to the run (known only with the in-memory key set).
+    fresh: Option<bool>,
+    delete: bool,
+    at: Range<usize>,
+}
+
 /// Checks and encodes every row; a value that does not fit makes its
 /// record a reject. With `seen` (a single integer key) the run's key set is
-/// kept here and each row says whether its key is new to the run; the keys
-/// this batch adds are returned, to be kept once it commits.
+/// kept here and each row says whether its key is new to the run.
 fn encode(
     schema: &PgSchema,
     rows: Vec<Row>,
     key_at: Option<usize>,
     seen: Option<&SeenKeys>,
-    direct: bool,
     stats: &mut RunStats,
     rejects: &mut Vec<Reject>,
-) -> (CopyBuffer, CopyBuffer, bool, Vec<i64>) {
-    let mut copy = CopyBuffer::new();
-    let mut direct_copy = CopyBuffer::new();
-    let mut deletes = false;
-    let mut added = Vec::new();
+) -> Encoded {
+    let mut buf = BytesMut::with_capacity(rows.len() * 160);
+    let mut encoded = Vec::with_capacity(rows.len());
     for row in rows {
         // The key as its column holds it (7.0 is 7; a key that does not fit
         // the column is rejected below with the rest of the row).
@@ -242,16 +312,14 @@ fn encode(
             (Some(seen), Some(k)) => Some(!seen.contains(k)),
             _ => None,
         };
-        let pushed = if direct && fresh == Some(true) && !row.delete {
-            direct_copy.push_record(&[], &schema.columns, &row.fields)
-        } else {
-            copy.push_record(&[Some(row.delete), fresh], &schema.columns, &row.fields)
-        };
-        match pushed {
-            Ok(()) => {
-                deletes |= row.delete;
-                added.extend(key);
-            }
+        let start = buf.len();
+        match encode_columns(&mut buf, &schema.columns, &row.fields) {
+            Ok(()) => encoded.push(EncodedRow {
+                key,
+                fresh,
+                delete: row.delete,
+                at: start..buf.len(),
+            }),
             Err(reason) => {
                 stats.rejected += 1;
                 rejects.push(Reject {
@@ -263,61 +331,31 @@ fn encode(
             }
         }
     }
-    (copy, direct_copy, deletes, added)
+    Encoded { buf, rows: encoded }
 }
 
-/// The integer keys a run has written: a few sorted runs of geometric
-/// sizes (merged like a log-structured tree), 8 bytes a key, exact.
+/// The integer keys a run has written, exact, in a compressed bitmap: a
+/// few bits a key for the dense ids exports mostly have, at most about
+/// eight bytes for scattered ones.
 #[derive(Debug, Default)]
-pub(super) struct SeenKeys {
-    runs: Vec<Vec<i64>>,
-}
+pub(super) struct SeenKeys(RoaringTreemap);
 
 impl SeenKeys {
     fn contains(&self, key: i64) -> bool {
-        self.runs.iter().any(|r| r.binary_search(&key).is_ok())
+        self.0.contains(key as u64)
     }
 
     /// Adds a committed batch's keys.
-    fn extend(&mut self, mut keys: Vec<i64>) {
-        keys.sort_unstable();
-        keys.dedup();
-        keys.retain(|k| !self.contains(*k));
-        if keys.is_empty() {
-            return;
-        }
-        self.runs.push(keys);
-        while let [.., older, newer] = self.runs.as_slice() {
-            if newer.len() * 2 < older.len() {
-                break;
-            }
-            let newer = self.runs.pop().unwrap_or_default();
-            let older = self.runs.pop().unwrap_or_default();
-            self.runs.push(merge_sorted(older, newer));
-        }
+    fn extend(&mut self, keys: Vec<i64>) {
+        self.0.extend(keys.into_iter().map(|k| k as u64));
     }
 
     #[cfg(test)]
     fn all(&self) -> Vec<i64> {
-        let mut all: Vec<i64> = self.runs.iter().flatten().copied().collect();
+        let mut all: Vec<i64> = self.0.iter().map(|k| k as i64).collect();
         all.sort_unstable();
         all
     }
-}
-
-fn merge_sorted(a: Vec<i64>, b: Vec<i64>) -> Vec<i64> {
-    let mut merged = Vec::with_capacity(a.len() + b.len());
-    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
-    while let (Some(x), Some(y)) = (a.peek(), b.peek()) {
-        if x <= y {
-            merged.extend(a.next());
-        } else {
-            merged.extend(b.next());
-        }
-    }
-    merged.extend(a);
-    merged.extend(b);
-    merged
 }
 
 /// The SQL of one batch's merge into one table.
@@ -421,6 +459,29 @@ impl<'a> Merge<'a> {
                 .map(|c| c.name.as_str())
                 .collect::<Vec<_>>(),
         )
+    }
+
+    /// The `SELECT` of the stored rows with these integer keys (all the
+    /// table's columns, in order): a range scan of the key's index when the
+    /// keys are dense, else one probe per key. `None` for no keys.
+    fn stored_rows(&self, keys: &[i64], key_at: usize) -> Option<String> {
+        let (lo, hi) = (*keys.iter().min()?, *keys.iter().max()?);
+        let key = quote(&self.schema.columns[key_at].name);
+        let filter = if (hi as i128 - lo as i128) < 2 * keys.len() as i128 {
+            format!("{key} BETWEEN {lo} AND {hi}")
+        } else {
+            let list = keys
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            format!("{key} = ANY ('{{{list}}}'::bigint[])")
+        };
+        Some(format!(
+            "SELECT {} FROM {} WHERE {filter}",
+            self.table_columns(),
+            self.table
+        ))
     }
 
     fn copy_columns(&self) -> String {
@@ -870,7 +931,7 @@ mod tests {
     use super::SeenKeys;
 
     #[test]
-    fn seen_keys_stay_sorted_and_exact() {
+    fn seen_keys_are_exact_and_small_when_dense() {
         let mut seen = SeenKeys::default();
         seen.extend(vec![5, -3, 9]);
         seen.extend(vec![7, 5, i64::MAX, i64::MIN]);
@@ -879,8 +940,14 @@ mod tests {
         for i in 0..1000 {
             seen.extend((i * 10..i * 10 + 10).collect());
         }
-        assert!(seen.runs.len() < 12, "{} runs", seen.runs.len());
         assert!((0..10_000).all(|k| seen.contains(k)) && !seen.contains(10_000));
+        // A million dense ids take about a bit each.
+        seen.extend((0..1_000_000).collect());
+        assert!(
+            seen.0.serialized_size() < 200_000,
+            "{} bytes",
+            seen.0.serialized_size()
+        );
     }
     use crate::pipeline::stats::RunStats;
     use crate::RunStatus;
@@ -919,6 +986,90 @@ mod tests {
             .into_iter()
             .map(|r| r.get(0))
             .collect()
+    }
+
+    /// Rows whose columns all travel as their own types are compared with
+    /// their stored versions byte for byte, in Rust: what is settled there
+    /// must be counted exactly as the merge statement would.
+    #[tokio::test]
+    async fn rows_settled_against_their_stored_versions_count_like_the_merge() {
+        let Some(url) = server("rows_settled_against_their_stored_versions_count_like_the_merge")
+        else {
+            return;
+        };
+        let pg = TestSchema::new(&url, "settled").await;
+        let dir = tempfile::tempdir().unwrap();
+        let record = |i: i64| {
+            json!({
+                "id": i * 1000, "name": format!("n{i}"), "score": i as f64 / 7.0,
+                "ok": i % 3 == 0, "at": format!("2024-05-01T10:{:02}:00.5+02:00", i % 60),
+            })
+        };
+        let mut records: Vec<Value> = (0..40).map(record).collect();
+        records[4]["score"] = json!(0.0);
+        records[5]["name"] = Value::Null;
+        let load = "batch_size = 6";
+        let first = both(&pg, dir.path(), &records, load).await;
+        assert_eq!(first.inserted, 40);
+        let before = xmins(&pg).await;
+        // The same rows, some spelled differently, and keys met again in
+        // later batches (sparse keys: each batch probes key by key).
+        let mut again = records.clone();
+        again[1] = json!({"at": "2024-05-01T10:01:00.5+02:00", "ok": false, "score": 1.0 / 7.0,
+                          "name": "n1", "id": 1000});
+        again[6].as_object_mut().unwrap().remove("ok");
+        again[6]["ok"] = json!(true);
+        again.push(records[2].clone());
+        again.push(records[30].clone());
+        let stats = both(&pg, dir.path(), &again, load).await;
+        assert_eq!(
+            (
+                stats.inserted,
+                stats.updated,
+                stats.unchanged,
+                stats.duplicates
+            ),
+            (0, 0, 40, 2),
+            "{stats:?}"
+        );
+        assert_eq!(xmins(&pg).await, before, "an identical re-run wrote rows");
+        // -0.0 differs in bytes but not in value: still unchanged; a field
+        // left out is a null, a change; a new key goes straight in; a key
+        // met again in a later batch is a duplicate, and its later version
+        // is written.
+        let mut changed = records.clone();
+        changed[4]["score"] = json!(-0.0);
+        changed[7].as_object_mut().unwrap().remove("name");
+        changed.push(record(99));
+        changed.push(
+            json!({"id": 12000, "name": "twice", "score": 1.5, "ok": true,
+                            "at": "2024-05-01T10:12:00Z"}),
+        );
+        let stats = both(&pg, dir.path(), &changed, load).await;
+        assert_eq!(
+            (
+                stats.inserted,
+                stats.updated,
+                stats.unchanged,
+                stats.duplicates
+            ),
+            (1, 1, 39, 1),
+            "{stats:?}"
+        );
+        let rows = pg.rows("id").await;
+        assert_eq!(rows.len(), 41);
+        assert_eq!(rows[7]["name"], Value::Null);
+        assert_eq!(rows[12]["name"], json!("twice"));
+        assert_eq!(rows[4]["score"].as_f64(), Some(0.0));
+        let insert_new = both(
+            &pg,
+            dir.path(),
+            &records,
+            "mode = \"insert_new\"\nbatch_size = 6",
+        )
+        .await;
+        assert_eq!((insert_new.inserted, insert_new.unchanged), (0, 40));
+        pg.drop().await;
     }
 
     #[tokio::test]
