@@ -142,7 +142,7 @@ impl FileSource {
         // The reader hands over small chunks, two waiting at most: memory
         // holds the batch being written, the one being read and a few
         // thousand records more, whatever the batch size.
-        let (tx, rx) = mpsc::channel(2);
+        let (tx, rx) = mpsc::channel(std::env::var("CHUNKS").ok().and_then(|v| v.parse().ok()).unwrap_or(2));
         let bytes_read = Arc::new(AtomicU64::new(0));
         let batch_size = query.batch_size.max(1);
         let chunk = batch_size.min(CHUNK);

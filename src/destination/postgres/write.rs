@@ -23,7 +23,10 @@ use std::ops::Range;
 
 use bytes::BytesMut;
 use roaring::RoaringTreemap;
+use serde_json::Value;
+use tokio_postgres::{GenericClient, Transaction};
 
+use super::bookkeeping::{self, fence, insert_rejects, write_checkpoint, RUN_KEYS};
 use super::copy::{encode_columns, CopyBuffer, StoredRows};
 use super::types::{read_schema, PgColumn, PgSchema, Stage};
 use super::{pg_error, qualified, PostgresDestination, Run};
