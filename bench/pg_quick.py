@@ -12,8 +12,11 @@ import json, os, subprocess, sys, time
 data, rows = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1_000_000
 url = os.environ.get("PGURL", "postgres://root@%2Fvar%2Frun%2Fpostgresql/test")
 binary = os.environ.get("IDEMLOAD", "target/release/idemload")
+# idemload reads the CSV, or the JSONL with EXT=jsonl; the ceiling always the CSV.
+ext = os.environ.get("EXT", "csv")
 csv = f"{data}/contacts_{rows}.csv"
-changed = f"{data}/contacts_{rows}_changed.csv"
+source = f"{data}/contacts_{rows}.{ext}"
+changed = f"{data}/contacts_{rows}_changed.{ext}"
 
 def psql(sql):
     return subprocess.run(["psql", url, "-qtAc", sql], check=True, capture_output=True, text=True).stdout.strip()
@@ -42,8 +45,8 @@ results = [measure("psql \\copy (ceiling)",
                    ["psql", url, "-qc", f"\\copy bench_copy.contacts FROM '{csv}' CSV HEADER"], rows)]
 dest = f"{url}?schema=bench_idem"
 load = [binary, "load", "--into", dest, "--table", "contacts", "--key", "id", "--json"]
-results.append(measure("idemload first load", load[:2] + [csv] + load[2:], rows))
-results.append(measure("idemload identical re-run", load[:2] + [csv] + load[2:], rows))
+results.append(measure("idemload first load", load[:2] + [source] + load[2:], rows))
+results.append(measure("idemload identical re-run", load[:2] + [source] + load[2:], rows))
 results.append(measure("idemload 10% changed, 5% new", load[:2] + [changed] + load[2:], rows * 21 // 20))
 count = psql("SELECT count(*) || ' rows, ' || count(DISTINCT id) || ' distinct ids' FROM bench_idem.contacts")
 ceiling = results[0][2]

@@ -9,11 +9,13 @@
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use rayon::prelude::*;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
@@ -105,6 +107,19 @@ pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>> {
 /// Records the reader thread sends at a time.
 const CHUNK: usize = 1024;
 
+/// JSON lines parsed together, in parallel: at most this many lines or
+/// bytes (a block always takes at least one line).
+const BLOCK_LINES: usize = 1024;
+const BLOCK_BYTES: usize = 4 << 20;
+
+/// Lines read and not yet parsed: their text, and each line's number and
+/// place in it.
+#[derive(Default)]
+struct LineBlock {
+    text: Vec<u8>,
+    lines: Vec<(u64, Range<usize>)>,
+}
+
 /// Reads files on a thread of its own.
 pub struct FileSource {
     rx: mpsc::Receiver<Result<Vec<Item>>>,
@@ -142,7 +157,12 @@ impl FileSource {
         // The reader hands over small chunks, two waiting at most: memory
         // holds the batch being written, the one being read and a few
         // thousand records more, whatever the batch size.
-        let (tx, rx) = mpsc::channel(std::env::var("CHUNKS").ok().and_then(|v| v.parse().ok()).unwrap_or(2));
+        let (tx, rx) = mpsc::channel(
+            std::env::var("CHUNKS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2),
+        );
         let bytes_read = Arc::new(AtomicU64::new(0));
         let batch_size = query.batch_size.max(1);
         let chunk = batch_size.min(CHUNK);
@@ -297,7 +317,7 @@ impl Reader {
     ) -> std::result::Result<(), ReadError> {
         let mut line = Vec::with_capacity(1024);
         let mut number = 0u64;
-        let mut width = 16;
+        let mut block = LineBlock::default();
         loop {
             line.clear();
             number += 1;
@@ -305,7 +325,7 @@ impl Reader {
                 .take(self.max_record_bytes as u64 + 1)
                 .read_until(b'\n', &mut line)?;
             if n == 0 {
-                return Ok(());
+                return Ok(self.parse_block(&name, &mut block)?);
             }
             let at = || SourceRef::Line {
                 path: name.clone(),
@@ -333,6 +353,7 @@ impl Reader {
                     }
                 }
                 let prefix = String::from_utf8_lossy(&line[..1024.min(line.len())]).into_owned();
+                self.parse_block(&name, &mut block)?;
                 self.push(Item::Reject(Reject::new(
                     at(),
                     format!(
@@ -348,8 +369,42 @@ impl Reader {
             if text.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            self.push(parse_json_record(text, at(), &mut width))?;
+            let start = block.text.len();
+            block.text.extend_from_slice(text);
+            block.lines.push((number, start..block.text.len()));
+            if block.lines.len() >= BLOCK_LINES || block.text.len() >= BLOCK_BYTES {
+                self.parse_block(&name, &mut block)?;
+            }
         }
+    }
+
+    /// Parses a block of lines on every core, keeping their order, and
+    /// empties it.
+    fn parse_block(
+        &mut self,
+        name: &Arc<str>,
+        block: &mut LineBlock,
+    ) -> std::result::Result<(), Stopped> {
+        let items: Vec<Item> = block
+            .lines
+            .par_iter()
+            .map_init(
+                || 16,
+                |width, (number, range)| {
+                    let at = SourceRef::Line {
+                        path: name.clone(),
+                        line: *number,
+                    };
+                    parse_json_record(&block.text[range.clone()], at, width)
+                },
+            )
+            .collect();
+        block.text.clear();
+        block.lines.clear();
+        for item in items {
+            self.push(item)?;
+        }
+        Ok(())
     }
 
     fn read_json_array(
