@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod mysql;
 pub mod postgres;
 pub mod schema;
+pub(crate) mod seen;
 pub mod sql;
 pub mod sqlite;
 

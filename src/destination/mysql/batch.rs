@@ -50,6 +50,20 @@ pub(super) struct Prepared {
     cursor: Option<Cursor>,
 }
 
+impl Prepared {
+    /// The integer in column `at`, when it holds one.
+    pub(super) fn int(&self, at: usize) -> Option<i64> {
+        match self.cells.get(at) {
+            Some(Cell::Int(i)) => Some(*i),
+            _ => None,
+        }
+    }
+
+    pub(super) fn deletes(&self) -> bool {
+        self.delete
+    }
+}
+
 pub(super) fn reject(row: &Row, reason: String) -> Reject {
     Reject {
         source: row.source.clone(),
@@ -247,7 +261,10 @@ fn to_mysql(cell: &Cell) -> MyValue {
     }
 }
 
-/// (Re)creates `_idemload_batch` for `schema` and loads the rows into it.
+/// (Re)creates `_idemload_batch` for `schema` and loads the rows into it,
+/// each with its key's identity, its delete flag and whether its key was
+/// already written by the run (`dup`, when the run keeps its keys in
+/// memory; else always 0 and the run's key table decides).
 ///
 /// The table has no index: rows are unique by key already, every statement
 /// scans it once and probes the target's primary key, and rows stay in
@@ -256,7 +273,7 @@ pub(super) async fn load(
     conn: &mut Conn,
     local_infile: &mut bool,
     schema: &Table,
-    rows: &[Prepared],
+    rows: &[(&Prepared, bool)],
 ) -> std::result::Result<(), mysql_async::Error> {
     let b = q(BATCH);
     conn.query_drop(format!("DROP TEMPORARY TABLE IF EXISTS {b}"))
@@ -270,9 +287,52 @@ pub(super) async fn load(
     conn.query_drop(format!(
         "CREATE TEMPORARY TABLE {b} ({defs},
             `_idemload_rk` BINARY(16) NOT NULL,
-            `_idemload_del` TINYINT NOT NULL DEFAULT 0) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4"
+            `_idemload_del` TINYINT NOT NULL DEFAULT 0,
+            `_idemload_dup` TINYINT NOT NULL DEFAULT 0) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4"
     ))
     .await?;
+    send(conn, local_infile, &b, schema, rows.len(), |i| {
+        let (row, dup) = rows[i];
+        let extra = vec![
+            MyValue::Bytes(row.rk.to_vec()),
+            MyValue::Int(row.delete as i64),
+            MyValue::Int(dup as i64),
+        ];
+        (row, extra)
+    })
+    .await
+}
+
+/// Loads rows straight into `table`, columns only: rows whose keys the
+/// table cannot hold yet (it was empty when the run began, and the run has
+/// not met them).
+pub(super) async fn load_into(
+    conn: &mut Conn,
+    local_infile: &mut bool,
+    table: &str,
+    schema: &Table,
+    rows: &[&Prepared],
+) -> std::result::Result<(), mysql_async::Error> {
+    send(conn, local_infile, &q(table), schema, rows.len(), |i| {
+        (rows[i], Vec::new())
+    })
+    .await
+}
+
+/// Sends `count` rows into `into`: each row's cells, then the extra
+/// bookkeeping values `row(i)` gives (`_idemload_rk`, `_idemload_del`,
+/// `_idemload_dup`, in that order, or none). `LOAD DATA LOCAL` from memory
+/// where the server allows it, multi-row `INSERT`s where it does not.
+async fn send<'a>(
+    conn: &mut Conn,
+    local_infile: &mut bool,
+    into: &str,
+    schema: &Table,
+    count: usize,
+    row: impl Fn(usize) -> (&'a Prepared, Vec<MyValue>),
+) -> std::result::Result<(), mysql_async::Error> {
+    const EXTRA: [&str; 3] = ["`_idemload_rk`", "`_idemload_del`", "`_idemload_dup`"];
+    let extra = if count == 0 { 0 } else { row(0).1.len() };
     let cols = schema
         .names()
         .iter()
@@ -280,24 +340,41 @@ pub(super) async fn load(
         .collect::<Vec<_>>()
         .join(", ");
     if *local_infile {
-        let mut buf = Vec::with_capacity(rows.len() * (schema.columns.len() * 12 + 40));
-        for row in rows {
-            for cell in &row.cells {
+        let mut buf = Vec::with_capacity(count * (schema.columns.len() * 12 + 40));
+        for i in 0..count {
+            let (prepared, values) = row(i);
+            for (n, cell) in prepared.cells.iter().enumerate() {
+                if n > 0 {
+                    buf.push(b'\t');
+                }
                 encode_cell(&mut buf, cell);
-                buf.push(b'\t');
             }
-            buf.extend_from_slice(hex::encode(row.rk).as_bytes());
-            buf.push(b'\t');
-            buf.push(if row.delete { b'1' } else { b'0' });
+            for value in values {
+                buf.push(b'\t');
+                match value {
+                    MyValue::Bytes(b) => buf.extend_from_slice(hex::encode(b).as_bytes()),
+                    MyValue::Int(v) => {
+                        let _ = write!(buf, "{v}");
+                    }
+                    _ => unreachable!("bookkeeping values are bytes or integers"),
+                }
+            }
             buf.push(b'\n');
         }
+        let (targets, set) = match extra {
+            0 => (cols.clone(), String::new()),
+            n => (
+                format!("{cols}, @rk, {}", EXTRA[1..n].join(", ")),
+                format!(" SET {} = UNHEX(@rk)", EXTRA[0]),
+            ),
+        };
         let data = Bytes::from(buf);
         conn.set_infile_handler(async move { Ok(futures_util::stream::iter([Ok(data)]).boxed()) });
         let loaded = conn
             .query_drop(format!(
-                r"LOAD DATA LOCAL INFILE 'idemload-batch' INTO TABLE {b} CHARACTER SET utf8mb4
+                r"LOAD DATA LOCAL INFILE 'idemload-batch' INTO TABLE {into} CHARACTER SET utf8mb4
                   FIELDS TERMINATED BY '\t' ESCAPED BY '\\' LINES TERMINATED BY '\n'
-                  ({cols}, @rk, `_idemload_del`) SET `_idemload_rk` = UNHEX(@rk)"
+                  ({targets}){set}"
             ))
             .await;
         match loaded {
@@ -309,29 +386,35 @@ pub(super) async fn load(
                     "LOAD DATA LOCAL refused; loading with INSERT."
                 );
                 *local_infile = false;
-                conn.query_drop(format!("DELETE FROM {b}")).await?;
             }
             Err(e) => return Err(e),
         }
     }
-    let per_row = schema.columns.len() + 2;
+    let per_row = schema.columns.len() + extra;
     let chunk = (60_000 / per_row).clamp(1, 2_000);
     let row_marks = format!("({})", vec!["?"; per_row].join(", "));
-    for part in rows.chunks(chunk) {
-        let mut params = Vec::with_capacity(part.len() * per_row);
-        for row in part {
-            params.extend(row.cells.iter().map(to_mysql));
-            params.push(MyValue::Bytes(row.rk.to_vec()));
-            params.push(MyValue::Int(row.delete as i64));
+    let targets = std::iter::once(cols.as_str())
+        .chain(EXTRA[..extra].iter().copied())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut start = 0;
+    while start < count {
+        let end = (start + chunk).min(count);
+        let mut params = Vec::with_capacity((end - start) * per_row);
+        for i in start..end {
+            let (prepared, values) = row(i);
+            params.extend(prepared.cells.iter().map(to_mysql));
+            params.extend(values);
         }
         conn.exec_drop(
             format!(
-                "INSERT INTO {b} ({cols}, `_idemload_rk`, `_idemload_del`) VALUES {}",
-                vec![row_marks.as_str(); part.len()].join(", ")
+                "INSERT INTO {into} ({targets}) VALUES {}",
+                vec![row_marks.as_str(); end - start].join(", ")
             ),
             Params::Positional(params),
         )
         .await?;
+        start = end;
     }
     Ok(())
 }

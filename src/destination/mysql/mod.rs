@@ -85,6 +85,11 @@ struct Run {
     stage: Option<String>,
     /// Columns of the table batches go to, as last read.
     schema: Option<Table>,
+    /// The run's key set, kept here instead of in the run's key table when
+    /// the key is one integer column (decided with the first rows).
+    seen: Option<Option<crate::destination::seen::SeenKeys>>,
+    /// The table held no rows when the run first wrote to it.
+    empty_at_start: Option<bool>,
 }
 
 impl MysqlDestination {
@@ -246,6 +251,8 @@ impl Destination for MysqlDestination {
             target: target.clone(),
             stage,
             schema: None,
+            seen: None,
+            empty_at_start: None,
         });
         Ok(())
     }

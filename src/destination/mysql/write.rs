@@ -14,11 +14,13 @@ use std::collections::HashMap;
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
-use super::batch::{load, prepare, reject, BATCH};
+use super::batch::{load, load_into, prepare, reject, Prepared, BATCH};
 use super::bookkeeping::{self, fence, write_checkpoint, RUN_KEYS};
 use super::schema::{add_columns, create_table, declare, read_table, unfit_name, SqlColumn, Table};
 use super::{stage, MysqlDestination, Run, Server};
 use crate::config::Mode;
+use crate::destination::schema::ColumnType;
+use crate::destination::seen::SeenKeys;
 use crate::destination::sql::quote_mysql as q;
 use crate::destination::{Commit, Target};
 use crate::error::{Error, Result};
@@ -69,6 +71,9 @@ pub(super) async fn write_batch(
 
     // Outside the transaction: DDL, conversion, and the temporary batch table.
     let mut loaded: Option<Table> = None;
+    let mut direct: Vec<Prepared> = Vec::new();
+    let mut written_keys = Vec::new();
+    let mut in_memory = false;
     if !rows.is_empty() {
         let (schema, rows) =
             ensure_table(conn, server, run, &table, rows, &mut rejects, &mut stats).await?;
@@ -76,18 +81,56 @@ pub(super) async fn write_batch(
             let clock = std::time::Instant::now();
             let prepared = prepare(&schema, &run.target, &table, rows, &mut rejects, &mut stats)?;
             let converted = clock.elapsed().as_millis() as u64;
-            if !prepared.is_empty() {
-                load(conn, local_infile, &schema, &prepared)
+            // One integer key column: the run's keys are kept in memory.
+            let key_at = match run.target.key_columns.as_slice() {
+                [k] => schema
+                    .position(k)
+                    .filter(|&i| schema.columns[i].ty == ColumnType::Integer),
+                _ => None,
+            };
+            if run.seen.is_none() {
+                run.seen = Some(key_at.filter(|_| !staged).map(|_| SeenKeys::default()));
+            }
+            let seen = run.seen.as_ref().and_then(Option::as_ref);
+            in_memory = seen.is_some() && key_at.is_some();
+            if in_memory && run.empty_at_start.is_none() {
+                let rows: Vec<i64> = conn
+                    .query(format!("SELECT 1 FROM {} LIMIT 1", q(&table)))
                     .await
                     .map_err(|e| Error::destination(ctx.clone(), e))?;
-                loaded = Some(schema);
+                run.empty_at_start = Some(rows.is_empty());
+            }
+            let mut batch = Vec::with_capacity(prepared.len());
+            for row in prepared {
+                let (Some(seen), Some(key)) = (seen, key_at.and_then(|at| row.int(at))) else {
+                    batch.push((row, false));
+                    continue;
+                };
+                written_keys.push(key);
+                let fresh = !seen.contains(key);
+                // A key the run has not met in a table that was empty
+                // cannot be stored: it goes straight in.
+                if fresh && run.empty_at_start == Some(true) && !row.deletes() {
+                    direct.push(row);
+                } else {
+                    batch.push((row, !fresh));
+                }
+            }
+            if !batch.is_empty() {
+                let rows: Vec<(&Prepared, bool)> = batch.iter().map(|(r, d)| (r, *d)).collect();
+                load(conn, local_infile, &schema, &rows)
+                    .await
+                    .map_err(|e| Error::destination(ctx.clone(), e))?;
+                loaded = Some(schema.clone());
             }
             tracing::debug!(
                 converted,
                 ms = clock.elapsed().as_millis() as u64,
-                rows = prepared.len(),
+                rows = batch.len(),
+                direct = direct.len(),
                 "Batch loaded."
             );
+            run.schema = Some(schema);
         }
     }
     let finishing_stage = match (&commit.finish, &run.stage) {
@@ -105,8 +148,19 @@ pub(super) async fn write_batch(
         .map_err(|e| Error::destination(ctx.clone(), e))?;
     let result = async {
         fence(conn, &lock).await?;
+        if !direct.is_empty() {
+            let schema = run
+                .schema
+                .as_ref()
+                .ok_or_else(|| Error::destination(ctx.clone(), "no schema"))?;
+            let rows: Vec<&Prepared> = direct.iter().collect();
+            load_into(conn, local_infile, &table, schema, &rows)
+                .await
+                .map_err(|e| Error::destination(ctx.clone(), e))?;
+            stats.inserted += direct.len() as u64;
+        }
         if let Some(schema) = &loaded {
-            let counts = merge(conn, &table, schema, &run.target, mode)
+            let counts = merge(conn, &table, schema, &run.target, mode, in_memory)
                 .await
                 .map_err(|e| Error::destination(ctx.clone(), e))?;
             if staged {
@@ -163,6 +217,9 @@ pub(super) async fn write_batch(
     if let Err(e) = result {
         let _ = conn.query_drop("ROLLBACK").await;
         return Err(e);
+    }
+    if let Some(Some(seen)) = run.seen.as_mut() {
+        seen.extend(written_keys);
     }
     if let Some((stage, _)) = finishing_stage {
         // After the commit: DROP commits on its own. A crash before it leaves
@@ -273,6 +330,7 @@ async fn merge(
     schema: &Table,
     target: &Target,
     mode: Mode,
+    in_memory: bool,
 ) -> std::result::Result<RunStats, mysql_async::Error> {
     let (t, b, rk) = (q(table), q(BATCH), q(RUN_KEYS));
     let keys = &target.key_columns;
@@ -313,6 +371,16 @@ async fn merge(
         "FALSE"
     };
     let k0 = q(&keys[0]);
+    // Whether the run wrote the key before: from the batch's own flag when
+    // the run keeps its keys in memory, else from the run's key table.
+    let (dup, run_keys) = if in_memory {
+        ("s.`_idemload_dup` <> 0".to_string(), String::new())
+    } else {
+        (
+            "r.k IS NOT NULL".to_string(),
+            format!(" LEFT JOIN {rk} r ON r.k = s.`_idemload_rk`"),
+        )
+    };
     let del = "s.`_idemload_del` = 1";
     let clock = std::time::Instant::now();
     let counts: Vec<(i64, i64, i64)> = conn
@@ -324,17 +392,19 @@ async fn merge(
                  WHEN {del} THEN {OP_DELETE}
                  WHEN {same} THEN {OP_UNCHANGED}
                  ELSE {OP_UPDATE} END AS op,
-               r.k IS NOT NULL AS dup, COUNT(*)
-             FROM {b} s LEFT JOIN {t} t ON {matched} LEFT JOIN {rk} r ON r.k = s.`_idemload_rk`
+               {dup} AS dup, COUNT(*)
+             FROM {b} s LEFT JOIN {t} t ON {matched}{run_keys}
              GROUP BY op, dup"
         ))
         .await?;
     tracing::debug!(ms = clock.elapsed().as_millis() as u64, "Batch classified.");
-    // Keys of this batch seen before are kept: IGNORE skips exactly those.
-    conn.query_drop(format!(
-        "INSERT IGNORE INTO {rk} (k) SELECT `_idemload_rk` FROM {b} ORDER BY `_idemload_rk`"
-    ))
-    .await?;
+    if !in_memory {
+        // Keys of this batch seen before are kept: IGNORE skips exactly those.
+        conn.query_drop(format!(
+            "INSERT IGNORE INTO {rk} (k) SELECT `_idemload_rk` FROM {b} ORDER BY `_idemload_rk`"
+        ))
+        .await?;
+    }
     let mut stats = RunStats::default();
     let mut todo = [false; 6];
     let (mut rows, mut new_rows) = (0u64, 0u64);

@@ -67,7 +67,7 @@ struct Run {
     /// The run's key set exists (made with the first batch's key types).
     run_keys: bool,
     /// The run's key set, kept here instead when the key is one integer.
-    seen: Option<write::SeenKeys>,
+    seen: Option<crate::destination::seen::SeenKeys>,
     /// The table held no rows when the run first wrote to it.
     empty_at_start: Option<bool>,
 }

@@ -22,7 +22,6 @@
 use std::ops::Range;
 
 use bytes::BytesMut;
-use roaring::RoaringTreemap;
 use serde_json::Value;
 use tokio_postgres::{GenericClient, Transaction};
 
@@ -32,6 +31,7 @@ use super::types::{read_schema, PgColumn, PgSchema, Stage};
 use super::{pg_error, qualified, PostgresDestination, Run};
 use crate::config::Mode;
 use crate::destination::schema::ColumnType;
+use crate::destination::seen::SeenKeys;
 use crate::destination::sql::{column_list, quote};
 use crate::destination::Commit;
 use crate::error::{Error, Result};
@@ -338,30 +338,6 @@ fn encode(
     // it while this one goes on with the batch.
     rayon::spawn(move || drop(rows));
     Encoded { buf, rows: encoded }
-}
-
-/// The integer keys a run has written, exact, in a compressed bitmap: a
-/// few bits a key for the dense ids exports mostly have, at most about
-/// eight bytes for scattered ones.
-#[derive(Debug, Default)]
-pub(super) struct SeenKeys(RoaringTreemap);
-
-impl SeenKeys {
-    fn contains(&self, key: i64) -> bool {
-        self.0.contains(key as u64)
-    }
-
-    /// Adds a committed batch's keys.
-    fn extend(&mut self, keys: Vec<i64>) {
-        self.0.extend(keys.into_iter().map(|k| k as u64));
-    }
-
-    #[cfg(test)]
-    fn all(&self) -> Vec<i64> {
-        let mut all: Vec<i64> = self.0.iter().map(|k| k as i64).collect();
-        all.sort_unstable();
-        all
-    }
 }
 
 /// The SQL of one batch's merge into one table.
@@ -934,27 +910,7 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::super::testing::{server, TestSchema};
-    use super::SeenKeys;
 
-    #[test]
-    fn seen_keys_are_exact_and_small_when_dense() {
-        let mut seen = SeenKeys::default();
-        seen.extend(vec![5, -3, 9]);
-        seen.extend(vec![7, 5, i64::MAX, i64::MIN]);
-        assert_eq!(seen.all(), [i64::MIN, -3, 5, 7, 9, i64::MAX]);
-        assert!(seen.contains(7) && !seen.contains(6));
-        for i in 0..1000 {
-            seen.extend((i * 10..i * 10 + 10).collect());
-        }
-        assert!((0..10_000).all(|k| seen.contains(k)) && !seen.contains(10_000));
-        // A million dense ids take about a bit each.
-        seen.extend((0..1_000_000).collect());
-        assert!(
-            seen.0.serialized_size() < 200_000,
-            "{} bytes",
-            seen.0.serialized_size()
-        );
-    }
     use crate::pipeline::stats::RunStats;
     use crate::RunStatus;
 
