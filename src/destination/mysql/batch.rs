@@ -419,6 +419,83 @@ async fn send<'a>(
     Ok(())
 }
 
+/// The stored rows with these integer keys (in column `key_at`), read
+/// through the binary protocol, so each value comes back exactly as stored:
+/// one range scan of the primary key when the keys are dense, else an
+/// `IN` list.
+pub(super) async fn stored_rows(
+    conn: &mut Conn,
+    table: &str,
+    schema: &Table,
+    key_at: usize,
+    keys: &[i64],
+) -> std::result::Result<HashMap<i64, Vec<MyValue>>, mysql_async::Error> {
+    let (Some(&lo), Some(&hi)) = (keys.iter().min(), keys.iter().max()) else {
+        return Ok(HashMap::new());
+    };
+    let cols = schema
+        .names()
+        .iter()
+        .map(|n| q(n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let key = q(&schema.columns[key_at].name);
+    let filter = if (hi as i128 - lo as i128) < 2 * keys.len() as i128 {
+        format!("{key} BETWEEN {lo} AND {hi}")
+    } else {
+        let list = keys
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        format!("{key} IN ({list})")
+    };
+    let rows: Vec<mysql_async::Row> = conn
+        .exec(
+            format!("SELECT {cols} FROM {} WHERE {filter}", q(table)),
+            (),
+        )
+        .await?;
+    let mut stored = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let values = row.unwrap();
+        let key = match values.get(key_at) {
+            Some(MyValue::Int(i)) => *i,
+            Some(MyValue::UInt(u)) => match i64::try_from(*u) {
+                Ok(i) => i,
+                Err(_) => continue,
+            },
+            _ => continue,
+        };
+        stored.insert(key, values);
+    }
+    Ok(stored)
+}
+
+impl Prepared {
+    /// True when the stored values are exactly the ones this row would
+    /// write. Conservative: a value that merely compares equal in SQL
+    /// (`-0` and `0`, a padded `CHAR`) is "different" here and goes to the
+    /// classifying statement, which decides.
+    pub(super) fn same_as(&self, stored: &[MyValue]) -> bool {
+        self.cells.len() == stored.len()
+            && self
+                .cells
+                .iter()
+                .zip(stored)
+                .all(|(cell, value)| match (cell, value) {
+                    (Cell::Null, MyValue::NULL) => true,
+                    (Cell::Int(i), MyValue::Int(j)) => i == j,
+                    (Cell::Int(i), MyValue::UInt(u)) => u64::try_from(*i) == Ok(*u),
+                    (Cell::Float(f), MyValue::Double(d)) => f.to_bits() == d.to_bits(),
+                    (Cell::Bool(b), MyValue::Int(i)) => *b as i64 == *i,
+                    (Cell::Text(s), MyValue::Bytes(b)) => s.as_bytes() == b.as_slice(),
+                    (Cell::Time(_), MyValue::Date(..)) => to_mysql(cell) == *value,
+                    _ => false,
+                })
+    }
+}
+
 /// `LOAD DATA LOCAL` turns bad values into warnings: values were checked
 /// already, so any warning is a real problem, not something to keep.
 async fn check_warnings(conn: &mut Conn) -> std::result::Result<(), mysql_async::Error> {

@@ -610,3 +610,55 @@ async fn batches_load_the_same_without_local_infile() {
     }
     assert_eq!(dumps[0], dumps[1]);
 }
+
+/// With one integer key, rows equal to their stored versions are settled
+/// in Rust and new keys go straight in: the counts must still be the
+/// classifying statement's.
+#[tokio::test]
+async fn rows_settled_against_their_stored_versions_count_like_sqlite() {
+    let Some(db) = TestDb::create("settled").await else {
+        return;
+    };
+    let rows = |ids: std::ops::Range<i64>| -> Vec<Value> {
+        ids.map(|i| json!({"id": i * 1000, "name": format!("n{i}"), "score": i as f64 / 7.0}))
+            .collect()
+    };
+    let first = vec![rows(0..6), rows(6..12), rows(12..20)];
+    let mut again = first.clone();
+    // Fields in another order, a key met again in a later batch.
+    again[0][1] = json!({"score": 1.0 / 7.0, "name": "n1", "id": 1000});
+    again[2].push(first[0][2].clone());
+    let mut changed = first.clone();
+    changed[0][4]["score"] = json!(-0.0 * 4.0 / 7.0);
+    changed[0][5].as_object_mut().unwrap().remove("name");
+    changed[1].push(json!({"id": 99_000, "name": "new", "score": 1.0}));
+    changed[2].push(json!({"id": 7000, "name": "twice", "score": 2.0}));
+    let stats = same_as_sqlite(&db, "", vec![first.clone(), again, changed]).await;
+    assert_eq!(stats[0].inserted, 20);
+    let s = stats[1];
+    assert_eq!(
+        (s.inserted, s.updated, s.unchanged, s.duplicates),
+        (0, 0, 20, 1),
+        "{s:?}"
+    );
+    let s = stats[2];
+    assert_eq!(
+        (s.inserted, s.updated, s.unchanged, s.duplicates),
+        (1, 2, 18, 1),
+        "{s:?}"
+    );
+    let dump = db.dump("items").await;
+    assert_eq!(dump.len(), 21);
+    assert!(
+        dump.contains(&"5000 | NULL | 0.7142857142857143".to_string()),
+        "{dump:?}"
+    );
+    assert!(dump.contains(&"7000 | 'twice' | 2".to_string()), "{dump:?}");
+    // (Against this table only: the SQLite reference would start empty.)
+    let insert_new = run(&db.url, "mode = \"insert_new\"", first).await.unwrap();
+    assert_eq!(
+        (insert_new.stats.inserted, insert_new.stats.unchanged),
+        (0, 20)
+    );
+    assert_eq!(db.dump("items").await, dump);
+}

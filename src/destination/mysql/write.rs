@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
-use super::batch::{load, load_into, prepare, reject, Prepared, BATCH};
+use super::batch::{load, load_into, prepare, reject, stored_rows, Prepared, BATCH};
 use super::bookkeeping::{self, fence, write_checkpoint, RUN_KEYS};
 use super::schema::{add_columns, create_table, declare, read_table, unfit_name, SqlColumn, Table};
 use super::{stage, MysqlDestination, Run, Server};
@@ -100,6 +100,25 @@ pub(super) async fn write_batch(
                     .map_err(|e| Error::destination(ctx.clone(), e))?;
                 run.empty_at_start = Some(rows.is_empty());
             }
+            // The stored versions of the keys the table may hold, when the
+            // run keeps its keys: a row equal to its stored version is
+            // settled here, a key not stored goes straight in.
+            let stored = match (seen, key_at) {
+                (Some(seen), Some(at)) if !staged => {
+                    let keys: Vec<i64> = prepared
+                        .iter()
+                        .filter(|r| !r.deletes())
+                        .filter_map(|r| r.int(at))
+                        .filter(|k| run.empty_at_start != Some(true) || seen.contains(*k))
+                        .collect();
+                    Some(
+                        stored_rows(conn, &table, &schema, at, &keys)
+                            .await
+                            .map_err(|e| Error::destination(ctx.clone(), e))?,
+                    )
+                }
+                _ => None,
+            };
             let mut batch = Vec::with_capacity(prepared.len());
             for row in prepared {
                 let (Some(seen), Some(key)) = (seen, key_at.and_then(|at| row.int(at))) else {
@@ -108,12 +127,26 @@ pub(super) async fn write_batch(
                 };
                 written_keys.push(key);
                 let fresh = !seen.contains(key);
+                if row.deletes() {
+                    batch.push((row, !fresh));
+                    continue;
+                }
                 // A key the run has not met in a table that was empty
                 // cannot be stored: it goes straight in.
-                if fresh && run.empty_at_start == Some(true) && !row.deletes() {
+                if fresh && run.empty_at_start == Some(true) {
                     direct.push(row);
-                } else {
-                    batch.push((row, !fresh));
+                    continue;
+                }
+                match stored.as_ref().map(|s| s.get(&key)) {
+                    Some(Some(old)) if mode == Mode::InsertNew || row.same_as(old) => {
+                        if fresh {
+                            stats.unchanged += 1;
+                        } else {
+                            stats.duplicates += 1;
+                        }
+                    }
+                    Some(None) if fresh => direct.push(row),
+                    _ => batch.push((row, !fresh)),
                 }
             }
             if !batch.is_empty() {
