@@ -103,6 +103,9 @@ impl Reject {
 pub enum Item {
     Record(Record),
     Reject(Reject),
+    /// A record below the run's cursor window, left unparsed by a source
+    /// that filters while reading; counted as `skipped`.
+    Skipped,
 }
 
 /// Why a field name cannot become a column, if it cannot.

@@ -76,6 +76,10 @@ impl Planner {
                     batch.rejects.push(reject);
                     continue;
                 }
+                Item::Skipped => {
+                    batch.stats.skipped += 1;
+                    continue;
+                }
                 Item::Record(record) => record,
             };
             let row = match self.check(record, &mut names) {
@@ -136,6 +140,14 @@ impl Planner {
         let reject = |record: &Record, key: Option<&Key>, reason: String| {
             Box::new(Reject::record(record, key.map(|k| k.to_string()), reason))
         };
+        // A record below the window is skipped whatever else is wrong with
+        // it, as a source that filters while reading skips it unparsed.
+        if let (Some(low), Some(name)) = (&self.low, &self.cursor) {
+            let cursor = record.fields.get(name).and_then(Cursor::from_json);
+            if cursor.is_some_and(|c| c < *low) {
+                return Ok(None);
+            }
+        }
         if let Some(reason) = names.first_invalid(&record.fields) {
             return Err(reject(&record, None, reason));
         }
@@ -197,11 +209,6 @@ impl Planner {
                         format!("delete field {name:?} is {other}, expected true, false or null"),
                     ));
                 }
-            }
-        }
-        if let (Some(low), Some(c)) = (&self.low, &cursor) {
-            if c < low {
-                return Ok(None);
             }
         }
         let fields = match &self.key {

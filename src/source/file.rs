@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 
 use super::{Source, SourceProgress, SourceQuery};
 use crate::error::{Error, Result};
+use crate::key::Cursor;
 use crate::record::{Item, Record, Reject, SourceRef};
 
 /// `[source] type = "file"`.
@@ -172,6 +173,9 @@ impl FileSource {
             chunk_size: chunk,
             max_record_bytes: query.max_record_bytes.max(1 << 16),
             bytes_read: bytes_read.clone(),
+            window: query.cursor.clone().zip(query.low.clone()),
+            prefilter: true,
+            blocks: 0,
         };
         std::thread::Builder::new()
             .name("idemload-file-source".into())
@@ -232,6 +236,13 @@ pub(super) struct Reader {
     chunk_size: usize,
     pub(super) max_record_bytes: usize,
     bytes_read: Arc<AtomicU64>,
+    /// The cursor field and the run's low bound: JSON records below it are
+    /// recognised from that one field and skipped without being built.
+    window: Option<(String, Cursor)>,
+    /// The last block checked was mostly below the window: check this one
+    /// too (blocks of records kept are then parsed once, not twice).
+    prefilter: bool,
+    blocks: u64,
 }
 
 /// The receiver went away (the run stopped): stop reading.
@@ -385,20 +396,38 @@ impl Reader {
         name: &Arc<str>,
         block: &mut LineBlock,
     ) -> std::result::Result<(), Stopped> {
+        // With a low bound, a block is first checked by its cursor field
+        // alone while most records fall below the window, and every
+        // eighth block otherwise, to notice when they start to.
+        self.blocks += 1;
+        let window = self
+            .window
+            .as_ref()
+            .filter(|_| self.prefilter || self.blocks % 8 == 0);
         let items: Vec<Item> = block
             .lines
             .par_iter()
             .map_init(
                 || 16,
                 |width, (number, range)| {
+                    let text = &block.text[range.clone()];
+                    if let Some((field, low)) = window {
+                        if below_window(text, field, low) {
+                            return Item::Skipped;
+                        }
+                    }
                     let at = SourceRef::Line {
                         path: name.clone(),
                         line: *number,
                     };
-                    parse_json_record(&block.text[range.clone()], at, width)
+                    parse_json_record(text, at, width)
                 },
             )
             .collect();
+        if window.is_some() && !items.is_empty() {
+            let skipped = items.iter().filter(|i| matches!(i, Item::Skipped)).count();
+            self.prefilter = skipped * 4 >= items.len();
+        }
         block.text.clear();
         block.lines.clear();
         for item in items {
@@ -444,6 +473,76 @@ impl Reader {
                 Ok(())
             }
         }
+    }
+}
+
+/// True when `text` is a JSON object whose field `field` holds a cursor
+/// below `low`: the record would be skipped, so it need not be built. Any
+/// doubt (not an object, malformed, no such field, not a cursor) says
+/// false, and the record is parsed in full.
+fn below_window(text: &[u8], field: &str, low: &Cursor) -> bool {
+    let mut de = serde_json::Deserializer::from_slice(text);
+    match CursorField(field).deserialize(&mut de) {
+        Ok(Some(value)) if de.end().is_ok() => Cursor::from_json(&value).is_some_and(|c| c < *low),
+        _ => false,
+    }
+}
+
+/// The value of one top-level field of a JSON object (the last one, as a
+/// map keeps it), every other value passed over without being built.
+struct CursorField<'a>(&'a str);
+
+impl<'de> DeserializeSeed<'de> for CursorField<'_> {
+    type Value = Option<Value>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for CursorField<'_> {
+    type Value = Option<Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(is_field) = map.next_key_seed(KeyIs(self.0))? {
+            if is_field {
+                found = Some(map.next_value::<Value>()?);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// Whether an object key is `.0`, compared without allocating.
+struct KeyIs<'a>(&'a str);
+
+impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> std::result::Result<bool, E> {
+        Ok(key == self.0)
     }
 }
 
@@ -653,5 +752,38 @@ impl<'de> Visitor<'de> for ArraySeed<'_> {
                 return Err(serde::de::Error::custom("stopped"));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_clear_cursor_below_the_window_skips_a_line_unparsed() {
+        let low = Cursor::from_text("2024-05-01T00:00:00Z");
+        let below = |text: &str| below_window(text.as_bytes(), "at", &low);
+        assert!(below(
+            r#"{"id":1,"nested":{"at":"2030-01-01T00:00:00Z"},"at":"2024-04-30T23:59:59Z"}"#
+        ));
+        // Offsets are compared as instants.
+        assert!(below(r#"{"at":"2024-05-01T01:00:00+02:00"}"#));
+        assert!(!below(r#"{"at":"2024-05-01T00:00:00Z"}"#));
+        // The last of repeated fields counts, as in the record itself.
+        assert!(!below(
+            r#"{"at":"2020-01-01T00:00:00Z","at":"2025-01-01T00:00:00Z"}"#
+        ));
+        assert!(below(
+            r#"{"at":"2025-01-01T00:00:00Z","\u0061t":"2020-01-01T00:00:00Z"}"#
+        ));
+        // Any doubt: parsed in full, where a reject says why.
+        assert!(!below(r#"{"id":1}"#));
+        assert!(!below(r#"{"at":null}"#));
+        assert!(!below(r#"{"at":"2020-01-01T00:00:00Z","id":}"#));
+        assert!(!below(r#"{"at":"2020-01-01T00:00:00Z"} trailing"#));
+        assert!(!below(r#"["at","2020-01-01T00:00:00Z"]"#));
+        let low = Cursor::Int(100);
+        assert!(below_window(br#"{"v":99}"#, "v", &low));
+        assert!(!below_window(br#"{"v":100}"#, "v", &low));
     }
 }

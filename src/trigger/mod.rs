@@ -252,6 +252,7 @@ async fn poll(
             report.read += 1;
             let record = match item {
                 Item::Record(r) => r,
+                Item::Skipped => continue,
                 Item::Reject(r) => {
                     report.rejected += 1;
                     tracing::warn!(at = %r.source, reason = %r.reason, "Item not usable.");

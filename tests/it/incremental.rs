@@ -194,3 +194,52 @@ idemtest!(integer_cursor_with_numeric_lookback, |env| {
     assert_eq!(env.backend.checkpoint("seqs"), Some(json!(110)));
     assert_rows(&env.rows("seqs"), &rows(2..12));
 });
+
+// A re-run over a large export that mostly lies below the window: those
+// lines are recognised by their cursor alone and skipped unparsed, and the
+// accounting is the same as when every record is parsed: below the window
+// means skipped, whatever else is wrong with the record; a line that is not
+// clearly below (malformed, no cursor) is read in full and rejected.
+idemtest!(
+    records_below_the_window_are_skipped_unparsed_and_counted,
+    |env| {
+        let mut old: Vec<String> = (0..3000)
+            .map(|i| event(i, &format!("2024-01-0{}T00:00:00Z", 1 + i % 5)).to_string())
+            .collect();
+        old[10] = r#"{"note":"no id, but long ago","updated_at":"2024-01-01T00:00:00Z"}"#.into();
+        old[2500] = r#"{"id":2500,"updated_at":"2024-01-01T00:00:00Z","bad":}"#.into();
+        old[2600] = r#"{"id":2600,"note":"no cursor"}"#.into();
+        let newer: Vec<String> = (3000..3010)
+            .map(|i| event(i, "2024-02-01T00:00:00Z").to_string())
+            .collect();
+        env.write("in/big.jsonl", old.join("\n") + "\n");
+        let load = LOAD.replace("batch_size = 2", "batch_size = 500");
+        let p = env.pipeline("events", "in/*.jsonl", &load);
+        let first = env.run(&p, &[]).code(4).report();
+        assert_eq!(first.read, 3000, "{}", first.raw);
+        assert_eq!(first.rejected, 3, "{}", first.raw);
+        assert_eq!(first.checkpoint_after(), json!("2024-01-05T00:00:00Z"));
+        env.write(
+            "in/big.jsonl",
+            old.join("\n") + "\n" + &newer.join("\n") + "\n",
+        );
+        let again = env.run(&p, &[]).code(4).report();
+        // Below day 5 minus 1h: the 2,400 records of days 1 to 4 (the id-less
+        // one among them) but the malformed and the cursor-less lines.
+        assert_eq!(again.read, 3010, "{}", again.raw);
+        assert_eq!(again.skipped, 2398, "{}", again.raw);
+        assert_eq!(
+            again.rejected, 2,
+            "malformed and cursor-less lines: {}",
+            again.raw
+        );
+        assert_eq!(
+            (again.inserted, again.unchanged),
+            (10, 600),
+            "{}",
+            again.raw
+        );
+        assert_eq!(again.checkpoint_after(), json!("2024-02-01T00:00:00Z"));
+        assert_eq!(env.rows("events").len(), 3000 - 3 + 10);
+    }
+);
