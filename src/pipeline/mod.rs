@@ -7,7 +7,9 @@
 //! transaction; otherwise the checkpoint moves only with the last batch, so
 //! a run killed anywhere leaves a checkpoint that is never ahead of the data
 //! and a re-run that reads from it again, where merge makes the overlap free.
-//! One batch is read ahead, so the last batch is known when it is written.
+//! The last batch is known when it is written: the source says it is at its
+//! end (a file source peeks one small chunk), or, for a source that cannot
+//! tell, one more batch is read ahead.
 
 pub mod plan;
 pub mod stats;
