@@ -158,12 +158,7 @@ impl FileSource {
         // The reader hands over small chunks, two waiting at most: memory
         // holds the batch being written, the one being read and a few
         // thousand records more, whatever the batch size.
-        let (tx, rx) = mpsc::channel(
-            std::env::var("CHUNKS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(2),
-        );
+        let (tx, rx) = mpsc::channel(2);
         let bytes_read = Arc::new(AtomicU64::new(0));
         let batch_size = query.batch_size.max(1);
         let chunk = batch_size.min(CHUNK);
@@ -404,6 +399,7 @@ impl Reader {
             .window
             .as_ref()
             .filter(|_| self.prefilter || self.blocks % 8 == 0);
+        let any_window = self.window.as_ref();
         let items: Vec<Item> = block
             .lines
             .par_iter()
@@ -420,7 +416,14 @@ impl Reader {
                         path: name.clone(),
                         line: *number,
                     };
-                    parse_json_record(text, at, width)
+                    match (parse_json_record(text, at, width), any_window) {
+                        // Whichever way the line was read, a readable cursor
+                        // below the window makes it skipped.
+                        (Item::Reject(_), Some((field, low))) if below_window(text, field, low) => {
+                            Item::Skipped
+                        }
+                        (item, _) => item,
+                    }
                 },
             )
             .collect();
@@ -480,7 +483,18 @@ impl Reader {
 /// below `low`: the record would be skipped, so it need not be built. Any
 /// doubt (not an object, malformed, no such field, not a cursor) says
 /// false, and the record is parsed in full.
+///
+/// The other values are passed over, not checked as a full parse checks
+/// them: a line below the window is skipped even when one of its other
+/// values holds a number beyond a double's range, a lone surrogate escape
+/// or more than 128 levels of nesting (the reader then skips it too when
+/// the full parse rejects it, so the count never depends on which way a
+/// line was read). Invalid UTF-8 anywhere in the line, or JSON that does
+/// not parse, makes it a reject.
 fn below_window(text: &[u8], field: &str, low: &Cursor) -> bool {
+    if std::str::from_utf8(text).is_err() {
+        return false;
+    }
     let mut de = serde_json::Deserializer::from_slice(text);
     match CursorField(field).deserialize(&mut de) {
         Ok(Some(value)) if de.end().is_ok() => Cursor::from_json(&value).is_some_and(|c| c < *low),
@@ -782,6 +796,11 @@ mod tests {
         assert!(!below(r#"{"at":"2020-01-01T00:00:00Z","id":}"#));
         assert!(!below(r#"{"at":"2020-01-01T00:00:00Z"} trailing"#));
         assert!(!below(r#"["at","2020-01-01T00:00:00Z"]"#));
+        assert!(!below_window(
+            b"{\"at\":\"2020-01-01T00:00:00Z\",\"x\":\"\xff\"}",
+            "at",
+            &low
+        ));
         let low = Cursor::Int(100);
         assert!(below_window(br#"{"v":99}"#, "v", &low));
         assert!(!below_window(br#"{"v":100}"#, "v", &low));

@@ -209,6 +209,9 @@ idemtest!(
         old[10] = r#"{"note":"no id, but long ago","updated_at":"2024-01-01T00:00:00Z"}"#.into();
         old[2500] = r#"{"id":2500,"updated_at":"2024-01-01T00:00:00Z","bad":}"#.into();
         old[2600] = r#"{"id":2600,"note":"no cursor"}"#.into();
+        // Out of a double's range: a reject when read in full, skipped below
+        // the window however the line was read.
+        old[20] = r#"{"id":20,"updated_at":"2024-01-01T00:00:00Z","x":1e400}"#.into();
         let newer: Vec<String> = (3000..3010)
             .map(|i| event(i, "2024-02-01T00:00:00Z").to_string())
             .collect();
@@ -217,17 +220,25 @@ idemtest!(
         let p = env.pipeline("events", "in/*.jsonl", &load);
         let first = env.run(&p, &[]).code(4).report();
         assert_eq!(first.read, 3000, "{}", first.raw);
-        assert_eq!(first.rejected, 3, "{}", first.raw);
+        assert_eq!(first.rejected, 4, "{}", first.raw);
         assert_eq!(first.checkpoint_after(), json!("2024-01-05T00:00:00Z"));
         env.write(
             "in/big.jsonl",
             old.join("\n") + "\n" + &newer.join("\n") + "\n",
         );
+        // A second file mostly inside the window, whose lines are parsed in
+        // full first, ending with the same out-of-range line.
+        let mut inside: Vec<String> = (5000..6100)
+            .map(|i| event(i, "2024-02-02T00:00:00Z").to_string())
+            .collect();
+        inside.push(old[20].clone());
+        env.write("in/z.jsonl", inside.join("\n") + "\n");
         let again = env.run(&p, &[]).code(4).report();
         // Below day 5 minus 1h: the 2,400 records of days 1 to 4 (the id-less
-        // one among them) but the malformed and the cursor-less lines.
-        assert_eq!(again.read, 3010, "{}", again.raw);
-        assert_eq!(again.skipped, 2398, "{}", again.raw);
+        // and the out-of-range ones among them) but the malformed and the
+        // cursor-less lines, plus the out-of-range line of the second file.
+        assert_eq!(again.read, 3010 + 1101, "{}", again.raw);
+        assert_eq!(again.skipped, 2398 + 1, "{}", again.raw);
         assert_eq!(
             again.rejected, 2,
             "malformed and cursor-less lines: {}",
@@ -235,11 +246,11 @@ idemtest!(
         );
         assert_eq!(
             (again.inserted, again.unchanged),
-            (10, 600),
+            (10 + 1100, 600),
             "{}",
             again.raw
         );
-        assert_eq!(again.checkpoint_after(), json!("2024-02-01T00:00:00Z"));
-        assert_eq!(env.rows("events").len(), 3000 - 3 + 10);
+        assert_eq!(again.checkpoint_after(), json!("2024-02-02T00:00:00Z"));
+        assert_eq!(env.rows("events").len(), 3000 - 4 + 10 + 1100);
     }
 );

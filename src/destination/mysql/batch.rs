@@ -379,7 +379,9 @@ async fn send<'a>(
             .await;
         match loaded {
             Ok(()) => return check_warnings(conn).await,
-            // Local files refused by the server or this client: INSERT instead.
+            // Local files refused by the server or this client: INSERT
+            // instead. A refused load has loaded nothing (the refusal comes
+            // before any data is sent), so there is nothing to clear first.
             Err(mysql_async::Error::Server(e)) if matches!(e.code, 1148 | 3948 | 2068) => {
                 tracing::info!(
                     code = e.code,
