@@ -164,7 +164,62 @@ fn put_value(
         _ => {}
     }
     let converted = column.convert(value)?;
+    if let ("jsonb", SqlValue::Json(_)) = (column.udt.as_str(), &converted) {
+        // The value checked, written in the form PostgreSQL prints jsonb
+        // in, so that an unchanged stored value reads back byte for byte.
+        let start = buf.len();
+        buf.put_i32(0);
+        buf.put_u8(1);
+        write_jsonb(buf, value);
+        let len = (buf.len() - start - 4) as i32;
+        buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
+        return Ok(());
+    }
     encode(buf, column.stage(), &converted)
+}
+
+/// A JSON value as PostgreSQL prints a `jsonb`: object keys ordered by
+/// length then bytes, `": "` and `", "` between items, strings escaped as
+/// JSON requires (the same escapes PostgreSQL writes). Numbers are written
+/// as the canonical JSON (JCS) idemload has always sent, so the stored
+/// value is the same; where PostgreSQL prints a number differently
+/// (`1e+21`), the bytes differ and the row is compared by the database.
+fn write_jsonb(buf: &mut BytesMut, value: &Value) {
+    match value {
+        Value::Null => buf.put_slice(b"null"),
+        Value::Bool(b) => buf.put_slice(if *b { b"true" } else { b"false" }),
+        Value::Number(_) => buf.put_slice(crate::key::canonical_json(value).as_bytes()),
+        Value::String(s) => write_json_string(buf, s),
+        Value::Array(items) => {
+            buf.put_u8(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    buf.put_slice(b", ");
+                }
+                write_jsonb(buf, item);
+            }
+            buf.put_u8(b']');
+        }
+        Value::Object(map) => {
+            let mut members: Vec<(&String, &Value)> = map.iter().collect();
+            members.sort_by(|a, b| (a.0.len(), a.0.as_bytes()).cmp(&(b.0.len(), b.0.as_bytes())));
+            buf.put_u8(b'{');
+            for (i, (key, item)) in members.into_iter().enumerate() {
+                if i > 0 {
+                    buf.put_slice(b", ");
+                }
+                write_json_string(buf, key);
+                buf.put_slice(b": ");
+                write_jsonb(buf, item);
+            }
+            buf.put_u8(b'}');
+        }
+    }
+}
+
+fn write_json_string(buf: &mut BytesMut, s: &str) {
+    // Writing into memory cannot fail.
+    let _ = serde_json::to_writer((&mut *buf).writer(), s);
 }
 
 fn encode(buf: &mut BytesMut, stage: Stage, value: &SqlValue) -> std::result::Result<(), String> {
@@ -376,5 +431,60 @@ mod tests {
         }
         assert!(index_rows(&data[..data.len() - 2], 1).is_err());
         assert!(index_rows(b"not copy data", 1).is_err());
+    }
+
+    /// Our jsonb text must be PostgreSQL's own printing of the value we
+    /// used to send (its canonical JSON), byte for byte, or rows with JSON
+    /// never compare equal; and it must be that same value.
+    #[tokio::test]
+    async fn jsonb_is_written_as_postgres_prints_it() {
+        let Some(url) = super::super::testing::server("jsonb_is_written_as_postgres_prints_it")
+        else {
+            return;
+        };
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let values = [
+            serde_json::json!({"bb": 1, "a": [1, 2.5, -0.125, null, true], "ccc": {"z": {}, "y": []}}),
+            serde_json::json!({"é": "ü", "e": "quote \" back \\ nl \n tab \t \u{1} \u{7f} 😀", "": 0}),
+            serde_json::json!([0.1, 1e-6, 123456789012345678u64, -9007199254740993i64, 2.0]),
+            serde_json::json!("plain"),
+            serde_json::json!(false),
+            serde_json::json!({"dup": {"b": 1, "aa": 2, "a": 3}}),
+        ];
+        for value in values {
+            let mut buf = BytesMut::new();
+            write_jsonb(&mut buf, &value);
+            let ours = std::str::from_utf8(&buf).unwrap().to_string();
+            let sent = crate::key::canonical_json(&value);
+            let row = client
+                .query_one(
+                    "SELECT $1::text::jsonb::text, $1::text::jsonb = $2::text::jsonb",
+                    &[&sent, &ours],
+                )
+                .await
+                .unwrap();
+            let printed: String = row.get(0);
+            let same: bool = row.get(1);
+            assert!(same, "{ours} is not the value {sent}");
+            assert_eq!(ours, printed, "for {value}");
+        }
+        // A number PostgreSQL prints otherwise: still the same value, only
+        // not the same bytes (the database then compares).
+        let big = serde_json::json!({"n": 1.5e300});
+        let mut buf = BytesMut::new();
+        write_jsonb(&mut buf, &big);
+        let ours = std::str::from_utf8(&buf).unwrap().to_string();
+        let row = client
+            .query_one(
+                "SELECT $1::text::jsonb::text, $1::text::jsonb = '{\"n\": 1.5e300}'::jsonb",
+                &[&ours],
+            )
+            .await
+            .unwrap();
+        assert_ne!(row.get::<_, String>(0), ours);
+        assert!(row.get::<_, bool>(1));
     }
 }
