@@ -173,8 +173,8 @@ impl Key {
     }
 }
 
-/// The JCS text of the usual key (integers up to 2^53, booleans, strings
-/// that need no escape) without building a JSON tree; `None` otherwise.
+/// The JCS text of the usual key (integers, booleans, strings that need no
+/// escape) without building a JSON tree; `None` otherwise.
 fn simple_canonical(values: &[Value]) -> Option<String> {
     use std::fmt::Write as _;
     let mut text = String::with_capacity(2 + values.len() * 12);
@@ -184,13 +184,18 @@ fn simple_canonical(values: &[Value]) -> Option<String> {
             text.push(',');
         }
         match value {
-            Value::Number(number) => {
-                let i = number.as_i64()?;
-                if i.unsigned_abs() > 1 << 53 {
-                    return None;
+            // Integers exactly, however large: JCS would write an integer
+            // beyond 2^53 as the nearest double, and two ids (snowflake
+            // ids, say) would become one key.
+            Value::Number(number) => match (number.as_i64(), number.as_u64()) {
+                (Some(i), _) => {
+                    let _ = write!(text, "{i}");
                 }
-                let _ = write!(text, "{i}");
-            }
+                (None, Some(u)) => {
+                    let _ = write!(text, "{u}");
+                }
+                _ => return None,
+            },
             Value::Bool(b) => text.push_str(if *b { "true" } else { "false" }),
             Value::String(s) if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') => {
                 text.push('"');
@@ -389,12 +394,31 @@ mod tests {
             json!(["a\"b"]),
             json!(["\u{1}"]),
             json!([null]),
-            json!([9007199254740993i64]),
         ] {
             assert_eq!(simple_canonical(odd.as_array().unwrap()), None);
             let key = Key::new(odd.as_array().unwrap().clone());
             assert_eq!(key.canonical(), canonical_json(&odd));
         }
+    }
+
+    #[test]
+    fn integer_keys_beyond_two_to_the_53_stay_distinct() {
+        // Snowflake-style ids: JCS would write both as 1234567890123456800.
+        let a = Key::new(vec![json!(1234567890123456789i64)]);
+        let b = Key::new(vec![json!(1234567890123456788i64)]);
+        assert_ne!(a.canonical(), b.canonical());
+        assert_eq!(a.canonical(), "[1234567890123456789]");
+        let big = Key::new(vec![json!(18446744073709551615u64), json!("x")]);
+        assert_eq!(big.canonical(), "[18446744073709551615,\"x\"]");
+        // A float that is exactly the same integer is still the same key.
+        let spec = KeySpec::Fields(vec!["id".into()]);
+        let int = spec
+            .key_of(&fields(json!({"id": 10000000000000000i64})), None)
+            .unwrap();
+        let float = spec.key_of(&fields(json!({"id": 1e16})), None).unwrap();
+        assert_eq!(int.canonical(), float.canonical());
+        let seven = spec.key_of(&fields(json!({"id": 7.0})), None).unwrap();
+        assert_eq!(seven.canonical(), "[7]");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::common::{assert_rows, hostname, wait_until, Env, Output};
 
-const ROWS: u64 = 60_000;
+const ROWS: u64 = 200_000;
 
 /// A file big enough that a run lasts a while; returns the expected table.
 fn big_input(env: &Env) -> Vec<Value> {

@@ -116,3 +116,24 @@ idemtest!(composite_keys_identify_rows_by_all_parts, |env| {
     out.code(4);
     assert_eq!(out.report().rejected, 4);
 });
+
+// Ids beyond 2^53 (snowflake ids) are distinct keys: written as doubles
+// they would round to one value and the second record would be dropped as
+// a duplicate of the first.
+idemtest!(snowflake_ids_beyond_two_to_the_53_stay_distinct, |env| {
+    env.write(
+        "ids.jsonl",
+        "{\"id\":1234567890123456789,\"v\":1}\n{\"id\":1234567890123456788,\"v\":2}\n",
+    );
+    let r = env
+        .load("ids", &["ids.jsonl"], &["--key", "id"])
+        .code(0)
+        .report();
+    assert_eq!((r.inserted, r.duplicates), (2, 0), "{}", r.raw);
+    let again = env
+        .load("ids", &["ids.jsonl"], &["--key", "id"])
+        .code(0)
+        .report();
+    assert_eq!((again.inserted, again.unchanged), (0, 2), "{}", again.raw);
+    assert_eq!(env.backend.count("ids"), 2);
+});
