@@ -142,9 +142,13 @@ impl Planner {
         };
         // A record below the window is skipped whatever else is wrong with
         // it, as a source that filters while reading skips it unparsed.
-        if let (Some(low), Some(name)) = (&self.low, &self.cursor) {
-            let cursor = record.fields.get(name).and_then(Cursor::from_json);
-            if cursor.is_some_and(|c| c < *low) {
+        let cursor = self
+            .cursor
+            .as_ref()
+            .and_then(|name| record.fields.get(name))
+            .and_then(Cursor::from_json);
+        if let (Some(low), Some(c)) = (&self.low, &cursor) {
+            if c < low {
                 return Ok(None);
             }
         }
@@ -163,29 +167,18 @@ impl Planner {
             Ok(key) => key,
             Err(reason) => return Err(reject(&record, None, reason)),
         };
-        let cursor = match &self.cursor {
-            None => None,
-            Some(name) => match record.fields.get(name) {
-                None | Some(Value::Null) => {
-                    return Err(reject(
-                        &record,
-                        Some(&key),
-                        format!("missing cursor field {name:?}"),
-                    ))
-                }
-                Some(value) => match Cursor::from_json(value) {
-                    Some(c) => Some(c),
-                    None => {
-                        return Err(reject(
-                            &record,
-                            Some(&key),
-                            format!(
-                            "cursor field {name:?} is {value}, not a number, timestamp or string"
-                        ),
-                        ))
-                    }
-                },
-            },
+        let cursor = match (&self.cursor, cursor) {
+            (None, _) => None,
+            (Some(_), Some(c)) => Some(c),
+            (Some(name), None) => {
+                let reason = match record.fields.get(name) {
+                    None | Some(Value::Null) => format!("missing cursor field {name:?}"),
+                    Some(value) => format!(
+                        "cursor field {name:?} is {value}, not a number, timestamp or string"
+                    ),
+                };
+                return Err(reject(&record, Some(&key), reason));
+            }
         };
         if let Some(window) = &self.window_field {
             if record.fields.get(window).is_none_or(Value::is_null) {
