@@ -28,6 +28,31 @@ impl SeenKeys {
     }
 }
 
+/// How a batch's integer keys are looked up in a table.
+pub(crate) enum KeyFilter {
+    /// The keys are dense (at most half the range unused): one range scan.
+    Range(i64, i64),
+    /// Scattered keys, comma-separated: one probe each.
+    List(String),
+}
+
+impl KeyFilter {
+    /// `None` for no keys.
+    pub(crate) fn of(keys: &[i64]) -> Option<KeyFilter> {
+        let (lo, hi) = (*keys.iter().min()?, *keys.iter().max()?);
+        Some(if (hi as i128 - lo as i128) < 2 * keys.len() as i128 {
+            KeyFilter::Range(lo, hi)
+        } else {
+            KeyFilter::List(
+                keys.iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::SeenKeys;
@@ -50,5 +75,24 @@ mod tests {
             "{} bytes",
             seen.0.serialized_size()
         );
+    }
+
+    #[test]
+    fn dense_keys_are_one_range_scattered_ones_a_list() {
+        use super::KeyFilter;
+        assert!(KeyFilter::of(&[]).is_none());
+        assert!(matches!(
+            KeyFilter::of(&[5, 3, 4]),
+            Some(KeyFilter::Range(3, 5))
+        ));
+        assert!(matches!(
+            KeyFilter::of(&[1, 1000]),
+            Some(KeyFilter::List(l)) if l == "1,1000"
+        ));
+        // No overflow at the ends of the range.
+        assert!(matches!(
+            KeyFilter::of(&[i64::MIN, i64::MAX]),
+            Some(KeyFilter::List(_))
+        ));
     }
 }

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::schema::{Limit, SqlColumn, Table};
 use crate::destination::schema::{ColumnType, SqlValue};
+use crate::destination::seen::KeyFilter;
 use crate::destination::sql::quote_mysql as q;
 use crate::destination::Target;
 use crate::error::{Error, Result};
@@ -432,9 +433,10 @@ pub(super) async fn stored_rows(
     key_at: usize,
     keys: &[i64],
 ) -> std::result::Result<HashMap<i64, Vec<MyValue>>, mysql_async::Error> {
-    let (Some(&lo), Some(&hi)) = (keys.iter().min(), keys.iter().max()) else {
+    let Some(filter) = KeyFilter::of(keys) else {
         return Ok(HashMap::new());
     };
+
     let cols = schema
         .names()
         .iter()
@@ -442,15 +444,9 @@ pub(super) async fn stored_rows(
         .collect::<Vec<_>>()
         .join(", ");
     let key = q(&schema.columns[key_at].name);
-    let filter = if (hi as i128 - lo as i128) < 2 * keys.len() as i128 {
-        format!("{key} BETWEEN {lo} AND {hi}")
-    } else {
-        let list = keys
-            .iter()
-            .map(i64::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
-        format!("{key} IN ({list})")
+    let filter = match filter {
+        KeyFilter::Range(lo, hi) => format!("{key} BETWEEN {lo} AND {hi}"),
+        KeyFilter::List(list) => format!("{key} IN ({list})"),
     };
     let rows: Vec<mysql_async::Row> = conn
         .exec(

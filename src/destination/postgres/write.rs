@@ -31,7 +31,7 @@ use super::types::{read_schema, PgColumn, PgSchema, Stage};
 use super::{pg_error, qualified, PostgresDestination, Run};
 use crate::config::Mode;
 use crate::destination::schema::ColumnType;
-use crate::destination::seen::SeenKeys;
+use crate::destination::seen::{KeyFilter, SeenKeys};
 use crate::destination::sql::{column_list, quote};
 use crate::destination::Commit;
 use crate::error::{Error, Result};
@@ -447,17 +447,10 @@ impl<'a> Merge<'a> {
     /// table's columns, in order): a range scan of the key's index when the
     /// keys are dense, else one probe per key. `None` for no keys.
     fn stored_rows(&self, keys: &[i64], key_at: usize) -> Option<String> {
-        let (lo, hi) = (*keys.iter().min()?, *keys.iter().max()?);
         let key = quote(&self.schema.columns[key_at].name);
-        let filter = if (hi as i128 - lo as i128) < 2 * keys.len() as i128 {
-            format!("{key} BETWEEN {lo} AND {hi}")
-        } else {
-            let list = keys
-                .iter()
-                .map(i64::to_string)
-                .collect::<Vec<_>>()
-                .join(",");
-            format!("{key} = ANY ('{{{list}}}'::bigint[])")
+        let filter = match KeyFilter::of(keys)? {
+            KeyFilter::Range(lo, hi) => format!("{key} BETWEEN {lo} AND {hi}"),
+            KeyFilter::List(list) => format!("{key} = ANY ('{{{list}}}'::bigint[])"),
         };
         Some(format!(
             "SELECT {} FROM {} WHERE {filter}",
