@@ -1,13 +1,19 @@
 //! Writing one batch to MySQL, in one transaction.
 //!
 //! Before the transaction: tables and columns are created (MySQL's DDL
-//! commits on its own), and the batch is converted and loaded into a
-//! temporary table (`batch.rs`). Inside the transaction, set-based statements classify every row
-//! against the stored one (new, changed, unchanged by `<=>` on every column,
-//! stale by cursor, to delete) and against the run's key set (a key written
-//! by an earlier batch is a duplicate), then write only what changed. The
-//! batch's rejects, its checkpoint and, for the last batch, the run's ending
-//! commit with it.
+//! commits on its own), and the batch is converted (`batch.rs`). With one
+//! integer key column the run's keys are kept in memory, and rows are
+//! settled in Rust where they can be: a key new to a table that was empty
+//! when the run began goes straight in; otherwise the stored versions of
+//! the batch's keys are read and a row equal to its own is counted and not
+//! sent, a key not stored goes straight in.
+//!
+//! Every other row is loaded into a temporary table, and inside the
+//! transaction set-based statements classify it against the stored one
+//! (new, changed, unchanged by `<=>` on every column, stale by cursor, to
+//! delete) and against the run's key set (a key written by an earlier batch
+//! is a duplicate), then write only what changed. The batch's rejects, its
+//! checkpoint and, for the last batch, the run's ending commit with it.
 
 use std::collections::HashMap;
 
