@@ -108,8 +108,8 @@ impl KeySpec {
 pub fn hash_fields(fields: &Fields, names: &[String], ignore: Option<&str>) -> String {
     let mut object = Fields::new();
     if names.is_empty() {
-        for (name, value) in fields {
-            if Some(name.as_str()) != ignore && name != HASH_KEY_COLUMN {
+        for (name, value) in fields.iter() {
+            if Some(&**name) != ignore && &**name != HASH_KEY_COLUMN {
                 object.insert(name.clone(), value.clone());
             }
         }
@@ -121,7 +121,7 @@ pub fn hash_fields(fields: &Fields, names: &[String], ignore: Option<&str>) -> S
             );
         }
     }
-    let canonical = canonical_json(&Value::Object(object));
+    let canonical = canonical_json(&object.into());
     hex::encode(Sha256::digest(canonical.as_bytes()))
 }
 
@@ -373,7 +373,7 @@ mod tests {
     use serde_json::json;
 
     fn fields(v: Value) -> Fields {
-        v.as_object().unwrap().clone()
+        Fields::try_from(v).unwrap()
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod config;
 pub mod dedupe;
 pub mod destination;
 pub mod error;
+mod fields;
 pub mod key;
 pub mod pipeline;
 pub mod record;

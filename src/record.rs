@@ -9,10 +9,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use serde_json::Value;
-
-/// The fields of a record, in input order.
-pub type Fields = serde_json::Map<String, Value>;
+pub use crate::fields::{Fields, Name};
 
 /// Where a record was read: `exports/a.jsonl:17` or `http://h/v1/x#3:12`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -263,7 +263,7 @@ mod tests {
             let items = (1..=3)
                 .map(|id| {
                     let v = json!({"id": id, "name": format!("n{id}"), "fetched_at": format!("2025-01-01T00:00:0{n}Z")});
-                    Item::Record(Record::new(v.as_object().unwrap().clone(), SourceRef::Other("test".into())))
+                    Item::Record(Record::new(v.try_into().unwrap(), SourceRef::Other("test".into())))
                 })
                 .collect();
             Ok(Some(items))

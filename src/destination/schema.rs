@@ -152,15 +152,15 @@ impl TableSchema {
         for fields in records {
             for (i, (name, value)) in fields.iter().enumerate() {
                 // Records mostly list their fields in the table's order.
-                let at_i = self.columns.get(i).is_some_and(|c| &c.name == name);
+                let at_i = self.columns.get(i).is_some_and(|c| *c.name == **name);
                 if value.is_null() || at_i || self.position(name).is_some() {
                     continue;
                 }
-                if missing.iter().any(|c| &c.name == name) {
+                if missing.iter().any(|c| *c.name == **name) {
                     continue;
                 }
                 missing.push(Column {
-                    name: name.clone(),
+                    name: name.to_string(),
                     ty: ColumnType::infer(value),
                 });
             }
@@ -213,8 +213,8 @@ mod tests {
         let a = json!({"id": 1, "x": null, "t": "2024-01-01T00:00:00Z"});
         let b = json!({"id": 2, "x": 1.5});
         let rows = [
-            a.as_object().unwrap().clone(),
-            b.as_object().unwrap().clone(),
+            crate::record::Fields::try_from(a).unwrap(),
+            crate::record::Fields::try_from(b).unwrap(),
         ];
         let missing = schema.missing(rows.iter());
         assert_eq!(

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::stats::RunStats;
 use crate::key::{Cursor, Key, KeySpec, HASH_KEY_COLUMN};
-use crate::record::{invalid_column_name, Fields, Item, Record, Reject, SourceRef};
+use crate::record::{invalid_column_name, Fields, Item, Name, Record, Reject, SourceRef};
 
 /// One row to write: a record that passed the checks, with its key.
 #[derive(Debug, Clone)]
@@ -227,7 +227,7 @@ impl Planner {
 /// by position: records of one source mostly share theirs.
 #[derive(Default)]
 struct NameCheck {
-    valid: Vec<String>,
+    valid: Vec<Name>,
 }
 
 impl NameCheck {
@@ -235,9 +235,8 @@ impl NameCheck {
     fn first_invalid(&mut self, fields: &Fields) -> Option<String> {
         for (at, name) in fields.keys().enumerate() {
             if let Some(valid) = self.valid.get(at) {
-                // Inlined comparison: this runs for every field.
-                if valid.len() == name.len() && valid.bytes().zip(name.bytes()).all(|(a, b)| a == b)
-                {
+                // Records read by one reader share their names.
+                if valid == name {
                     continue;
                 }
             }
@@ -245,7 +244,7 @@ impl NameCheck {
                 return Some(reason);
             }
             if at < self.valid.len() {
-                self.valid[at].clone_from(name);
+                self.valid[at] = name.clone();
             } else {
                 self.valid.push(name.clone());
             }
@@ -276,7 +275,7 @@ mod tests {
 
     fn item(line: u64, v: Value) -> Item {
         Item::Record(Record {
-            fields: v.as_object().unwrap().clone(),
+            fields: Fields::try_from(v).unwrap(),
             source: SourceRef::Line {
                 path: "t.jsonl".into(),
                 line,

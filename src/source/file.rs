@@ -23,8 +23,14 @@ use tokio::sync::mpsc;
 
 use super::{Source, SourceProgress, SourceQuery};
 use crate::error::{Error, Result};
+use crate::fields::ShapedFields;
 use crate::key::Cursor;
-use crate::record::{Item, Record, Reject, SourceRef};
+use crate::record::{Item, Name, Record, Reject, SourceRef};
+
+thread_local! {
+    /// The field names of the last record a thread read (see [`ShapedFields`]).
+    static SHAPE: std::cell::RefCell<Vec<Name>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// `[source] type = "file"`.
 #[derive(Debug, Clone, Deserialize)]
@@ -403,29 +409,27 @@ impl Reader {
         let items: Vec<Item> = block
             .lines
             .par_iter()
-            .map_init(
-                || 16,
-                |width, (number, range)| {
-                    let text = &block.text[range.clone()];
-                    if let Some((field, low)) = window {
-                        if below_window(text, field, low) {
-                            return Item::Skipped;
-                        }
+            .map(|(number, range)| {
+                let text = &block.text[range.clone()];
+                if let Some((field, low)) = window {
+                    if below_window(text, field, low) {
+                        return Item::Skipped;
                     }
-                    let at = SourceRef::Line {
-                        path: name.clone(),
-                        line: *number,
-                    };
-                    match (parse_json_record(text, at, width), any_window) {
-                        // Whichever way the line was read, a readable cursor
-                        // below the window makes it skipped.
-                        (Item::Reject(_), Some((field, low))) if below_window(text, field, low) => {
-                            Item::Skipped
-                        }
-                        (item, _) => item,
+                }
+                let at = SourceRef::Line {
+                    path: name.clone(),
+                    line: *number,
+                };
+                let item = SHAPE.with_borrow_mut(|shape| parse_json_record(text, at, shape));
+                match (item, any_window) {
+                    // Whichever way the line was read, a readable cursor
+                    // below the window makes it skipped.
+                    (Item::Reject(_), Some((field, low))) if below_window(text, field, low) => {
+                        Item::Skipped
                     }
-                },
-            )
+                    (item, _) => item,
+                }
+            })
             .collect();
         if window.is_some() && !items.is_empty() {
             let skipped = items.iter().filter(|i| matches!(i, Item::Skipped)).count();
@@ -562,17 +566,16 @@ impl<'de> Visitor<'de> for KeyIs<'_> {
 
 /// Parses one JSON text into a record, or a reject that says why not.
 ///
-/// `width` carries the number of fields of the previous record, so that an
-/// object's map is allocated once at its size instead of growing.
-pub(super) fn parse_json_record(text: &[u8], at: SourceRef, width: &mut usize) -> Item {
+/// `shape` holds the field names of the previous record read on this
+/// thread, which the next record of the same shape shares.
+pub(super) fn parse_json_record(text: &[u8], at: SourceRef, shape: &mut Vec<Name>) -> Item {
     let raw_len = text.len();
     if text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
         let mut de = serde_json::Deserializer::from_slice(text);
-        let parsed = ObjectSeed(*width)
+        let parsed = ShapedFields { shape }
             .deserialize(&mut de)
             .and_then(|fields| de.end().map(|()| fields));
         if let Ok(fields) = parsed {
-            *width = fields.len();
             return Item::Record(Record {
                 fields,
                 source: at,
@@ -594,41 +597,10 @@ pub(super) fn parse_json_record(text: &[u8], at: SourceRef, width: &mut usize) -
     into_record(value, at, raw_len)
 }
 
-/// Reads a JSON object into a map allocated for `.0` fields; keys and
-/// values exactly as `serde_json::Value` reads them (a repeated key keeps
-/// its first position and its last value).
-struct ObjectSeed(usize);
-
-impl<'de> DeserializeSeed<'de> for ObjectSeed {
-    type Value = crate::record::Fields;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for ObjectSeed {
-    type Value = crate::record::Fields;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(
-        self,
-        mut map: A,
-    ) -> std::result::Result<Self::Value, A::Error> {
-        let mut fields = crate::record::Fields::with_capacity(self.0.min(1024));
-        while let Some((key, value)) = map.next_entry::<String, Value>()? {
-            fields.insert(key, value);
-        }
-        Ok(fields)
-    }
-}
-
 fn into_record(value: Value, at: SourceRef, raw_len: usize) -> Item {
     match value {
         Value::Object(fields) => Item::Record(Record {
-            fields,
+            fields: fields.into(),
             source: at,
             raw_len,
         }),

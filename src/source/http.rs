@@ -386,7 +386,8 @@ impl Fetcher {
                 index: index as u64,
             };
             match element {
-                Value::Object(mut fields) => {
+                Value::Object(fields) => {
+                    let mut fields = Fields::from(fields);
                     rename(&self.fields, &mut fields);
                     if let Some(message) = self.ascending.check(&fields, &at) {
                         return Err(Error::Source {
@@ -424,7 +425,7 @@ fn rename(renames: &BTreeMap<String, String>, fields: &mut Fields) {
                 if let Some(v) = value {
                     fields.insert(to.clone(), v);
                 }
-            } else if let Some(v) = fields.remove(from) {
+            } else if let Some(v) = fields.shift_remove(from) {
                 fields.insert(to.clone(), v);
             }
         }
@@ -570,13 +571,11 @@ mod tests {
             ("owner.id".to_string(), "owner_id".to_string()),
         ]
         .into();
-        let mut fields = serde_json::json!({"ID": 7, "owner": {"id": "u1"}})
-            .as_object()
-            .cloned()
-            .unwrap();
+        let mut fields =
+            Fields::try_from(serde_json::json!({"ID": 7, "owner": {"id": "u1"}})).unwrap();
         rename(&renames, &mut fields);
         assert_eq!(
-            Value::Object(fields),
+            Value::from(fields),
             serde_json::json!({"owner": {"id": "u1"}, "id": 7, "owner_id": "u1"})
         );
     }

@@ -369,7 +369,7 @@ async fn read_postgres(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item
                     s.push('Z');
                 }
             }
-            batch.push(plan.record(&mut check, fields, n)?);
+            batch.push(plan.record(&mut check, fields.into(), n)?);
         }
         if tx.send(Ok(batch)).await.is_err() {
             return Ok(());

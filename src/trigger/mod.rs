@@ -278,7 +278,7 @@ async fn poll(
                 index: candidates.len(),
                 key: Value::Array(key.values().to_vec()),
                 hash: hash.clone(),
-                item: Value::Object(record.fields),
+                item: record.fields.into(),
             };
             // Overlapping pages repeat items: keep one per key.
             match by_hash.get(&hash) {

@@ -46,10 +46,7 @@ fn run(
         .iter()
         .enumerate()
         .map(|(i, &(k, c, x))| {
-            let fields = json!({"id": k, "c": c, "x": x})
-                .as_object()
-                .cloned()
-                .unwrap();
+            let fields = json!({"id": k, "c": c, "x": x}).try_into().unwrap();
             Item::Record(Record::new(
                 fields,
                 SourceRef::Other(format!("history:{}", first_line + i).into()),

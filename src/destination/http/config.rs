@@ -228,7 +228,7 @@ pub fn fill_body(
     remote_id: Option<&str>,
 ) -> Value {
     match template {
-        None => Value::Object(fields.clone()),
+        None => fields.clone().into(),
         Some(t) => fill_value(t, fields, remote_id),
     }
 }
@@ -303,10 +303,7 @@ mod tests {
 
     #[test]
     fn paths_are_url_encoded_and_bodies_keep_types() {
-        let f = json!({"email": "a+b@x.io", "n": 7, "name": "Ada L"})
-            .as_object()
-            .unwrap()
-            .clone();
+        let f = Fields::try_from(json!({"email": "a+b@x.io", "n": 7, "name": "Ada L"})).unwrap();
         assert_eq!(
             fill_path("/c/search?email={email}", &f, None),
             "/c/search?email=a%2Bb%40x.io"

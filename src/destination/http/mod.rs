@@ -291,7 +291,7 @@ impl Worker {
         let mut content = row.fields.clone();
         content.shift_remove(HASH_KEY_COLUMN);
         let hash = hex::encode(Sha256::digest(
-            canonical_json(&Value::Object(content.clone())).as_bytes(),
+            canonical_json(&content.clone().into()).as_bytes(),
         ));
         let known = self.ledger.get(&key).await?;
         let reject = |reason: String| Reject {

@@ -115,7 +115,7 @@ impl Source for Batches {
                 .enumerate()
                 .map(|(i, v)| {
                     Item::Record(Record::new(
-                        v.as_object().cloned().unwrap_or_default(),
+                        crate::record::Fields::try_from(v.clone()).unwrap_or_default(),
                         SourceRef::Other(format!("test:{i}").into()),
                     ))
                 })

@@ -303,7 +303,7 @@ async fn ensure_table(
                 break;
             }
             match new_names.get(&name.to_lowercase()) {
-                Some(exact) if exact != name => {
+                Some(exact) if **exact != **name => {
                     problem = Some(format!(
                         "field name {name:?} differs from field {exact:?} only by case, and MySQL column names ignore case"
                     ));
@@ -311,7 +311,7 @@ async fn ensure_table(
                 }
                 Some(_) => {}
                 None => {
-                    new_names.insert(name.to_lowercase(), name.clone());
+                    new_names.insert(name.to_lowercase(), name.to_string());
                 }
             }
         }

@@ -108,7 +108,7 @@ pub(super) fn encode_columns(
     // turn, looking a name up only when the order differs.
     let mut in_order = fields.iter().peekable();
     for column in columns {
-        let value = match in_order.next_if(|(name, _)| **name == column.name) {
+        let value = match in_order.next_if(|(name, _)| ***name == *column.name) {
             Some((_, value)) => value,
             None => fields.get(&column.name).unwrap_or(&Value::Null),
         };
@@ -387,12 +387,12 @@ mod tests {
         ];
         let mut buf = BytesMut::from(&b"earlier row"[..]);
         let bad = serde_json::json!({"id": 1, "at": "nope"});
-        let err = encode_columns(&mut buf, &columns, bad.as_object().unwrap());
+        let err = encode_columns(&mut buf, &columns, &Fields::try_from(bad).unwrap());
         assert!(err.unwrap_err().contains("not an RFC 3339 timestamp"));
         assert_eq!(&buf[..], b"earlier row");
         // Fields in another order than the columns are found by name.
         let good = serde_json::json!({"at": "2000-01-01T00:00:00Z", "id": 1});
-        encode_columns(&mut buf, &columns, good.as_object().unwrap()).unwrap();
+        encode_columns(&mut buf, &columns, &Fields::try_from(good).unwrap()).unwrap();
         let mut expected = BytesMut::from(&b"earlier row"[..]);
         expected.put_i32(8);
         expected.put_i64(1);
@@ -418,7 +418,7 @@ mod tests {
         for (id, v) in [(7, Some("a")), (-3, None), (1 << 40, Some("long text"))] {
             let mut buf = BytesMut::new();
             let record = serde_json::json!({"id": id, "v": v});
-            encode_columns(&mut buf, &columns, record.as_object().unwrap()).unwrap();
+            encode_columns(&mut buf, &columns, &Fields::try_from(record).unwrap()).unwrap();
             copy.push_encoded(&[], columns.len(), &buf);
             rows.push((id, buf));
         }
