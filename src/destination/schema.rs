@@ -8,6 +8,7 @@
 use serde_json::Value;
 
 use crate::key::{canonical_json, parse_instant};
+use crate::record::Name;
 
 /// Logical column types, mapped to each database's own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,11 +150,23 @@ impl TableSchema {
         records: impl Iterator<Item = &'a crate::record::Fields>,
     ) -> Vec<Column> {
         let mut missing: Vec<Column> = Vec::new();
+        // The names of the last record whose every field has a column:
+        // records with the same names need no look.
+        let mut covered: Vec<Name> = Vec::new();
         for fields in records {
+            if fields.len() == covered.len() && fields.keys().zip(&covered).all(|(a, b)| a.same(b))
+            {
+                continue;
+            }
+            let mut all_known = true;
             for (i, (name, value)) in fields.iter().enumerate() {
                 // Records mostly list their fields in the table's order.
                 let at_i = self.columns.get(i).is_some_and(|c| *c.name == **name);
-                if value.is_null() || at_i || self.position(name).is_some() {
+                if at_i || self.position(name).is_some() {
+                    continue;
+                }
+                all_known = false;
+                if value.is_null() {
                     continue;
                 }
                 if missing.iter().any(|c| *c.name == **name) {
@@ -163,6 +176,10 @@ impl TableSchema {
                     name: name.to_string(),
                     ty: ColumnType::infer(value),
                 });
+            }
+            if all_known {
+                covered.clear();
+                covered.extend(fields.keys().cloned());
             }
         }
         missing

@@ -570,8 +570,13 @@ impl<'de> Visitor<'de> for KeyIs<'_> {
 /// thread, which the next record of the same shape shares.
 pub(super) fn parse_json_record(text: &[u8], at: SourceRef, shape: &mut Vec<Name>) -> Item {
     let raw_len = text.len();
-    if text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
-        let mut de = serde_json::Deserializer::from_slice(text);
+    // A line checked as UTF-8 once is parsed without checking each string.
+    let object = match std::str::from_utf8(text) {
+        Ok(s) if s.trim_ascii_start().starts_with('{') => Some(s),
+        _ => None,
+    };
+    if let Some(object) = object {
+        let mut de = serde_json::Deserializer::from_str(object);
         let parsed = ShapedFields { shape }
             .deserialize(&mut de)
             .and_then(|fields| de.end().map(|()| fields));

@@ -19,7 +19,7 @@ use super::types::{PgColumn, Stage};
 use crate::destination::schema::{ColumnType, SqlValue};
 use crate::error::{Error, Result};
 use crate::key::parse_instant;
-use crate::record::Fields;
+use crate::record::{Fields, Name};
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
@@ -102,9 +102,19 @@ pub(super) fn encode_columns(
     buf: &mut BytesMut,
     columns: &[PgColumn],
     fields: &Fields,
+    order: &mut ColumnOrder,
 ) -> std::result::Result<(), String> {
     let start = buf.len();
-    // Records mostly list their fields in the table's order: take them in
+    let put = |buf: &mut BytesMut, column, value| {
+        put_value(buf, column, value).inspect_err(|_| buf.truncate(start))
+    };
+    if order.matches(columns, fields) {
+        for (column, value) in columns.iter().zip(fields.values()) {
+            put(buf, column, value)?;
+        }
+        return Ok(());
+    }
+    // Otherwise fields mostly come in the table's order still: take them in
     // turn, looking a name up only when the order differs.
     let mut in_order = fields.iter().peekable();
     for column in columns {
@@ -112,12 +122,30 @@ pub(super) fn encode_columns(
             Some((_, value)) => value,
             None => fields.get(&column.name).unwrap_or(&Value::Null),
         };
-        if let Err(e) = put_value(buf, column, value) {
-            buf.truncate(start);
-            return Err(e);
-        }
+        put(buf, column, value)?;
     }
     Ok(())
+}
+
+/// The field names of the last record that listed exactly the columns, in
+/// their order: a record with the same (interned) names is encoded
+/// without comparing a name.
+#[derive(Default)]
+pub(super) struct ColumnOrder(Vec<Name>);
+
+impl ColumnOrder {
+    fn matches(&mut self, columns: &[PgColumn], fields: &Fields) -> bool {
+        if fields.len() == self.0.len() && fields.keys().zip(&self.0).all(|(a, b)| a.same(b)) {
+            return true;
+        }
+        let aligned = fields.len() == columns.len()
+            && fields.keys().zip(columns).all(|(n, c)| **n == *c.name);
+        if aligned {
+            self.0.clear();
+            self.0.extend(fields.keys().cloned());
+        }
+        aligned
+    }
 }
 
 fn put_value(
@@ -279,11 +307,13 @@ pub(super) struct StoredRows {
 
 impl StoredRows {
     /// Runs `query` (a `SELECT` of the table's columns, in order) and keys
-    /// its rows by the `bigint` column at `key_at`.
+    /// its rows by the `bigint` column at `key_at`; `expected` is about how
+    /// many bytes of rows may come.
     pub(super) async fn read(
         tx: &Transaction<'_>,
         query: &str,
         key_at: usize,
+        expected: usize,
     ) -> Result<StoredRows> {
         let context = "reading the stored rows of a batch";
         let stream = tx
@@ -291,7 +321,7 @@ impl StoredRows {
             .await
             .map_err(pg_error(context))?;
         futures_util::pin_mut!(stream);
-        let mut data = BytesMut::new();
+        let mut data = BytesMut::with_capacity(expected + expected / 8 + 64);
         while let Some(chunk) = stream.next().await {
             data.extend_from_slice(&chunk.map_err(pg_error(context))?);
         }
@@ -387,12 +417,23 @@ mod tests {
         ];
         let mut buf = BytesMut::from(&b"earlier row"[..]);
         let bad = serde_json::json!({"id": 1, "at": "nope"});
-        let err = encode_columns(&mut buf, &columns, &Fields::try_from(bad).unwrap());
+        let err = encode_columns(
+            &mut buf,
+            &columns,
+            &Fields::try_from(bad).unwrap(),
+            &mut ColumnOrder::default(),
+        );
         assert!(err.unwrap_err().contains("not an RFC 3339 timestamp"));
         assert_eq!(&buf[..], b"earlier row");
         // Fields in another order than the columns are found by name.
         let good = serde_json::json!({"at": "2000-01-01T00:00:00Z", "id": 1});
-        encode_columns(&mut buf, &columns, &Fields::try_from(good).unwrap()).unwrap();
+        encode_columns(
+            &mut buf,
+            &columns,
+            &Fields::try_from(good).unwrap(),
+            &mut ColumnOrder::default(),
+        )
+        .unwrap();
         let mut expected = BytesMut::from(&b"earlier row"[..]);
         expected.put_i32(8);
         expected.put_i64(1);
@@ -418,7 +459,13 @@ mod tests {
         for (id, v) in [(7, Some("a")), (-3, None), (1 << 40, Some("long text"))] {
             let mut buf = BytesMut::new();
             let record = serde_json::json!({"id": id, "v": v});
-            encode_columns(&mut buf, &columns, &Fields::try_from(record).unwrap()).unwrap();
+            encode_columns(
+                &mut buf,
+                &columns,
+                &Fields::try_from(record).unwrap(),
+                &mut ColumnOrder::default(),
+            )
+            .unwrap();
             copy.push_encoded(&[], columns.len(), &buf);
             rows.push((id, buf));
         }

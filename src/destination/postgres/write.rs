@@ -26,7 +26,7 @@ use serde_json::Value;
 use tokio_postgres::{GenericClient, Transaction};
 
 use super::bookkeeping::{self, fence, insert_rejects, write_checkpoint, RUN_KEYS};
-use super::copy::{encode_columns, CopyBuffer, StoredRows};
+use super::copy::{encode_columns, ColumnOrder, CopyBuffer, StoredRows};
 use super::types::{read_schema, PgColumn, PgSchema, Stage};
 use super::{pg_error, qualified, PostgresDestination, Run};
 use crate::config::Mode;
@@ -127,29 +127,40 @@ pub(super) async fn write_batch(
         // straight into the table and compared byte-wise with stored ones.
         let native = pg_schema.columns.iter().all(|c| c.stage().sql() == c.sql);
         let direct = in_memory && run.empty_at_start == Some(true) && native;
-        let encoded = encode(&pg_schema, rows, key_at, seen, &mut stats, &mut rejects);
-        seen_added = encoded.rows.iter().filter_map(|r| r.key).collect();
-        // The stored versions of the keys the batch may already hold: a row
-        // equal to its stored version is settled here, without sending it;
-        // a key not stored is copied straight in.
-        let stored = match key_at {
-            Some(key_at) if in_memory && native && !staged => {
-                let keys: Vec<i64> = encoded
-                    .rows
+        // The stored versions of the keys the batch may already hold (not
+        // the keys new to a table that was empty): a row equal to its stored
+        // version is settled here, without sending it; a key not stored is
+        // copied straight in. The server reads them while the rows are
+        // encoded.
+        let lookup = match (key_at, seen) {
+            (Some(key_at), Some(seen)) if native && !staged => {
+                let keys: Vec<i64> = rows
                     .iter()
-                    .filter(|r| {
-                        let known_new = direct && r.fresh == Some(true);
-                        !r.delete && !known_new
-                    })
-                    .filter_map(|r| r.key)
+                    .filter(|r| !r.delete)
+                    .filter_map(int_key)
+                    // Into a table empty at the start only met keys can be stored.
+                    .filter(|&k| !direct || seen.contains(k))
                     .collect();
-                match merge.stored_rows(&keys, key_at) {
-                    Some(query) => Some(StoredRows::read(&tx, &query, key_at).await?),
-                    None => None,
-                }
+                merge
+                    .stored_rows(&keys, key_at)
+                    .map(|query| (query, key_at, keys.len()))
             }
             _ => None,
         };
+        let fetch = async {
+            match &lookup {
+                // About the size of the rows' own encoding.
+                Some((query, key_at, n)) => StoredRows::read(&tx, query, *key_at, n * 256)
+                    .await
+                    .map(Some),
+                None => Ok(None),
+            }
+        };
+        let (stored, encoded) = tokio::join!(fetch, async {
+            encode(&pg_schema, rows, key_at, seen, &mut stats, &mut rejects)
+        });
+        let stored = stored?;
+        seen_added = encoded.rows.iter().filter_map(|r| r.key).collect();
         let columns = pg_schema.columns.len();
         let mut copy = CopyBuffer::new();
         let mut direct_copy = CopyBuffer::new();
@@ -304,11 +315,12 @@ fn encode(
 ) -> Encoded {
     let mut buf = BytesMut::with_capacity(rows.len() * 160);
     let mut encoded = Vec::with_capacity(rows.len());
+    let mut order = ColumnOrder::default();
     for row in &rows {
         // The key as its column holds it (7.0 is 7; a key that does not fit
         // the column is rejected below with the rest of the row).
         let key = match (seen, key_at) {
-            (Some(_), Some(_)) => row.key.values().first().and_then(Value::as_i64),
+            (Some(_), Some(_)) => int_key(row),
             _ => None,
         };
         let fresh = match (seen, key) {
@@ -316,7 +328,7 @@ fn encode(
             _ => None,
         };
         let start = buf.len();
-        match encode_columns(&mut buf, &schema.columns, &row.fields) {
+        match encode_columns(&mut buf, &schema.columns, &row.fields, &mut order) {
             Ok(()) => encoded.push(EncodedRow {
                 key,
                 fresh,
@@ -338,6 +350,12 @@ fn encode(
     // it while this one goes on with the batch.
     rayon::spawn(move || drop(rows));
     Encoded { buf, rows: encoded }
+}
+
+/// A single integer key as its `bigint` column holds it (7.0 is 7; a key
+/// that does not fit the column has none, and is rejected with its row).
+fn int_key(row: &Row) -> Option<i64> {
+    row.key.values().first().and_then(Value::as_i64)
 }
 
 /// The SQL of one batch's merge into one table.
