@@ -217,7 +217,8 @@ pub struct LoadArgs {
     /// Files or globs to load; `-` is stdin.
     #[arg(required = true)]
     pub files: Vec<String>,
-    /// Destination URL: sqlite://PATH.
+    /// Destination URL: sqlite://PATH, postgres://USER@HOST/DB[?schema=S]
+    /// or mysql://USER@HOST/DB.
     #[arg(long, value_name = "URL")]
     pub into: String,
     /// Target table (created if missing).
