@@ -60,6 +60,7 @@ pub struct SourceProgress {
 ///
 /// ```no_run
 /// use async_trait::async_trait;
+/// use idemload::record::Fields;
 /// use idemload::{Item, Record, SourceRef, Source};
 ///
 /// struct Queue(Vec<serde_json::Value>);
@@ -71,7 +72,7 @@ pub struct SourceProgress {
 ///             return Ok(None);
 ///         }
 ///         let items = self.0.drain(..).enumerate().map(|(i, v)| {
-///             let fields = v.as_object().cloned().unwrap_or_default();
+///             let fields = Fields::try_from(v).unwrap_or_default();
 ///             Item::Record(Record::new(fields, SourceRef::Other(format!("queue:{i}").into())))
 ///         });
 ///         Ok(Some(items.collect()))
