@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::file::{ReadError, Reader};
-use crate::record::{Fields, Item, Record, Reject, SourceRef};
+use crate::record::{Fields, Item, Name, Record, Reject, SourceRef};
 
 /// Rows read before column types are decided.
 pub const SAMPLE_ROWS: usize = 10_000;
@@ -140,10 +140,11 @@ pub(super) fn read_csv(
                 ),
             );
         }
-        if names.contains(&text) {
+        if names.iter().any(|n: &Name| **n == *text) {
             return reject_file(reader, at(1), format!("header names column {text:?} twice"));
         }
-        names.push(text);
+        // Made once: every row's fields share the header's names.
+        names.push(Name::from(text));
     }
 
     let mut types = vec![CellType::Unknown; names.len()];
@@ -256,7 +257,7 @@ fn correct_line<R: Read>(csv: &mut csv::Reader<CrlfEnds<R>>, row: &mut csv::Byte
 
 fn flush_sample(
     reader: &mut Reader,
-    names: &[String],
+    names: &[Name],
     types: &[CellType],
     sample: &mut Vec<csv::ByteRecord>,
     at: &impl Fn(u64) -> SourceRef,
@@ -269,7 +270,7 @@ fn flush_sample(
 
 fn to_item(
     row: &csv::ByteRecord,
-    names: &[String],
+    names: &[Name],
     types: &[CellType],
     at: &impl Fn(u64) -> SourceRef,
 ) -> Item {

@@ -32,7 +32,7 @@ use crate::config::redact;
 use crate::destination::sql::quote;
 use crate::error::{Error, Result};
 use crate::key::Cursor;
-use crate::record::{Fields, Item, Record, SourceRef};
+use crate::record::{Fields, Item, Name, Record, SourceRef};
 
 /// `[source] type = "sql"`.
 #[derive(Debug, Clone, Deserialize)]
@@ -255,7 +255,7 @@ fn read_sqlite(path: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) ->
     let sql = plan.sql("*", Dialect::Sqlite, "?1");
     tracing::debug!(%sql, "SQL source query.");
     let mut stmt = conn.prepare(&sql).map_err(|e| plan.error(e))?;
-    let names: Vec<String> = stmt.column_names().into_iter().map(String::from).collect();
+    let names: Vec<Name> = stmt.column_names().into_iter().map(Name::from).collect();
     let mut rows = match plan.low.as_ref().map(loose_low) {
         None => stmt.query([]),
         Some(LowParam::Int(i)) => stmt.query([i]),
@@ -427,13 +427,14 @@ async fn read_mysql(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>
     };
     let mut result = conn.exec_iter(&stmt, params).await.map_err(my)?;
     let columns: Vec<mysql_async::Column> = result.columns_ref().to_vec();
+    let names: Vec<Name> = columns.iter().map(|c| Name::from(&*c.name_str())).collect();
     let mut batch = Vec::with_capacity(plan.batch_size);
     let mut n = 0u64;
     while let Some(row) = result.next().await.map_err(my)? {
         n += 1;
         let mut fields = Fields::with_capacity(columns.len());
-        for (col, value) in columns.iter().zip(row.unwrap()) {
-            fields.insert(col.name_str().into_owned(), mysql_value(col, value));
+        for ((col, name), value) in columns.iter().zip(&names).zip(row.unwrap()) {
+            fields.insert(name.clone(), mysql_value(col, value));
         }
         batch.push(plan.record(&mut check, fields, n)?);
         if batch.len() >= plan.batch_size {

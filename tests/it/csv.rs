@@ -73,3 +73,18 @@ idemtest!(crlf_rows_name_their_own_line, |env| {
         ],
     );
 });
+
+idemtest!(
+    a_header_naming_a_column_twice_rejects_the_file_not_the_run,
+    |env| {
+        env.write_csv("twice.csv", "id,name,name\n1,a,b\n");
+        env.write_csv("good.csv", "id,name\n2,c\n");
+        let out = env.load("c", &["twice.csv", "good.csv"], &[]);
+        out.code(4);
+        let rejects = env.backend.raw_rows("_idemload_rejects");
+        assert_eq!(rejects.len(), 1, "{rejects:?}");
+        let reason = rejects[0]["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("\"name\" twice"), "{reason}");
+        assert_rows(&env.rows("c"), &[json!({"id": 2, "name": "c"})]);
+    }
+);
