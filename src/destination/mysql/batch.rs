@@ -334,12 +334,7 @@ async fn send<'a>(
 ) -> std::result::Result<(), mysql_async::Error> {
     const EXTRA: [&str; 3] = ["`_idemload_rk`", "`_idemload_del`", "`_idemload_dup`"];
     let extra = if count == 0 { 0 } else { row(0).1.len() };
-    let cols = schema
-        .names()
-        .iter()
-        .map(|n| q(n))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let cols = schema.column_list("");
     if *local_infile {
         let mut buf = Vec::with_capacity(count * (schema.columns.len() * 12 + 40));
         for i in 0..count {
@@ -437,12 +432,7 @@ pub(super) async fn stored_rows(
         return Ok(HashMap::new());
     };
 
-    let cols = schema
-        .names()
-        .iter()
-        .map(|n| q(n))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let cols = schema.column_list("");
     let key = q(&schema.columns[key_at].name);
     let filter = match filter {
         KeyFilter::Range(lo, hi) => format!("{key} BETWEEN {lo} AND {hi}"),

@@ -51,6 +51,16 @@ impl Table {
         self.columns.iter().map(|c| c.name.as_str()).collect()
     }
 
+    /// The quoted column names, comma separated, each after `alias`
+    /// (`"s."`, or `""` for none).
+    pub fn column_list(&self, alias: &str) -> String {
+        self.columns
+            .iter()
+            .map(|c| format!("{alias}{}", q(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The logical view the engine's type rules work on.
     pub fn logical(&self) -> TableSchema {
         TableSchema {

@@ -489,18 +489,8 @@ async fn merge(
         .await?;
     }
     if todo[OP_INSERT as usize] {
-        let cols = schema
-            .names()
-            .iter()
-            .map(|n| q(n))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let s_cols = schema
-            .names()
-            .iter()
-            .map(|n| format!("s.{}", q(n)))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let cols = schema.column_list("");
+        let s_cols = schema.column_list("s.");
         if new_rows == rows {
             // Every row is new (a first load): no anti-join needed.
             conn.query_drop(format!("INSERT INTO {t} ({cols}) SELECT {cols} FROM {b}"))
