@@ -259,11 +259,6 @@ impl Fields {
     pub fn values(&self) -> impl ExactSizeIterator<Item = &Value> + Clone {
         self.entries.iter().map(|(_, v)| v)
     }
-
-    /// The field at a position, for walking fields alongside columns.
-    pub fn get_index(&self, at: usize) -> Option<(&Name, &Value)> {
-        self.entries.get(at).map(|(n, v)| (n, v))
-    }
 }
 
 impl Clone for Fields {
@@ -534,7 +529,7 @@ mod tests {
         assert_eq!(fields.get("new"), Some(&json!(1)));
         assert_eq!(fields.shift_remove("f0"), Some(json!(0)));
         assert_eq!(fields.get("f33"), Some(&json!("x")));
-        assert_eq!(fields.get_index(0).unwrap().0.as_ref(), "f1");
+        assert_eq!(fields.keys().next().unwrap().as_str(), "f1");
         assert_eq!(fields.get("f0"), None);
         assert_eq!(fields.len(), 40);
         assert_eq!(fields["missing"], Value::Null);
