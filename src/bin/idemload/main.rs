@@ -28,7 +28,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread runs the run and its connections' I/O: records are parsed
+    // on rayon's threads and SQLite works on blocking threads, so more
+    // runtime threads would only pass each server message between threads
+    // (measured: 5-15% more CPU time and 10-20 MB more peak memory).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
