@@ -90,6 +90,14 @@ pub trait Destination: Send {
     /// across batches, rejected values).
     async fn write(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats>;
 
+    /// A hook the run calls with each batch once it is planned, before it
+    /// is written, so the destination can start reading what that write
+    /// will need while the batch before it is written. `None` (the default)
+    /// when the destination has no use for it.
+    fn lookahead(&mut self) -> Option<Box<dyn Lookahead>> {
+        None
+    }
+
     /// Records a failed run (best effort: the destination may be gone).
     async fn fail(&mut self, run_id: &str, stats: &RunStats, error: &str) -> Result<()>;
 
@@ -103,6 +111,12 @@ pub trait Destination: Send {
         run_id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<RejectRecord>>;
+}
+
+/// See [`Destination::lookahead`].
+pub trait Lookahead: Send + Sync {
+    /// The batch that will be written next (after the one being written).
+    fn planned(&self, batch: &PlannedBatch);
 }
 
 /// Opens the destination a pipeline's `[destination]` describes.

@@ -246,6 +246,7 @@ impl Pipeline {
             // when the source says it is at its end, or, for a source that
             // cannot tell, when reading one more batch finds nothing.
             let mut queue = std::collections::VecDeque::with_capacity(2);
+            let lookahead = dest.lookahead();
             let mut exhausted = false;
             let last = loop {
                 if queue.is_empty() && !exhausted {
@@ -280,7 +281,11 @@ impl Pipeline {
                     if exhausted {
                         return Ok(None);
                     }
-                    read_planned(source.as_mut(), &planner).await
+                    let next = read_planned(source.as_mut(), &planner).await;
+                    if let (Ok(Some(batch)), Some(ahead)) = (&next, &lookahead) {
+                        ahead.planned(batch);
+                    }
+                    next
                 };
                 let (written, read) = tokio::join!(dest.write(ready, commit), next);
                 stats += written.map_err(|e| in_batch(e, &name, batch_no))?;

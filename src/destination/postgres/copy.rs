@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio_postgres::Transaction;
+use tokio_postgres::{CopyOutStream, Transaction};
 
 use super::pg_error;
 use serde_json::Value;
@@ -306,27 +306,50 @@ pub(super) struct StoredRows {
 }
 
 impl StoredRows {
-    /// Runs `query` (a `SELECT` of the table's columns, in order) and keys
-    /// its rows by the `bigint` column at `key_at`; `expected` is about how
-    /// many bytes of rows may come.
+    /// The `COPY` that reads the rows of `select` (a `SELECT` of the
+    /// table's columns, in order).
+    pub(super) fn copy(select: &str) -> String {
+        format!("COPY ({select}) TO STDOUT (FORMAT binary)")
+    }
+
+    /// Reads the rows of a [`StoredRows::copy`] started on any connection
+    /// and keys them by the `bigint` column at `key_at`; `expected` is about
+    /// how many bytes of rows may come.
     pub(super) async fn read(
-        tx: &Transaction<'_>,
-        query: &str,
+        copy: impl std::future::Future<
+            Output = std::result::Result<CopyOutStream, tokio_postgres::Error>,
+        >,
         key_at: usize,
         expected: usize,
     ) -> Result<StoredRows> {
+        let data = BytesMut::with_capacity(expected + expected / 8 + 64);
+        StoredRows::index(StoredRows::collect(copy, data).await?, key_at)
+    }
+
+    /// The bytes of a [`StoredRows::copy`], appended to `data`.
+    pub(super) async fn collect(
+        copy: impl std::future::Future<
+            Output = std::result::Result<CopyOutStream, tokio_postgres::Error>,
+        >,
+        mut data: BytesMut,
+    ) -> Result<BytesMut> {
         let context = "reading the stored rows of a batch";
-        let stream = tx
-            .copy_out(&format!("COPY ({query}) TO STDOUT (FORMAT binary)"))
-            .await
-            .map_err(pg_error(context))?;
+        let stream = copy.await.map_err(pg_error(context))?;
         futures_util::pin_mut!(stream);
-        let mut data = BytesMut::with_capacity(expected + expected / 8 + 64);
         while let Some(chunk) = stream.next().await {
             data.extend_from_slice(&chunk.map_err(pg_error(context))?);
         }
-        let rows = index_rows(&data, key_at)
-            .map_err(|e| Error::destination(context, format!("unexpected COPY data: {e}")))?;
+        Ok(data)
+    }
+
+    /// Keys the rows of binary COPY data by the `bigint` column at `key_at`.
+    pub(super) fn index(data: BytesMut, key_at: usize) -> Result<StoredRows> {
+        let rows = index_rows(&data, key_at).map_err(|e| {
+            Error::destination(
+                "reading the stored rows of a batch",
+                format!("unexpected COPY data: {e}"),
+            )
+        })?;
         Ok(StoredRows { data, rows })
     }
 

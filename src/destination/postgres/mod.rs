@@ -20,6 +20,7 @@
 //! the bookkeeping tables live in one schema: `?schema=NAME` in the URL or
 //! `[destination] schema`, else the connection's current schema.
 
+mod ahead;
 mod bookkeeping;
 mod copy;
 pub(crate) mod inspect;
@@ -33,7 +34,7 @@ use serde_json::Value;
 use tokio_postgres::{Client, Config, NoTls};
 
 use super::sql::quote;
-use super::{Capabilities, Commit, Destination, Target};
+use super::{Capabilities, Commit, Destination, Lookahead, Target};
 use crate::config::redact;
 use crate::error::{Error, Result};
 use crate::pipeline::plan::PlannedBatch;
@@ -54,6 +55,10 @@ pub struct PostgresDestination {
     lock: Option<(String, String, Duration, i64)>,
     /// The `CREATE` of the temporary batch table as of the last commit.
     batch_table: Option<String>,
+    /// How to open another connection (to read batches ahead).
+    config: Config,
+    /// The run's reads ahead, once the run asked for them.
+    ahead: Option<std::sync::Arc<ahead::Ahead>>,
 }
 
 /// The run in progress on this connection.
@@ -211,10 +216,11 @@ impl PostgresDestination {
             (Some(a), _) => Some(a),
             (None, b) => b.map(String::from),
         };
-        let (client, connection) =
-            parsed.config.connect(NoTls).await.map_err(|e| {
-                Error::destination(format!("cannot connect to {shown}"), describe(&e))
-            })?;
+        let config = parsed.config;
+        let (client, connection) = config
+            .connect(NoTls)
+            .await
+            .map_err(|e| Error::destination(format!("cannot connect to {shown}"), describe(&e)))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %describe(&e), "PostgreSQL connection ended.");
@@ -246,6 +252,8 @@ impl PostgresDestination {
             run: None,
             lock: None,
             batch_table: None,
+            config,
+            ahead: None,
         })
     }
 }
@@ -341,6 +349,12 @@ impl Destination for PostgresDestination {
 
     async fn write(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats> {
         write::write_batch(self, batch, commit).await
+    }
+
+    fn lookahead(&mut self) -> Option<Box<dyn Lookahead>> {
+        let ahead = ahead::Ahead::new(self.config.clone());
+        self.ahead = Some(ahead.clone());
+        Some(Box::new(ahead::ReadAhead(ahead)))
     }
 
     async fn fail(&mut self, run_id: &str, stats: &RunStats, error: &str) -> Result<()> {

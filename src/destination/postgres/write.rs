@@ -25,6 +25,7 @@ use bytes::BytesMut;
 use serde_json::Value;
 use tokio_postgres::{GenericClient, Transaction};
 
+use super::ahead::Shape;
 use super::bookkeeping::{self, fence, insert_rejects, write_checkpoint, RUN_KEYS};
 use super::copy::{encode_columns, ColumnOrder, CopyBuffer, StoredRows};
 use super::types::{read_schema, PgColumn, PgSchema, Stage};
@@ -58,7 +59,15 @@ pub(super) async fn write_batch(
         run,
         lock,
         batch_table,
+        ahead,
+        ..
     } = dest;
+    // The stored rows read ahead for this batch, collected before the
+    // transaction takes any lock the read could wait for.
+    let read_ahead = match ahead.as_ref().and_then(|a| a.take()) {
+        Some(pending) => pending.rows().await,
+        None => None,
+    };
     let schema = schema.as_str();
     let run = run
         .as_mut()
@@ -132,6 +141,25 @@ pub(super) async fn write_batch(
         // version is settled here, without sending it; a key not stored is
         // copied straight in. The server reads them while the rows are
         // encoded.
+        //
+        // Read ahead (see `ahead`), they are trusted only for keys new to
+        // the run. The next batch is read ahead with this batch's shape.
+        let shape = match (key_at, seen) {
+            (Some(key_at), Some(_)) if native && !staged && !direct => Some(Shape {
+                table: qualified(schema, &table),
+                columns: pg_schema
+                    .columns
+                    .iter()
+                    .map(|c| (c.name.clone(), c.sql.clone()))
+                    .collect(),
+                key_at,
+            }),
+            _ => None,
+        };
+        if let Some(ahead) = ahead.as_ref() {
+            ahead.set_shape(shape.clone());
+        }
+        let mut ahead_rows = None;
         let lookup = match (key_at, seen) {
             (Some(key_at), Some(seen)) if native && !staged => {
                 let keys: Vec<i64> = rows
@@ -141,22 +169,36 @@ pub(super) async fn write_batch(
                     // Into a table empty at the start only met keys can be stored.
                     .filter(|&k| !direct || seen.contains(k))
                     .collect();
-                merge
-                    .stored_rows(&keys, key_at)
-                    .map(|query| (query, key_at, keys.len()))
+                match read_ahead {
+                    Some((read_keys, read_shape, stored))
+                        if shape.as_ref() == Some(&read_shape) && read_keys == keys =>
+                    {
+                        ahead_rows = Some(stored);
+                        None
+                    }
+                    _ => merge
+                        .stored_rows(&keys, key_at)
+                        .map(|query| (query, key_at, keys.len())),
+                }
             }
             _ => None,
         };
+        let read_ahead = ahead_rows.is_some();
         let fetch = async {
             match &lookup {
                 // About the size of the rows' own encoding.
-                Some((query, key_at, n)) => StoredRows::read(&tx, query, *key_at, n * 256)
-                    .await
-                    .map(Some),
-                None => Ok(None),
+                Some((query, key_at, n)) => {
+                    let copy = StoredRows::copy(query);
+                    StoredRows::read(tx.copy_out(&copy), *key_at, n * 256)
+                        .await
+                        .map(Some)
+                }
+                None => Ok(ahead_rows),
             }
         };
         let (stored, encoded) = tokio::join!(fetch, async {
+            // Let the connection send the query before encoding starts.
+            tokio::task::yield_now().await;
             encode(&pg_schema, rows, key_at, seen, &mut stats, &mut rejects)
         });
         let stored = stored?;
@@ -170,7 +212,7 @@ pub(super) async fn write_batch(
             let fresh = row.fresh == Some(true);
             if !row.delete {
                 let found = match (&stored, row.key) {
-                    (Some(stored), Some(key)) => Some(stored.get(key)),
+                    (Some(stored), Some(key)) if fresh || !read_ahead => Some(stored.get(key)),
                     _ => None,
                 };
                 match found {
@@ -352,9 +394,30 @@ fn encode(
     Encoded { buf, rows: encoded }
 }
 
+/// The `SELECT` of the stored rows of `table` (its columns `names`, in
+/// order) with these keys in the `bigint` column at `key_at`: a range scan
+/// of the key's index when the keys are dense, else one probe per key.
+/// `None` for no keys.
+pub(super) fn select_stored(
+    table: &str,
+    names: &[&str],
+    key_at: usize,
+    keys: &[i64],
+) -> Option<String> {
+    let key = quote(names[key_at]);
+    let filter = match KeyFilter::of(keys)? {
+        KeyFilter::Range(lo, hi) => format!("{key} BETWEEN {lo} AND {hi}"),
+        KeyFilter::List(list) => format!("{key} = ANY ('{{{list}}}'::bigint[])"),
+    };
+    Some(format!(
+        "SELECT {} FROM {table} WHERE {filter}",
+        column_list(names)
+    ))
+}
+
 /// A single integer key as its `bigint` column holds it (7.0 is 7; a key
 /// that does not fit the column has none, and is rejected with its row).
-fn int_key(row: &Row) -> Option<i64> {
+pub(super) fn int_key(row: &Row) -> Option<i64> {
     row.key.values().first().and_then(Value::as_i64)
 }
 
@@ -465,16 +528,13 @@ impl<'a> Merge<'a> {
     /// table's columns, in order): a range scan of the key's index when the
     /// keys are dense, else one probe per key. `None` for no keys.
     fn stored_rows(&self, keys: &[i64], key_at: usize) -> Option<String> {
-        let key = quote(&self.schema.columns[key_at].name);
-        let filter = match KeyFilter::of(keys)? {
-            KeyFilter::Range(lo, hi) => format!("{key} BETWEEN {lo} AND {hi}"),
-            KeyFilter::List(list) => format!("{key} = ANY ('{{{list}}}'::bigint[])"),
-        };
-        Some(format!(
-            "SELECT {} FROM {} WHERE {filter}",
-            self.table_columns(),
-            self.table
-        ))
+        let names: Vec<&str> = self
+            .schema
+            .columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        select_stored(&self.table, &names, key_at, keys)
     }
 
     fn copy_columns(&self) -> String {
@@ -1042,6 +1102,58 @@ mod tests {
         )
         .await;
         assert_eq!((insert_new.inserted, insert_new.unchanged), (0, 40));
+        pg.drop().await;
+    }
+
+    /// The next batch's stored rows are read ahead, before the batch being
+    /// written commits: a key changed in one batch and changed back in the
+    /// next must end with the later version, not be settled as equal to
+    /// what was stored before the run.
+    #[tokio::test]
+    async fn rows_read_ahead_never_hide_the_previous_batch_writes() {
+        let Some(url) = server("rows_read_ahead_never_hide_the_previous_batch_writes") else {
+            return;
+        };
+        let pg = TestSchema::new(&url, "ahead").await;
+        let dir = tempfile::tempdir().unwrap();
+        let record = |i: i64, name: &str| json!({"id": i, "name": name, "n": i * 3});
+        let records: Vec<Value> = (0..40).map(|i| record(i, &format!("n{i}"))).collect();
+        let load = "batch_size = 4";
+        assert_eq!(both(&pg, dir.path(), &records, load).await.inserted, 40);
+        // Batch b changes key 4b and puts back key 4(b-1), which batch b-1
+        // changed; the last batch puts back key 36.
+        let mut input = Vec::new();
+        for b in 0..10i64 {
+            input.push(record(4 * b, "changed"));
+            input.push(records[4 * b as usize + 1].clone());
+            input.push(records[4 * b as usize + 2].clone());
+            input.push(match b {
+                0 => records[3].clone(),
+                _ => records[4 * (b - 1) as usize].clone(),
+            });
+        }
+        input.push(records[36].clone());
+        let stats = both(&pg, dir.path(), &input, load).await;
+        assert_eq!(
+            (stats.inserted, stats.updated, stats.duplicates),
+            (0, 10, 10),
+            "{stats:?}"
+        );
+        assert_eq!(
+            pg.rows("id").await,
+            records,
+            "a key put back was left changed"
+        );
+        // A column added by one batch: the next batch's rows read ahead
+        // without it are not trusted, and the run still counts exactly.
+        let mut wider = records.clone();
+        for r in wider.iter_mut().skip(8) {
+            r["extra"] = json!(1);
+        }
+        let stats = both(&pg, dir.path(), &wider, load).await;
+        assert_eq!((stats.updated, stats.unchanged), (32, 8), "{stats:?}");
+        let stats = both(&pg, dir.path(), &wider, load).await;
+        assert_eq!(stats.unchanged, 40, "{stats:?}");
         pg.drop().await;
     }
 

@@ -1,0 +1,166 @@
+//! Reading a batch's stored rows ahead, on a second connection.
+//!
+//! An identical re-run spends most of each batch's write waiting for the
+//! stored versions of its keys. Once the next batch is planned (while the
+//! current one is written), its stored rows are read on a connection of
+//! their own, so the next write finds them ready.
+//!
+//! Such a read may come before the current batch commits, so it is trusted
+//! only for keys the run has not written: a key the run wrote (in this batch
+//! or an earlier one) is merged as usual. A change of the table's columns
+//! between the read and the write discards it. Nothing here takes a lock
+//! a write waits for: the write collects the read before its transaction
+//! starts.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use tokio::sync::{oneshot, OnceCell};
+use tokio_postgres::{Client, Config, NoTls};
+
+use super::copy::StoredRows;
+use super::describe;
+use super::write::{int_key, select_stored};
+use crate::destination::Lookahead;
+use crate::error::{Error, Result};
+use crate::pipeline::plan::PlannedBatch;
+
+/// What the next batch's read needs to know of the table, as the last
+/// write saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Shape {
+    /// The qualified table.
+    pub table: String,
+    /// Its columns' names and types, in order.
+    pub columns: Vec<(String, String)>,
+    /// The position of the single `bigint` key.
+    pub key_at: usize,
+}
+
+/// A read started for a batch: its keys, the shape it read with.
+pub(super) struct Pending {
+    keys: Vec<i64>,
+    shape: Shape,
+    result: oneshot::Receiver<Result<BytesMut>>,
+}
+
+impl Pending {
+    /// The keys, the shape and the rows read, or `None` when the read
+    /// failed (the write then reads them itself).
+    pub(super) async fn rows(self) -> Option<(Vec<i64>, Shape, StoredRows)> {
+        let rows = match self.result.await {
+            Ok(data) => data.and_then(|data| StoredRows::index(data, self.shape.key_at)),
+            Err(_) => return None,
+        };
+        match rows {
+            Ok(rows) => Some((self.keys, self.shape, rows)),
+            Err(e) => {
+                tracing::debug!(error = %e, "Reading ahead failed; the batch reads its stored rows itself.");
+                None
+            }
+        }
+    }
+}
+
+/// Shared by the destination (which sets the shape and takes the reads)
+/// and the run's [`Lookahead`] (which starts them).
+pub(super) struct Ahead {
+    config: Config,
+    client: OnceCell<Option<Arc<Client>>>,
+    shape: Mutex<Option<Shape>>,
+    pending: Mutex<Option<Pending>>,
+}
+
+impl Ahead {
+    pub(super) fn new(config: Config) -> Arc<Ahead> {
+        Arc::new(Ahead {
+            config,
+            client: OnceCell::new(),
+            shape: Mutex::new(None),
+            pending: Mutex::new(None),
+        })
+    }
+
+    /// The shape batches are read ahead with; `None` stops reading ahead.
+    pub(super) fn set_shape(&self, shape: Option<Shape>) {
+        *self.shape.lock().unwrap_or_else(|p| p.into_inner()) = shape;
+    }
+
+    /// The read started for the batch about to be written, if any.
+    pub(super) fn take(&self) -> Option<Pending> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// The second connection, made on first use; `None` when it cannot be.
+    async fn client(&self) -> Option<Arc<Client>> {
+        self.client
+            .get_or_init(|| async {
+                match self.config.connect(NoTls).await {
+                    Ok((client, connection)) => {
+                        tokio::spawn(async move {
+                            if let Err(e) = connection.await {
+                                tracing::debug!(error = %describe(&e), "PostgreSQL read-ahead connection ended.");
+                            }
+                        });
+                        Some(Arc::new(client))
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %describe(&e), "No read-ahead connection; batches read their stored rows themselves.");
+                        None
+                    }
+                }
+            })
+            .await
+            .clone()
+    }
+}
+
+/// The run's handle on [`Ahead`].
+pub(super) struct ReadAhead(pub Arc<Ahead>);
+
+impl Lookahead for ReadAhead {
+    fn planned(&self, batch: &PlannedBatch) {
+        let Some(shape) = self
+            .0
+            .shape
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        let keys: Vec<i64> = batch
+            .rows
+            .iter()
+            .filter(|r| !r.delete)
+            .filter_map(int_key)
+            .collect();
+        let names: Vec<&str> = shape.columns.iter().map(|(n, _)| n.as_str()).collect();
+        let Some(select) = select_stored(&shape.table, &names, shape.key_at, &keys) else {
+            return;
+        };
+        let (tx, result) = oneshot::channel();
+        let ahead = self.0.clone();
+        // Allocated (and freed) by the thread that writes the batches, which
+        // reuses the memory batch after batch.
+        let data = BytesMut::with_capacity(keys.len() * 288);
+        tokio::spawn(async move {
+            let rows = match ahead.client().await {
+                Some(client) => {
+                    let copy = StoredRows::copy(&select);
+                    StoredRows::collect(client.copy_out(&copy), data).await
+                }
+                None => Err(Error::destination("reading ahead", "no connection")),
+            };
+            let _ = tx.send(rows);
+        });
+        *self.0.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(Pending {
+            keys,
+            shape,
+            result,
+        });
+    }
+}
