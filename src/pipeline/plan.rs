@@ -8,7 +8,7 @@
 //! Nothing here touches a database, so it is where the merge rules are
 //! property-tested.
 
-use std::collections::hash_map::{Entry, HashMap, RandomState};
+use std::collections::hash_map::{Entry, HashMap};
 use std::hash::BuildHasher;
 
 use serde_json::Value;
@@ -64,9 +64,12 @@ impl Planner {
         };
         // Rows by a hash of their key's canonical text; keys whose hash an
         // other key already has go to `collided`.
-        let mut index: HashMap<u64, usize> = HashMap::with_capacity(items.len());
+        // foldhash (seeded per process) rather than SipHash: one hash per
+        // record; keys whose hashes collide are told apart below.
+        let hasher = foldhash::fast::RandomState::default();
+        let mut index: HashMap<u64, usize, _> =
+            HashMap::with_capacity_and_hasher(items.len(), hasher.clone());
         let mut collided: HashMap<String, usize> = HashMap::new();
-        let hasher = RandomState::new();
         let mut names = NameCheck::default();
         for item in items {
             batch.stats.read += 1;

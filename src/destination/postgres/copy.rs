@@ -302,7 +302,7 @@ fn encode(buf: &mut BytesMut, stage: Stage, value: &SqlValue) -> std::result::Re
 /// by the integer key in one of the columns.
 pub(super) struct StoredRows {
     data: BytesMut,
-    rows: HashMap<i64, Range<usize>>,
+    rows: HashMap<i64, Range<usize>, foldhash::fast::RandomState>,
 }
 
 impl StoredRows {
@@ -364,7 +364,7 @@ impl StoredRows {
 fn index_rows(
     data: &[u8],
     key_at: usize,
-) -> std::result::Result<HashMap<i64, Range<usize>>, String> {
+) -> std::result::Result<HashMap<i64, Range<usize>, foldhash::fast::RandomState>, String> {
     const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
     let read_i32 = |at: usize| -> std::result::Result<i32, String> {
         data.get(at..at + 4)
@@ -376,7 +376,7 @@ fn index_rows(
     }
     let extension = read_i32(SIGNATURE.len() + 4)?;
     let mut at = SIGNATURE.len() + 8 + usize::try_from(extension).map_err(|_| "bad header")?;
-    let mut rows = HashMap::new();
+    let mut rows = HashMap::default();
     loop {
         let count = data
             .get(at..at + 2)
