@@ -75,6 +75,8 @@ struct Run {
     seen: Option<crate::destination::seen::SeenKeys>,
     /// The table held no rows when the run first wrote to it.
     empty_at_start: Option<bool>,
+    /// When a batch last committed (and with it the lease's expiry).
+    renewed: std::time::Instant,
 }
 
 /// A `postgres://` URL split into the driver's config and idemload's own
@@ -343,6 +345,7 @@ impl Destination for PostgresDestination {
             run_keys: false,
             seen: None,
             empty_at_start: None,
+            renewed: std::time::Instant::now(),
         });
         Ok(())
     }

@@ -9,7 +9,8 @@
 //! one probe per key, binary COPY out) and compared byte for byte: a row
 //! equal to its stored version is counted and never sent, a key not stored
 //! is copied straight into the table. An identical re-run thus writes
-//! nothing and sends nothing but the keys' range.
+//! nothing and sends nothing but the keys' range. The rows are usually
+//! read ahead, while the batch before is written (see `ahead`).
 //!
 //! Every other row is copied into a temporary table and one statement
 //! merges it: it notes the run's keys (a key this run already wrote makes
@@ -92,13 +93,17 @@ pub(super) async fn write_batch(
     let mut made_batch_table = None;
     let mut made_run_keys = false;
     let mut seen_added = Vec::new();
+    // Whether the transaction changes anything beyond the lease it fences.
+    let mut writes = false;
     if !rows.is_empty() {
         let table = run
             .stage
             .clone()
             .unwrap_or_else(|| run.target.table.clone());
         let staged = run.stage.is_some();
-        let (pg_schema, created) = ensure_table(&tx, schema, run, &table, &rows, staged).await?;
+        let (pg_schema, ddl) = ensure_table(&tx, schema, run, &table, &rows, staged).await?;
+        let created = ddl == Ddl::Created;
+        writes |= ddl != Ddl::None;
         let mode = if staged { Mode::Merge } else { run.target.mode };
         let merge = Merge::new(&qualified(schema, &table), &pg_schema, &run.target, mode)?;
         // A single integer key: the run's key set is kept in memory, exact
@@ -238,6 +243,7 @@ pub(super) async fn write_batch(
             deletes |= row.delete;
             copy.push_encoded(&[Some(row.delete), row.fresh], columns, bytes);
         }
+        writes |= direct_copy.rows > 0 || copy.rows > 0;
         if direct_copy.rows > 0 {
             let copied = direct_copy
                 .send(&tx, &qualified(schema, &table), &merge.table_columns())
@@ -316,9 +322,21 @@ pub(super) async fn write_batch(
         )
         .await?;
     }
-    tx.commit()
-        .await
-        .map_err(pg_error(format!("{context}, commit")))?;
+    writes |= !rejects.is_empty() || commit.checkpoint.is_some() || commit.finish.is_some();
+    // A batch that changes nothing has only the lease's new expiry to keep;
+    // while the last one kept is recent, a rollback spares the server a WAL
+    // flush per batch of an unchanged re-run. (The advisory lock, not the
+    // expiry, keeps other runs out: the lease row is for people to read.)
+    if writes || run.renewed.elapsed() >= lease / 2 {
+        tx.commit()
+            .await
+            .map_err(pg_error(format!("{context}, commit")))?;
+        run.renewed = std::time::Instant::now();
+    } else {
+        tx.rollback()
+            .await
+            .map_err(pg_error(format!("{context}, rollback")))?;
+    }
     if let Some(shape) = made_batch_table {
         *batch_table = Some(shape);
     }
@@ -816,12 +834,13 @@ async fn ensure_table(
     table: &str,
     rows: &[Row],
     unlogged: bool,
-) -> Result<(PgSchema, bool)> {
+) -> Result<(PgSchema, Ddl)> {
     let mut current = match run.schema.take() {
         Some(s) => s,
         None => read_schema(tx, schema, table).await?.unwrap_or_default(),
     };
     let missing = current.missing(rows.iter().map(|r| &r.fields));
+    let known = current.columns.len();
     let created = current.columns.is_empty();
     if created {
         create_table(
@@ -841,7 +860,20 @@ async fn ensure_table(
         current.columns.extend(missing);
     }
     run.schema = Some(current.clone());
-    Ok((current, created))
+    let ddl = match (created, current.columns.len() > known) {
+        (true, _) => Ddl::Created,
+        (false, true) => Ddl::Altered,
+        (false, false) => Ddl::None,
+    };
+    Ok((current, ddl))
+}
+
+/// What [`ensure_table`] changed.
+#[derive(Debug, PartialEq, Eq)]
+enum Ddl {
+    None,
+    Created,
+    Altered,
 }
 
 /// Applies a `replace`/`window` stage to the target, writing only the
