@@ -327,15 +327,15 @@ impl Reader {
         name: Arc<str>,
         mut reader: impl BufRead,
     ) -> std::result::Result<(), ReadError> {
-        let mut line = Vec::with_capacity(1024);
         let mut number = 0u64;
         let mut block = LineBlock::default();
         loop {
-            line.clear();
             number += 1;
+            // Lines are read straight into the block they are parsed from.
+            let start = block.text.len();
             let n = (&mut reader)
                 .take(self.max_record_bytes as u64 + 1)
-                .read_until(b'\n', &mut line)?;
+                .read_until(b'\n', &mut block.text)?;
             if n == 0 {
                 return Ok(self.parse_block(&name, &mut block)?);
             }
@@ -343,8 +343,12 @@ impl Reader {
                 path: name.clone(),
                 line: number,
             };
+            let line = &block.text[start..];
             if line.last() != Some(&b'\n') && line.len() > self.max_record_bytes {
                 // Too long to hold: skip to the end of the line, keep a prefix.
+                let len = line.len() as u64;
+                let prefix = String::from_utf8_lossy(&line[..1024.min(line.len())]).into_owned();
+                block.text.truncate(start);
                 let mut skipped = 0u64;
                 loop {
                     let buf = reader.fill_buf()?;
@@ -364,26 +368,26 @@ impl Reader {
                         }
                     }
                 }
-                let prefix = String::from_utf8_lossy(&line[..1024.min(line.len())]).into_owned();
                 self.parse_block(&name, &mut block)?;
                 self.push(Item::Reject(Reject::new(
                     at(),
                     format!(
                         "line is {} bytes, more than the {} a record may have; the raw column holds its first 1024 bytes",
-                        line.len() as u64 + skipped,
+                        len + skipped,
                         self.max_record_bytes
                     ),
                     prefix,
                 )))?;
                 continue;
             }
-            let text = trim_line_end(&line);
+            let text = trim_line_end(line);
             if text.iter().all(u8::is_ascii_whitespace) {
+                block.text.truncate(start);
                 continue;
             }
-            let start = block.text.len();
-            block.text.extend_from_slice(text);
-            block.lines.push((number, start..block.text.len()));
+            let end = start + text.len();
+            block.text.truncate(end);
+            block.lines.push((number, start..end));
             if block.lines.len() >= BLOCK_LINES || block.text.len() >= BLOCK_BYTES {
                 self.parse_block(&name, &mut block)?;
             }
@@ -749,6 +753,54 @@ impl<'de> Visitor<'de> for ArraySeed<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A line longer than a record may be is rejected with its length and
+    /// a prefix; the lines around it, blank lines skipped, keep their
+    /// numbers and their order.
+    #[tokio::test]
+    async fn an_overlong_line_is_rejected_and_the_lines_around_it_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        let long = format!("{{\"id\":2,\"pad\":\"{}\"}}", "x".repeat(70_000));
+        std::fs::write(
+            &path,
+            format!("{{\"id\":1}}\r\n\n  \n{long}\n{{\"id\":3}}\n{{\"id\":4}}"),
+        )
+        .unwrap();
+        let config = FileSourceConfig {
+            path: OneOrMany::One(path.display().to_string()),
+            format: None,
+        };
+        let query = SourceQuery {
+            batch_size: 10,
+            max_record_bytes: 1 << 16,
+            ..Default::default()
+        };
+        let mut source = FileSource::open(&config, &query).unwrap();
+        let mut seen = Vec::new();
+        while let Some(batch) = source.next_batch().await.unwrap() {
+            for item in batch {
+                seen.push(match item {
+                    Item::Record(r) => format!("{} {}", r.source, r.fields["id"]),
+                    Item::Reject(r) => format!("{} {}", r.source, r.reason),
+                    Item::Skipped => "skipped".into(),
+                });
+            }
+        }
+        let name = path.display();
+        assert_eq!(
+            seen,
+            [
+                format!("{name}:1 1"),
+                format!(
+                    "{name}:4 line is {} bytes, more than the 65536 a record may have; the raw column holds its first 1024 bytes",
+                    long.len()
+                ),
+                format!("{name}:5 3"),
+                format!("{name}:6 4"),
+            ]
+        );
+    }
 
     #[test]
     fn only_a_clear_cursor_below_the_window_skips_a_line_unparsed() {
