@@ -108,7 +108,7 @@ impl Ahead {
                         Some(Arc::new(client))
                     }
                     Err(e) => {
-                        tracing::debug!(error = %describe(&e), "No read-ahead connection; batches read their stored rows themselves.");
+                        tracing::info!(error = %describe(&e), "No second connection to read batches ahead; each batch reads its stored rows itself.");
                         None
                     }
                 }

@@ -21,6 +21,8 @@
 //! last batch, the run's ending commit with it.
 
 use std::ops::Range;
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::OnceLock;
 
 use bytes::BytesMut;
 use serde_json::Value;
@@ -406,10 +408,33 @@ fn encode(
             }
         }
     }
-    // Freeing ten thousand records takes milliseconds: another thread does
-    // it while this one goes on with the batch.
-    rayon::spawn(move || drop(rows));
+    drop_later(rows);
     Encoded { buf, rows: encoded }
+}
+
+/// Frees a batch's records on a thread of its own while this one goes on
+/// with the batch (ten thousand records take milliseconds to free). One
+/// batch waits at most: in rayon's pool, busy parsing, several batches
+/// could wait, all of them resident.
+fn drop_later<T: Send + 'static>(value: T) {
+    type Garbage = Box<dyn Send>;
+    static DROPPER: OnceLock<Option<SyncSender<Garbage>>> = OnceLock::new();
+    let dropper = DROPPER.get_or_init(|| {
+        let (tx, rx) = sync_channel::<Garbage>(1);
+        std::thread::Builder::new()
+            .name("idemload-free".into())
+            .spawn(move || rx.into_iter().for_each(drop))
+            .ok()?;
+        Some(tx)
+    });
+    match dropper {
+        Some(tx) => {
+            if let Err(unsent) = tx.send(Box::new(value)) {
+                drop(unsent.0);
+            }
+        }
+        None => drop(value),
+    }
 }
 
 /// The `SELECT` of the stored rows of `table` (its columns `names`, in
