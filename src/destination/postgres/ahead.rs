@@ -20,13 +20,15 @@ use tokio_postgres::{Client, Config, NoTls};
 
 use super::copy::StoredRows;
 use super::describe;
-use super::write::{int_key, select_stored};
+use super::write::stored_keys;
+use crate::destination::seen::KeyFilter;
+use crate::destination::sql::{column_list, quote};
 use crate::destination::Lookahead;
 use crate::error::{Error, Result};
 use crate::pipeline::plan::PlannedBatch;
 
-/// What the next batch's read needs to know of the table, as the last
-/// write saw it.
+/// What reading a batch's stored rows needs to know of the table (for a
+/// read ahead: as the last write saw it).
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Shape {
     /// The qualified table.
@@ -35,6 +37,25 @@ pub(super) struct Shape {
     pub columns: Vec<(String, String)>,
     /// The position of the single `bigint` key.
     pub key_at: usize,
+}
+
+impl Shape {
+    /// The `SELECT` of the stored rows with these keys, all the columns in
+    /// order: a range scan of the key's index when the keys are dense, else
+    /// one probe per key. `None` for no keys.
+    pub(super) fn select(&self, keys: &[i64]) -> Option<String> {
+        let key = quote(&self.columns[self.key_at].0);
+        let filter = match KeyFilter::of(keys)? {
+            KeyFilter::Range(lo, hi) => format!("{key} BETWEEN {lo} AND {hi}"),
+            KeyFilter::List(list) => format!("{key} = ANY ('{{{list}}}'::bigint[])"),
+        };
+        let names: Vec<&str> = self.columns.iter().map(|(n, _)| n.as_str()).collect();
+        Some(format!(
+            "SELECT {} FROM {} WHERE {filter}",
+            column_list(&names),
+            self.table
+        ))
+    }
 }
 
 /// A read started for a batch: its keys, the shape it read with.
@@ -132,14 +153,8 @@ impl Lookahead for ReadAhead {
         else {
             return;
         };
-        let keys: Vec<i64> = batch
-            .rows
-            .iter()
-            .filter(|r| !r.delete)
-            .filter_map(int_key)
-            .collect();
-        let names: Vec<&str> = shape.columns.iter().map(|(n, _)| n.as_str()).collect();
-        let Some(select) = select_stored(&shape.table, &names, shape.key_at, &keys) else {
+        let keys: Vec<i64> = stored_keys(&batch.rows).collect();
+        let Some(select) = shape.select(&keys) else {
             return;
         };
         let (tx, result) = oneshot::channel();

@@ -35,7 +35,7 @@ use super::types::{read_schema, PgColumn, PgSchema, Stage};
 use super::{pg_error, qualified, PostgresDestination, Run};
 use crate::config::Mode;
 use crate::destination::schema::ColumnType;
-use crate::destination::seen::{KeyFilter, SeenKeys};
+use crate::destination::seen::SeenKeys;
 use crate::destination::sql::{column_list, quote};
 use crate::destination::Commit;
 use crate::error::{Error, Result};
@@ -152,7 +152,7 @@ pub(super) async fn write_batch(
         // Read ahead (see `ahead`), they are trusted only for keys new to
         // the run. The next batch is read ahead with this batch's shape.
         let shape = match (key_at, seen) {
-            (Some(key_at), Some(_)) if native && !staged && !direct => Some(Shape {
+            (Some(key_at), Some(_)) if native && !staged => Some(Shape {
                 table: qualified(schema, &table),
                 columns: pg_schema
                     .columns
@@ -163,29 +163,27 @@ pub(super) async fn write_batch(
             }),
             _ => None,
         };
+        // Into a table empty at the start only keys the run met can be
+        // stored: those are read in the transaction, never ahead.
         if let Some(ahead) = ahead.as_ref() {
-            ahead.set_shape(shape.clone());
+            ahead.set_shape(shape.clone().filter(|_| !direct));
         }
         let mut ahead_rows = None;
-        let lookup = match (key_at, seen) {
-            (Some(key_at), Some(seen)) if native && !staged => {
-                let keys: Vec<i64> = rows
-                    .iter()
-                    .filter(|r| !r.delete)
-                    .filter_map(int_key)
-                    // Into a table empty at the start only met keys can be stored.
+        let lookup = match (&shape, seen) {
+            (Some(shape), Some(seen)) => {
+                let keys: Vec<i64> = stored_keys(&rows)
                     .filter(|&k| !direct || seen.contains(k))
                     .collect();
                 match read_ahead {
                     Some((read_keys, read_shape, stored))
-                        if shape.as_ref() == Some(&read_shape) && read_keys == keys =>
+                        if !direct && *shape == read_shape && read_keys == keys =>
                     {
                         ahead_rows = Some(stored);
                         None
                     }
-                    _ => merge
-                        .stored_rows(&keys, key_at)
-                        .map(|query| (query, key_at, keys.len())),
+                    _ => shape
+                        .select(&keys)
+                        .map(|query| (query, shape.key_at, keys.len())),
                 }
             }
             _ => None,
@@ -437,25 +435,10 @@ fn drop_later<T: Send + 'static>(value: T) {
     }
 }
 
-/// The `SELECT` of the stored rows of `table` (its columns `names`, in
-/// order) with these keys in the `bigint` column at `key_at`: a range scan
-/// of the key's index when the keys are dense, else one probe per key.
-/// `None` for no keys.
-pub(super) fn select_stored(
-    table: &str,
-    names: &[&str],
-    key_at: usize,
-    keys: &[i64],
-) -> Option<String> {
-    let key = quote(names[key_at]);
-    let filter = match KeyFilter::of(keys)? {
-        KeyFilter::Range(lo, hi) => format!("{key} BETWEEN {lo} AND {hi}"),
-        KeyFilter::List(list) => format!("{key} = ANY ('{{{list}}}'::bigint[])"),
-    };
-    Some(format!(
-        "SELECT {} FROM {table} WHERE {filter}",
-        column_list(names)
-    ))
+/// The keys whose stored rows a batch compares with: the single integer
+/// keys of the rows that do not delete.
+pub(super) fn stored_keys(rows: &[Row]) -> impl Iterator<Item = i64> + '_ {
+    rows.iter().filter(|r| !r.delete).filter_map(int_key)
 }
 
 /// A single integer key as its `bigint` column holds it (7.0 is 7; a key
@@ -565,19 +548,6 @@ impl<'a> Merge<'a> {
                 .map(|c| c.name.as_str())
                 .collect::<Vec<_>>(),
         )
-    }
-
-    /// The `SELECT` of the stored rows with these integer keys (all the
-    /// table's columns, in order): a range scan of the key's index when the
-    /// keys are dense, else one probe per key. `None` for no keys.
-    fn stored_rows(&self, keys: &[i64], key_at: usize) -> Option<String> {
-        let names: Vec<&str> = self
-            .schema
-            .columns
-            .iter()
-            .map(|c| c.name.as_str())
-            .collect();
-        select_stored(&self.table, &names, key_at, keys)
     }
 
     fn copy_columns(&self) -> String {
