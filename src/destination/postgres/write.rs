@@ -1360,6 +1360,15 @@ mod tests {
         let history = dest.history("p", 10).await.unwrap();
         assert_eq!(history[0].status, "succeeded_with_rejects");
         assert_eq!(history[0].stats.unwrap().rejected, 5);
+        // Again in batches of two: the batches that change no row still
+        // keep their rejects (they commit, not roll back).
+        let again = pg
+            .run(dir.path(), None, &records, "batch_size = 2")
+            .await
+            .unwrap();
+        assert_eq!((again.stats.unchanged, again.stats.rejected), (1, 5));
+        let rejects = dest.rejects("p", Some(&again.run_id), 100).await.unwrap();
+        assert_eq!(rejects.len(), 5, "{rejects:?}");
         pg.drop().await;
     }
 
