@@ -337,6 +337,8 @@ impl Destination for PostgresDestination {
             )));
         }
         let stage = bookkeeping::begin(&mut self.client, &self.schema, run, target).await?;
+        // A read ahead belongs to one run: the run asks for its own.
+        self.ahead = None;
         self.run = Some(Run {
             info: run.clone(),
             target: target.clone(),
