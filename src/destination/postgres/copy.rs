@@ -305,6 +305,9 @@ pub(super) struct StoredRows {
     rows: HashMap<i64, Range<usize>, foldhash::fast::RandomState>,
 }
 
+/// Where errors of [`StoredRows`] happen.
+const READING_STORED: &str = "reading the stored rows of a batch";
+
 impl StoredRows {
     /// The `COPY` that reads the rows of `select` (a `SELECT` of the
     /// table's columns, in order).
@@ -333,11 +336,10 @@ impl StoredRows {
         >,
         mut data: BytesMut,
     ) -> Result<BytesMut> {
-        let context = "reading the stored rows of a batch";
-        let stream = copy.await.map_err(pg_error(context))?;
+        let stream = copy.await.map_err(pg_error(READING_STORED))?;
         futures_util::pin_mut!(stream);
         while let Some(chunk) = stream.next().await {
-            data.extend_from_slice(&chunk.map_err(pg_error(context))?);
+            data.extend_from_slice(&chunk.map_err(pg_error(READING_STORED))?);
         }
         Ok(data)
     }
@@ -345,10 +347,7 @@ impl StoredRows {
     /// Keys the rows of binary COPY data by the `bigint` column at `key_at`.
     pub(super) fn index(data: BytesMut, key_at: usize) -> Result<StoredRows> {
         let rows = index_rows(&data, key_at).map_err(|e| {
-            Error::destination(
-                "reading the stored rows of a batch",
-                format!("unexpected COPY data: {e}"),
-            )
+            Error::destination(READING_STORED, format!("unexpected COPY data: {e}"))
         })?;
         Ok(StoredRows { data, rows })
     }
@@ -423,6 +422,16 @@ fn timestamp_micros(text: &str) -> Option<i64> {
 mod tests {
     use super::*;
 
+    /// Encodes a JSON object's fields as a row of `columns`.
+    fn encode_json(
+        buf: &mut BytesMut,
+        columns: &[PgColumn],
+        record: Value,
+    ) -> std::result::Result<(), String> {
+        let fields = Fields::try_from(record).unwrap();
+        encode_columns(buf, columns, &fields, &mut ColumnOrder::default())
+    }
+
     #[test]
     fn timestamps_round_like_postgres() {
         assert_eq!(timestamp_micros("2000-01-01T00:00:00Z"), Some(0));
@@ -440,23 +449,12 @@ mod tests {
         ];
         let mut buf = BytesMut::from(&b"earlier row"[..]);
         let bad = serde_json::json!({"id": 1, "at": "nope"});
-        let err = encode_columns(
-            &mut buf,
-            &columns,
-            &Fields::try_from(bad).unwrap(),
-            &mut ColumnOrder::default(),
-        );
+        let err = encode_json(&mut buf, &columns, bad);
         assert!(err.unwrap_err().contains("not an RFC 3339 timestamp"));
         assert_eq!(&buf[..], b"earlier row");
         // Fields in another order than the columns are found by name.
         let good = serde_json::json!({"at": "2000-01-01T00:00:00Z", "id": 1});
-        encode_columns(
-            &mut buf,
-            &columns,
-            &Fields::try_from(good).unwrap(),
-            &mut ColumnOrder::default(),
-        )
-        .unwrap();
+        encode_json(&mut buf, &columns, good).unwrap();
         let mut expected = BytesMut::from(&b"earlier row"[..]);
         expected.put_i32(8);
         expected.put_i64(1);
@@ -482,13 +480,7 @@ mod tests {
         for (id, v) in [(7, Some("a")), (-3, None), (1 << 40, Some("long text"))] {
             let mut buf = BytesMut::new();
             let record = serde_json::json!({"id": id, "v": v});
-            encode_columns(
-                &mut buf,
-                &columns,
-                &Fields::try_from(record).unwrap(),
-                &mut ColumnOrder::default(),
-            )
-            .unwrap();
+            encode_json(&mut buf, &columns, record).unwrap();
             copy.push_encoded(&[], columns.len(), &buf);
             rows.push((id, buf));
         }
