@@ -10,8 +10,8 @@ use serde_json::Value;
 
 use crate::destination::inspect::{Dialect, Inspect};
 use crate::error::{Error, Result};
-use crate::pipeline::stats::RunStats;
 use crate::state::RUNS_TABLE;
+use crate::stats::RunStats;
 
 /// What to audit.
 #[derive(Debug, Clone)]

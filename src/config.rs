@@ -12,6 +12,8 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::key::{parse_duration, Cursor, KeySpec, Lookback};
+pub use crate::mode::Mode;
+pub use crate::redact::redact;
 use crate::source::SourceConfig;
 
 /// A whole pipeline file.
@@ -52,52 +54,6 @@ pub struct DestinationConfig {
     /// HTTP destination.
     #[serde(flatten)]
     pub http: std::collections::BTreeMap<String, toml::Value>,
-}
-
-/// Write modes of the spec.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    /// Insert new keys, update changed rows, leave equal rows untouched.
-    #[default]
-    Merge,
-    /// Insert new keys, never touch existing rows.
-    InsertNew,
-    /// Load a full snapshot; rows absent from it are removed, in one transaction.
-    Replace,
-    /// Reload the rows whose `window_field` falls in the loaded range.
-    Window,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Merge => "merge",
-            Mode::InsertNew => "insert_new",
-            Mode::Replace => "replace",
-            Mode::Window => "window",
-        }
-    }
-
-    /// Replace and window stage the whole run and apply it at the end.
-    pub fn is_staged(self) -> bool {
-        matches!(self, Mode::Replace | Mode::Window)
-    }
-}
-
-impl std::str::FromStr for Mode {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Mode> {
-        match s {
-            "merge" => Ok(Mode::Merge),
-            "insert_new" => Ok(Mode::InsertNew),
-            "replace" => Ok(Mode::Replace),
-            "window" => Ok(Mode::Window),
-            other => Err(Error::config(format!(
-                "unknown mode {other:?}: use merge, insert_new, replace or window"
-            ))),
-        }
-    }
 }
 
 /// `[load]`: how records land.
@@ -344,53 +300,9 @@ pub fn expand_str(s: &str) -> Result<String> {
     Ok(out)
 }
 
-/// An URL with its password (and `password=` parameters) replaced by `***`.
-pub fn redact(url: &str) -> String {
-    let mut out = url.to_string();
-    if let Some(scheme_end) = out.find("://") {
-        let rest_start = scheme_end + 3;
-        let authority_end = out[rest_start..]
-            .find(['/', '?'])
-            .map_or(out.len(), |i| rest_start + i);
-        if let Some(at) = out[rest_start..authority_end].rfind('@') {
-            let userinfo = &out[rest_start..rest_start + at];
-            if let Some(colon) = userinfo.find(':') {
-                let start = rest_start + colon + 1;
-                out.replace_range(start..rest_start + at, "***");
-            }
-        }
-    }
-    for param in ["password=", "pass=", "token=", "secret=", "key="] {
-        let mut search = 0;
-        while let Some(pos) = out[search..].to_ascii_lowercase().find(param) {
-            let start = search + pos + param.len();
-            let end = out[start..]
-                .find(['&', '#'])
-                .map_or(out.len(), |i| start + i);
-            out.replace_range(start..end, "***");
-            search = start + 3;
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redact_hides_passwords_and_tokens() {
-        assert_eq!(
-            redact("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(
-            redact("mysql://h/db?password=x&a=1"),
-            "mysql://h/db?password=***&a=1"
-        );
-        assert_eq!(redact("sqlite://data/w.db"), "sqlite://data/w.db");
-    }
 
     #[test]
     fn env_vars_expand_and_missing_ones_are_named() {

@@ -21,6 +21,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+pub use crate::duration::parse_duration;
 use crate::error::{Error, Result};
 use crate::record::Fields;
 
@@ -359,12 +360,6 @@ impl Lookback {
             ))),
         }
     }
-}
-
-/// Parses `500ms`, `30s`, `15m`, `2d`, `1h 30m`.
-pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
-    humantime::parse_duration(text)
-        .map_err(|e| format!("not a duration ({e}); use e.g. \"30s\", \"15m\", \"2d\""))
 }
 
 #[cfg(test)]

@@ -10,24 +10,30 @@
 //! a crash or started twice at once leave the same destination.
 
 pub mod audit;
+pub mod batch;
 pub mod config;
 pub mod dedupe;
 pub mod destination;
+pub mod duration;
 pub mod error;
 mod fields;
 pub mod key;
+pub mod mode;
 pub mod pipeline;
 pub mod record;
+pub mod redact;
 pub mod source;
 pub mod state;
+pub mod stats;
 pub mod trigger;
 pub mod verify;
 
-pub use config::{Mode, PipelineConfig};
+pub use config::PipelineConfig;
 pub use destination::{Capabilities, Destination};
 pub use error::{Error, Result};
 pub use key::{Cursor, Key, KeySpec};
-pub use pipeline::stats::{RunStats, RunStatus};
+pub use mode::Mode;
 pub use pipeline::{NoProgress, Pipeline, Progress, RunOptions, RunReport};
 pub use record::{Item, Record, Reject, SourceRef};
 pub use source::{Source, SourceQuery};
+pub use stats::{RunStats, RunStatus};

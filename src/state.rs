@@ -14,7 +14,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::pipeline::stats::{RunStats, RunStatus};
+use crate::stats::{RunStats, RunStatus};
 
 /// Bookkeeping table names of the spec.
 pub const STATE_TABLE: &str = "_idemload_state";

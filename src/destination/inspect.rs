@@ -10,8 +10,8 @@
 use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::config::redact;
 use crate::error::{Error, Result};
+use crate::redact::redact;
 
 /// SQL differences that matter to the audit queries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,11 +21,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::config::{redact, Mode};
+use crate::batch::PlannedBatch;
 use crate::error::{Error, Result};
-use crate::pipeline::plan::PlannedBatch;
-use crate::pipeline::stats::RunStats;
+use crate::mode::Mode;
+use crate::redact::redact;
 use crate::state::{Finish, LockHolder, RejectRecord, RunInfo, RunRecord};
+use crate::stats::RunStats;
 
 /// What a destination can do.
 #[derive(Debug, Clone, Copy, Default)]

@@ -12,7 +12,7 @@
 //! tell, one more batch is read ahead.
 
 pub mod plan;
-pub mod stats;
+pub use crate::stats;
 
 use std::time::{Duration, Instant};
 
@@ -21,13 +21,13 @@ use serde::Serialize;
 use serde_json::Value;
 
 use self::plan::{PlannedBatch, Planner};
-use self::stats::{RunStats, RunStatus};
 use crate::config::{LoadSettings, PipelineConfig};
 use crate::destination::{self, Commit, Destination, Target};
 use crate::error::{Error, Result};
 use crate::key::Cursor;
 use crate::source::{self, Source, SourceProgress, SourceQuery};
 use crate::state::{format_time, Finish, LockHolder, RunInfo};
+use crate::stats::{RunStats, RunStatus};
 
 /// How this process runs a pipeline (the pipeline's meaning is in its file).
 #[derive(Debug, Clone, Default)]
@@ -86,7 +86,7 @@ impl Pipeline {
     pub fn new(config: PipelineConfig) -> Result<Pipeline> {
         config.require_destination()?;
         let settings = config.load.settings()?;
-        if settings.delete_field.is_some() && settings.mode != crate::config::Mode::Merge {
+        if settings.delete_field.is_some() && settings.mode != crate::mode::Mode::Merge {
             return Err(Error::config(
                 "`delete_field` applies to mode = \"merge\"; in replace and window modes a row the load no longer holds is removed, and insert_new never touches a stored row",
             ));

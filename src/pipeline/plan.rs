@@ -13,35 +13,9 @@ use std::hash::BuildHasher;
 
 use serde_json::Value;
 
-use super::stats::RunStats;
+pub use crate::batch::{PlannedBatch, Row};
 use crate::key::{Cursor, Key, KeySpec, HASH_KEY_COLUMN};
-use crate::record::{invalid_column_name, Fields, Item, Name, Record, Reject, SourceRef};
-
-/// One row to write: a record that passed the checks, with its key.
-#[derive(Debug, Clone)]
-pub struct Row {
-    pub key: Key,
-    /// The record's fields (with `_idemload_key` first for hash keys, without
-    /// the delete field).
-    pub fields: Fields,
-    pub cursor: Option<Cursor>,
-    /// `delete_field` was true: delete the row with this key.
-    pub delete: bool,
-    pub source: SourceRef,
-}
-
-/// A batch ready for a destination.
-#[derive(Debug, Default)]
-pub struct PlannedBatch {
-    /// One row per key, in first-seen order.
-    pub rows: Vec<Row>,
-    pub rejects: Vec<Reject>,
-    /// read, skipped, duplicates and rejected so far; the destination adds
-    /// the rest.
-    pub stats: RunStats,
-    /// Greatest cursor among the rows (and their superseded versions).
-    pub max_cursor: Option<Cursor>,
-}
+use crate::record::{invalid_column_name, Fields, Item, Name, Record, Reject};
 
 /// The rules a run plans with.
 #[derive(Debug, Clone)]
@@ -273,6 +247,7 @@ fn oversized_value(fields: &Fields, max: usize) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::SourceRef;
     use proptest::prelude::*;
     use serde_json::json;
 

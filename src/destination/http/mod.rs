@@ -32,14 +32,15 @@ use self::config::{fill_body, fill_path, id_at, RequestTemplate};
 use self::ledger::Ledger;
 use super::sqlite::SqliteDestination;
 use super::{Capabilities, Commit, Destination, Target};
-use crate::config::{redact, Mode};
+use crate::batch::{PlannedBatch, Row};
 use crate::error::{Error, Result};
 use crate::key::{canonical_json, parse_duration, HASH_KEY_COLUMN};
-use crate::pipeline::plan::{PlannedBatch, Row};
-use crate::pipeline::stats::RunStats;
+use crate::mode::Mode;
 use crate::record::Reject;
+use crate::redact::redact;
 use crate::source::retry::{backoff_delay, parse_backoff, retry_after, RateLimiter};
 use crate::state::{LockHolder, RejectRecord, RunInfo, RunRecord};
+use crate::stats::RunStats;
 
 /// An API written through templates, with its ledger.
 pub struct HttpDestination {

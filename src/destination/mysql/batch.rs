@@ -16,15 +16,15 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::schema::{Limit, SqlColumn, Table};
+use crate::batch::Row;
 use crate::destination::schema::{ColumnType, SqlValue};
 use crate::destination::seen::KeyFilter;
 use crate::destination::sql::quote_mysql as q;
 use crate::destination::Target;
 use crate::error::{Error, Result};
 use crate::key::Cursor;
-use crate::pipeline::plan::Row;
-use crate::pipeline::stats::RunStats;
 use crate::record::Reject;
+use crate::stats::RunStats;
 
 /// The temporary table a batch is loaded into.
 pub(super) const BATCH: &str = "_idemload_batch";

@@ -23,12 +23,12 @@ use super::{Lock, Server};
 use crate::destination::sql::quote_mysql as q;
 use crate::destination::Target;
 use crate::error::Error;
-use crate::pipeline::stats::{RunStats, RunStatus};
 use crate::record::Reject;
 use crate::state::{
     format_time, LockHolder, RejectRecord, RunInfo, RunRecord, LOCKS_TABLE, REJECTS_TABLE,
     RUNS_TABLE, STATE_TABLE,
 };
+use crate::stats::{RunStats, RunStatus};
 
 type R<T> = std::result::Result<T, mysql_async::Error>;
 

@@ -36,11 +36,11 @@ use mysql_async::{Conn, Opts, OptsBuilder};
 use serde_json::Value;
 
 use super::{Capabilities, Commit, Destination, Target};
-use crate::config::redact;
+use crate::batch::PlannedBatch;
 use crate::error::{Error, Result};
-use crate::pipeline::plan::PlannedBatch;
-use crate::pipeline::stats::RunStats;
+use crate::redact::redact;
 use crate::state::{LockHolder, RejectRecord, RunInfo, RunRecord};
+use crate::stats::RunStats;
 
 use self::bookkeeping::Heartbeat;
 use self::schema::Table;

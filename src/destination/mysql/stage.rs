@@ -13,9 +13,9 @@ use mysql_async::Conn;
 
 use super::schema::{add_columns, create_table, read_table, SqlColumn};
 use super::{Run, Server};
-use crate::config::Mode;
 use crate::destination::sql::quote_mysql as q;
-use crate::pipeline::stats::RunStats;
+use crate::mode::Mode;
+use crate::stats::RunStats;
 
 type R<T> = std::result::Result<T, mysql_async::Error>;
 

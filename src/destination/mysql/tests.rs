@@ -11,10 +11,10 @@ use mysql_async::{Conn, Opts};
 use serde_json::{json, Value};
 
 use crate::destination;
-use crate::pipeline::stats::{RunStats, RunStatus};
 use crate::record::{Item, Record, SourceRef};
 use crate::source::Source;
 use crate::state::LockHolder;
+use crate::stats::{RunStats, RunStatus};
 use crate::{Error, NoProgress, Pipeline, PipelineConfig, RunOptions, RunReport};
 
 /// A database of its own, dropped when the test ends.
@@ -540,9 +540,9 @@ async fn secrets_never_reach_errors() {
 /// batch through multi-row `INSERT`s.
 #[tokio::test]
 async fn batches_load_the_same_without_local_infile() {
-    use crate::config::Mode;
     use crate::destination::{Commit, Destination as _, Target};
     use crate::key::KeySpec;
+    use crate::mode::Mode;
     use crate::pipeline::plan::Planner;
     use crate::state::{Finish, RunInfo};
 

@@ -24,15 +24,15 @@ use super::batch::{load, load_into, prepare, reject, stored_rows, Prepared, BATC
 use super::bookkeeping::{self, fence, write_checkpoint, RUN_KEYS};
 use super::schema::{add_columns, create_table, declare, read_table, unfit_name, SqlColumn, Table};
 use super::{stage, MysqlDestination, Run, Server};
-use crate::config::Mode;
+use crate::batch::{PlannedBatch, Row};
 use crate::destination::schema::ColumnType;
 use crate::destination::seen::SeenKeys;
 use crate::destination::sql::quote_mysql as q;
 use crate::destination::{Commit, Target};
 use crate::error::{Error, Result};
-use crate::pipeline::plan::{PlannedBatch, Row};
-use crate::pipeline::stats::RunStats;
+use crate::mode::Mode;
 use crate::record::Reject;
+use crate::stats::RunStats;
 
 /// Row classes of a batch.
 const OP_INSERT: i64 = 1;

@@ -21,11 +21,11 @@ use tokio_postgres::{Client, Config, NoTls};
 use super::copy::StoredRows;
 use super::describe;
 use super::write::stored_keys;
+use crate::batch::PlannedBatch;
 use crate::destination::seen::KeyFilter;
 use crate::destination::sql::{column_list, quote};
 use crate::destination::Lookahead;
 use crate::error::{Error, Result};
-use crate::pipeline::plan::PlannedBatch;
 
 /// What reading a batch's stored rows needs to know of the table (for a
 /// read ahead: as the last write saw it).

@@ -20,11 +20,11 @@ use super::{identifier, pg_error, qualified};
 use crate::destination::sql::{column_list, quote};
 use crate::destination::Target;
 use crate::error::{Error, Result};
-use crate::pipeline::stats::{RunStats, RunStatus};
 use crate::state::{
     format_time, LockHolder, RejectRecord, RunInfo, RunRecord, LOCKS_TABLE, REJECTS_TABLE,
     RUNS_TABLE, STATE_TABLE,
 };
+use crate::stats::{RunStats, RunStatus};
 
 /// The temporary table of the keys this session's run has written.
 pub(super) const RUN_KEYS: &str = "pg_temp._idemload_run_keys";

@@ -35,11 +35,11 @@ use tokio_postgres::{Client, Config, NoTls};
 
 use super::sql::quote;
 use super::{Capabilities, Commit, Destination, Lookahead, Target};
-use crate::config::redact;
+use crate::batch::PlannedBatch;
 use crate::error::{Error, Result};
-use crate::pipeline::plan::PlannedBatch;
-use crate::pipeline::stats::RunStats;
+use crate::redact::redact;
 use crate::state::{LockHolder, RejectRecord, RunInfo, RunRecord};
+use crate::stats::RunStats;
 
 use self::types::PgSchema;
 

@@ -33,15 +33,15 @@ use super::bookkeeping::{self, fence, insert_rejects, write_checkpoint, RUN_KEYS
 use super::copy::{encode_columns, ColumnOrder, CopyBuffer, StoredRows};
 use super::types::{read_schema, PgColumn, PgSchema, Stage};
 use super::{pg_error, qualified, PostgresDestination, Run};
-use crate::config::Mode;
+use crate::batch::{PlannedBatch, Row};
 use crate::destination::schema::ColumnType;
 use crate::destination::seen::SeenKeys;
 use crate::destination::sql::{column_list, quote};
 use crate::destination::Commit;
 use crate::error::{Error, Result};
-use crate::pipeline::plan::{PlannedBatch, Row};
-use crate::pipeline::stats::RunStats;
+use crate::mode::Mode;
 use crate::record::Reject;
+use crate::stats::RunStats;
 
 /// The temporary table a batch is copied into.
 const BATCH: &str = "pg_temp._idemload_batch";
@@ -1009,7 +1009,7 @@ mod tests {
 
     use super::super::testing::{server, TestSchema};
 
-    use crate::pipeline::stats::RunStats;
+    use crate::stats::RunStats;
     use crate::RunStatus;
 
     /// Runs the same input into SQLite and PostgreSQL: the stats must agree.

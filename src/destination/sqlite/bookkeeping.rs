@@ -19,11 +19,11 @@ use serde_json::Value;
 use crate::destination::sql::quote;
 use crate::destination::Target;
 use crate::error::{Error, Result};
-use crate::pipeline::stats::{RunStats, RunStatus};
 use crate::state::{
     format_time, LockHolder, RejectRecord, RunInfo, RunRecord, LOCKS_TABLE, REJECTS_TABLE,
     RUNS_TABLE, STATE_TABLE,
 };
+use crate::stats::{RunStats, RunStatus};
 
 /// Opens the file with the settings every connection uses, and makes sure
 /// the bookkeeping tables exist.

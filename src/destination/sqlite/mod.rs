@@ -21,10 +21,10 @@ use serde_json::Value;
 
 use super::schema::{Column, ColumnType, TableSchema};
 use super::{Capabilities, Commit, Destination, Target};
+use crate::batch::PlannedBatch;
 use crate::error::{Error, Result};
-use crate::pipeline::plan::PlannedBatch;
-use crate::pipeline::stats::RunStats;
 use crate::state::{LockHolder, RejectRecord, RunInfo, RunRecord};
+use crate::stats::RunStats;
 
 use self::bookkeeping::Heartbeat;
 

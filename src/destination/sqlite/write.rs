@@ -15,16 +15,16 @@ use rusqlite::{params, params_from_iter, CachedStatement, Connection, Transactio
 use super::bookkeeping::{self, fence, write_checkpoint};
 use super::run_keys::RunKeys;
 use super::{declared_type, read_schema, Inner, Run};
-use crate::config::Mode;
+use crate::batch::{PlannedBatch, Row};
 use crate::destination::schema::{Column, ColumnType, SqlValue, TableSchema};
 use crate::destination::sql::{column_list, key_match, quote};
 use crate::destination::Commit;
 use crate::error::{Error, Result};
 use crate::key::{parse_instant, Cursor};
-use crate::pipeline::plan::{PlannedBatch, Row};
-use crate::pipeline::stats::RunStats;
+use crate::mode::Mode;
 use crate::record::Reject;
 use crate::state::{format_time, REJECTS_TABLE};
+use crate::stats::RunStats;
 
 /// Writes a planned batch; returns its full stats (the planner's and ours).
 pub(super) fn write_batch(
