@@ -7,6 +7,7 @@
 //! It states its [`Capabilities`]; the pipeline asks those, never "which
 //! database is this". [`open`] picks an implementation by URL scheme.
 
+pub(crate) mod commit;
 pub mod http;
 pub mod inspect;
 pub mod mysql;

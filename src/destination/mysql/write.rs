@@ -23,16 +23,19 @@ use mysql_async::Conn;
 use super::batch::{load, load_into, prepare, reject, stored_rows, Prepared, BATCH};
 use super::bookkeeping::{self, fence, write_checkpoint, RUN_KEYS};
 use super::schema::{add_columns, create_table, declare, read_table, unfit_name, SqlColumn, Table};
-use super::{stage, MysqlDestination, Run, Server};
+use super::{stage, Lock, MysqlDestination, Run, Server};
 use crate::batch::{PlannedBatch, Row};
 use crate::destination::schema::ColumnType;
 use crate::destination::seen::SeenKeys;
 use crate::destination::sql::quote_mysql as q;
+use crate::destination::commit::{commit_batch, BatchTx};
 use crate::destination::{Commit, Target};
 use crate::error::{Error, Result};
 use crate::mode::Mode;
 use crate::record::Reject;
+use crate::state::Resolution;
 use crate::stats::RunStats;
+use serde_json::Value;
 
 /// Row classes of a batch.
 const OP_INSERT: i64 = 1;
@@ -185,78 +188,28 @@ pub(super) async fn write_batch(
     conn.query_drop("START TRANSACTION")
         .await
         .map_err(|e| Error::destination(ctx.clone(), e))?;
-    let result = async {
-        fence(conn, &lock).await?;
-        if !direct.is_empty() {
-            let schema = run
-                .schema
-                .as_ref()
-                .ok_or_else(|| Error::destination(ctx.clone(), "no schema"))?;
-            let rows: Vec<&Prepared> = direct.iter().collect();
-            load_into(conn, local_infile, &table, schema, &rows)
-                .await
-                .map_err(|e| Error::destination(ctx.clone(), e))?;
-            stats.inserted += direct.len() as u64;
-        }
-        if let Some(schema) = &loaded {
-            let counts = merge(conn, &table, schema, &run.target, mode, in_memory)
-                .await
-                .map_err(|e| Error::destination(ctx.clone(), e))?;
-            if staged {
-                // Staged rows are counted when the stage is applied.
-                stats.duplicates += counts.duplicates;
-            } else {
-                stats += counts;
-            }
-        }
-        let bk = |e| Error::destination("mysql bookkeeping", e);
-        bookkeeping::insert_rejects(conn, &lock.pipeline, &lock.run_id, &rejects)
-            .await
-            .map_err(bk)?;
-        if let Some(checkpoint) = &commit.checkpoint {
-            write_checkpoint(conn, &lock.pipeline, Some(checkpoint), &lock.run_id)
-                .await
-                .map_err(bk)?;
-        }
-        if let Some(finish) = &commit.finish {
-            if let Some((stage, plan)) = &finishing_stage {
-                stats += stage::apply(conn, run, stage, plan)
-                    .await
-                    .map_err(|e| Error::destination(format!("mysql table {stage:?}"), e))?;
-            }
-            let end = finish.resolve(stats);
-            if let Some(checkpoint) = &end.checkpoint {
-                write_checkpoint(conn, &lock.pipeline, Some(checkpoint), &lock.run_id)
-                    .await
-                    .map_err(bk)?;
-            }
-            let after = end
-                .checkpoint
-                .as_ref()
-                .or(run.info.checkpoint_before.as_ref());
-            bookkeeping::finish(
-                conn,
-                &lock.run_id,
-                end.status,
-                &end.stats,
-                after,
-                end.error.as_deref(),
-            )
-            .await
-            .map_err(bk)?;
-        }
-        let clock = std::time::Instant::now();
-        conn.query_drop("COMMIT")
-            .await
-            .map_err(|e| Error::destination(ctx.clone(), e))?;
-        tracing::debug!(ms = clock.elapsed().as_millis() as u64, "Batch committed.");
-        Ok::<_, Error>(())
-    }
-    .await;
-    if let Err(e) = result {
-        let _ = conn.query_drop("ROLLBACK").await;
-        return Err(e);
-    }
+    let before = run.info.checkpoint_before.clone();
+    let tx = MysqlTx {
+        conn,
+        run,
+        lock: &lock,
+        local_infile,
+        ctx,
+        table,
+        direct,
+        loaded,
+        mode,
+        staged,
+        in_memory,
+        finishing_stage: finishing_stage.as_ref(),
+    };
+    let batch = PlannedBatch {
+        rows: Vec::new(),
+        rejects,
+        stats,
+        max_cursor: None,
+    };
+    let stats = commit_batch(tx, batch, &commit, before.as_ref()).await?;
     if let Some(Some(seen)) = run.seen.as_mut() {
         seen.extend(written_keys);
     }
@@ -269,6 +222,132 @@ pub(super) async fn write_batch(
         run.schema = None;
     }
     Ok(stats)
+}
+
+/// A batch's transaction: the rows were converted, and those that need the
+/// server's judgement loaded into the batch table, before it began (MySQL's
+/// DDL commits on its own).
+struct MysqlTx<'a> {
+    conn: &'a mut Conn,
+    run: &'a mut Run,
+    lock: &'a Lock,
+    local_infile: &'a mut bool,
+    ctx: String,
+    table: String,
+    /// Rows known new, loaded straight into the table.
+    direct: Vec<Prepared>,
+    /// The batch table holds rows to merge, with this schema.
+    loaded: Option<Table>,
+    mode: Mode,
+    staged: bool,
+    in_memory: bool,
+    finishing_stage: Option<&'a (String, stage::Plan)>,
+}
+
+fn books_error(e: mysql_async::Error) -> Error {
+    Error::destination("mysql bookkeeping", e)
+}
+
+impl BatchTx for MysqlTx<'_> {
+    async fn fence(&mut self) -> Result<()> {
+        fence(self.conn, self.lock).await
+    }
+
+    async fn write_rows(
+        &mut self,
+        _rows: Vec<Row>,
+        stats: &mut RunStats,
+        _rejects: &mut Vec<Reject>,
+    ) -> Result<bool> {
+        let ctx = &self.ctx;
+        let mut changed = false;
+        if !self.direct.is_empty() {
+            let schema = self
+                .run
+                .schema
+                .as_ref()
+                .ok_or_else(|| Error::destination(ctx.clone(), "no schema"))?;
+            let rows: Vec<&Prepared> = self.direct.iter().collect();
+            load_into(self.conn, self.local_infile, &self.table, schema, &rows)
+                .await
+                .map_err(|e| Error::destination(ctx.clone(), e))?;
+            stats.inserted += self.direct.len() as u64;
+            changed = true;
+        }
+        if let Some(schema) = &self.loaded {
+            let counts = merge(
+                self.conn,
+                &self.table,
+                schema,
+                &self.run.target,
+                self.mode,
+                self.in_memory,
+            )
+            .await
+            .map_err(|e| Error::destination(ctx.clone(), e))?;
+            if self.staged {
+                // Staged rows are counted when the stage is applied.
+                stats.duplicates += counts.duplicates;
+            } else {
+                *stats += counts;
+            }
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    async fn insert_rejects(&mut self, rejects: &[Reject]) -> Result<()> {
+        bookkeeping::insert_rejects(self.conn, &self.lock.pipeline, &self.lock.run_id, rejects)
+            .await
+            .map_err(books_error)
+    }
+
+    async fn write_checkpoint(&mut self, checkpoint: &Value) -> Result<()> {
+        write_checkpoint(
+            self.conn,
+            &self.lock.pipeline,
+            Some(checkpoint),
+            &self.lock.run_id,
+        )
+        .await
+        .map_err(books_error)
+    }
+
+    async fn apply_stage(&mut self) -> Result<RunStats> {
+        match self.finishing_stage {
+            Some((stage, plan)) => stage::apply(self.conn, self.run, stage, plan)
+                .await
+                .map_err(|e| Error::destination(format!("mysql table {stage:?}"), e)),
+            None => Ok(RunStats::default()),
+        }
+    }
+
+    async fn finish_run(&mut self, end: &Resolution, after: Option<&Value>) -> Result<()> {
+        bookkeeping::finish(
+            self.conn,
+            &self.lock.run_id,
+            end.status,
+            &end.stats,
+            after,
+            end.error.as_deref(),
+        )
+        .await
+        .map_err(books_error)
+    }
+
+    async fn commit(self, _changed: bool) -> Result<()> {
+        let clock = std::time::Instant::now();
+        self.conn
+            .query_drop("COMMIT")
+            .await
+            .map_err(|e| Error::destination(self.ctx.clone(), e))?;
+        tracing::debug!(ms = clock.elapsed().as_millis() as u64, "Batch committed.");
+        Ok(())
+    }
+
+    async fn rollback(self) {
+        let _ = self.conn.query_drop("ROLLBACK").await;
+    }
 }
 
 /// Creates the table or adds the columns the rows need (rows whose field

@@ -37,10 +37,12 @@ use crate::batch::{PlannedBatch, Row};
 use crate::destination::schema::ColumnType;
 use crate::destination::seen::SeenKeys;
 use crate::destination::sql::{column_list, quote};
+use crate::destination::commit::{commit_batch, BatchTx};
 use crate::destination::Commit;
 use crate::error::{Error, Result};
 use crate::mode::Mode;
 use crate::record::Reject;
+use crate::state::Resolution;
 use crate::stats::RunStats;
 
 /// The temporary table a batch is copied into.
@@ -50,7 +52,8 @@ const BATCH: &str = "pg_temp._idemload_batch";
 const DEL: &str = "_idemload_del";
 const FRESH: &str = "_idemload_fresh";
 
-/// Writes a planned batch; returns its full stats (the planner's and ours).
+/// Writes a planned batch through the one commit path; returns its full
+/// stats (the planner's and ours).
 pub(super) async fn write_batch(
     dest: &mut PostgresDestination,
     batch: PlannedBatch,
@@ -71,7 +74,6 @@ pub(super) async fn write_batch(
         Some(pending) => pending.rows().await,
         None => None,
     };
-    let schema = schema.as_str();
     let run = run
         .as_mut()
         .ok_or_else(|| Error::destination("postgres", "write before begin"))?;
@@ -79,272 +81,352 @@ pub(super) async fn write_batch(
         .clone()
         .ok_or_else(|| Error::destination("postgres", "write without the run lock"))?;
     let context = format!("table {:?}", run.target.table);
-    let tx = client
-        .transaction()
-        .await
-        .map_err(pg_error(context.clone()))?;
-    fence(&tx, schema, &pipeline, &run_id, lease).await?;
+    let before = run.info.checkpoint_before.clone();
+    let tx = PgTx {
+        tx: client
+            .transaction()
+            .await
+            .map_err(pg_error(context.clone()))?,
+        schema: schema.as_str(),
+        run,
+        batch_table,
+        ahead: ahead.as_deref(),
+        read_ahead,
+        context,
+        pipeline,
+        run_id,
+        lease,
+        made_batch_table: None,
+        made_run_keys: false,
+        seen_added: Vec::new(),
+    };
+    commit_batch(tx, batch, &commit, before.as_ref()).await
+}
 
-    let PlannedBatch {
-        rows,
-        mut rejects,
-        mut stats,
-        ..
-    } = batch;
-    // Temporary tables made in this transaction exist after it only if it commits.
-    let mut made_batch_table = None;
-    let mut made_run_keys = false;
-    let mut seen_added = Vec::new();
-    // Whether the transaction changes anything beyond the lease it fences.
-    let mut writes = false;
-    if !rows.is_empty() {
-        let table = run
-            .stage
-            .clone()
-            .unwrap_or_else(|| run.target.table.clone());
-        let staged = run.stage.is_some();
-        let (pg_schema, ddl) = ensure_table(&tx, schema, run, &table, &rows, staged).await?;
-        let created = ddl == Ddl::Created;
-        writes |= ddl != Ddl::None;
-        let mode = if staged { Mode::Merge } else { run.target.mode };
-        let merge = Merge::new(&qualified(schema, &table), &pg_schema, &run.target, mode)?;
-        // A single integer key: the run's key set is kept in memory, exact
-        // and cheaper than a temporary table.
-        let key_at = match merge.keys.as_slice() {
-            [k] if k.stage() == Stage::Int8 => pg_schema.position(&k.name),
-            _ => None,
-        };
-        if key_at.is_some() && run.seen.is_none() && !run.run_keys {
-            run.seen = Some(SeenKeys::default());
+/// A batch's transaction, with what it makes that outlives it only if it
+/// commits (temporary tables, the run's new keys).
+struct PgTx<'a> {
+    tx: Transaction<'a>,
+    schema: &'a str,
+    run: &'a mut Run,
+    /// The shape of the temporary batch table this connection holds.
+    batch_table: &'a mut Option<String>,
+    ahead: Option<&'a super::ahead::Ahead>,
+    read_ahead: Option<(Vec<i64>, Shape, StoredRows)>,
+    context: String,
+    pipeline: String,
+    run_id: String,
+    lease: std::time::Duration,
+    made_batch_table: Option<String>,
+    made_run_keys: bool,
+    seen_added: Vec<i64>,
+}
+
+impl BatchTx for PgTx<'_> {
+    async fn fence(&mut self) -> Result<()> {
+        fence(&self.tx, self.schema, &self.pipeline, &self.run_id, self.lease).await
+    }
+
+    async fn write_rows(
+        &mut self,
+        rows: Vec<Row>,
+        stats: &mut RunStats,
+        rejects: &mut Vec<Reject>,
+    ) -> Result<bool> {
+        if rows.is_empty() {
+            return Ok(false);
         }
-        let seen = run.seen.as_ref().filter(|_| key_at.is_some());
-        let in_memory = seen.is_some();
-        // The table was empty when this run first wrote to it: a key the run
-        // has not met cannot be stored (the run lock keeps the pipeline's
-        // other runs out), so such rows are copied straight into the table,
-        // as fast as a plain COPY. Another writer's row with the same key
-        // fails the batch on the primary key; it never doubles a row.
-        if in_memory && run.empty_at_start.is_none() {
-            let empty = created
-                || !tx
-                    .query_one(
-                        &format!(
-                            "SELECT EXISTS (SELECT 1 FROM {})",
-                            qualified(schema, &table)
-                        ),
-                        &[],
-                    )
-                    .await
-                    .map_err(pg_error(context.clone()))?
-                    .get::<_, bool>(0);
-            run.empty_at_start = Some(empty);
-        }
-        // Every column is sent as its own type, so rows can be copied
-        // straight into the table and compared byte-wise with stored ones.
-        let native = pg_schema.columns.iter().all(|c| c.stage().sql() == c.sql);
-        let direct = in_memory && run.empty_at_start == Some(true) && native;
-        // The stored versions of the keys the batch may already hold (not
-        // the keys new to a table that was empty): a row equal to its stored
-        // version is settled here, without sending it; a key not stored is
-        // copied straight in. The server reads them while the rows are
-        // encoded.
-        //
-        // Read ahead (see `ahead`), they are trusted only for keys new to
-        // the run. The next batch is read ahead with this batch's shape.
-        let shape = match (key_at, seen) {
-            (Some(key_at), Some(_)) if native && !staged => Some(Shape {
-                table: qualified(schema, &table),
-                columns: pg_schema
-                    .columns
-                    .iter()
-                    .map(|c| (c.name.clone(), c.sql.clone()))
-                    .collect(),
-                key_at,
-            }),
-            _ => None,
-        };
-        // Into a table empty at the start only keys the run met can be
-        // stored: those are read in the transaction, never ahead.
-        if let Some(ahead) = ahead.as_ref() {
-            ahead.set_shape(shape.clone().filter(|_| !direct));
-        }
-        let mut ahead_rows = None;
-        let lookup = match (&shape, seen) {
-            (Some(shape), Some(seen)) => {
-                let keys: Vec<i64> = stored_keys(&rows)
-                    .filter(|&k| !direct || seen.contains(k))
-                    .collect();
-                match read_ahead {
-                    Some((read_keys, read_shape, stored))
-                        if !direct && *shape == read_shape && read_keys == keys =>
-                    {
-                        ahead_rows = Some(stored);
-                        None
-                    }
-                    _ => shape
-                        .select(&keys)
-                        .map(|query| (query, shape.key_at, keys.len())),
+        let PgTx {
+            tx,
+            schema,
+            run,
+            batch_table,
+            ahead,
+            read_ahead,
+            context,
+            made_batch_table,
+            made_run_keys,
+            seen_added,
+            ..
+        } = self;
+        let schema: &str = schema;
+        let context = context.clone();
+        // Whether the transaction changes anything beyond the lease it fences.
+        let mut writes = false;
+    let table = run
+        .stage
+        .clone()
+        .unwrap_or_else(|| run.target.table.clone());
+    let staged = run.stage.is_some();
+    let (pg_schema, ddl) = ensure_table(tx, schema, run, &table, &rows, staged).await?;
+    let created = ddl == Ddl::Created;
+    writes |= ddl != Ddl::None;
+    let mode = if staged { Mode::Merge } else { run.target.mode };
+    let merge = Merge::new(&qualified(schema, &table), &pg_schema, &run.target, mode)?;
+    // A single integer key: the run's key set is kept in memory, exact
+    // and cheaper than a temporary table.
+    let key_at = match merge.keys.as_slice() {
+        [k] if k.stage() == Stage::Int8 => pg_schema.position(&k.name),
+        _ => None,
+    };
+    if key_at.is_some() && run.seen.is_none() && !run.run_keys {
+        run.seen = Some(SeenKeys::default());
+    }
+    let seen = run.seen.as_ref().filter(|_| key_at.is_some());
+    let in_memory = seen.is_some();
+    // The table was empty when this run first wrote to it: a key the run
+    // has not met cannot be stored (the run lock keeps the pipeline's
+    // other runs out), so such rows are copied straight into the table,
+    // as fast as a plain COPY. Another writer's row with the same key
+    // fails the batch on the primary key; it never doubles a row.
+    if in_memory && run.empty_at_start.is_none() {
+        let empty = created
+            || !tx
+                .query_one(
+                    &format!(
+                        "SELECT EXISTS (SELECT 1 FROM {})",
+                        qualified(schema, &table)
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(pg_error(context.clone()))?
+                .get::<_, bool>(0);
+        run.empty_at_start = Some(empty);
+    }
+    // Every column is sent as its own type, so rows can be copied
+    // straight into the table and compared byte-wise with stored ones.
+    let native = pg_schema.columns.iter().all(|c| c.stage().sql() == c.sql);
+    let direct = in_memory && run.empty_at_start == Some(true) && native;
+    // The stored versions of the keys the batch may already hold (not
+    // the keys new to a table that was empty): a row equal to its stored
+    // version is settled here, without sending it; a key not stored is
+    // copied straight in. The server reads them while the rows are
+    // encoded.
+    //
+    // Read ahead (see `ahead`), they are trusted only for keys new to
+    // the run. The next batch is read ahead with this batch's shape.
+    let shape = match (key_at, seen) {
+        (Some(key_at), Some(_)) if native && !staged => Some(Shape {
+            table: qualified(schema, &table),
+            columns: pg_schema
+                .columns
+                .iter()
+                .map(|c| (c.name.clone(), c.sql.clone()))
+                .collect(),
+            key_at,
+        }),
+        _ => None,
+    };
+    // Into a table empty at the start only keys the run met can be
+    // stored: those are read in the transaction, never ahead.
+    if let Some(ahead) = ahead.as_ref() {
+        ahead.set_shape(shape.clone().filter(|_| !direct));
+    }
+    let mut ahead_rows = None;
+    let lookup = match (&shape, seen) {
+        (Some(shape), Some(seen)) => {
+            let keys: Vec<i64> = stored_keys(&rows)
+                .filter(|&k| !direct || seen.contains(k))
+                .collect();
+            match read_ahead.take() {
+                Some((read_keys, read_shape, stored))
+                    if !direct && *shape == read_shape && read_keys == keys =>
+                {
+                    ahead_rows = Some(stored);
+                    None
                 }
-            }
-            _ => None,
-        };
-        let read_ahead = ahead_rows.is_some();
-        let fetch = async {
-            match &lookup {
-                // About the size of the rows' own encoding.
-                Some((query, key_at, n)) => {
-                    let copy = StoredRows::copy(query);
-                    StoredRows::read(tx.copy_out(&copy), *key_at, n * 256)
-                        .await
-                        .map(Some)
-                }
-                None => Ok(ahead_rows),
-            }
-        };
-        let (stored, encoded) = tokio::join!(fetch, async {
-            // Let the connection send the query before encoding starts.
-            tokio::task::yield_now().await;
-            encode(&pg_schema, rows, key_at, seen, &mut stats, &mut rejects)
-        });
-        let stored = stored?;
-        seen_added = encoded.rows.iter().filter_map(|r| r.key).collect();
-        let columns = pg_schema.columns.len();
-        let mut copy = CopyBuffer::new();
-        let mut direct_copy = CopyBuffer::new();
-        let mut deletes = false;
-        for row in &encoded.rows {
-            let bytes = &encoded.buf[row.at.clone()];
-            let fresh = row.fresh == Some(true);
-            if !row.delete {
-                let found = match (&stored, row.key) {
-                    (Some(stored), Some(key)) if fresh || !read_ahead => Some(stored.get(key)),
-                    _ => None,
-                };
-                match found {
-                    _ if direct && fresh => {
-                        direct_copy.push_encoded(&[], columns, bytes);
-                        continue;
-                    }
-                    Some(Some(old)) if mode == Mode::InsertNew || old == bytes => {
-                        if fresh {
-                            stats.unchanged += 1;
-                        } else {
-                            stats.duplicates += 1;
-                        }
-                        continue;
-                    }
-                    Some(None) if fresh => {
-                        direct_copy.push_encoded(&[], columns, bytes);
-                        continue;
-                    }
-                    _ => {}
-                }
-            }
-            deletes |= row.delete;
-            copy.push_encoded(&[Some(row.delete), row.fresh], columns, bytes);
-        }
-        writes |= direct_copy.rows > 0 || copy.rows > 0;
-        if direct_copy.rows > 0 {
-            let copied = direct_copy
-                .send(&tx, &qualified(schema, &table), &merge.table_columns())
-                .await?;
-            if !staged {
-                stats.inserted += copied;
+                _ => shape
+                    .select(&keys)
+                    .map(|query| (query, shape.key_at, keys.len())),
             }
         }
-        if copy.rows > 0 {
-            let shape = merge.batch_table();
-            if batch_table.as_deref() != Some(shape.as_str()) {
-                tx.batch_execute(&format!("DROP TABLE IF EXISTS {BATCH}; {shape}"))
+        _ => None,
+    };
+    let read_ahead = ahead_rows.is_some();
+    let fetch = async {
+        match &lookup {
+            // About the size of the rows' own encoding.
+            Some((query, key_at, n)) => {
+                let copy = StoredRows::copy(query);
+                StoredRows::read(tx.copy_out(&copy), *key_at, n * 256)
                     .await
-                    .map_err(pg_error(context.clone()))?;
-                made_batch_table = Some(shape);
+                    .map(Some)
             }
-            if !run.run_keys && !in_memory {
-                tx.batch_execute(&merge.run_keys_table())
-                    .await
-                    .map_err(pg_error(context.clone()))?;
-                made_run_keys = true;
+            None => Ok(ahead_rows),
+        }
+    };
+    let (stored, encoded) = tokio::join!(fetch, async {
+        // Let the connection send the query before encoding starts.
+        tokio::task::yield_now().await;
+        encode(&pg_schema, rows, key_at, seen, stats, rejects)
+    });
+    let stored = stored?;
+    *seen_added = encoded.rows.iter().filter_map(|r| r.key).collect();
+    let columns = pg_schema.columns.len();
+    let mut copy = CopyBuffer::new();
+    let mut direct_copy = CopyBuffer::new();
+    let mut deletes = false;
+    for row in &encoded.rows {
+        let bytes = &encoded.buf[row.at.clone()];
+        let fresh = row.fresh == Some(true);
+        if !row.delete {
+            let found = match (&stored, row.key) {
+                (Some(stored), Some(key)) if fresh || !read_ahead => Some(stored.get(key)),
+                _ => None,
+            };
+            match found {
+                _ if direct && fresh => {
+                    direct_copy.push_encoded(&[], columns, bytes);
+                    continue;
+                }
+                Some(Some(old)) if mode == Mode::InsertNew || old == bytes => {
+                    if fresh {
+                        stats.unchanged += 1;
+                    } else {
+                        stats.duplicates += 1;
+                    }
+                    continue;
+                }
+                Some(None) if fresh => {
+                    direct_copy.push_encoded(&[], columns, bytes);
+                    continue;
+                }
+                _ => {}
             }
-            copy.send(&tx, BATCH, &merge.copy_columns()).await?;
-            // A batch is small against its table: every row is looked up
-            // through the key's index, never by scanning the table.
-            tx.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
+        }
+        deletes |= row.delete;
+        copy.push_encoded(&[Some(row.delete), row.fresh], columns, bytes);
+    }
+    writes |= direct_copy.rows > 0 || copy.rows > 0;
+    if direct_copy.rows > 0 {
+        let copied = direct_copy
+            .send(tx, &qualified(schema, &table), &merge.table_columns())
+            .await?;
+        if !staged {
+            stats.inserted += copied;
+        }
+    }
+    if copy.rows > 0 {
+        let shape = merge.batch_table();
+        if batch_table.as_deref() != Some(shape.as_str()) {
+            tx.batch_execute(&format!("DROP TABLE IF EXISTS {BATCH}; {shape}"))
                 .await
                 .map_err(pg_error(context.clone()))?;
-            let counts = tx
-                .query_one(&merge.statement(deletes, in_memory), &[])
+            *made_batch_table = Some(shape);
+        }
+        if !run.run_keys && !in_memory {
+            tx.batch_execute(&merge.run_keys_table())
                 .await
                 .map_err(pg_error(context.clone()))?;
-            tx.batch_execute(
-                "SET LOCAL enable_hashjoin TO DEFAULT; SET LOCAL enable_mergejoin TO DEFAULT",
-            )
+            *made_run_keys = true;
+        }
+        copy.send(tx, BATCH, &merge.copy_columns()).await?;
+        // A batch is small against its table: every row is looked up
+        // through the key's index, never by scanning the table.
+        tx.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
             .await
             .map_err(pg_error(context.clone()))?;
-            let get = |i: usize| counts.get::<_, i64>(i) as u64;
-            let (total, fresh, inserted, updated, deleted, stale) =
-                (get(0), get(1), get(2), get(3), get(4), get(5));
-            stats.duplicates += total - fresh;
-            // Staged rows are counted when the stage is applied.
-            if !staged {
-                stats.inserted += inserted;
-                stats.updated += updated;
-                stats.deleted += deleted;
-                stats.skipped += stale;
-                stats.unchanged += fresh - inserted - updated - deleted - stale;
-            }
+        let counts = tx
+            .query_one(&merge.statement(deletes, in_memory), &[])
+            .await
+            .map_err(pg_error(context.clone()))?;
+        tx.batch_execute(
+            "SET LOCAL enable_hashjoin TO DEFAULT; SET LOCAL enable_mergejoin TO DEFAULT",
+        )
+        .await
+        .map_err(pg_error(context.clone()))?;
+        let get = |i: usize| counts.get::<_, i64>(i) as u64;
+        let (total, fresh, inserted, updated, deleted, stale) =
+            (get(0), get(1), get(2), get(3), get(4), get(5));
+        stats.duplicates += total - fresh;
+        // Staged rows are counted when the stage is applied.
+        if !staged {
+            stats.inserted += inserted;
+            stats.updated += updated;
+            stats.deleted += deleted;
+            stats.skipped += stale;
+            stats.unchanged += fresh - inserted - updated - deleted - stale;
         }
     }
-    insert_rejects(&tx, schema, &pipeline, &run_id, &rejects).await?;
-    if let Some(checkpoint) = &commit.checkpoint {
-        write_checkpoint(&tx, schema, &pipeline, Some(checkpoint), &run_id).await?;
+        Ok(writes)
     }
-    if let Some(finish) = &commit.finish {
-        if let Some(stage) = run.stage.clone() {
-            stats += apply_stage(&tx, schema, run, &stage).await?;
+
+    async fn insert_rejects(&mut self, rejects: &[Reject]) -> Result<()> {
+        insert_rejects(&self.tx, self.schema, &self.pipeline, &self.run_id, rejects).await
+    }
+
+    async fn write_checkpoint(&mut self, checkpoint: &Value) -> Result<()> {
+        write_checkpoint(
+            &self.tx,
+            self.schema,
+            &self.pipeline,
+            Some(checkpoint),
+            &self.run_id,
+        )
+        .await
+    }
+
+    async fn apply_stage(&mut self) -> Result<RunStats> {
+        match self.run.stage.clone() {
+            Some(stage) => apply_stage(&self.tx, self.schema, self.run, &stage).await,
+            None => Ok(RunStats::default()),
         }
-        let end = finish.resolve(stats);
-        if let Some(checkpoint) = &end.checkpoint {
-            write_checkpoint(&tx, schema, &pipeline, Some(checkpoint), &run_id).await?;
-        }
-        let after = end
-            .checkpoint
-            .as_ref()
-            .or(run.info.checkpoint_before.as_ref());
+    }
+
+    async fn finish_run(&mut self, end: &Resolution, after: Option<&Value>) -> Result<()> {
         bookkeeping::finish(
-            &tx,
-            schema,
-            &run_id,
+            &self.tx,
+            self.schema,
+            &self.run_id,
             end.status,
             &end.stats,
             after,
             end.error.as_deref(),
         )
-        .await?;
+        .await
     }
-    writes |= !rejects.is_empty() || commit.checkpoint.is_some() || commit.finish.is_some();
-    // A batch that changes nothing has only the lease's new expiry to keep;
-    // while the last one kept is recent, a rollback spares the server a WAL
-    // flush per batch of an unchanged re-run. (The advisory lock, not the
-    // expiry, keeps other runs out: the lease row is for people to read.)
-    if writes || run.renewed.elapsed() >= lease / 2 {
-        tx.commit()
-            .await
-            .map_err(pg_error(format!("{context}, commit")))?;
-        run.renewed = std::time::Instant::now();
-    } else {
-        tx.rollback()
-            .await
-            .map_err(pg_error(format!("{context}, rollback")))?;
+
+    async fn commit(self, changed: bool) -> Result<()> {
+        let PgTx {
+            tx,
+            run,
+            batch_table,
+            context,
+            lease,
+            made_batch_table,
+            made_run_keys,
+            seen_added,
+            ..
+        } = self;
+        // A batch that changes nothing has only the lease's new expiry to
+        // keep; while the last one kept is recent, a rollback spares the
+        // server a WAL flush per batch of an unchanged re-run. (The advisory
+        // lock, not the expiry, keeps other runs out: the lease row is for
+        // people to read.)
+        if changed || run.renewed.elapsed() >= lease / 2 {
+            tx.commit()
+                .await
+                .map_err(pg_error(format!("{context}, commit")))?;
+            run.renewed = std::time::Instant::now();
+        } else {
+            tx.rollback()
+                .await
+                .map_err(pg_error(format!("{context}, rollback")))?;
+        }
+        if let Some(shape) = made_batch_table {
+            *batch_table = Some(shape);
+        }
+        run.run_keys |= made_run_keys;
+        if let Some(seen) = run.seen.as_mut() {
+            seen.extend(seen_added);
+        }
+        Ok(())
     }
-    if let Some(shape) = made_batch_table {
-        *batch_table = Some(shape);
+
+    async fn rollback(self) {
+        // Dropping the transaction rolls it back.
     }
-    run.run_keys |= made_run_keys;
-    if let Some(seen) = run.seen.as_mut() {
-        seen.extend(seen_added);
-    }
-    Ok(stats)
 }
 
 /// A batch's rows checked and encoded, each row's columns in `buf`.

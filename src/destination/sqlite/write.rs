@@ -11,6 +11,7 @@
 use chrono::Utc;
 use rusqlite::types::{ToSqlOutput, Value as Sql, ValueRef};
 use rusqlite::{params, params_from_iter, CachedStatement, Connection, TransactionBehavior};
+use serde_json::Value;
 
 use super::bookkeeping::{self, fence, write_checkpoint};
 use super::run_keys::RunKeys;
@@ -18,15 +19,17 @@ use super::{declared_type, read_schema, Inner, Run};
 use crate::batch::{PlannedBatch, Row};
 use crate::destination::schema::{Column, ColumnType, SqlValue, TableSchema};
 use crate::destination::sql::{column_list, key_match, quote};
+use crate::destination::commit::{commit_batch, BatchTx};
 use crate::destination::Commit;
 use crate::error::{Error, Result};
 use crate::key::{parse_instant, Cursor};
 use crate::mode::Mode;
 use crate::record::Reject;
-use crate::state::{format_time, REJECTS_TABLE};
+use crate::state::{format_time, Resolution, REJECTS_TABLE};
 use crate::stats::RunStats;
 
-/// Writes a planned batch; returns its full stats (the planner's and ours).
+/// Writes a planned batch through the one commit path; returns its full
+/// stats (the planner's and ours).
 pub(super) fn write_batch(
     inner: &mut Inner,
     batch: PlannedBatch,
@@ -39,16 +42,42 @@ pub(super) fn write_batch(
     let (pipeline, run_id, lease) = lock
         .clone()
         .ok_or_else(|| Error::destination("sqlite", "write without the run lock"))?;
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    fence(&tx, &pipeline, &run_id, lease)?;
+    let before = run.info.checkpoint_before.clone();
+    let tx = SqliteTx {
+        tx: conn.transaction_with_behavior(TransactionBehavior::Immediate)?,
+        run,
+        pipeline,
+        run_id,
+        lease,
+    };
+    // Every step is a blocking call on this thread: the future never waits.
+    futures_executor::block_on(commit_batch(tx, batch, &commit, before.as_ref()))
+}
 
-    let PlannedBatch {
-        rows,
-        mut rejects,
-        mut stats,
-        ..
-    } = batch;
-    if !rows.is_empty() {
+/// A batch's transaction on the run's connection.
+struct SqliteTx<'a> {
+    tx: rusqlite::Transaction<'a>,
+    run: &'a mut Run,
+    pipeline: String,
+    run_id: String,
+    lease: std::time::Duration,
+}
+
+impl BatchTx for SqliteTx<'_> {
+    async fn fence(&mut self) -> Result<()> {
+        fence(&self.tx, &self.pipeline, &self.run_id, self.lease)
+    }
+
+    async fn write_rows(
+        &mut self,
+        rows: Vec<Row>,
+        stats: &mut RunStats,
+        rejects: &mut Vec<Reject>,
+    ) -> Result<bool> {
+        if rows.is_empty() {
+            return Ok(false);
+        }
+        let (tx, run) = (&self.tx, &mut *self.run);
         let table = run
             .stage
             .clone()
@@ -58,15 +87,15 @@ pub(super) fn write_batch(
         let fresh = match run.fresh {
             Some(fresh) => fresh,
             None => {
-                let fresh = is_empty(&tx, &table)?;
+                let fresh = is_empty(tx, &table)?;
                 run.fresh = Some(fresh);
                 fresh
             }
         };
-        let schema = ensure_table(&tx, run, &table, &rows)?;
+        let schema = ensure_table(tx, run, &table, &rows)?;
         let staged = run.stage.is_some();
         let mode = if staged { Mode::Merge } else { run.target.mode };
-        let mut writer = RowWriter::new(&tx, &table, &schema, run, fresh, mode)?;
+        let mut writer = RowWriter::new(tx, &table, &schema, run, fresh, mode)?;
         // Each row is dropped once written: the batch's memory goes as it goes.
         for row in rows {
             match writer.write(&row)? {
@@ -76,41 +105,49 @@ pub(super) fn write_batch(
                         stats.duplicates += 1;
                     }
                 }
-                Ok(outcome) => outcome.count(&mut stats),
+                Ok(outcome) => outcome.count(stats),
                 Err(reject) => {
                     stats.rejected += 1;
                     rejects.push(reject);
                 }
             }
         }
+        Ok(true)
     }
-    insert_rejects(&tx, &pipeline, &run_id, &rejects)?;
-    if let Some(checkpoint) = &commit.checkpoint {
-        write_checkpoint(&tx, &pipeline, Some(checkpoint), &run_id)?;
+
+    async fn insert_rejects(&mut self, rejects: &[Reject]) -> Result<()> {
+        insert_rejects(&self.tx, &self.pipeline, &self.run_id, rejects)
     }
-    if let Some(finish) = &commit.finish {
-        if let Some(stage) = run.stage.clone() {
-            stats += apply_stage(&tx, run, &stage)?;
+
+    async fn write_checkpoint(&mut self, checkpoint: &Value) -> Result<()> {
+        write_checkpoint(&self.tx, &self.pipeline, Some(checkpoint), &self.run_id)
+    }
+
+    async fn apply_stage(&mut self) -> Result<RunStats> {
+        match self.run.stage.clone() {
+            Some(stage) => apply_stage(&self.tx, self.run, &stage),
+            None => Ok(RunStats::default()),
         }
-        let end = finish.resolve(stats);
-        if let Some(checkpoint) = &end.checkpoint {
-            write_checkpoint(&tx, &pipeline, Some(checkpoint), &run_id)?;
-        }
-        let after = end
-            .checkpoint
-            .as_ref()
-            .or(run.info.checkpoint_before.as_ref());
+    }
+
+    async fn finish_run(&mut self, end: &Resolution, after: Option<&Value>) -> Result<()> {
         bookkeeping::finish(
-            &tx,
-            &run_id,
+            &self.tx,
+            &self.run_id,
             end.status,
             &end.stats,
             after,
             end.error.as_deref(),
-        )?;
+        )
     }
-    tx.commit()?;
-    Ok(stats)
+
+    async fn commit(self, _changed: bool) -> Result<()> {
+        Ok(self.tx.commit()?)
+    }
+
+    async fn rollback(self) {
+        // Dropping the transaction rolls it back.
+    }
 }
 
 /// What happened to one row.

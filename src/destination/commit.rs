@@ -1,0 +1,118 @@
+//! The one commit path: the order in which a batch and its bookkeeping go
+//! into one transaction, the same for every SQL backend.
+//!
+//! Guarantee 2 (a checkpoint never ahead of the data) and guarantee 4
+//! (every record accounted for) rest on this order, so it is written once,
+//! here, and each backend only says how to do each step in its own
+//! transaction ([`BatchTx`]):
+//!
+//! 1. fence: the run still holds its lock (a run whose lease was taken over
+//!    never commits again);
+//! 2. rows: insert, update, delete what the batch changes (values that do
+//!    not fit their column become rejects here);
+//! 3. rejects: the batch's rejected records, with their source references;
+//! 4. checkpoint: where the batch brings the run, when the source is
+//!    ordered by cursor;
+//! 5. finish, with the run's last batch: a staged `replace`/`window` load
+//!    is swapped in, the run's ending is decided from its totals, its final
+//!    checkpoint written and the run recorded;
+//! 6. commit — or roll back on any error, so nothing of the batch stays.
+
+use serde_json::Value;
+
+use super::Commit;
+use crate::batch::{PlannedBatch, Row};
+use crate::error::Result;
+use crate::record::Reject;
+use crate::stats::RunStats;
+use crate::state::Resolution;
+
+/// One open batch transaction of a backend.
+///
+/// Each step runs inside the transaction; [`commit_batch`] calls them in the
+/// order of the module doc. Implementations hold what they need after the
+/// commit (keys the run wrote, temporary tables made) and apply it in
+/// [`BatchTx::commit`].
+pub(crate) trait BatchTx {
+    /// Fails when the run's lock was taken over.
+    async fn fence(&mut self) -> Result<()>;
+
+    /// Writes the rows (none, or rows a backend prepared before its
+    /// transaction), adding to `stats` what happened to each and to
+    /// `rejects` the rows whose values do not fit. Returns whether the
+    /// table changed (rows written, columns added).
+    async fn write_rows(
+        &mut self,
+        rows: Vec<Row>,
+        stats: &mut RunStats,
+        rejects: &mut Vec<Reject>,
+    ) -> Result<bool>;
+
+    /// Records the batch's rejects.
+    async fn insert_rejects(&mut self, rejects: &[Reject]) -> Result<()>;
+
+    /// Moves the pipeline's checkpoint.
+    async fn write_checkpoint(&mut self, checkpoint: &Value) -> Result<()>;
+
+    /// With the last batch of a staged run: swaps the stage in and returns
+    /// what that changed (nothing when the run is not staged).
+    async fn apply_stage(&mut self) -> Result<RunStats>;
+
+    /// Records the run's ending; `after` is the checkpoint it leaves.
+    async fn finish_run(&mut self, end: &Resolution, after: Option<&Value>) -> Result<()>;
+
+    /// Commits. `changed` says whether anything beyond the lease was
+    /// written, so a backend may roll back a transaction that changes
+    /// nothing.
+    async fn commit(self, changed: bool) -> Result<()>;
+
+    /// Rolls back after a failed step.
+    async fn rollback(self);
+}
+
+/// Writes one batch with its bookkeeping in one transaction, in the order
+/// of the module doc; returns the batch's full stats (the planner's and the
+/// destination's). `before` is the checkpoint the run started from.
+pub(crate) async fn commit_batch<T: BatchTx>(
+    mut tx: T,
+    batch: PlannedBatch,
+    commit: &Commit,
+    before: Option<&Value>,
+) -> Result<RunStats> {
+    let PlannedBatch {
+        rows,
+        mut rejects,
+        mut stats,
+        ..
+    } = batch;
+    let steps = async {
+        tx.fence().await?;
+        let mut changed = tx.write_rows(rows, &mut stats, &mut rejects).await?;
+        tx.insert_rejects(&rejects).await?;
+        if let Some(checkpoint) = &commit.checkpoint {
+            tx.write_checkpoint(checkpoint).await?;
+        }
+        if let Some(finish) = &commit.finish {
+            stats += tx.apply_stage().await?;
+            let end = finish.resolve(stats);
+            if let Some(checkpoint) = &end.checkpoint {
+                tx.write_checkpoint(checkpoint).await?;
+            }
+            let after = end.checkpoint.as_ref().or(before);
+            tx.finish_run(&end, after).await?;
+        }
+        changed |= !rejects.is_empty() || commit.checkpoint.is_some() || commit.finish.is_some();
+        Ok::<_, crate::error::Error>(changed)
+    }
+    .await;
+    match steps {
+        Ok(changed) => {
+            tx.commit(changed).await?;
+            Ok(stats)
+        }
+        Err(e) => {
+            tx.rollback().await;
+            Err(e)
+        }
+    }
+}
