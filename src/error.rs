@@ -47,7 +47,11 @@ pub enum Error {
 
     /// The destination refused or lost a statement (exit 1).
     #[error("{context}: {message}")]
-    Destination { context: String, message: String },
+    Destination {
+        context: String,
+        message: String,
+        kind: ErrorKind,
+    },
 
     /// More records were rejected than `max_rejects` allows (exit 1).
     #[error("{rejected} records rejected, more than max_rejects = {max}; committed batches stay committed, see `idemload rejects`")]
@@ -60,11 +64,31 @@ impl Error {
         Error::Config(message.into())
     }
 
-    /// Builds a destination error with its context (`table "x", batch 3`).
-    pub fn destination(context: impl Into<String>, message: impl std::fmt::Display) -> Error {
+    /// Builds a destination error with its context (`table "x", batch 3`),
+    /// classified by its cause.
+    pub fn destination(context: impl Into<String>, cause: impl Cause) -> Error {
         Error::Destination {
             context: context.into(),
-            message: message.to_string(),
+            message: cause.message(),
+            kind: cause.kind(),
+        }
+    }
+
+    /// The kind of a destination error; `None` for other errors.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            Error::Destination { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+
+    /// True when running again, unchanged, can succeed: the connection
+    /// was lost, a statement timed out, or transactions conflicted.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Destination { kind, .. } => kind.is_retryable(),
+            Error::LockLost { .. } | Error::Locked { .. } => true,
+            _ => false,
         }
     }
 
@@ -89,11 +113,241 @@ impl Error {
             Error::TooManyRejects { .. } => Some(
                 "inspect them with `idemload rejects PIPELINE.toml`, fix the input or raise `max_rejects`, then run again".into(),
             ),
-            Error::Source { .. } | Error::Io { .. } | Error::Destination { .. } => Some(
+            Error::Destination { kind, .. } => Some(
+                match kind {
+                    ErrorKind::ConnectionRefused => "is the server running, and are the URL's host and port right? nothing was written",
+                    ErrorKind::Authentication => "check the user and password in the URL (a password with special characters must be percent-encoded); nothing was written",
+                    ErrorKind::UnknownDatabase => "create the database first, or fix its name in the URL; nothing was written",
+                    ErrorKind::PermissionDenied => "grant the user the rights it needs on the database (create tables, write, read), or use another user",
+                    ErrorKind::UniqueViolation => "another writer stored the same key meanwhile; run again: the run merges with what is stored, and committed batches stay",
+                    ErrorKind::SchemaMismatch => "the table differs from what the records need; check `idemload audit` and the table's columns, then run again",
+                    ErrorKind::ConnectionLost | ErrorKind::Timeout | ErrorKind::Conflict => "a passing failure: run again; committed batches are correct and stay, and the load completes exactly",
+                    ErrorKind::Other => "committed batches are correct and stay; run again once the cause is fixed and the load completes exactly",
+                }
+                .into(),
+            ),
+            Error::Source { .. } | Error::Io { .. } => Some(
                 "committed batches are correct and stay; run again once the cause is fixed and the load completes exactly".into(),
             ),
             Error::Config(_) => None,
         }
+    }
+}
+
+/// What kind of failure a destination error is: what the hint says, and
+/// whether trying again can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Nothing listens at the address (server down, wrong host or port).
+    ConnectionRefused,
+    /// The connection broke while in use (server restarted, network cut).
+    ConnectionLost,
+    /// A statement or lock wait ran out of time, or the database was busy.
+    Timeout,
+    /// Two transactions deadlocked or could not be serialised.
+    Conflict,
+    /// The server refused the user or password.
+    Authentication,
+    /// The database named in the URL does not exist.
+    UnknownDatabase,
+    /// The user may not do what was asked.
+    PermissionDenied,
+    /// A row with the same key already exists.
+    UniqueViolation,
+    /// A table or column is not what the statement expects.
+    SchemaMismatch,
+    /// Anything else.
+    Other,
+}
+
+impl ErrorKind {
+    /// True when running again, unchanged, can succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::ConnectionLost | ErrorKind::Timeout | ErrorKind::Conflict
+        )
+    }
+
+    /// The kind of a PostgreSQL SQLSTATE (or MySQL's, for the classes the
+    /// two share).
+    pub fn of_sqlstate(code: &str) -> ErrorKind {
+        match code {
+            "23505" => ErrorKind::UniqueViolation,
+            "28000" | "28P01" => ErrorKind::Authentication,
+            "3D000" => ErrorKind::UnknownDatabase,
+            "42501" => ErrorKind::PermissionDenied,
+            "40001" | "40P01" => ErrorKind::Conflict,
+            "57014" | "55P03" => ErrorKind::Timeout,
+            "57P01" | "57P02" | "57P03" => ErrorKind::ConnectionLost,
+            c if c.starts_with("08") => ErrorKind::ConnectionLost,
+            "42703" | "42P01" | "42804" | "42P16" | "22P02" => ErrorKind::SchemaMismatch,
+            _ => ErrorKind::Other,
+        }
+    }
+
+    /// The kind of a MySQL/MariaDB server error number.
+    pub fn of_mysql_code(code: u16) -> ErrorKind {
+        match code {
+            1062 | 1586 => ErrorKind::UniqueViolation,
+            1045 | 1698 => ErrorKind::Authentication,
+            1049 => ErrorKind::UnknownDatabase,
+            1044 | 1142 | 1143 | 1227 => ErrorKind::PermissionDenied,
+            1205 | 3024 => ErrorKind::Timeout,
+            1213 => ErrorKind::Conflict,
+            1054 | 1146 | 1366 | 1406 => ErrorKind::SchemaMismatch,
+            2002 | 2003 => ErrorKind::ConnectionRefused,
+            2006 | 2013 | 1927 => ErrorKind::ConnectionLost,
+            _ => ErrorKind::Other,
+        }
+    }
+
+    /// The kind of an I/O error under a driver.
+    pub fn of_io(e: &std::io::Error) -> ErrorKind {
+        use std::io::ErrorKind as Io;
+        match e.kind() {
+            Io::ConnectionRefused | Io::NotFound | Io::AddrNotAvailable => {
+                ErrorKind::ConnectionRefused
+            }
+            Io::TimedOut | Io::WouldBlock => ErrorKind::Timeout,
+            Io::PermissionDenied => ErrorKind::PermissionDenied,
+            _ => ErrorKind::ConnectionLost,
+        }
+    }
+}
+
+/// A cause of a destination error: its text and its kind. Implemented for
+/// the drivers' errors (classified by their codes) and for plain messages.
+pub trait Cause {
+    fn kind(&self) -> ErrorKind;
+    fn message(&self) -> String;
+}
+
+macro_rules! plain_cause {
+    ($($t:ty),*) => {$(
+        impl Cause for $t {
+            fn kind(&self) -> ErrorKind {
+                ErrorKind::Other
+            }
+            fn message(&self) -> String {
+                self.to_string()
+            }
+        }
+    )*};
+}
+plain_cause!(
+    &str,
+    String,
+    &String,
+    serde_json::Error,
+    tokio::task::JoinError
+);
+
+impl Cause for std::io::Error {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::of_io(self)
+    }
+    fn message(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl Cause for rusqlite::Error {
+    fn kind(&self) -> ErrorKind {
+        use rusqlite::ErrorCode as C;
+        match self.sqlite_error_code() {
+            Some(C::DatabaseBusy | C::DatabaseLocked) => ErrorKind::Timeout,
+            Some(C::ReadOnly | C::PermissionDenied | C::CannotOpen) => ErrorKind::PermissionDenied,
+            Some(C::ConstraintViolation) => match self {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                        || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+                {
+                    ErrorKind::UniqueViolation
+                }
+                _ => ErrorKind::Other,
+            },
+            _ => ErrorKind::Other,
+        }
+    }
+    fn message(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl Cause for redis::RedisError {
+    fn kind(&self) -> ErrorKind {
+        if self.is_connection_refusal() {
+            ErrorKind::ConnectionRefused
+        } else if self.is_timeout() {
+            ErrorKind::Timeout
+        } else if self.is_connection_dropped() || self.is_io_error() {
+            ErrorKind::ConnectionLost
+        } else {
+            ErrorKind::Other
+        }
+    }
+    fn message(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl Cause for mysql_async::Error {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            mysql_async::Error::Server(e) => ErrorKind::of_mysql_code(e.code),
+            mysql_async::Error::Io(mysql_async::IoError::Io(e)) => ErrorKind::of_io(e),
+            mysql_async::Error::Driver(mysql_async::DriverError::ConnectionClosed) => {
+                ErrorKind::ConnectionLost
+            }
+            _ => ErrorKind::Other,
+        }
+    }
+    fn message(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl Cause for tokio_postgres::Error {
+    fn kind(&self) -> ErrorKind {
+        if let Some(code) = self.code() {
+            return ErrorKind::of_sqlstate(code.code());
+        }
+        if self.is_closed() {
+            return ErrorKind::ConnectionLost;
+        }
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                return ErrorKind::of_io(io);
+            }
+            source = s.source();
+        }
+        ErrorKind::Other
+    }
+    fn message(&self) -> String {
+        if let Some(db) = self.as_db_error() {
+            let mut text = format!("{}: {}", db.severity(), db.message());
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!(" ({detail})"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!("; hint: {hint}"));
+            }
+            text.push_str(&format!(" [SQLSTATE {}]", db.code().code()));
+            return text;
+        }
+        if self.is_closed() {
+            return "the server closed the connection (restarted, shut down, or ended the session)"
+                .to_string();
+        }
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            text.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        text
     }
 }
 

@@ -29,7 +29,7 @@ pub mod trigger;
 pub mod verify;
 
 pub use config::PipelineConfig;
-pub use destination::{Capabilities, Destination};
+pub use destination::{Books, Destination};
 pub use error::{Error, Result};
 pub use key::{Cursor, Key, KeySpec};
 pub use mode::Mode;

@@ -24,8 +24,8 @@ use super::Commit;
 use crate::batch::{PlannedBatch, Row};
 use crate::error::Result;
 use crate::record::Reject;
-use crate::stats::RunStats;
 use crate::state::Resolution;
+use crate::stats::RunStats;
 
 /// One open batch transaction of a backend.
 ///

@@ -4,8 +4,8 @@
 //! A [`Destination`] locks a pipeline, tells its checkpoint, and commits a
 //! planned batch together with its rejects and (when the run reaches it) its
 //! checkpoint, in one transaction. It reports what it did as [`RunStats`].
-//! It states its [`Capabilities`]; the pipeline asks those, never "which
-//! database is this". [`open`] picks an implementation by URL scheme.
+//! [`open`] picks an implementation by URL scheme. How a batch commits is
+//! written once, in `commit.rs`, over each backend's transaction.
 
 pub(crate) mod commit;
 pub mod http;
@@ -29,17 +29,6 @@ use crate::redact::redact;
 use crate::state::{Finish, LockHolder, RejectRecord, RunInfo, RunRecord};
 use crate::stats::RunStats;
 
-/// What a destination can do.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Capabilities {
-    /// `CREATE`/`ALTER TABLE` roll back with the batch.
-    pub transactional_ddl: bool,
-    /// Loads through a binary COPY.
-    pub binary_copy: bool,
-    /// Upserts in one statement (`ON CONFLICT` / `ON DUPLICATE KEY`).
-    pub upsert: bool,
-}
-
 /// The table a run writes and how.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -59,14 +48,13 @@ pub struct Commit {
     pub finish: Option<Finish>,
 }
 
-/// A place rows land, with its bookkeeping.
+/// The bookkeeping kept next to the data (`_idemload_*` tables): the run
+/// lock, the checkpoint, the runs and their rejects. Commands that only
+/// read or set these (`state`, `history`, `rejects`) need nothing else.
 #[async_trait]
-pub trait Destination: Send {
-    /// What this destination can do.
-    fn capabilities(&self) -> Capabilities;
-
+pub trait Books: Send {
     /// Takes the pipeline's run lock for `holder`, or returns who holds it.
-    /// The lease is renewed in the background until [`Destination::unlock`].
+    /// The lease is renewed in the background until [`Books::unlock`].
     async fn lock(
         &mut self,
         pipeline: &str,
@@ -74,7 +62,7 @@ pub trait Destination: Send {
         lease: Duration,
     ) -> Result<Option<LockHolder>>;
 
-    /// Releases the lock this destination holds.
+    /// Releases the lock this connection holds.
     async fn unlock(&mut self) -> Result<()>;
 
     /// The pipeline's checkpoint.
@@ -82,23 +70,6 @@ pub trait Destination: Send {
 
     /// Sets (or with `None` clears) the checkpoint; the caller holds the lock.
     async fn set_checkpoint(&mut self, pipeline: &str, value: Option<Value>) -> Result<()>;
-
-    /// Records the start of a run and prepares the target.
-    async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()>;
-
-    /// Writes one batch, its rejects, and what `commit` asks, in one
-    /// transaction. Returns the batch's stats as the destination saw them
-    /// (inserted, updated, unchanged, deleted, skipped as stale, duplicates
-    /// across batches, rejected values).
-    async fn write(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats>;
-
-    /// A hook the run calls with each batch once it is planned, before it
-    /// is written, so the destination can start reading what that write
-    /// will need while the batch before it is written. `None` (the default)
-    /// when the destination has no use for it.
-    fn lookahead(&mut self) -> Option<Box<dyn Lookahead>> {
-        None
-    }
 
     /// Records a failed run (best effort: the destination may be gone).
     async fn fail(&mut self, run_id: &str, stats: &RunStats, error: &str) -> Result<()>;
@@ -113,6 +84,28 @@ pub trait Destination: Send {
         run_id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<RejectRecord>>;
+}
+
+/// A place rows land, with its bookkeeping.
+#[async_trait]
+pub trait Destination: Books {
+    /// Records the start of a run and prepares the target.
+    async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()>;
+
+    /// Writes one batch, its rejects, and what `commit` asks, in one
+    /// transaction (see `commit.rs` for the order). Returns the batch's
+    /// stats as the destination saw them (inserted, updated, unchanged,
+    /// deleted, skipped as stale, duplicates across batches, rejected
+    /// values).
+    async fn write(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats>;
+
+    /// A hook the run calls with each batch once it is planned, before it
+    /// is written, so the destination can start reading what that write
+    /// will need while the batch before it is written. `None` (the default)
+    /// when the destination has no use for it.
+    fn lookahead(&mut self) -> Option<Box<dyn Lookahead>> {
+        None
+    }
 }
 
 /// See [`Destination::lookahead`].

@@ -115,6 +115,25 @@ impl Pipeline {
         destination::open_config(&self.config.name, &self.config.destination).await
     }
 
+    /// Sets (or with `None` clears) the pipeline's checkpoint, under its run
+    /// lock: waits for a running run as long as `wait` allows, else fails
+    /// with [`Error::Locked`] naming the holder.
+    pub async fn set_checkpoint(&self, value: Option<Value>, wait: Option<Duration>) -> Result<()> {
+        let mut dest = self.destination().await?;
+        let me = LockHolder::this_process(&format!("state-{}", uuid::Uuid::now_v7()));
+        lock(
+            dest.as_mut(),
+            self.name(),
+            &me,
+            self.settings.lock_lease,
+            wait,
+        )
+        .await?;
+        let result = dest.set_checkpoint(self.name(), value).await;
+        dest.unlock().await?;
+        result
+    }
+
     /// Runs the pipeline with the source of its configuration.
     pub async fn run(&self, options: &RunOptions, progress: &dyn Progress) -> Result<RunReport> {
         let config = self.config.source.clone();
@@ -403,9 +422,14 @@ fn max_cursor(a: &Option<Cursor>, b: &Option<Cursor>) -> Option<Cursor> {
 /// Names the pipeline and batch in a destination error.
 fn in_batch(e: Error, pipeline: &str, batch: u64) -> Error {
     match e {
-        Error::Destination { context, message } => Error::Destination {
+        Error::Destination {
+            context,
+            message,
+            kind,
+        } => Error::Destination {
             context: format!("pipeline {pipeline:?}, batch {batch}: {context}"),
             message,
+            kind,
         },
         other => other,
     }

@@ -12,6 +12,7 @@ mod concurrency;
 mod crash;
 mod csv;
 mod duplicates;
+mod failures;
 mod files;
 mod harness;
 mod http_source;

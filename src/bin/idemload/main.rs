@@ -13,7 +13,7 @@ use clap::Parser;
 use idemload::config::{DestinationConfig, LoadConfig, PipelineConfig};
 use idemload::key::parse_duration;
 use idemload::source::{FileFormat, FileSourceConfig, SourceConfig};
-use idemload::state::{parse_checkpoint_arg, LockHolder};
+use idemload::state::parse_checkpoint_arg;
 use idemload::{Error, Pipeline, RunOptions, RunStatus};
 use serde_json::json;
 
@@ -136,16 +136,12 @@ async fn execute(command: Command) -> anyhow::Result<u8> {
         }
         Command::State(args) => {
             let pipeline = Pipeline::new(PipelineConfig::from_file(&args.pipeline)?)?;
-            let mut dest = pipeline.destination().await?;
             if args.reset || args.set.is_some() {
                 let value = args.set.as_deref().map(parse_checkpoint_arg);
-                let me = LockHolder::this_process(&format!("state-{}", std::process::id()));
                 let wait = args.wait.as_deref().map(parse_wait).transpose()?;
-                take_lock(dest.as_mut(), pipeline.name(), &me, wait).await?;
-                let result = dest.set_checkpoint(pipeline.name(), value).await;
-                dest.unlock().await?;
-                result?;
+                pipeline.set_checkpoint(value, wait).await?;
             }
+            let mut dest = pipeline.destination().await?;
             let checkpoint = dest.checkpoint(pipeline.name()).await?;
             output::stdout_line(&match checkpoint {
                 None => "none".to_string(),
@@ -196,30 +192,6 @@ async fn execute(command: Command) -> anyhow::Result<u8> {
 
 fn parse_wait(text: &str) -> anyhow::Result<Duration> {
     parse_duration(text).map_err(|e| Error::config(format!("--wait {text}: {e}")).into())
-}
-
-async fn take_lock(
-    dest: &mut dyn idemload::Destination,
-    pipeline: &str,
-    me: &LockHolder,
-    wait: Option<Duration>,
-) -> anyhow::Result<()> {
-    let deadline = wait.map(|w| std::time::Instant::now() + w);
-    loop {
-        match dest.lock(pipeline, me, Duration::from_secs(30)).await? {
-            None => return Ok(()),
-            Some(_) if deadline.is_some_and(|d| std::time::Instant::now() < d) => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Some(holder) => {
-                return Err(Error::Locked {
-                    pipeline: pipeline.to_string(),
-                    holder,
-                }
-                .into())
-            }
-        }
-    }
 }
 
 /// Builds a pipeline from `load` flags.

@@ -31,7 +31,7 @@ pub use self::config::HttpDestinationConfig;
 use self::config::{fill_body, fill_path, id_at, RequestTemplate};
 use self::ledger::Ledger;
 use super::sqlite::SqliteDestination;
-use super::{Capabilities, Commit, Destination, Target};
+use super::{Books, Commit, Destination, Target};
 use crate::batch::{PlannedBatch, Row};
 use crate::error::{Error, Result};
 use crate::key::{canonical_json, parse_duration, HASH_KEY_COLUMN};
@@ -492,11 +492,7 @@ fn lookup_in_table(
 }
 
 #[async_trait]
-impl Destination for HttpDestination {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
-    }
-
+impl Books for HttpDestination {
     async fn lock(
         &mut self,
         pipeline: &str,
@@ -518,6 +514,26 @@ impl Destination for HttpDestination {
         self.books.set_checkpoint(pipeline, value).await
     }
 
+    async fn fail(&mut self, run_id: &str, stats: &RunStats, error: &str) -> Result<()> {
+        self.books.fail(run_id, stats, error).await
+    }
+
+    async fn history(&mut self, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>> {
+        self.books.history(pipeline, limit).await
+    }
+
+    async fn rejects(
+        &mut self,
+        pipeline: &str,
+        run_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RejectRecord>> {
+        self.books.rejects(pipeline, run_id, limit).await
+    }
+}
+
+#[async_trait]
+impl Destination for HttpDestination {
     async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()> {
         if target.mode != Mode::Merge {
             return Err(Error::config(
@@ -578,22 +594,5 @@ impl Destination for HttpDestination {
             max_cursor,
         };
         self.books.write(bookkeeping, commit).await
-    }
-
-    async fn fail(&mut self, run_id: &str, stats: &RunStats, error: &str) -> Result<()> {
-        self.books.fail(run_id, stats, error).await
-    }
-
-    async fn history(&mut self, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>> {
-        self.books.history(pipeline, limit).await
-    }
-
-    async fn rejects(
-        &mut self,
-        pipeline: &str,
-        run_id: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<RejectRecord>> {
-        self.books.rejects(pipeline, run_id, limit).await
     }
 }

@@ -35,7 +35,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder};
 use serde_json::Value;
 
-use super::{Capabilities, Commit, Destination, Target};
+use super::{Books, Commit, Destination, Target};
 use crate::batch::PlannedBatch;
 use crate::error::{Error, Result};
 use crate::redact::redact;
@@ -177,15 +177,7 @@ fn db(context: impl Into<String>) -> impl FnOnce(mysql_async::Error) -> Error {
 }
 
 #[async_trait]
-impl Destination for MysqlDestination {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            transactional_ddl: false,
-            binary_copy: false,
-            upsert: true,
-        }
-    }
-
+impl Books for MysqlDestination {
     async fn lock(
         &mut self,
         pipeline: &str,
@@ -241,27 +233,6 @@ impl Destination for MysqlDestination {
             .map_err(db(ctx))
     }
 
-    async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()> {
-        let ctx = self.context();
-        let stage = bookkeeping::begin(&mut self.conn, &self.server, run, target)
-            .await
-            .map_err(db(ctx))?;
-        self.run = Some(Run {
-            info: run.clone(),
-            target: target.clone(),
-            stage,
-            schema: None,
-            seen: None,
-            empty_at_start: None,
-        });
-        Ok(())
-    }
-
-    async fn write(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats> {
-        self.check_heartbeat()?;
-        write::write_batch(self, batch, commit).await
-    }
-
     async fn fail(&mut self, run_id: &str, stats: &RunStats, error: &str) -> Result<()> {
         let ctx = self.context();
         // A failed statement may have left a transaction open.
@@ -298,6 +269,30 @@ impl Destination for MysqlDestination {
         bookkeeping::rejects(&mut self.conn, pipeline, run_id, limit)
             .await
             .map_err(db(ctx))
+    }
+}
+
+#[async_trait]
+impl Destination for MysqlDestination {
+    async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()> {
+        let ctx = self.context();
+        let stage = bookkeeping::begin(&mut self.conn, &self.server, run, target)
+            .await
+            .map_err(db(ctx))?;
+        self.run = Some(Run {
+            info: run.clone(),
+            target: target.clone(),
+            stage,
+            schema: None,
+            seen: None,
+            empty_at_start: None,
+        });
+        Ok(())
+    }
+
+    async fn write(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats> {
+        self.check_heartbeat()?;
+        write::write_batch(self, batch, commit).await
     }
 }
 

@@ -540,7 +540,7 @@ async fn secrets_never_reach_errors() {
 /// batch through multi-row `INSERT`s.
 #[tokio::test]
 async fn batches_load_the_same_without_local_infile() {
-    use crate::destination::{Commit, Destination as _, Target};
+    use crate::destination::{Books as _, Commit, Destination as _, Target};
     use crate::key::KeySpec;
     use crate::mode::Mode;
     use crate::pipeline::plan::Planner;

@@ -520,7 +520,7 @@ pub(super) async fn rejects(
 mod tests {
     use super::super::testing::{server, TestSchema};
     use super::*;
-    use crate::destination::Destination;
+    use crate::destination::Books;
 
     #[test]
     fn advisory_keys_are_stable_and_per_schema() {

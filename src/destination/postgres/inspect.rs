@@ -238,7 +238,7 @@ impl Inspect for PostgresInspect {
         }
         tx.commit()
             .await
-            .map_err(|e| Error::destination("restore", super::describe(&e)))?;
+            .map_err(|e| Error::destination("restore", e))?;
         Ok(rows.len() as u64)
     }
 }

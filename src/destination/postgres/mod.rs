@@ -34,7 +34,7 @@ use serde_json::Value;
 use tokio_postgres::{Client, Config, NoTls};
 
 use super::sql::quote;
-use super::{Capabilities, Commit, Destination, Lookahead, Target};
+use super::{Books, Commit, Destination, Lookahead, Target};
 use crate::batch::PlannedBatch;
 use crate::error::{Error, Result};
 use crate::redact::redact;
@@ -176,31 +176,13 @@ fn percent_decode(s: &str) -> String {
 /// A driver error as the user should read it: the server's message (with
 /// its detail and SQLSTATE) or the connection's failure and its cause.
 pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        let mut text = format!("{}: {}", db.severity(), db.message());
-        if let Some(detail) = db.detail() {
-            text.push_str(&format!(" ({detail})"));
-        }
-        text.push_str(&format!(" [SQLSTATE {}]", db.code().code()));
-        return text;
-    }
-    if e.is_closed() {
-        return "the server closed the connection (restarted, shut down, or ended the session)"
-            .to_string();
-    }
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    text
+    crate::error::Cause::message(e)
 }
 
 /// Wraps a driver error with where it happened.
 pub(crate) fn pg_error(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
     let context = context.into();
-    move |e| Error::destination(context, describe(&e))
+    move |e| Error::destination(context, e)
 }
 
 impl PostgresDestination {
@@ -222,7 +204,7 @@ impl PostgresDestination {
         let (client, connection) = config
             .connect(NoTls)
             .await
-            .map_err(|e| Error::destination(format!("cannot connect to {shown}"), describe(&e)))?;
+            .map_err(|e| Error::destination(format!("cannot connect to {shown}"), e))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %describe(&e), "PostgreSQL connection ended.");
@@ -275,15 +257,7 @@ fn identifier(name: &str) -> String {
 }
 
 #[async_trait]
-impl Destination for PostgresDestination {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            transactional_ddl: true,
-            binary_copy: true,
-            upsert: true,
-        }
-    }
-
+impl Books for PostgresDestination {
     async fn lock(
         &mut self,
         pipeline: &str,
@@ -329,6 +303,26 @@ impl Destination for PostgresDestination {
         Ok(())
     }
 
+    async fn fail(&mut self, run_id: &str, stats: &RunStats, error: &str) -> Result<()> {
+        bookkeeping::fail(&self.client, &self.schema, run_id, stats, error).await
+    }
+
+    async fn history(&mut self, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>> {
+        bookkeeping::history(&self.client, &self.schema, pipeline, limit).await
+    }
+
+    async fn rejects(
+        &mut self,
+        pipeline: &str,
+        run_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RejectRecord>> {
+        bookkeeping::rejects(&self.client, &self.schema, pipeline, run_id, limit).await
+    }
+}
+
+#[async_trait]
+impl Destination for PostgresDestination {
     async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()> {
         if target.table.len() > MAX_IDENTIFIER {
             return Err(Error::config(format!(
@@ -360,23 +354,6 @@ impl Destination for PostgresDestination {
         let ahead = ahead::Ahead::new(self.config.clone());
         self.ahead = Some(ahead.clone());
         Some(Box::new(ahead::ReadAhead(ahead)))
-    }
-
-    async fn fail(&mut self, run_id: &str, stats: &RunStats, error: &str) -> Result<()> {
-        bookkeeping::fail(&self.client, &self.schema, run_id, stats, error).await
-    }
-
-    async fn history(&mut self, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>> {
-        bookkeeping::history(&self.client, &self.schema, pipeline, limit).await
-    }
-
-    async fn rejects(
-        &mut self,
-        pipeline: &str,
-        run_id: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<RejectRecord>> {
-        bookkeeping::rejects(&self.client, &self.schema, pipeline, run_id, limit).await
     }
 }
 

@@ -34,10 +34,10 @@ use super::copy::{encode_columns, ColumnOrder, CopyBuffer, StoredRows};
 use super::types::{read_schema, PgColumn, PgSchema, Stage};
 use super::{pg_error, qualified, PostgresDestination, Run};
 use crate::batch::{PlannedBatch, Row};
+use crate::destination::commit::{commit_batch, BatchTx};
 use crate::destination::schema::ColumnType;
 use crate::destination::seen::SeenKeys;
 use crate::destination::sql::{column_list, quote};
-use crate::destination::commit::{commit_batch, BatchTx};
 use crate::destination::Commit;
 use crate::error::{Error, Result};
 use crate::mode::Mode;
@@ -124,7 +124,14 @@ struct PgTx<'a> {
 
 impl BatchTx for PgTx<'_> {
     async fn fence(&mut self) -> Result<()> {
-        fence(&self.tx, self.schema, &self.pipeline, &self.run_id, self.lease).await
+        fence(
+            &self.tx,
+            self.schema,
+            &self.pipeline,
+            &self.run_id,
+            self.lease,
+        )
+        .await
     }
 
     async fn write_rows(
@@ -153,202 +160,202 @@ impl BatchTx for PgTx<'_> {
         let context = context.clone();
         // Whether the transaction changes anything beyond the lease it fences.
         let mut writes = false;
-    let table = run
-        .stage
-        .clone()
-        .unwrap_or_else(|| run.target.table.clone());
-    let staged = run.stage.is_some();
-    let (pg_schema, ddl) = ensure_table(tx, schema, run, &table, &rows, staged).await?;
-    let created = ddl == Ddl::Created;
-    writes |= ddl != Ddl::None;
-    let mode = if staged { Mode::Merge } else { run.target.mode };
-    let merge = Merge::new(&qualified(schema, &table), &pg_schema, &run.target, mode)?;
-    // A single integer key: the run's key set is kept in memory, exact
-    // and cheaper than a temporary table.
-    let key_at = match merge.keys.as_slice() {
-        [k] if k.stage() == Stage::Int8 => pg_schema.position(&k.name),
-        _ => None,
-    };
-    if key_at.is_some() && run.seen.is_none() && !run.run_keys {
-        run.seen = Some(SeenKeys::default());
-    }
-    let seen = run.seen.as_ref().filter(|_| key_at.is_some());
-    let in_memory = seen.is_some();
-    // The table was empty when this run first wrote to it: a key the run
-    // has not met cannot be stored (the run lock keeps the pipeline's
-    // other runs out), so such rows are copied straight into the table,
-    // as fast as a plain COPY. Another writer's row with the same key
-    // fails the batch on the primary key; it never doubles a row.
-    if in_memory && run.empty_at_start.is_none() {
-        let empty = created
-            || !tx
-                .query_one(
-                    &format!(
-                        "SELECT EXISTS (SELECT 1 FROM {})",
-                        qualified(schema, &table)
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(pg_error(context.clone()))?
-                .get::<_, bool>(0);
-        run.empty_at_start = Some(empty);
-    }
-    // Every column is sent as its own type, so rows can be copied
-    // straight into the table and compared byte-wise with stored ones.
-    let native = pg_schema.columns.iter().all(|c| c.stage().sql() == c.sql);
-    let direct = in_memory && run.empty_at_start == Some(true) && native;
-    // The stored versions of the keys the batch may already hold (not
-    // the keys new to a table that was empty): a row equal to its stored
-    // version is settled here, without sending it; a key not stored is
-    // copied straight in. The server reads them while the rows are
-    // encoded.
-    //
-    // Read ahead (see `ahead`), they are trusted only for keys new to
-    // the run. The next batch is read ahead with this batch's shape.
-    let shape = match (key_at, seen) {
-        (Some(key_at), Some(_)) if native && !staged => Some(Shape {
-            table: qualified(schema, &table),
-            columns: pg_schema
-                .columns
-                .iter()
-                .map(|c| (c.name.clone(), c.sql.clone()))
-                .collect(),
-            key_at,
-        }),
-        _ => None,
-    };
-    // Into a table empty at the start only keys the run met can be
-    // stored: those are read in the transaction, never ahead.
-    if let Some(ahead) = ahead.as_ref() {
-        ahead.set_shape(shape.clone().filter(|_| !direct));
-    }
-    let mut ahead_rows = None;
-    let lookup = match (&shape, seen) {
-        (Some(shape), Some(seen)) => {
-            let keys: Vec<i64> = stored_keys(&rows)
-                .filter(|&k| !direct || seen.contains(k))
-                .collect();
-            match read_ahead.take() {
-                Some((read_keys, read_shape, stored))
-                    if !direct && *shape == read_shape && read_keys == keys =>
-                {
-                    ahead_rows = Some(stored);
-                    None
-                }
-                _ => shape
-                    .select(&keys)
-                    .map(|query| (query, shape.key_at, keys.len())),
-            }
+        let table = run
+            .stage
+            .clone()
+            .unwrap_or_else(|| run.target.table.clone());
+        let staged = run.stage.is_some();
+        let (pg_schema, ddl) = ensure_table(tx, schema, run, &table, &rows, staged).await?;
+        let created = ddl == Ddl::Created;
+        writes |= ddl != Ddl::None;
+        let mode = if staged { Mode::Merge } else { run.target.mode };
+        let merge = Merge::new(&qualified(schema, &table), &pg_schema, &run.target, mode)?;
+        // A single integer key: the run's key set is kept in memory, exact
+        // and cheaper than a temporary table.
+        let key_at = match merge.keys.as_slice() {
+            [k] if k.stage() == Stage::Int8 => pg_schema.position(&k.name),
+            _ => None,
+        };
+        if key_at.is_some() && run.seen.is_none() && !run.run_keys {
+            run.seen = Some(SeenKeys::default());
         }
-        _ => None,
-    };
-    let read_ahead = ahead_rows.is_some();
-    let fetch = async {
-        match &lookup {
-            // About the size of the rows' own encoding.
-            Some((query, key_at, n)) => {
-                let copy = StoredRows::copy(query);
-                StoredRows::read(tx.copy_out(&copy), *key_at, n * 256)
+        let seen = run.seen.as_ref().filter(|_| key_at.is_some());
+        let in_memory = seen.is_some();
+        // The table was empty when this run first wrote to it: a key the run
+        // has not met cannot be stored (the run lock keeps the pipeline's
+        // other runs out), so such rows are copied straight into the table,
+        // as fast as a plain COPY. Another writer's row with the same key
+        // fails the batch on the primary key; it never doubles a row.
+        if in_memory && run.empty_at_start.is_none() {
+            let empty = created
+                || !tx
+                    .query_one(
+                        &format!(
+                            "SELECT EXISTS (SELECT 1 FROM {})",
+                            qualified(schema, &table)
+                        ),
+                        &[],
+                    )
                     .await
-                    .map(Some)
-            }
-            None => Ok(ahead_rows),
+                    .map_err(pg_error(context.clone()))?
+                    .get::<_, bool>(0);
+            run.empty_at_start = Some(empty);
         }
-    };
-    let (stored, encoded) = tokio::join!(fetch, async {
-        // Let the connection send the query before encoding starts.
-        tokio::task::yield_now().await;
-        encode(&pg_schema, rows, key_at, seen, stats, rejects)
-    });
-    let stored = stored?;
-    *seen_added = encoded.rows.iter().filter_map(|r| r.key).collect();
-    let columns = pg_schema.columns.len();
-    let mut copy = CopyBuffer::new();
-    let mut direct_copy = CopyBuffer::new();
-    let mut deletes = false;
-    for row in &encoded.rows {
-        let bytes = &encoded.buf[row.at.clone()];
-        let fresh = row.fresh == Some(true);
-        if !row.delete {
-            let found = match (&stored, row.key) {
-                (Some(stored), Some(key)) if fresh || !read_ahead => Some(stored.get(key)),
-                _ => None,
-            };
-            match found {
-                _ if direct && fresh => {
-                    direct_copy.push_encoded(&[], columns, bytes);
-                    continue;
-                }
-                Some(Some(old)) if mode == Mode::InsertNew || old == bytes => {
-                    if fresh {
-                        stats.unchanged += 1;
-                    } else {
-                        stats.duplicates += 1;
+        // Every column is sent as its own type, so rows can be copied
+        // straight into the table and compared byte-wise with stored ones.
+        let native = pg_schema.columns.iter().all(|c| c.stage().sql() == c.sql);
+        let direct = in_memory && run.empty_at_start == Some(true) && native;
+        // The stored versions of the keys the batch may already hold (not
+        // the keys new to a table that was empty): a row equal to its stored
+        // version is settled here, without sending it; a key not stored is
+        // copied straight in. The server reads them while the rows are
+        // encoded.
+        //
+        // Read ahead (see `ahead`), they are trusted only for keys new to
+        // the run. The next batch is read ahead with this batch's shape.
+        let shape = match (key_at, seen) {
+            (Some(key_at), Some(_)) if native && !staged => Some(Shape {
+                table: qualified(schema, &table),
+                columns: pg_schema
+                    .columns
+                    .iter()
+                    .map(|c| (c.name.clone(), c.sql.clone()))
+                    .collect(),
+                key_at,
+            }),
+            _ => None,
+        };
+        // Into a table empty at the start only keys the run met can be
+        // stored: those are read in the transaction, never ahead.
+        if let Some(ahead) = ahead.as_ref() {
+            ahead.set_shape(shape.clone().filter(|_| !direct));
+        }
+        let mut ahead_rows = None;
+        let lookup = match (&shape, seen) {
+            (Some(shape), Some(seen)) => {
+                let keys: Vec<i64> = stored_keys(&rows)
+                    .filter(|&k| !direct || seen.contains(k))
+                    .collect();
+                match read_ahead.take() {
+                    Some((read_keys, read_shape, stored))
+                        if !direct && *shape == read_shape && read_keys == keys =>
+                    {
+                        ahead_rows = Some(stored);
+                        None
                     }
-                    continue;
+                    _ => shape
+                        .select(&keys)
+                        .map(|query| (query, shape.key_at, keys.len())),
                 }
-                Some(None) if fresh => {
-                    direct_copy.push_encoded(&[], columns, bytes);
-                    continue;
+            }
+            _ => None,
+        };
+        let read_ahead = ahead_rows.is_some();
+        let fetch = async {
+            match &lookup {
+                // About the size of the rows' own encoding.
+                Some((query, key_at, n)) => {
+                    let copy = StoredRows::copy(query);
+                    StoredRows::read(tx.copy_out(&copy), *key_at, n * 256)
+                        .await
+                        .map(Some)
                 }
-                _ => {}
+                None => Ok(ahead_rows),
+            }
+        };
+        let (stored, encoded) = tokio::join!(fetch, async {
+            // Let the connection send the query before encoding starts.
+            tokio::task::yield_now().await;
+            encode(&pg_schema, rows, key_at, seen, stats, rejects)
+        });
+        let stored = stored?;
+        *seen_added = encoded.rows.iter().filter_map(|r| r.key).collect();
+        let columns = pg_schema.columns.len();
+        let mut copy = CopyBuffer::new();
+        let mut direct_copy = CopyBuffer::new();
+        let mut deletes = false;
+        for row in &encoded.rows {
+            let bytes = &encoded.buf[row.at.clone()];
+            let fresh = row.fresh == Some(true);
+            if !row.delete {
+                let found = match (&stored, row.key) {
+                    (Some(stored), Some(key)) if fresh || !read_ahead => Some(stored.get(key)),
+                    _ => None,
+                };
+                match found {
+                    _ if direct && fresh => {
+                        direct_copy.push_encoded(&[], columns, bytes);
+                        continue;
+                    }
+                    Some(Some(old)) if mode == Mode::InsertNew || old == bytes => {
+                        if fresh {
+                            stats.unchanged += 1;
+                        } else {
+                            stats.duplicates += 1;
+                        }
+                        continue;
+                    }
+                    Some(None) if fresh => {
+                        direct_copy.push_encoded(&[], columns, bytes);
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            deletes |= row.delete;
+            copy.push_encoded(&[Some(row.delete), row.fresh], columns, bytes);
+        }
+        writes |= direct_copy.rows > 0 || copy.rows > 0;
+        if direct_copy.rows > 0 {
+            let copied = direct_copy
+                .send(tx, &qualified(schema, &table), &merge.table_columns())
+                .await?;
+            if !staged {
+                stats.inserted += copied;
             }
         }
-        deletes |= row.delete;
-        copy.push_encoded(&[Some(row.delete), row.fresh], columns, bytes);
-    }
-    writes |= direct_copy.rows > 0 || copy.rows > 0;
-    if direct_copy.rows > 0 {
-        let copied = direct_copy
-            .send(tx, &qualified(schema, &table), &merge.table_columns())
-            .await?;
-        if !staged {
-            stats.inserted += copied;
-        }
-    }
-    if copy.rows > 0 {
-        let shape = merge.batch_table();
-        if batch_table.as_deref() != Some(shape.as_str()) {
-            tx.batch_execute(&format!("DROP TABLE IF EXISTS {BATCH}; {shape}"))
+        if copy.rows > 0 {
+            let shape = merge.batch_table();
+            if batch_table.as_deref() != Some(shape.as_str()) {
+                tx.batch_execute(&format!("DROP TABLE IF EXISTS {BATCH}; {shape}"))
+                    .await
+                    .map_err(pg_error(context.clone()))?;
+                *made_batch_table = Some(shape);
+            }
+            if !run.run_keys && !in_memory {
+                tx.batch_execute(&merge.run_keys_table())
+                    .await
+                    .map_err(pg_error(context.clone()))?;
+                *made_run_keys = true;
+            }
+            copy.send(tx, BATCH, &merge.copy_columns()).await?;
+            // A batch is small against its table: every row is looked up
+            // through the key's index, never by scanning the table.
+            tx.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
                 .await
                 .map_err(pg_error(context.clone()))?;
-            *made_batch_table = Some(shape);
-        }
-        if !run.run_keys && !in_memory {
-            tx.batch_execute(&merge.run_keys_table())
+            let counts = tx
+                .query_one(&merge.statement(deletes, in_memory), &[])
                 .await
                 .map_err(pg_error(context.clone()))?;
-            *made_run_keys = true;
-        }
-        copy.send(tx, BATCH, &merge.copy_columns()).await?;
-        // A batch is small against its table: every row is looked up
-        // through the key's index, never by scanning the table.
-        tx.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
+            tx.batch_execute(
+                "SET LOCAL enable_hashjoin TO DEFAULT; SET LOCAL enable_mergejoin TO DEFAULT",
+            )
             .await
             .map_err(pg_error(context.clone()))?;
-        let counts = tx
-            .query_one(&merge.statement(deletes, in_memory), &[])
-            .await
-            .map_err(pg_error(context.clone()))?;
-        tx.batch_execute(
-            "SET LOCAL enable_hashjoin TO DEFAULT; SET LOCAL enable_mergejoin TO DEFAULT",
-        )
-        .await
-        .map_err(pg_error(context.clone()))?;
-        let get = |i: usize| counts.get::<_, i64>(i) as u64;
-        let (total, fresh, inserted, updated, deleted, stale) =
-            (get(0), get(1), get(2), get(3), get(4), get(5));
-        stats.duplicates += total - fresh;
-        // Staged rows are counted when the stage is applied.
-        if !staged {
-            stats.inserted += inserted;
-            stats.updated += updated;
-            stats.deleted += deleted;
-            stats.skipped += stale;
-            stats.unchanged += fresh - inserted - updated - deleted - stale;
+            let get = |i: usize| counts.get::<_, i64>(i) as u64;
+            let (total, fresh, inserted, updated, deleted, stale) =
+                (get(0), get(1), get(2), get(3), get(4), get(5));
+            stats.duplicates += total - fresh;
+            // Staged rows are counted when the stage is applied.
+            if !staged {
+                stats.inserted += inserted;
+                stats.updated += updated;
+                stats.deleted += deleted;
+                stats.skipped += stale;
+                stats.unchanged += fresh - inserted - updated - deleted - stale;
+            }
         }
-    }
         Ok(writes)
     }
 

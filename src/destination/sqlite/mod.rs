@@ -20,7 +20,7 @@ use rusqlite::Connection;
 use serde_json::Value;
 
 use super::schema::{Column, ColumnType, TableSchema};
-use super::{Capabilities, Commit, Destination, Target};
+use super::{Books, Commit, Destination, Target};
 use crate::batch::PlannedBatch;
 use crate::error::{Error, Result};
 use crate::state::{LockHolder, RejectRecord, RunInfo, RunRecord};
@@ -129,15 +129,7 @@ pub(crate) fn join_error(e: tokio::task::JoinError) -> Error {
 }
 
 #[async_trait]
-impl Destination for SqliteDestination {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            transactional_ddl: true,
-            binary_copy: false,
-            upsert: true,
-        }
-    }
-
+impl Books for SqliteDestination {
     async fn lock(
         &mut self,
         pipeline: &str,
@@ -193,29 +185,6 @@ impl Destination for SqliteDestination {
         .await
     }
 
-    async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()> {
-        let (run, target) = (run.clone(), target.clone());
-        self.blocking(move |inner| {
-            let stage = bookkeeping::begin(&mut inner.conn, &run, &target)?;
-            inner.run = Some(Run {
-                info: run,
-                target,
-                stage,
-                schema: None,
-                fresh: None,
-                keys: Default::default(),
-            });
-            Ok(())
-        })
-        .await
-    }
-
-    async fn write(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats> {
-        self.check_heartbeat()?;
-        self.blocking(move |inner| write::write_batch(inner, batch, commit))
-            .await
-    }
-
     async fn fail(&mut self, run_id: &str, stats: &RunStats, error: &str) -> Result<()> {
         let (r, s, e) = (run_id.to_string(), *stats, error.to_string());
         self.blocking(move |inner| bookkeeping::fail(&inner.conn, &r, &s, &e))
@@ -236,6 +205,32 @@ impl Destination for SqliteDestination {
     ) -> Result<Vec<RejectRecord>> {
         let (p, r) = (pipeline.to_string(), run_id.map(String::from));
         self.blocking(move |inner| bookkeeping::rejects(&inner.conn, &p, r.as_deref(), limit))
+            .await
+    }
+}
+
+#[async_trait]
+impl Destination for SqliteDestination {
+    async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()> {
+        let (run, target) = (run.clone(), target.clone());
+        self.blocking(move |inner| {
+            let stage = bookkeeping::begin(&mut inner.conn, &run, &target)?;
+            inner.run = Some(Run {
+                info: run,
+                target,
+                stage,
+                schema: None,
+                fresh: None,
+                keys: Default::default(),
+            });
+            Ok(())
+        })
+        .await
+    }
+
+    async fn write(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats> {
+        self.check_heartbeat()?;
+        self.blocking(move |inner| write::write_batch(inner, batch, commit))
             .await
     }
 }

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::SeenStore;
 use crate::destination::postgres::{pg_error, qualified, PostgresDestination};
-use crate::destination::Destination;
+use crate::destination::Books;
 use crate::error::Result;
 use crate::state::LockHolder;
 

@@ -66,7 +66,7 @@ fn unique_name(test: &str) -> String {
 }
 
 /// The server URL of a backend, or `None` (skip) when its variable is unset.
-fn server_url(var: &str) -> Option<String> {
+pub fn server_url(var: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(url) if !url.trim().is_empty() => Some(url),
         _ => {

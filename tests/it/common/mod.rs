@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tempfile::TempDir;
 
-pub use self::backend::{norm_rows, Backend, BackendKind};
+pub use self::backend::{norm_rows, server_url, Backend, BackendKind};
 pub use self::report::{assert_balanced, Report};
 
 /// The binary under test.
