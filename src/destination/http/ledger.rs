@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use chrono::Utc;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::destination::sqlite::bookkeeping::connect;
+use crate::destination::sqlite::books::connect;
 use crate::error::{Error, Result};
 
 /// What the ledger knows of a record.

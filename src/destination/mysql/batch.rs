@@ -15,7 +15,7 @@ use mysql_async::{Conn, Params, Value as MyValue};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::schema::{Limit, SqlColumn, Table};
+use super::ddl::{Limit, SqlColumn, Table};
 use crate::batch::Row;
 use crate::destination::schema::{ColumnType, SqlValue};
 use crate::destination::seen::KeyFilter;

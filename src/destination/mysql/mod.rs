@@ -19,9 +19,9 @@
 //! `a`, `A` and `a ` stay three keys.
 
 mod batch;
-mod bookkeeping;
+mod books;
+mod ddl;
 pub(crate) mod inspect;
-mod schema;
 mod stage;
 mod write;
 
@@ -42,8 +42,8 @@ use crate::redact::redact;
 use crate::state::{LockHolder, RejectRecord, RunInfo, RunRecord};
 use crate::stats::RunStats;
 
-use self::bookkeeping::Heartbeat;
-use self::schema::Table;
+use self::books::Heartbeat;
+use self::ddl::Table;
 
 /// A MySQL or MariaDB database.
 pub struct MysqlDestination {
@@ -110,7 +110,7 @@ impl MysqlDestination {
         let server = probe(&mut conn)
             .await
             .map_err(|e| Error::destination(format!("mysql {shown}"), e))?;
-        bookkeeping::create_tables(&mut conn, &server)
+        books::create_tables(&mut conn, &server)
             .await
             .map_err(|e| Error::destination(format!("mysql {shown}"), e))?;
         Ok(MysqlDestination {
@@ -185,8 +185,8 @@ impl Books for MysqlDestination {
         lease: Duration,
     ) -> Result<Option<LockHolder>> {
         let ctx = self.context();
-        let name = bookkeeping::lock_name(self.opts.db_name().unwrap_or_default(), pipeline);
-        let held = bookkeeping::try_lock(&mut self.conn, &name, pipeline, holder, lease)
+        let name = books::lock_name(self.opts.db_name().unwrap_or_default(), pipeline);
+        let held = books::try_lock(&mut self.conn, &name, pipeline, holder, lease)
             .await
             .map_err(db(ctx))?;
         if held.is_none() {
@@ -212,23 +212,21 @@ impl Books for MysqlDestination {
         }
         let ctx = self.context();
         match self.lock.take() {
-            Some(lock) => bookkeeping::unlock(&mut self.conn, &lock)
-                .await
-                .map_err(db(ctx)),
+            Some(lock) => books::unlock(&mut self.conn, &lock).await.map_err(db(ctx)),
             None => Ok(()),
         }
     }
 
     async fn checkpoint(&mut self, pipeline: &str) -> Result<Option<Value>> {
         let ctx = self.context();
-        bookkeeping::checkpoint(&mut self.conn, pipeline)
+        books::checkpoint(&mut self.conn, pipeline)
             .await
             .map_err(db(ctx))
     }
 
     async fn set_checkpoint(&mut self, pipeline: &str, value: Option<Value>) -> Result<()> {
         let ctx = self.context();
-        bookkeeping::write_checkpoint(&mut self.conn, pipeline, value.as_ref(), "manual")
+        books::write_checkpoint(&mut self.conn, pipeline, value.as_ref(), "manual")
             .await
             .map_err(db(ctx))
     }
@@ -237,7 +235,7 @@ impl Books for MysqlDestination {
         let ctx = self.context();
         // A failed statement may have left a transaction open.
         let _ = self.conn.query_drop("ROLLBACK").await;
-        if bookkeeping::fail(&mut self.conn, run_id, stats, error)
+        if books::fail(&mut self.conn, run_id, stats, error)
             .await
             .is_ok()
         {
@@ -247,14 +245,14 @@ impl Books for MysqlDestination {
         let mut conn = Conn::new(self.opts.clone())
             .await
             .map_err(db(ctx.clone()))?;
-        let recorded = bookkeeping::fail(&mut conn, run_id, stats, error).await;
+        let recorded = books::fail(&mut conn, run_id, stats, error).await;
         let _ = conn.disconnect().await;
         recorded.map_err(db(ctx))
     }
 
     async fn history(&mut self, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>> {
         let ctx = self.context();
-        bookkeeping::history(&mut self.conn, pipeline, limit)
+        books::history(&mut self.conn, pipeline, limit)
             .await
             .map_err(db(ctx))
     }
@@ -266,7 +264,7 @@ impl Books for MysqlDestination {
         limit: usize,
     ) -> Result<Vec<RejectRecord>> {
         let ctx = self.context();
-        bookkeeping::rejects(&mut self.conn, pipeline, run_id, limit)
+        books::rejects(&mut self.conn, pipeline, run_id, limit)
             .await
             .map_err(db(ctx))
     }
@@ -276,7 +274,7 @@ impl Books for MysqlDestination {
 impl Destination for MysqlDestination {
     async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()> {
         let ctx = self.context();
-        let stage = bookkeeping::begin(&mut self.conn, &self.server, run, target)
+        let stage = books::begin(&mut self.conn, &self.server, run, target)
             .await
             .map_err(db(ctx))?;
         self.run = Some(Run {

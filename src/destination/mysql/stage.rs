@@ -11,7 +11,7 @@
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
-use super::schema::{add_columns, create_table, read_table, SqlColumn};
+use super::ddl::{add_columns, create_table, read_table, SqlColumn};
 use super::{Run, Server};
 use crate::destination::sql::quote_mysql as q;
 use crate::mode::Mode;

@@ -21,8 +21,8 @@ use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
 use super::batch::{load, load_into, prepare, reject, stored_rows, Prepared, BATCH};
-use super::bookkeeping::{self, fence, write_checkpoint, RUN_KEYS};
-use super::schema::{add_columns, create_table, declare, read_table, unfit_name, SqlColumn, Table};
+use super::books::{self, fence, write_checkpoint, RUN_KEYS};
+use super::ddl::{add_columns, create_table, declare, read_table, unfit_name, SqlColumn, Table};
 use super::{stage, Lock, MysqlDestination, Run, Server};
 use crate::batch::{PlannedBatch, Row};
 use crate::destination::commit::{commit_batch, BatchTx};
@@ -297,7 +297,7 @@ impl BatchTx for MysqlTx<'_> {
     }
 
     async fn insert_rejects(&mut self, rejects: &[Reject]) -> Result<()> {
-        bookkeeping::insert_rejects(self.conn, &self.lock.pipeline, &self.lock.run_id, rejects)
+        books::insert_rejects(self.conn, &self.lock.pipeline, &self.lock.run_id, rejects)
             .await
             .map_err(books_error)
     }
@@ -323,7 +323,7 @@ impl BatchTx for MysqlTx<'_> {
     }
 
     async fn finish_run(&mut self, end: &Resolution, after: Option<&Value>) -> Result<()> {
-        bookkeeping::finish(
+        books::finish(
             self.conn,
             &self.lock.run_id,
             end.status,

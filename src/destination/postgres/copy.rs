@@ -15,7 +15,7 @@ use tokio_postgres::{CopyOutStream, Transaction};
 use super::pg_error;
 use serde_json::Value;
 
-use super::types::{PgColumn, Stage};
+use super::ddl::{PgColumn, Stage};
 use crate::destination::schema::{ColumnType, SqlValue};
 use crate::error::{Error, Result};
 use crate::key::parse_instant;

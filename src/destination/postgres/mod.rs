@@ -21,11 +21,15 @@
 //! `[destination] schema`, else the connection's current schema.
 
 mod ahead;
-mod bookkeeping;
+mod books;
 mod copy;
+mod ddl;
 pub(crate) mod inspect;
-mod types;
+mod merge;
+mod stage;
 mod write;
+#[cfg(test)]
+mod write_tests;
 
 use std::time::Duration;
 
@@ -41,7 +45,7 @@ use crate::redact::redact;
 use crate::state::{LockHolder, RejectRecord, RunInfo, RunRecord};
 use crate::stats::RunStats;
 
-use self::types::PgSchema;
+use self::ddl::PgSchema;
 
 /// Longest identifier PostgreSQL keeps (longer ones are cut silently).
 const MAX_IDENTIFIER: usize = 63;
@@ -222,7 +226,7 @@ impl PostgresDestination {
                 .map_err(pg_error(shown.clone()))?
                 .get(0),
         };
-        bookkeeping::create_tables(&client, &schema)
+        books::create_tables(&client, &schema)
             .await
             .map_err(|e| match e {
                 Error::Destination { message, .. } => {
@@ -269,9 +273,9 @@ impl Books for PostgresDestination {
                 return Ok(None);
             }
         }
-        let key = bookkeeping::advisory_key(&self.schema, pipeline);
+        let key = books::advisory_key(&self.schema, pipeline);
         let held =
-            bookkeeping::try_lock(&self.client, &self.schema, pipeline, holder, lease, key).await?;
+            books::try_lock(&self.client, &self.schema, pipeline, holder, lease, key).await?;
         if held.is_none() {
             self.lock = Some((pipeline.to_string(), holder.run_id.clone(), lease, key));
         }
@@ -281,14 +285,14 @@ impl Books for PostgresDestination {
     async fn unlock(&mut self) -> Result<()> {
         match self.lock.take() {
             Some((pipeline, run_id, _, key)) => {
-                bookkeeping::unlock(&self.client, &self.schema, &pipeline, &run_id, key).await
+                books::unlock(&self.client, &self.schema, &pipeline, &run_id, key).await
             }
             None => Ok(()),
         }
     }
 
     async fn checkpoint(&mut self, pipeline: &str) -> Result<Option<Value>> {
-        bookkeeping::checkpoint(&self.client, &self.schema, pipeline).await
+        books::checkpoint(&self.client, &self.schema, pipeline).await
     }
 
     async fn set_checkpoint(&mut self, pipeline: &str, value: Option<Value>) -> Result<()> {
@@ -298,17 +302,17 @@ impl Books for PostgresDestination {
             .transaction()
             .await
             .map_err(pg_error("set checkpoint"))?;
-        bookkeeping::write_checkpoint(&tx, &schema, pipeline, value.as_ref(), "manual").await?;
+        books::write_checkpoint(&tx, &schema, pipeline, value.as_ref(), "manual").await?;
         tx.commit().await.map_err(pg_error("set checkpoint"))?;
         Ok(())
     }
 
     async fn fail(&mut self, run_id: &str, stats: &RunStats, error: &str) -> Result<()> {
-        bookkeeping::fail(&self.client, &self.schema, run_id, stats, error).await
+        books::fail(&self.client, &self.schema, run_id, stats, error).await
     }
 
     async fn history(&mut self, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>> {
-        bookkeeping::history(&self.client, &self.schema, pipeline, limit).await
+        books::history(&self.client, &self.schema, pipeline, limit).await
     }
 
     async fn rejects(
@@ -317,7 +321,7 @@ impl Books for PostgresDestination {
         run_id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<RejectRecord>> {
-        bookkeeping::rejects(&self.client, &self.schema, pipeline, run_id, limit).await
+        books::rejects(&self.client, &self.schema, pipeline, run_id, limit).await
     }
 }
 
@@ -330,7 +334,7 @@ impl Destination for PostgresDestination {
                 target.table
             )));
         }
-        let stage = bookkeeping::begin(&mut self.client, &self.schema, run, target).await?;
+        let stage = books::begin(&mut self.client, &self.schema, run, target).await?;
         // A read ahead belongs to one run: the run asks for its own.
         self.ahead = None;
         self.run = Some(Run {

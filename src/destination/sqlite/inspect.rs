@@ -12,7 +12,7 @@ use rusqlite::types::Value as Sql;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde_json::Value;
 
-use super::bookkeeping::connect;
+use super::books::connect;
 use crate::destination::inspect::{DedupeApply, DedupeDone, Dialect, Inspect};
 use crate::destination::sql::{column_list, quote};
 use crate::error::{Error, Result};

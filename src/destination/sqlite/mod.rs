@@ -7,9 +7,11 @@
 //! and a batch is all or nothing. The bookkeeping tables live in the same
 //! file and commit with the data.
 
-pub(crate) mod bookkeeping;
+pub(crate) mod books;
+mod ddl;
 pub mod inspect;
 mod run_keys;
+mod stage;
 mod write;
 
 use std::path::PathBuf;
@@ -26,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::state::{LockHolder, RejectRecord, RunInfo, RunRecord};
 use crate::stats::RunStats;
 
-use self::bookkeeping::Heartbeat;
+use self::books::Heartbeat;
 
 /// A SQLite database file.
 pub struct SqliteDestination {
@@ -63,7 +65,7 @@ impl SqliteDestination {
     pub async fn open(url: &str) -> Result<SqliteDestination> {
         let path = path_of(url)?;
         let open_path = path.clone();
-        let conn = tokio::task::spawn_blocking(move || bookkeeping::connect(&open_path))
+        let conn = tokio::task::spawn_blocking(move || books::connect(&open_path))
             .await
             .map_err(join_error)??;
         Ok(SqliteDestination {
@@ -139,7 +141,7 @@ impl Books for SqliteDestination {
         let (p, h) = (pipeline.to_string(), holder.clone());
         let held = self
             .blocking(move |inner| {
-                let held = bookkeeping::try_lock(&mut inner.conn, &p, &h, lease)?;
+                let held = books::try_lock(&mut inner.conn, &p, &h, lease)?;
                 if held.is_none() {
                     inner.lock = Some((p, h.run_id.clone(), lease));
                 }
@@ -162,7 +164,7 @@ impl Books for SqliteDestination {
             hb.stop();
         }
         self.blocking(|inner| match inner.lock.take() {
-            Some((pipeline, run_id, _)) => bookkeeping::unlock(&inner.conn, &pipeline, &run_id),
+            Some((pipeline, run_id, _)) => books::unlock(&inner.conn, &pipeline, &run_id),
             None => Ok(()),
         })
         .await
@@ -170,7 +172,7 @@ impl Books for SqliteDestination {
 
     async fn checkpoint(&mut self, pipeline: &str) -> Result<Option<Value>> {
         let p = pipeline.to_string();
-        self.blocking(move |inner| bookkeeping::checkpoint(&inner.conn, &p))
+        self.blocking(move |inner| books::checkpoint(&inner.conn, &p))
             .await
     }
 
@@ -178,7 +180,7 @@ impl Books for SqliteDestination {
         let p = pipeline.to_string();
         self.blocking(move |inner| {
             let tx = inner.conn.transaction()?;
-            bookkeeping::write_checkpoint(&tx, &p, value.as_ref(), "manual")?;
+            books::write_checkpoint(&tx, &p, value.as_ref(), "manual")?;
             tx.commit()?;
             Ok(())
         })
@@ -187,13 +189,13 @@ impl Books for SqliteDestination {
 
     async fn fail(&mut self, run_id: &str, stats: &RunStats, error: &str) -> Result<()> {
         let (r, s, e) = (run_id.to_string(), *stats, error.to_string());
-        self.blocking(move |inner| bookkeeping::fail(&inner.conn, &r, &s, &e))
+        self.blocking(move |inner| books::fail(&inner.conn, &r, &s, &e))
             .await
     }
 
     async fn history(&mut self, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>> {
         let p = pipeline.to_string();
-        self.blocking(move |inner| bookkeeping::history(&inner.conn, &p, limit))
+        self.blocking(move |inner| books::history(&inner.conn, &p, limit))
             .await
     }
 
@@ -204,7 +206,7 @@ impl Books for SqliteDestination {
         limit: usize,
     ) -> Result<Vec<RejectRecord>> {
         let (p, r) = (pipeline.to_string(), run_id.map(String::from));
-        self.blocking(move |inner| bookkeeping::rejects(&inner.conn, &p, r.as_deref(), limit))
+        self.blocking(move |inner| books::rejects(&inner.conn, &p, r.as_deref(), limit))
             .await
     }
 }
@@ -214,7 +216,7 @@ impl Destination for SqliteDestination {
     async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()> {
         let (run, target) = (run.clone(), target.clone());
         self.blocking(move |inner| {
-            let stage = bookkeeping::begin(&mut inner.conn, &run, &target)?;
+            let stage = books::begin(&mut inner.conn, &run, &target)?;
             inner.run = Some(Run {
                 info: run,
                 target,

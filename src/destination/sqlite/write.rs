@@ -13,13 +13,15 @@ use rusqlite::types::{ToSqlOutput, Value as Sql, ValueRef};
 use rusqlite::{params, params_from_iter, CachedStatement, Connection, TransactionBehavior};
 use serde_json::Value;
 
-use super::bookkeeping::{self, fence, write_checkpoint};
+use super::books::{self, fence, write_checkpoint};
+use super::ddl::{ensure_table, is_empty, same_name};
 use super::run_keys::RunKeys;
-use super::{declared_type, read_schema, Inner, Run};
+use super::stage::apply_stage;
+use super::{Inner, Run};
 use crate::batch::{PlannedBatch, Row};
 use crate::destination::commit::{commit_batch, BatchTx};
 use crate::destination::schema::{Column, ColumnType, SqlValue, TableSchema};
-use crate::destination::sql::{column_list, key_match, quote};
+use crate::destination::sql::{column_list, quote};
 use crate::destination::Commit;
 use crate::error::{Error, Result};
 use crate::key::{parse_instant, Cursor};
@@ -131,7 +133,7 @@ impl BatchTx for SqliteTx<'_> {
     }
 
     async fn finish_run(&mut self, end: &Resolution, after: Option<&Value>) -> Result<()> {
-        bookkeeping::finish(
+        books::finish(
             &self.tx,
             &self.run_id,
             end.status,
@@ -468,111 +470,6 @@ fn stored_cursor(v: ValueRef<'_>) -> Option<Cursor> {
     }
 }
 
-/// `CREATE TABLE` with a primary key on the key columns.
-pub(super) fn create_table(
-    conn: &Connection,
-    table: &str,
-    columns: &[Column],
-    keys: &[String],
-) -> Result<()> {
-    let defs = columns
-        .iter()
-        .map(|c| {
-            let not_null = if keys.contains(&c.name) {
-                " NOT NULL"
-            } else {
-                ""
-            };
-            format!("{} {}{not_null}", quote(&c.name), declared_type(c.ty))
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
-    conn.execute_batch(&format!(
-        "CREATE TABLE {} ({defs}, PRIMARY KEY ({}))",
-        quote(table),
-        column_list(keys)
-    ))?;
-    Ok(())
-}
-
-/// Creates the table or adds the columns the rows need; returns its schema.
-fn ensure_table(
-    conn: &Connection,
-    run: &mut Run,
-    table: &str,
-    rows: &[Row],
-) -> Result<TableSchema> {
-    let mut schema = match run.schema.take() {
-        Some(s) => s,
-        None => read_schema(conn, table)?.unwrap_or_default(),
-    };
-    let missing = if rows.iter().all(|r| has_columns_for(&schema, &r.fields)) {
-        Vec::new()
-    } else {
-        schema.missing(rows.iter().map(|r| &r.fields))
-    };
-    if schema.columns.is_empty() {
-        // Key columns must exist even when this batch only has nulls there
-        // (it cannot: keys are never null), so `missing` holds them.
-        create_table(conn, table, &missing, &run.target.key_columns)?;
-        tracing::info!(table, columns = missing.len(), "Table created.");
-        schema.columns = missing;
-    } else if !missing.is_empty() {
-        for column in &missing {
-            conn.execute_batch(&format!(
-                "ALTER TABLE {} ADD COLUMN {} {}",
-                quote(table),
-                quote(&column.name),
-                declared_type(column.ty)
-            ))?;
-        }
-        tracing::info!(table, added = missing.len(), "Columns added.");
-        schema.columns.extend(missing);
-    }
-    run.schema = Some(schema.clone());
-    Ok(schema)
-}
-
-/// Whether every non-null field has a column (fields usually come in
-/// column order, so this is one pass over both).
-fn has_columns_for(schema: &TableSchema, fields: &crate::record::Fields) -> bool {
-    let mut at = 0;
-    fields.iter().all(|(name, value)| {
-        if value.is_null() {
-            return true;
-        }
-        match schema.columns[at..]
-            .iter()
-            .position(|c| same_name(&c.name, name))
-        {
-            Some(p) => {
-                at += p + 1;
-                true
-            }
-            None => schema.position(name).is_some(),
-        }
-    })
-}
-
-/// String equality for short names, inlined (this runs for every field).
-#[inline]
-fn same_name(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| x == y)
-}
-
-/// True when the table does not exist or holds no row.
-fn is_empty(conn: &Connection, table: &str) -> Result<bool> {
-    if read_schema(conn, table)?.is_none() {
-        return Ok(true);
-    }
-    let any: bool = conn.query_row(
-        &format!("SELECT EXISTS (SELECT 1 FROM {})", quote(table)),
-        [],
-        |r| r.get(0),
-    )?;
-    Ok(!any)
-}
-
 fn insert_rejects(
     conn: &Connection,
     pipeline: &str,
@@ -600,110 +497,4 @@ fn insert_rejects(
         ])?;
     }
     Ok(())
-}
-
-/// Applies a `replace`/`window` stage to the target, writing only the
-/// differences, and drops the stage. Returns the logical change.
-fn apply_stage(conn: &Connection, run: &mut Run, stage: &str) -> Result<RunStats> {
-    let target = run.target.table.clone();
-    let keys = run.target.key_columns.clone();
-    let mut stats = RunStats::default();
-    let Some(stage_schema) = read_schema(conn, stage)? else {
-        // Nothing was staged: a replace empties the table, a window touches nothing.
-        if run.target.mode == Mode::Replace && read_schema(conn, &target)?.is_some() {
-            let removed = conn.execute(&format!("DELETE FROM {}", quote(&target)), [])? as u64;
-            stats.deleted = removed;
-            stats.removed = removed;
-        }
-        return Ok(stats);
-    };
-    let mut target_schema = match read_schema(conn, &target)? {
-        Some(s) => s,
-        None => {
-            create_table(conn, &target, &stage_schema.columns, &keys)?;
-            stage_schema.clone()
-        }
-    };
-    // Both tables get every column of the other, so a snapshot without a
-    // field sets it to null.
-    for c in &stage_schema.columns {
-        if target_schema.position(&c.name).is_none() {
-            conn.execute_batch(&format!(
-                "ALTER TABLE {} ADD COLUMN {} {}",
-                quote(&target),
-                quote(&c.name),
-                declared_type(c.ty)
-            ))?;
-            target_schema.columns.push(c.clone());
-        }
-    }
-    for c in &target_schema.columns {
-        if stage_schema.position(&c.name).is_none() {
-            conn.execute_batch(&format!(
-                "ALTER TABLE {} ADD COLUMN {} {}",
-                quote(stage),
-                quote(&c.name),
-                declared_type(c.ty)
-            ))?;
-        }
-    }
-    let (t, s) = (quote(&target), quote(stage));
-    let names: Vec<&str> = target_schema
-        .columns
-        .iter()
-        .map(|c| c.name.as_str())
-        .collect();
-    let others: Vec<&str> = names
-        .iter()
-        .copied()
-        .filter(|n| !keys.iter().any(|k| k == n))
-        .collect();
-    let matched = key_match(&keys, &t, &s);
-    let scope = match (&run.target.mode, &run.target.window_field) {
-        (Mode::Window, Some(w)) => {
-            let w = quote(w);
-            format!("{t}.{w} BETWEEN (SELECT min({w}) FROM {s}) AND (SELECT max({w}) FROM {s})")
-        }
-        _ => "1".to_string(),
-    };
-    let staged: u64 = conn.query_row(&format!("SELECT count(*) FROM {s}"), [], |r| r.get(0))?;
-    let removed = conn.execute(
-        &format!(
-            "DELETE FROM {t} WHERE {scope} AND NOT EXISTS (SELECT 1 FROM {s} WHERE {matched})"
-        ),
-        [],
-    )? as u64;
-    let updated = if others.is_empty() {
-        0
-    } else {
-        let set = others
-            .iter()
-            .map(|c| format!("{q} = {s}.{q}", q = quote(c)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let differs = others
-            .iter()
-            .map(|c| format!("{t}.{q} IS NOT {s}.{q}", q = quote(c)))
-            .collect::<Vec<_>>()
-            .join(" OR ");
-        conn.execute(
-            &format!("UPDATE {t} SET {set} FROM {s} WHERE {matched} AND ({differs})"),
-            [],
-        )? as u64
-    };
-    let cols = column_list(&names);
-    let inserted = conn.execute(
-        &format!(
-            "INSERT INTO {t} ({cols}) SELECT {cols} FROM {s} WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE {matched})"
-        ),
-        [],
-    )? as u64;
-    conn.execute_batch(&format!("DROP TABLE {s}"))?;
-    run.schema = None;
-    stats.inserted = inserted;
-    stats.updated = updated;
-    stats.unchanged = staged - inserted - updated;
-    stats.deleted = removed;
-    stats.removed = removed;
-    Ok(stats)
 }

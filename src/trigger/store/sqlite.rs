@@ -11,7 +11,7 @@ use rusqlite::{params, Connection};
 use serde_json::Value;
 
 use super::SeenStore;
-use crate::destination::sqlite::bookkeeping::{self, Heartbeat};
+use crate::destination::sqlite::books::{self, Heartbeat};
 use crate::destination::sqlite::{join_error, path_of};
 use crate::error::{Error, Result};
 use crate::state::LockHolder;
@@ -28,7 +28,7 @@ impl SqliteStore {
         let path = path_of(url)?;
         let p = path.clone();
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
-            let conn = bookkeeping::connect(&p)?;
+            let conn = books::connect(&p)?;
             conn.execute_batch(
                 "CREATE TABLE IF NOT EXISTS _idemload_seen (
                      trigger TEXT NOT NULL, key_hash TEXT NOT NULL, seen_at INTEGER NOT NULL,
@@ -79,7 +79,7 @@ impl SeenStore for SqliteStore {
     ) -> Result<Option<LockHolder>> {
         let (t, m) = (trigger.to_string(), me.clone());
         let held = self
-            .blocking(move |c| bookkeeping::try_lock(c, &t, &m, lease))
+            .blocking(move |c| books::try_lock(c, &t, &m, lease))
             .await?;
         if held.is_none() {
             self.heartbeat = Some(Heartbeat::start(&self.path, trigger, &me.run_id, lease)?);
@@ -97,7 +97,7 @@ impl SeenStore for SqliteStore {
             hb.stop();
         }
         match self.lock.take() {
-            Some((t, r)) => self.blocking(move |c| bookkeeping::unlock(c, &t, &r)).await,
+            Some((t, r)) => self.blocking(move |c| books::unlock(c, &t, &r)).await,
             None => Ok(()),
         }
     }

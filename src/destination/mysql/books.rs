@@ -18,7 +18,7 @@ use mysql_async::{Conn, Opts, OptsBuilder, Params, Value as MyValue};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::schema::{create_table, read_table, short_name};
+use super::ddl::{create_table, read_table, short_name};
 use super::{Lock, Server};
 use crate::destination::sql::quote_mysql as q;
 use crate::destination::Target;

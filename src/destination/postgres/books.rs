@@ -15,7 +15,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio_postgres::{Client, GenericClient};
 
-use super::types::read_schema;
+use super::ddl::read_schema;
 use super::{identifier, pg_error, qualified};
 use crate::destination::sql::{column_list, quote};
 use crate::destination::Target;
@@ -315,7 +315,7 @@ pub(super) async fn begin(
         .await
         .map_err(pg_error(context.clone()))?;
         if let Some(existing) = read_schema(&tx, schema, &target.table).await? {
-            super::write::create_table(
+            super::ddl::create_table(
                 &tx,
                 schema,
                 &stage,

@@ -340,7 +340,7 @@ pub(super) fn begin(
         let stage = format!("_idemload_stage_{}", target.table);
         tx.execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&stage)))?;
         if let Some(schema) = super::read_schema(&tx, &target.table)? {
-            super::write::create_table(&tx, &stage, &schema.columns, &target.key_columns)?;
+            super::ddl::create_table(&tx, &stage, &schema.columns, &target.key_columns)?;
         }
         Some(stage)
     } else {

@@ -10,10 +10,12 @@
 //! failed batch.
 
 use serde_json::Value;
-use tokio_postgres::GenericClient;
+use tokio_postgres::{GenericClient, Transaction};
 
-use super::pg_error;
+use super::{pg_error, qualified, Run};
+use crate::batch::Row;
 use crate::destination::schema::{Column, ColumnType, SqlValue, TableSchema};
+use crate::destination::sql::{column_list, quote};
 use crate::error::Result;
 use crate::record::Fields;
 
@@ -299,4 +301,106 @@ mod tests {
         let varchar = PgColumn::read("v".into(), "varchar".into(), "character varying(5)".into());
         assert_eq!(varchar.cast("s.v"), "s.v::character varying(5)");
     }
+}
+
+/// `CREATE TABLE` with a primary key on the key columns.
+pub(super) async fn create_table(
+    tx: &impl GenericClient,
+    schema: &str,
+    table: &str,
+    columns: &[PgColumn],
+    keys: &[String],
+    unlogged: bool,
+) -> Result<()> {
+    let defs = columns
+        .iter()
+        .map(|c| {
+            let not_null = if keys.contains(&c.name) {
+                " NOT NULL"
+            } else {
+                ""
+            };
+            format!("{} {}{not_null}", quote(&c.name), c.sql)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let kind = if unlogged { "UNLOGGED " } else { "" };
+    tx.batch_execute(&format!(
+        "CREATE {kind}TABLE {} ({defs}, PRIMARY KEY ({}))",
+        qualified(schema, table),
+        column_list(keys)
+    ))
+    .await
+    .map_err(pg_error(format!("creating table {table:?}")))?;
+    Ok(())
+}
+
+pub(super) async fn add_columns(
+    tx: &impl GenericClient,
+    schema: &str,
+    table: &str,
+    columns: &[PgColumn],
+) -> Result<()> {
+    if columns.is_empty() {
+        return Ok(());
+    }
+    let adds = columns
+        .iter()
+        .map(|c| format!("ADD COLUMN {} {}", quote(&c.name), c.sql))
+        .collect::<Vec<_>>()
+        .join(", ");
+    tx.batch_execute(&format!("ALTER TABLE {} {adds}", qualified(schema, table)))
+        .await
+        .map_err(pg_error(format!("adding columns to table {table:?}")))?;
+    Ok(())
+}
+
+/// Creates the table or adds the columns the rows need; returns its schema.
+pub(super) async fn ensure_table(
+    tx: &Transaction<'_>,
+    schema: &str,
+    run: &mut Run,
+    table: &str,
+    rows: &[Row],
+    unlogged: bool,
+) -> Result<(PgSchema, Ddl)> {
+    let mut current = match run.schema.take() {
+        Some(s) => s,
+        None => read_schema(tx, schema, table).await?.unwrap_or_default(),
+    };
+    let missing = current.missing(rows.iter().map(|r| &r.fields));
+    let known = current.columns.len();
+    let created = current.columns.is_empty();
+    if created {
+        create_table(
+            tx,
+            schema,
+            table,
+            &missing,
+            &run.target.key_columns,
+            unlogged,
+        )
+        .await?;
+        tracing::info!(table, columns = missing.len(), "Table created.");
+        current.columns = missing;
+    } else if !missing.is_empty() {
+        add_columns(tx, schema, table, &missing).await?;
+        tracing::info!(table, added = missing.len(), "Columns added.");
+        current.columns.extend(missing);
+    }
+    run.schema = Some(current.clone());
+    let ddl = match (created, current.columns.len() > known) {
+        (true, _) => Ddl::Created,
+        (false, true) => Ddl::Altered,
+        (false, false) => Ddl::None,
+    };
+    Ok((current, ddl))
+}
+
+/// What [`ensure_table`] changed.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Ddl {
+    None,
+    Created,
+    Altered,
 }

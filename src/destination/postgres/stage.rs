@@ -1,0 +1,143 @@
+//! `replace` and `window` runs: batches go to a staging table, and the
+//! run's last batch swaps in only the differences, in its transaction.
+
+use tokio_postgres::Transaction;
+
+use super::ddl::{add_columns, create_table, read_schema, PgColumn};
+use super::{pg_error, qualified, Run};
+use crate::destination::sql::{column_list, quote};
+use crate::error::Result;
+use crate::mode::Mode;
+use crate::stats::RunStats;
+
+/// Applies a `replace`/`window` stage to the target, writing only the
+/// differences, and drops the stage. Returns the logical change.
+pub(super) async fn apply_stage(
+    tx: &Transaction<'_>,
+    schema: &str,
+    run: &mut Run,
+    stage: &str,
+) -> Result<RunStats> {
+    let target = run.target.table.clone();
+    let keys = run.target.key_columns.clone();
+    let context = format!("applying the stage of table {target:?}");
+    let (t, s) = (qualified(schema, &target), qualified(schema, stage));
+    let mut stats = RunStats::default();
+    let Some(stage_schema) = read_schema(tx, schema, stage).await? else {
+        // Nothing was staged: a replace empties the table, a window touches nothing.
+        if run.target.mode == Mode::Replace && read_schema(tx, schema, &target).await?.is_some() {
+            let removed = tx
+                .execute(&format!("DELETE FROM {t}"), &[])
+                .await
+                .map_err(pg_error(context))?;
+            stats.deleted = removed;
+            stats.removed = removed;
+        }
+        return Ok(stats);
+    };
+    let mut target_schema = match read_schema(tx, schema, &target).await? {
+        Some(ts) => ts,
+        None => {
+            create_table(tx, schema, &target, &stage_schema.columns, &keys, false).await?;
+            stage_schema.clone()
+        }
+    };
+    // Both tables get every column of the other, so a snapshot without a
+    // field sets it to null.
+    let to_target: Vec<PgColumn> = stage_schema
+        .columns
+        .iter()
+        .filter(|c| target_schema.position(&c.name).is_none())
+        .cloned()
+        .collect();
+    add_columns(tx, schema, &target, &to_target).await?;
+    target_schema.columns.extend(to_target);
+    let to_stage: Vec<PgColumn> = target_schema
+        .columns
+        .iter()
+        .filter(|c| stage_schema.position(&c.name).is_none())
+        .cloned()
+        .collect();
+    add_columns(tx, schema, stage, &to_stage).await?;
+
+    let names: Vec<&str> = target_schema
+        .columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    let others: Vec<&PgColumn> = target_schema
+        .columns
+        .iter()
+        .filter(|c| !keys.contains(&c.name))
+        .collect();
+    let matched = keys
+        .iter()
+        .map(|k| format!("t.{q} = s.{q}", q = quote(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let scope = match (&run.target.mode, &run.target.window_field) {
+        (Mode::Window, Some(w)) => {
+            let w = quote(w);
+            format!("t.{w} BETWEEN (SELECT min({w}) FROM {s}) AND (SELECT max({w}) FROM {s})")
+        }
+        _ => "true".to_string(),
+    };
+    let run_sql = |sql: String| {
+        let context = context.clone();
+        async move { tx.execute(&sql, &[]).await.map_err(pg_error(context)) }
+    };
+    let staged: i64 = tx
+        .query_one(&format!("SELECT count(*) FROM {s}"), &[])
+        .await
+        .map_err(pg_error(context.clone()))?
+        .get(0);
+    let removed = run_sql(format!(
+        "DELETE FROM {t} t WHERE {scope} AND NOT EXISTS (SELECT 1 FROM {s} s WHERE {matched})"
+    ))
+    .await?;
+    let updated = if others.is_empty() {
+        0
+    } else {
+        let set = others
+            .iter()
+            .map(|c| format!("{q} = s.{q}", q = quote(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let stored = others
+            .iter()
+            .map(|c| c.comparable(&format!("t.{}", quote(&c.name))))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let new = others
+            .iter()
+            .map(|c| c.comparable(&format!("s.{}", quote(&c.name))))
+            .collect::<Vec<_>>()
+            .join(", ");
+        run_sql(format!(
+            "UPDATE {t} t SET {set} FROM {s} s
+             WHERE {matched} AND ROW({stored}) IS DISTINCT FROM ROW({new})"
+        ))
+        .await?
+    };
+    let cols = column_list(&names);
+    let s_cols = names
+        .iter()
+        .map(|n| format!("s.{}", quote(n)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let inserted = run_sql(format!(
+        "INSERT INTO {t} ({cols}) SELECT {s_cols} FROM {s} s
+         WHERE NOT EXISTS (SELECT 1 FROM {t} t WHERE {matched})"
+    ))
+    .await?;
+    tx.batch_execute(&format!("DROP TABLE {s}"))
+        .await
+        .map_err(pg_error(context))?;
+    run.schema = None;
+    stats.inserted = inserted;
+    stats.updated = updated;
+    stats.unchanged = staged as u64 - inserted - updated;
+    stats.deleted = removed;
+    stats.removed = removed;
+    Ok(stats)
+}

@@ -1,0 +1,115 @@
+//! SQLite tables: created with a primary key on the key columns, widened
+//! with the columns new fields need, read back as a schema.
+
+use rusqlite::Connection;
+
+use super::{declared_type, read_schema, Run};
+use crate::batch::Row;
+use crate::destination::schema::{Column, TableSchema};
+use crate::destination::sql::{column_list, quote};
+use crate::error::Result;
+
+/// `CREATE TABLE` with a primary key on the key columns.
+pub(super) fn create_table(
+    conn: &Connection,
+    table: &str,
+    columns: &[Column],
+    keys: &[String],
+) -> Result<()> {
+    let defs = columns
+        .iter()
+        .map(|c| {
+            let not_null = if keys.contains(&c.name) {
+                " NOT NULL"
+            } else {
+                ""
+            };
+            format!("{} {}{not_null}", quote(&c.name), declared_type(c.ty))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    conn.execute_batch(&format!(
+        "CREATE TABLE {} ({defs}, PRIMARY KEY ({}))",
+        quote(table),
+        column_list(keys)
+    ))?;
+    Ok(())
+}
+
+/// Creates the table or adds the columns the rows need; returns its schema.
+pub(super) fn ensure_table(
+    conn: &Connection,
+    run: &mut Run,
+    table: &str,
+    rows: &[Row],
+) -> Result<TableSchema> {
+    let mut schema = match run.schema.take() {
+        Some(s) => s,
+        None => read_schema(conn, table)?.unwrap_or_default(),
+    };
+    let missing = if rows.iter().all(|r| has_columns_for(&schema, &r.fields)) {
+        Vec::new()
+    } else {
+        schema.missing(rows.iter().map(|r| &r.fields))
+    };
+    if schema.columns.is_empty() {
+        // Key columns must exist even when this batch only has nulls there
+        // (it cannot: keys are never null), so `missing` holds them.
+        create_table(conn, table, &missing, &run.target.key_columns)?;
+        tracing::info!(table, columns = missing.len(), "Table created.");
+        schema.columns = missing;
+    } else if !missing.is_empty() {
+        for column in &missing {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {} ADD COLUMN {} {}",
+                quote(table),
+                quote(&column.name),
+                declared_type(column.ty)
+            ))?;
+        }
+        tracing::info!(table, added = missing.len(), "Columns added.");
+        schema.columns.extend(missing);
+    }
+    run.schema = Some(schema.clone());
+    Ok(schema)
+}
+
+/// Whether every non-null field has a column (fields usually come in
+/// column order, so this is one pass over both).
+fn has_columns_for(schema: &TableSchema, fields: &crate::record::Fields) -> bool {
+    let mut at = 0;
+    fields.iter().all(|(name, value)| {
+        if value.is_null() {
+            return true;
+        }
+        match schema.columns[at..]
+            .iter()
+            .position(|c| same_name(&c.name, name))
+        {
+            Some(p) => {
+                at += p + 1;
+                true
+            }
+            None => schema.position(name).is_some(),
+        }
+    })
+}
+
+/// String equality for short names, inlined (this runs for every field).
+#[inline]
+pub(super) fn same_name(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| x == y)
+}
+
+/// True when the table does not exist or holds no row.
+pub(super) fn is_empty(conn: &Connection, table: &str) -> Result<bool> {
+    if read_schema(conn, table)?.is_none() {
+        return Ok(true);
+    }
+    let any: bool = conn.query_row(
+        &format!("SELECT EXISTS (SELECT 1 FROM {})", quote(table)),
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(!any)
+}

@@ -1,0 +1,117 @@
+//! `replace` and `window` runs: batches go to a staging table, and the
+//! run's last batch swaps in only the differences, in its transaction.
+
+use rusqlite::Connection;
+
+use super::ddl::create_table;
+use super::{declared_type, read_schema, Run};
+use crate::destination::sql::{column_list, key_match, quote};
+use crate::error::Result;
+use crate::mode::Mode;
+use crate::stats::RunStats;
+
+/// Applies a `replace`/`window` stage to the target, writing only the
+/// differences, and drops the stage. Returns the logical change.
+pub(super) fn apply_stage(conn: &Connection, run: &mut Run, stage: &str) -> Result<RunStats> {
+    let target = run.target.table.clone();
+    let keys = run.target.key_columns.clone();
+    let mut stats = RunStats::default();
+    let Some(stage_schema) = read_schema(conn, stage)? else {
+        // Nothing was staged: a replace empties the table, a window touches nothing.
+        if run.target.mode == Mode::Replace && read_schema(conn, &target)?.is_some() {
+            let removed = conn.execute(&format!("DELETE FROM {}", quote(&target)), [])? as u64;
+            stats.deleted = removed;
+            stats.removed = removed;
+        }
+        return Ok(stats);
+    };
+    let mut target_schema = match read_schema(conn, &target)? {
+        Some(s) => s,
+        None => {
+            create_table(conn, &target, &stage_schema.columns, &keys)?;
+            stage_schema.clone()
+        }
+    };
+    // Both tables get every column of the other, so a snapshot without a
+    // field sets it to null.
+    for c in &stage_schema.columns {
+        if target_schema.position(&c.name).is_none() {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {} ADD COLUMN {} {}",
+                quote(&target),
+                quote(&c.name),
+                declared_type(c.ty)
+            ))?;
+            target_schema.columns.push(c.clone());
+        }
+    }
+    for c in &target_schema.columns {
+        if stage_schema.position(&c.name).is_none() {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {} ADD COLUMN {} {}",
+                quote(stage),
+                quote(&c.name),
+                declared_type(c.ty)
+            ))?;
+        }
+    }
+    let (t, s) = (quote(&target), quote(stage));
+    let names: Vec<&str> = target_schema
+        .columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    let others: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| !keys.iter().any(|k| k == n))
+        .collect();
+    let matched = key_match(&keys, &t, &s);
+    let scope = match (&run.target.mode, &run.target.window_field) {
+        (Mode::Window, Some(w)) => {
+            let w = quote(w);
+            format!("{t}.{w} BETWEEN (SELECT min({w}) FROM {s}) AND (SELECT max({w}) FROM {s})")
+        }
+        _ => "1".to_string(),
+    };
+    let staged: u64 = conn.query_row(&format!("SELECT count(*) FROM {s}"), [], |r| r.get(0))?;
+    let removed = conn.execute(
+        &format!(
+            "DELETE FROM {t} WHERE {scope} AND NOT EXISTS (SELECT 1 FROM {s} WHERE {matched})"
+        ),
+        [],
+    )? as u64;
+    let updated = if others.is_empty() {
+        0
+    } else {
+        let set = others
+            .iter()
+            .map(|c| format!("{q} = {s}.{q}", q = quote(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let differs = others
+            .iter()
+            .map(|c| format!("{t}.{q} IS NOT {s}.{q}", q = quote(c)))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        conn.execute(
+            &format!("UPDATE {t} SET {set} FROM {s} WHERE {matched} AND ({differs})"),
+            [],
+        )? as u64
+    };
+    let cols = column_list(&names);
+    let inserted = conn.execute(
+        &format!(
+            "INSERT INTO {t} ({cols}) SELECT {cols} FROM {s} WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE {matched})"
+        ),
+        [],
+    )? as u64;
+    conn.execute_batch(&format!("DROP TABLE {s}"))?;
+    run.schema = None;
+    stats.inserted = inserted;
+    stats.updated = updated;
+    stats.unchanged = staged - inserted - updated;
+    stats.deleted = removed;
+    stats.removed = removed;
+    Ok(stats)
+}
