@@ -11,6 +11,7 @@
 
 pub mod audit;
 pub mod config;
+pub mod connect;
 pub mod dedupe;
 pub mod destination;
 pub mod error;
