@@ -12,6 +12,7 @@
 pub mod audit;
 pub mod batch;
 pub mod config;
+pub mod connect;
 pub mod dedupe;
 pub mod destination;
 pub mod duration;

@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 
 use super::{AscendingCheck, Source, SourceQuery};
 use crate::config::redact;
+use crate::connect::Backend;
 use crate::destination::sql::quote;
 use crate::error::{Error, Result};
 use crate::key::Cursor;
@@ -64,11 +65,11 @@ pub struct SqlSource {
 impl SqlSource {
     /// Checks the configuration and starts reading.
     pub async fn open(config: &SqlSourceConfig, query: &SourceQuery) -> Result<SqlSource> {
-        let dialect = match config.url.split("://").next() {
-            Some("sqlite") => Dialect::Sqlite,
-            Some("postgres" | "postgresql") => Dialect::Postgres,
-            Some("mysql") => Dialect::Mysql,
-            _ => {
+        let dialect = match Backend::of_url(&config.url) {
+            Ok(Backend::Sqlite) => Dialect::Sqlite,
+            Ok(Backend::Postgres) => Dialect::Postgres,
+            Ok(Backend::Mysql) => Dialect::Mysql,
+            Ok(Backend::Redis) | Err(_) => {
                 return Err(Error::config(format!(
                     "[source] url {}: a SQL source reads sqlite://, postgres:// or mysql://",
                     redact(&config.url)
@@ -177,6 +178,15 @@ impl Plan {
 
     fn error(&self, message: impl std::fmt::Display) -> Error {
         plan_error(&format!("{} {}", self.shown, self.label), message)
+    }
+
+    /// A failed connect: an unsatisfiable TLS mode stays a configuration
+    /// error; the rest is the source's.
+    fn connect_error(&self, e: Error) -> Error {
+        match e {
+            Error::Destination { message, .. } => self.error(format!("cannot connect: {message}")),
+            other => other,
+        }
     }
 
     /// The row as a record, checked against the ORDER BY promise (a text
@@ -291,14 +301,9 @@ fn read_sqlite(path: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) ->
 async fn read_postgres(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) -> Result<()> {
     let mut check = AscendingCheck::new(plan.cursor.clone());
     use tokio_postgres::types::{ToSql, Type};
-    let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let (mut client, _) = crate::connect::postgres::connect(url)
         .await
-        .map_err(|e| plan.error(format!("cannot connect: {e}")))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "PostgreSQL source connection ended.");
-        }
-    });
+        .map_err(|e| plan.connect_error(e))?;
     let pg = |e: tokio_postgres::Error| plan.error(e);
     client
         .batch_execute("SET TIME ZONE 'UTC'")
@@ -383,10 +388,10 @@ async fn read_mysql(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>
     let mut check = AscendingCheck::new(plan.cursor.clone());
     use mysql_async::prelude::Queryable;
     let my = |e: mysql_async::Error| plan.error(e);
-    let opts = mysql_async::Opts::from_url(url).map_err(|e| plan.error(format!("bad URL: {e}")))?;
-    let mut conn = mysql_async::Conn::new(opts)
+    let (mut conn, _, _) = crate::connect::mysql::MysqlConfig::parse(url)?
+        .connect()
         .await
-        .map_err(|e| plan.error(format!("cannot connect: {e}")))?;
+        .map_err(|e| plan.connect_error(e))?;
     conn.query_drop("SET time_zone = '+00:00'")
         .await
         .map_err(my)?;

@@ -24,5 +24,6 @@ mod overlap;
 mod pg_restart;
 mod property;
 mod sql_source;
+mod tls;
 mod watch;
 mod writeback;

@@ -309,20 +309,34 @@ async fn check(path: &std::path::Path) -> anyhow::Result<u8> {
                 idemload::config::redact(h.url.split('?').next().unwrap_or_default())
             ),
         ),
-        SourceConfig::Sql(q) => step(
-            "ok",
-            "source",
-            format!("sql {}", idemload::config::redact(&q.url)),
-        ),
+        SourceConfig::Sql(q) => match idemload::connect::probe(&q.url).await {
+            Ok(tls) => step(
+                "ok",
+                "source",
+                format!("sql {}, {tls}", idemload::config::redact(&q.url)),
+            ),
+            Err(e) => {
+                step("fail", "source", e.to_string());
+                failed = true;
+            }
+        },
     }
     let url = idemload::config::redact(&pipeline.config.destination.url);
     match pipeline.destination().await {
         Ok(mut dest) => {
+            // Whether the connection is encrypted (database URLs only).
+            let tls = match idemload::connect::Backend::of_url(&pipeline.config.destination.url) {
+                Ok(_) => idemload::connect::probe(&pipeline.config.destination.url)
+                    .await
+                    .map(|e| format!(", {e}"))
+                    .unwrap_or_default(),
+                Err(_) => String::new(),
+            };
             step(
                 "ok",
                 "destination",
                 format!(
-                    "connected to {url}, table {:?}",
+                    "connected to {url}{tls}, table {:?}",
                     pipeline.config.destination.table
                 ),
             );

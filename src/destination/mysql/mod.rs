@@ -96,17 +96,13 @@ impl MysqlDestination {
     /// Connects to the database of a `mysql://` URL.
     pub async fn open(url: &str) -> Result<MysqlDestination> {
         let shown = redact(url);
-        let opts = Opts::from_url(url)
-            .map_err(|e| Error::config(format!("{shown}: not a MySQL URL: {e}")))?;
-        if opts.db_name().is_none_or(str::is_empty) {
+        let config = crate::connect::mysql::MysqlConfig::parse(url)?;
+        if config.opts().db_name().is_none_or(str::is_empty) {
             return Err(Error::config(format!(
                 "{shown}: name the database, e.g. mysql://user:pass@host:3306/warehouse"
             )));
         }
-        let opts = session_opts(opts);
-        let mut conn = Conn::new(opts.clone())
-            .await
-            .map_err(|e| Error::destination(format!("mysql {shown}"), e))?;
+        let (mut conn, opts, _encrypted) = config.map_opts(session_opts).connect().await?;
         let server = probe(&mut conn)
             .await
             .map_err(|e| Error::destination(format!("mysql {shown}"), e))?;

@@ -16,10 +16,11 @@ use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use tokio::sync::{oneshot, OnceCell};
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::Client;
+
+use crate::connect::postgres::PgConfig;
 
 use super::copy::StoredRows;
-use super::describe;
 use super::write::stored_keys;
 use crate::batch::PlannedBatch;
 use crate::destination::seen::KeyFilter;
@@ -86,14 +87,14 @@ impl Pending {
 /// Shared by the destination (which sets the shape and takes the reads)
 /// and the run's [`Lookahead`] (which starts them).
 pub(super) struct Ahead {
-    config: Config,
+    config: PgConfig,
     client: OnceCell<Option<Arc<Client>>>,
     shape: Mutex<Option<Shape>>,
     pending: Mutex<Option<Pending>>,
 }
 
 impl Ahead {
-    pub(super) fn new(config: Config) -> Arc<Ahead> {
+    pub(super) fn new(config: PgConfig) -> Arc<Ahead> {
         Arc::new(Ahead {
             config,
             client: OnceCell::new(),
@@ -119,17 +120,10 @@ impl Ahead {
     async fn client(&self) -> Option<Arc<Client>> {
         self.client
             .get_or_init(|| async {
-                match self.config.connect(NoTls).await {
-                    Ok((client, connection)) => {
-                        tokio::spawn(async move {
-                            if let Err(e) = connection.await {
-                                tracing::debug!(error = %describe(&e), "PostgreSQL read-ahead connection ended.");
-                            }
-                        });
-                        Some(Arc::new(client))
-                    }
+                match self.config.connect().await {
+                    Ok((client, _)) => Some(Arc::new(client)),
                     Err(e) => {
-                        tracing::info!(error = %describe(&e), "No second connection to read batches ahead; each batch reads its stored rows itself.");
+                        tracing::info!(error = %e, "No second connection to read batches ahead; each batch reads its stored rows itself.");
                         None
                     }
                 }

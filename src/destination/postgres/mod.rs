@@ -35,7 +35,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::Client;
+
+use crate::connect::postgres::PgConfig;
 
 use super::sql::quote;
 use super::{Books, Commit, Destination, Lookahead, Target};
@@ -60,7 +62,7 @@ pub struct PostgresDestination {
     /// The `CREATE` of the temporary batch table as of the last commit.
     batch_table: Option<String>,
     /// How to open another connection (to read batches ahead).
-    config: Config,
+    config: PgConfig,
     /// The run's reads ahead, once the run asked for them.
     ahead: Option<std::sync::Arc<ahead::Ahead>>,
 }
@@ -87,7 +89,7 @@ struct Run {
 /// `schema` parameter.
 #[derive(Debug)]
 struct PgUrl {
-    config: Config,
+    config: PgConfig,
     schema: Option<String>,
 }
 
@@ -112,39 +114,7 @@ fn parse_url(url: &str) -> Result<PgUrl> {
     } else {
         format!("{base}?{}", kept.join("&"))
     };
-    let mut config: Config = text
-        .parse()
-        .map_err(|e| Error::config(format!("{}: {e}", redact(url))))?;
-    if config.get_user().is_none() {
-        if let Ok(user) = std::env::var("PGUSER").or_else(|_| std::env::var("USER")) {
-            config.user(&user);
-        }
-    }
-    if config.get_password().is_none() {
-        if let Ok(password) = std::env::var("PGPASSWORD") {
-            config.password(password);
-        }
-    }
-    if config.get_hosts().is_empty() {
-        match std::env::var("PGHOST") {
-            Ok(host) if host.starts_with('/') => {
-                config.host_path(host);
-            }
-            Ok(host) => {
-                config.host(&host);
-            }
-            Err(_) if std::path::Path::new("/var/run/postgresql").exists() => {
-                config.host_path("/var/run/postgresql");
-            }
-            Err(_) => {
-                config.host("localhost");
-            }
-        }
-    }
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(30));
-    }
-    config.application_name("idemload");
+    let config = PgConfig::parse(&text)?;
     if matches!(&schema, Some(s) if s.is_empty() || s.len() > MAX_IDENTIFIER) {
         return Err(Error::config(format!(
             "{}: schema must be 1 to {MAX_IDENTIFIER} bytes",
@@ -177,12 +147,6 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A driver error as the user should read it: the server's message (with
-/// its detail and SQLSTATE) or the connection's failure and its cause.
-pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
-    crate::error::Cause::message(e)
-}
-
 /// Wraps a driver error with where it happened.
 pub(crate) fn pg_error(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
     let context = context.into();
@@ -205,15 +169,7 @@ impl PostgresDestination {
             (None, b) => b.map(String::from),
         };
         let config = parsed.config;
-        let (client, connection) = config
-            .connect(NoTls)
-            .await
-            .map_err(|e| Error::destination(format!("cannot connect to {shown}"), e))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %describe(&e), "PostgreSQL connection ended.");
-            }
-        });
+        let (client, _encrypted) = config.connect().await?;
         client
             .batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO'; SET temp_buffers = '64MB'")
             .await
@@ -400,8 +356,7 @@ pub(crate) mod testing {
                 &uuid::Uuid::now_v7().simple().to_string()[20..]
             );
             let parsed = parse_url(url).unwrap();
-            let (client, conn) = parsed.config.connect(NoTls).await.unwrap();
-            tokio::spawn(conn);
+            let (client, _) = parsed.config.connect().await.unwrap();
             client
                 .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote(&name)))
                 .await

@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::config::redact;
+use crate::connect::Backend;
 use crate::error::{Error, Result};
 use crate::state::LockHolder;
 
@@ -56,11 +57,11 @@ pub trait SeenStore: Send {
 /// Opens the store an URL names: `sqlite://PATH`, `postgres://…` or
 /// `redis://HOST:PORT`.
 pub async fn open(url: &str) -> Result<Box<dyn SeenStore>> {
-    match url.split("://").next().unwrap_or_default() {
-        "sqlite" => Ok(Box::new(sqlite::SqliteStore::open(url).await?)),
-        "redis" | "rediss" => Ok(Box::new(redis::RedisStore::open(url).await?)),
-        "postgres" | "postgresql" => Ok(Box::new(postgres::PostgresStore::open(url).await?)),
-        _ => Err(Error::config(format!(
+    match Backend::of_url(url) {
+        Ok(Backend::Sqlite) => Ok(Box::new(sqlite::SqliteStore::open(url).await?)),
+        Ok(Backend::Redis) => Ok(Box::new(redis::RedisStore::open(url).await?)),
+        Ok(Backend::Postgres) => Ok(Box::new(postgres::PostgresStore::open(url).await?)),
+        Ok(Backend::Mysql) | Err(_) => Err(Error::config(format!(
             "[trigger] store = {:?}: use sqlite://PATH, postgres://… or redis://HOST:PORT",
             redact(url)
         ))),

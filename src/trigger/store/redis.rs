@@ -42,11 +42,7 @@ const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redi
 
 impl RedisStore {
     pub async fn open(url: &str) -> Result<RedisStore> {
-        let client = redis::Client::open(url).map_err(|e| err(url, e))?;
-        let conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(|e| err(url, e))?;
+        let (conn, _) = crate::connect::redis::connect(url).await?;
         Ok(RedisStore {
             url: url.to_string(),
             conn,
