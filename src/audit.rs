@@ -4,6 +4,11 @@
 //!
 //! Every check is one set-based, read-only query (no table lock: writers go
 //! on), so it runs on a large table and on tables idemload never created.
+//! A pipeline's `[audit]` adds monitors ([`monitors`]: missing dates,
+//! spikes) and an alert ([`alert`]) that POSTs the findings.
+
+pub mod alert;
+pub mod monitors;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -13,6 +18,9 @@ use crate::error::{Error, Result};
 use crate::state::RUNS_TABLE;
 use crate::stats::RunStats;
 
+pub use self::alert::{AlertConfig, AlertOutcome};
+pub use self::monitors::{AuditConfig, Gap, GapsConfig, Spike, SpikesConfig};
+
 /// What to audit.
 #[derive(Debug, Clone)]
 pub struct AuditTarget {
@@ -20,6 +28,8 @@ pub struct AuditTarget {
     pub key: Vec<String>,
     /// Reconcile with this pipeline's runs (when audited through a pipeline).
     pub pipeline: Option<String>,
+    /// The pipeline's `[audit]`: monitors and alert.
+    pub monitors: Option<AuditConfig>,
 }
 
 /// One group of rows sharing a key.
@@ -52,7 +62,48 @@ pub struct AuditReport {
     pub unique_constraint: Option<String>,
     pub runs_checked: u64,
     pub run_mismatches: Vec<Mismatch>,
+    /// `[audit] gaps`: groups with missing dates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gaps: Option<Vec<Gap>>,
+    /// `[audit] spikes`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spikes: Option<Vec<Spike>>,
+    /// `[audit] alert`, when the audit found something.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alert: Option<AlertOutcome>,
     pub clean: bool,
+}
+
+impl AuditReport {
+    /// The checks that failed, as the alert sends them (and hashes them).
+    pub fn findings(&self) -> Value {
+        let mut f = serde_json::Map::new();
+        if self.duplicate_groups > 0 {
+            f.insert(
+                "duplicates".into(),
+                serde_json::json!({"groups": self.duplicate_groups, "surplus_rows": self.surplus_rows, "worst": self.worst}),
+            );
+        }
+        if self.null_key_rows > 0 {
+            f.insert("null_key_rows".into(), self.null_key_rows.into());
+        }
+        if self.unique_constraint.is_none() {
+            f.insert("unique_constraint_missing".into(), Value::Bool(true));
+        }
+        if !self.run_mismatches.is_empty() {
+            f.insert(
+                "run_mismatches".into(),
+                serde_json::to_value(&self.run_mismatches).unwrap_or_default(),
+            );
+        }
+        if let Some(g) = self.gaps.as_ref().filter(|g| !g.is_empty()) {
+            f.insert("gaps".into(), serde_json::to_value(g).unwrap_or_default());
+        }
+        if let Some(s) = self.spikes.as_ref().filter(|s| !s.is_empty()) {
+            f.insert("spikes".into(), serde_json::to_value(s).unwrap_or_default());
+        }
+        Value::Object(f)
+    }
 }
 
 /// Builds the SQL pieces for a table and key.
@@ -176,11 +227,22 @@ pub async fn audit(conn: &mut dyn Inspect, target: &AuditTarget) -> Result<Audit
         Some(p) => reconcile(conn, p, &target.table).await,
         None => (0, Vec::new()),
     };
+    let monitors = target.monitors.clone().unwrap_or_default();
+    let gaps = match &monitors.gaps {
+        Some(g) => Some(monitors::gaps(conn, &target.table, g).await?),
+        None => None,
+    };
+    let spikes = match &monitors.spikes {
+        Some(s) => Some(monitors::spikes(conn, &target.table, s, monitors.gaps.as_ref()).await?),
+        None => None,
+    };
     let clean = duplicate_groups == 0
         && null_key_rows == 0
         && unique_constraint.is_some()
-        && run_mismatches.is_empty();
-    Ok(AuditReport {
+        && run_mismatches.is_empty()
+        && gaps.as_ref().is_none_or(Vec::is_empty)
+        && spikes.as_ref().is_none_or(Vec::is_empty);
+    let mut report = AuditReport {
         table: target.table.clone(),
         key: target.key.clone(),
         rows,
@@ -191,8 +253,23 @@ pub async fn audit(conn: &mut dyn Inspect, target: &AuditTarget) -> Result<Audit
         unique_constraint,
         runs_checked,
         run_mismatches,
+        gaps,
+        spikes,
+        alert: None,
         clean,
-    })
+    };
+    if let (false, Some(a)) = (report.clean, &monitors.alert) {
+        let findings = report.findings();
+        let pipeline = target.pipeline.clone().unwrap_or_default();
+        let key = alert::idempotency_key(&pipeline, &target.table, &findings);
+        let body = serde_json::json!({
+            "pipeline": pipeline,
+            "table": target.table,
+            "findings": findings,
+        });
+        report.alert = Some(alert::send(a, &key, &body).await?);
+    }
+    Ok(report)
 }
 
 /// Compares how much the table grew after each run with what the run

@@ -31,6 +31,9 @@ pub struct PipelineConfig {
     /// The polling trigger of `idemload watch`.
     #[serde(default)]
     pub trigger: Option<crate::trigger::TriggerConfig>,
+    /// Monitors and alert added to `audit` (and `run --audit`).
+    #[serde(default)]
+    pub audit: Option<crate::audit::AuditConfig>,
 }
 
 /// `[destination]`.

@@ -22,10 +22,12 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::pagination::{kind, lookup, lookup_mut, Next, PaginationConfig, Paginator};
+use super::origin::{credentialed_client, is_same_origin, CrossOrigin};
+use super::pagination::{kind, lookup, Next, PaginationConfig, Paginator};
 use super::retry::{
     backoff_delay, parse_backoff, retry_after, Failure, RateLimitConfig, RateLimiter, RetryConfig,
 };
+use super::shape::{add_fields, constants, RecordsPath, ShapeError};
 use super::{AscendingCheck, Source, SourceProgress, SourceQuery};
 use crate::config::redact;
 use crate::error::{Error, Result};
@@ -39,9 +41,15 @@ pub struct HttpSourceConfig {
     /// The endpoint, `http://` or `https://`.
     pub url: String,
     /// Dotted path of the records array in the body (`data.items`); `""`
-    /// (the default) when the body is the array.
+    /// (the default) when the body is the array. A segment `{name}` matches
+    /// every member of an object and adds the member's name to each record
+    /// as the field `name` (`"{service_line_id}.daily_usage"`).
     #[serde(default)]
     pub records: String,
+    /// Constant fields added to every record (`set = { source = "api" }`);
+    /// they replace a field of the same name.
+    #[serde(default)]
+    pub set: BTreeMap<String, toml::Value>,
     /// Query parameters sent with every request; their values never appear
     /// in messages or rejects.
     #[serde(default)]
@@ -197,13 +205,26 @@ impl HttpSource {
             value.set_sensitive(true);
             headers.insert(header, value);
         }
-        let client = reqwest::Client::builder()
+        let user_agent = concat!("idemload/", env!("CARGO_PKG_VERSION"));
+        let build_error = |e: reqwest::Error| {
+            Error::config(format!("[source] cannot build the HTTP client: {e}"))
+        };
+        // Headers and params are the configured origin's: another origin
+        // (a Link, a redirect) is asked with a client that carries nothing.
+        let client = credentialed_client(&base, CrossOrigin::Stop)
             .timeout(timeout)
             .gzip(true)
             .default_headers(headers)
-            .user_agent(concat!("idemload/", env!("CARGO_PKG_VERSION")))
+            .user_agent(user_agent)
             .build()
-            .map_err(|e| Error::config(format!("[source] cannot build the HTTP client: {e}")))?;
+            .map_err(build_error)?;
+        let bare = reqwest::Client::builder()
+            .timeout(timeout)
+            .gzip(true)
+            .referer(false)
+            .user_agent(user_agent)
+            .build()
+            .map_err(build_error)?;
         let mut shown = base.clone();
         shown.set_query(None);
         shown.set_fragment(None);
@@ -213,9 +234,12 @@ impl HttpSource {
         let (tx, rx) = mpsc::channel(4);
         let fetcher = Fetcher {
             client,
+            bare,
             base,
             shown,
-            records: config.records.clone(),
+            records: RecordsPath::parse(&config.records)
+                .map_err(|e| Error::config(format!("[source] {e}")))?,
+            set: constants(&config.set).map_err(Error::config)?,
             fields: config.fields.clone(),
             paginator: Paginator::new(config.pagination.resolve().map_err(Error::config)?),
             attempts: config.retry.attempts,
@@ -271,12 +295,17 @@ impl Source for HttpSource {
 
 /// The fetching task's state.
 struct Fetcher {
+    /// Carries the configured headers; only for the configured origin.
     client: reqwest::Client,
+    /// Carries no credentials: for URLs of any other origin.
+    bare: reqwest::Client,
     /// The URL with `params` and the incremental parameter.
     base: Url,
     /// The URL as messages and rejects show it: no query, no password.
     shown: Arc<str>,
-    records: String,
+    records: RecordsPath,
+    /// `[source] set`: constant fields added to every record.
+    set: Vec<(String, Value)>,
     fields: BTreeMap<String, String>,
     paginator: Paginator,
     attempts: u32,
@@ -325,36 +354,36 @@ impl Fetcher {
 
     /// Fetches one page (with retries) and turns it into items.
     async fn page(&mut self, url: &Url, page: u64) -> Result<(Vec<Item>, Next)> {
-        let (mut body, headers, len) = self.fetch(url, page).await?;
+        let (body, headers, len) = self.fetch(url, page).await?;
         let shown = self.shown.clone();
         let location = || format!("{shown} (page {page})");
-        let count = match lookup(&body, &self.records) {
-            Some(Value::Array(items)) => items.len(),
-            Some(Value::Null) => 0,
-            Some(other) => {
-                return Err(Error::Source {
-                    location: location(),
-                    message: format!(
-                        "records path {:?} holds {}, not an array",
-                        self.records,
-                        kind(other)
-                    ),
-                })
-            }
-            None => {
-                let fields = match &body {
-                    Value::Object(map) => format!(
+        let count = match self.records.count(&body) {
+            Ok(n) => n,
+            Err(e) => {
+                let hint = match (&e, &body) {
+                    (ShapeError::Missing { .. }, Value::Object(map)) => format!(
                         "; the body's top-level fields are: {}",
                         map.keys().take(20).cloned().collect::<Vec<_>>().join(", ")
                     ),
-                    other => format!("; the body is {}", kind(other)),
+                    (ShapeError::Missing { .. }, other) => {
+                        format!("; the body is {}", kind(other))
+                    }
+                    _ => String::new(),
+                };
+                let message = match &e {
+                    ShapeError::Missing { .. } if !self.records.has_members() => format!(
+                        "records path {:?} is not in the response body{hint}",
+                        self.records.as_str()
+                    ),
+                    ShapeError::NotArray { at, kind } if at == self.records.as_str() => format!(
+                        "records path {:?} holds {kind}, not an array",
+                        self.records.as_str()
+                    ),
+                    other => format!("records path {:?}: {other}{hint}", self.records.as_str()),
                 };
                 return Err(Error::Source {
                     location: location(),
-                    message: format!(
-                        "records path {:?} is not in the response body{fields}",
-                        self.records
-                    ),
+                    message,
                 });
             }
         };
@@ -367,10 +396,10 @@ impl Fetcher {
                 location: location(),
                 message,
             })?;
-        let elements = match lookup_mut(&mut body, &self.records) {
-            Some(Value::Array(items)) => std::mem::take(items),
-            _ => Vec::new(),
-        };
+        let elements = self.records.take(body).map_err(|e| Error::Source {
+            location: location(),
+            message: format!("records path {:?}: {e}", self.records.as_str()),
+        })?;
         // The page's size bounds each value's: when the page is small, no
         // value needs its own size check.
         let raw_len = if len <= self.max_value_bytes {
@@ -385,10 +414,11 @@ impl Fetcher {
                 page,
                 index: index as u64,
             };
-            match element {
+            match element.value {
                 Value::Object(fields) => {
                     let mut fields = Fields::from(fields);
                     rename(&self.fields, &mut fields);
+                    add_fields(&mut fields, element.captured, &self.set);
                     if let Some(message) = self.ascending.check(&fields, &at) {
                         return Err(Error::Source {
                             location: location(),
@@ -467,13 +497,32 @@ impl Fetcher {
     }
 
     async fn try_once(&self, url: &Url) -> std::result::Result<(Value, HeaderMap, usize), Failure> {
-        let response = self
-            .client
+        let ours = is_same_origin(url, &self.base);
+        let client = if ours { &self.client } else { &self.bare };
+        let mut response = client
             .get(url.clone())
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
             .await
             .map_err(|e| transport_failure(&e, self.timeout))?;
+        if ours && response.status().is_redirection() {
+            // The credentialed client stops at a redirect to another
+            // origin: follow it with nothing but the URL it names.
+            let target = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|l| url.join(l).ok());
+            if let Some(target) = target {
+                response = self
+                    .bare
+                    .get(target)
+                    .header(reqwest::header::ACCEPT, "application/json")
+                    .send()
+                    .await
+                    .map_err(|e| transport_failure(&e, self.timeout))?;
+            }
+        }
         let status = response.status();
         let headers = response.headers().clone();
         if !status.is_success() {

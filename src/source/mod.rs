@@ -10,8 +10,10 @@
 mod csv;
 pub mod file;
 pub mod http;
+pub mod origin;
 pub mod pagination;
 pub mod retry;
+pub mod shape;
 pub mod sql;
 
 use async_trait::async_trait;

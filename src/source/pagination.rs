@@ -14,6 +14,8 @@ use reqwest::Url;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::origin::is_same_origin;
+
 /// `[source.pagination]`. One table for every style, as in the spec; a key
 /// that does not apply to the chosen `type` is ignored.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -289,7 +291,13 @@ impl Paginator {
                     if url == *requested {
                         return Err("the Link header's rel=\"next\" points at the page just read: paging would never end".into());
                     }
-                    with_missing_params(url, base)
+                    // The configured parameters (an API key, say) belong to
+                    // the configured origin only.
+                    if is_same_origin(&url, base) {
+                        with_missing_params(url, base)
+                    } else {
+                        url
+                    }
                 }
             },
         };
@@ -343,22 +351,6 @@ pub fn lookup<'a>(body: &'a Value, path: &str) -> Option<&'a Value> {
     Some(at)
 }
 
-/// The value at a dotted path, to move records out of the body.
-pub fn lookup_mut<'a>(body: &'a mut Value, path: &str) -> Option<&'a mut Value> {
-    if path.is_empty() {
-        return Some(body);
-    }
-    let mut at = body;
-    for part in path.split('.') {
-        at = match at {
-            Value::Object(map) => map.get_mut(part)?,
-            Value::Array(items) => items.get_mut(part.parse::<usize>().ok()?)?,
-            _ => return None,
-        };
-    }
-    Some(at)
-}
-
 /// JSON kind names for messages.
 pub fn kind(value: &Value) -> &'static str {
     match value {
@@ -372,55 +364,16 @@ pub fn kind(value: &Value) -> &'static str {
 }
 
 /// The `rel="next"` target of the `Link` headers, resolved against the URL
-/// of the page (RFC 8288).
+/// of the page (RFC 8288; a header that does not parse is ignored).
 pub fn next_link(headers: &HeaderMap, requested: &Url) -> Option<Url> {
-    for value in headers.get_all(LINK) {
-        let Ok(text) = value.to_str() else { continue };
-        for link in split_links(text) {
-            let link = link.trim();
-            let Some(rest) = link.strip_prefix('<') else {
-                continue;
-            };
-            let Some(end) = rest.find('>') else { continue };
-            let target = &rest[..end];
-            let is_next = rest[end + 1..].split(';').any(|param| {
-                let Some((name, value)) = param.split_once('=') else {
-                    return false;
-                };
-                name.trim().eq_ignore_ascii_case("rel")
-                    && value
-                        .trim()
-                        .trim_matches('"')
-                        .split_ascii_whitespace()
-                        .any(|rel| rel.eq_ignore_ascii_case("next"))
-            });
-            if is_next {
-                return requested.join(target).ok();
-            }
-        }
-    }
-    None
-}
-
-/// Splits a Link header at the commas between links (not those inside
-/// `<…>` or quotes).
-fn split_links(text: &str) -> Vec<&str> {
-    let mut parts = Vec::new();
-    let (mut start, mut in_angle, mut in_quote) = (0, false, false);
-    for (i, c) in text.char_indices() {
-        match c {
-            '<' if !in_quote => in_angle = true,
-            '>' if !in_quote => in_angle = false,
-            '"' if !in_angle => in_quote = !in_quote,
-            ',' if !in_angle && !in_quote => {
-                parts.push(&text[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    parts.push(&text[start..]);
-    parts
+    headers
+        .get_all(LINK)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .filter_map(|text| http_link::parse_link_header(text, requested).ok())
+        .flatten()
+        .find(|link| link.rel.eq_ignore_ascii_case("next"))
+        .map(|link| link.target)
 }
 
 /// Adds the base URL's parameters a next link left out (an API key sent as

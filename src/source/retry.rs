@@ -8,7 +8,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
@@ -112,43 +112,38 @@ pub fn parse_backoff(config: &RetryConfig) -> Result<Duration, String> {
     parse_duration(&config.backoff).map_err(|e| format!("[source.retry] backoff: {e}"))
 }
 
-/// Spaces requests `1 / requests_per_second` apart.
+/// Spaces requests `1 / requests_per_second` apart (a GCRA limiter with a
+/// burst of one).
 #[derive(Debug)]
 pub struct RateLimiter {
-    interval: Option<Duration>,
-    next: Instant,
+    inner: Option<governor::DefaultDirectRateLimiter>,
 }
 
 impl RateLimiter {
     pub fn new(config: Option<&RateLimitConfig>) -> Result<RateLimiter, String> {
-        let interval = match config {
+        let inner = match config {
             None => None,
-            Some(c) if c.requests_per_second.is_finite() && c.requests_per_second > 0.0 => {
-                Some(Duration::from_secs_f64(1.0 / c.requests_per_second))
-            }
             Some(c) => {
-                return Err(format!(
-                    "[source.rate_limit] requests_per_second = {} must be greater than 0",
-                    c.requests_per_second
-                ))
+                let period = (c.requests_per_second.is_finite() && c.requests_per_second > 0.0)
+                    .then(|| Duration::from_secs_f64(1.0 / c.requests_per_second))
+                    .and_then(governor::Quota::with_period)
+                    .ok_or_else(|| {
+                        format!(
+                            "[source.rate_limit] requests_per_second = {} must be greater than 0",
+                            c.requests_per_second
+                        )
+                    })?;
+                Some(governor::RateLimiter::direct(period))
             }
         };
-        Ok(RateLimiter {
-            interval,
-            next: Instant::now(),
-        })
+        Ok(RateLimiter { inner })
     }
 
     /// Waits until the next request may start.
     pub async fn wait(&mut self) {
-        let Some(interval) = self.interval else {
-            return;
-        };
-        let now = Instant::now();
-        if self.next > now {
-            tokio::time::sleep(self.next - now).await;
+        if let Some(limiter) = &self.inner {
+            limiter.until_ready().await;
         }
-        self.next = self.next.max(now) + interval;
     }
 }
 
@@ -156,6 +151,7 @@ impl RateLimiter {
 mod tests {
     use super::*;
     use reqwest::header::HeaderValue;
+    use std::time::Instant;
 
     #[test]
     fn backoff_doubles_and_stays_in_its_upper_half() {

@@ -27,13 +27,15 @@ use serde::Deserialize;
 use serde_json::{Number, Value};
 use tokio::sync::mpsc;
 
+use super::pagination::kind;
+use super::shape::{add_fields, constants, RecordsPath};
 use super::{AscendingCheck, Source, SourceQuery};
 use crate::config::redact;
 use crate::connect::Backend;
 use crate::destination::sql::quote;
 use crate::error::{Error, Result};
 use crate::key::Cursor;
-use crate::record::{Fields, Item, Name, Record, SourceRef};
+use crate::record::{Fields, Item, Name, Record, Reject, SourceRef};
 
 /// `[source] type = "sql"`.
 #[derive(Debug, Clone, Deserialize)]
@@ -46,6 +48,15 @@ pub struct SqlSourceConfig {
     pub query: Option<String>,
     /// A table (`schema.table` allowed), read whole or incrementally.
     pub table: Option<String>,
+    /// Records inside a JSON column: a dotted path that starts with the
+    /// column's name (`"payload.{service_line_id}.daily_usage"`), with
+    /// `{name}` segments as for HTTP sources. Each row then yields the
+    /// records its column holds, and the cursor filter is applied to the
+    /// records, not pushed into the query.
+    pub records: Option<String>,
+    /// Constant fields added to every record.
+    #[serde(default)]
+    pub set: std::collections::BTreeMap<String, toml::Value>,
 }
 
 /// Which database the URL names.
@@ -85,11 +96,21 @@ impl SqlSource {
                 ))
             }
         };
+        let shape = match &config.records {
+            None => None,
+            Some(path) => {
+                Some(RecordsPath::parse(path).map_err(|e| Error::config(format!("[source] {e}")))?)
+            }
+        };
+        let set = constants(&config.set).map_err(Error::config)?;
         let plan = Plan {
             from,
             label: format!("sql:{label}").into(),
-            cursor: query.cursor.clone(),
-            low: query.low.clone(),
+            // Inside JSON columns, the cursor is a field of the records.
+            cursor: query.cursor.clone().filter(|_| shape.is_none()),
+            shape,
+            set,
+            low: query.low.clone().filter(|_| config.records.is_none()),
             batch_size: query.batch_size.max(1),
             shown: redact(&config.url),
         };
@@ -134,7 +155,7 @@ impl SqlSource {
         }
         Ok(SqlSource {
             rx,
-            ordered: query.cursor.is_some(),
+            ordered: query.cursor.is_some() && config.records.is_none(),
         })
     }
 }
@@ -157,6 +178,9 @@ struct Plan {
     from: String,
     label: Arc<str>,
     cursor: Option<String>,
+    /// `records`: where the records sit in each row.
+    shape: Option<RecordsPath>,
+    set: Vec<(String, Value)>,
     low: Option<Cursor>,
     batch_size: usize,
     shown: String,
@@ -189,17 +213,65 @@ impl Plan {
         }
     }
 
-    /// The row as a record, checked against the ORDER BY promise (a text
-    /// cursor whose spellings sort differently from their instants).
-    fn record(&self, check: &mut AscendingCheck, fields: Fields, row: u64) -> Result<Item> {
-        let at = SourceRef::Line {
-            path: self.label.clone(),
-            line: row,
+    /// The row as a record (or the records its JSON column holds), checked
+    /// against the ORDER BY promise (a text cursor whose spellings sort
+    /// differently from their instants).
+    fn record(
+        &self,
+        check: &mut AscendingCheck,
+        mut fields: Fields,
+        row: u64,
+        batch: &mut Vec<Item>,
+    ) -> Result<()> {
+        let Some(shape) = &self.shape else {
+            let at = SourceRef::Line {
+                path: self.label.clone(),
+                line: row,
+            };
+            if let Some(message) = check.check(&fields, &at) {
+                return Err(self.error(message));
+            }
+            add_fields(&mut fields, Vec::new(), &self.set);
+            batch.push(Item::Record(Record::new(fields, at)));
+            return Ok(());
         };
-        if let Some(message) = check.check(&fields, &at) {
-            return Err(self.error(message));
+        let mut doc = Value::from(fields);
+        // SQLite (and text columns anywhere) hold JSON as text.
+        if let Some(column) = shape.as_str().split('.').next() {
+            if let Some(cell) = doc.get_mut(column) {
+                if let Value::String(text) = cell {
+                    if let Ok(parsed) = serde_json::from_str::<Value>(text) {
+                        *cell = parsed;
+                    }
+                }
+            }
         }
-        Ok(Item::Record(Record::new(fields, at)))
+        let elements = shape.take(doc).map_err(|e| {
+            plan_error(
+                &format!("{} {}:{row}", self.shown, self.label),
+                format!("records path {:?}: {e}", shape.as_str()),
+            )
+        })?;
+        for (index, element) in elements.into_iter().enumerate() {
+            let at = SourceRef::Page {
+                url: self.label.clone(),
+                page: row,
+                index: index as u64,
+            };
+            match element.value {
+                Value::Object(map) => {
+                    let mut fields = Fields::from(map);
+                    add_fields(&mut fields, element.captured, &self.set);
+                    batch.push(Item::Record(Record::new(fields, at)));
+                }
+                other => batch.push(Item::Reject(Reject::new(
+                    at,
+                    format!("element is {}, not a JSON object", kind(&other)),
+                    other.to_string(),
+                ))),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -287,7 +359,7 @@ fn read_sqlite(path: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) ->
             };
             fields.insert(name.clone(), value);
         }
-        batch.push(plan.record(&mut check, fields, n)?);
+        plan.record(&mut check, fields, n, &mut batch)?;
         if batch.len() >= plan.batch_size && !send_blocking(tx, &mut batch, plan.batch_size) {
             return Ok(());
         }
@@ -374,7 +446,7 @@ async fn read_postgres(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item
                     s.push('Z');
                 }
             }
-            batch.push(plan.record(&mut check, fields.into(), n)?);
+            plan.record(&mut check, fields.into(), n, &mut batch)?;
         }
         if tx.send(Ok(batch)).await.is_err() {
             return Ok(());
@@ -441,7 +513,7 @@ async fn read_mysql(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>
         for ((col, name), value) in columns.iter().zip(&names).zip(row.unwrap()) {
             fields.insert(name.clone(), mysql_value(col, value));
         }
-        batch.push(plan.record(&mut check, fields, n)?);
+        plan.record(&mut check, fields, n, &mut batch)?;
         if batch.len() >= plan.batch_size {
             let full = std::mem::replace(&mut batch, Vec::with_capacity(plan.batch_size));
             if tx.send(Ok(full)).await.is_err() {
@@ -513,6 +585,8 @@ mod tests {
             from: "(SELECT * FROM usage)".into(),
             label: "sql:query".into(),
             cursor: cursor.map(String::from),
+            shape: None,
+            set: Vec::new(),
             low,
             batch_size: 10,
             shown: "sqlite://w.db".into(),

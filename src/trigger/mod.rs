@@ -22,6 +22,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use self::emit::{EmitConfig, Event};
+pub use self::store::DeadLetter;
 use self::store::SeenStore;
 use crate::config::PipelineConfig;
 use crate::error::{Error, Result};
@@ -179,23 +180,7 @@ pub async fn watch(
     let (trigger, s) = settings(config)?;
     let mut store = store::open(&trigger.store).await?;
     let mut emitter = emit::open(&trigger.emit)?;
-    let name = format!("watch:{}", config.name);
-    let me = LockHolder::this_process(&uuid::Uuid::now_v7().to_string());
-    let deadline = options.wait.map(|w| Instant::now() + w);
-    loop {
-        match store.lock(&name, &me, s.lease).await? {
-            None => break,
-            Some(_) if deadline.is_some_and(|d| Instant::now() < d) => {
-                tokio::time::sleep(Duration::from_millis(200)).await
-            }
-            Some(holder) => {
-                return Err(Error::Locked {
-                    pipeline: config.name.clone(),
-                    holder,
-                })
-            }
-        }
-    }
+    acquire(config, store.as_mut(), &s, options.wait).await?;
     let result = async {
         let mut n = 0;
         loop {
@@ -213,6 +198,129 @@ pub async fn watch(
         tracing::warn!(error = %e, "Could not release the trigger's lock; it frees itself when its lease runs out.");
     }
     result
+}
+
+/// Takes the trigger's lock, waiting up to `wait` for another watcher.
+async fn acquire(
+    config: &PipelineConfig,
+    store: &mut dyn SeenStore,
+    s: &Settings,
+    wait: Option<Duration>,
+) -> Result<()> {
+    let name = format!("watch:{}", config.name);
+    let me = LockHolder::this_process(&uuid::Uuid::now_v7().to_string());
+    let deadline = wait.map(|w| Instant::now() + w);
+    loop {
+        match store.lock(&name, &me, s.lease).await? {
+            None => return Ok(()),
+            Some(_) if deadline.is_some_and(|d| Instant::now() < d) => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Some(holder) => {
+                return Err(Error::Locked {
+                    pipeline: config.name.clone(),
+                    holder,
+                })
+            }
+        }
+    }
+}
+
+/// Runs `f` on the trigger's store under its lock.
+async fn with_store<T>(
+    config: &PipelineConfig,
+    options: &WatchOptions,
+    f: impl for<'a> FnOnce(
+        &'a mut dyn SeenStore,
+        &'a TriggerConfig,
+        &'a Settings,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<T>> + Send + 'a>,
+    >,
+) -> Result<T> {
+    let (trigger, s) = settings(config)?;
+    let mut store = store::open(&trigger.store).await?;
+    acquire(config, store.as_mut(), &s, options.wait).await?;
+    let result = f(store.as_mut(), trigger, &s).await;
+    if let Err(e) = store.unlock().await {
+        tracing::warn!(error = %e, "Could not release the trigger's lock; it frees itself when its lease runs out.");
+    }
+    result
+}
+
+/// `watch --reset`: forgets the seen keys, the primed mark and the dead
+/// letters, so the next poll starts afresh (priming again when `prime`).
+/// Returns the number of seen keys forgotten.
+pub async fn reset(config: &PipelineConfig, options: &WatchOptions) -> Result<u64> {
+    let name = format!("watch:{}", config.name);
+    with_store(config, options, move |store, _, _| {
+        Box::pin(async move { store.reset(&name).await })
+    })
+    .await
+}
+
+/// `watch --dead-letters`: the parked items, oldest first.
+pub async fn dead_letters(config: &PipelineConfig) -> Result<Vec<DeadLetter>> {
+    let (trigger, _) = settings(config)?;
+    let mut store = store::open(&trigger.store).await?;
+    store.dead_letters(&format!("watch:{}", config.name)).await
+}
+
+/// What `watch --redrive` did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RedriveReport {
+    pub pipeline: String,
+    /// Dead letters emitted successfully (and removed).
+    pub redriven: u64,
+    /// Dead letters whose emission failed again (still parked).
+    pub failed: u64,
+}
+
+/// `watch --redrive`: emits every parked item once more (with the
+/// trigger's attempts and backoff and its original idempotency key); an
+/// item whose emission succeeds leaves the dead letters.
+pub async fn redrive(config: &PipelineConfig, options: &WatchOptions) -> Result<RedriveReport> {
+    let name = format!("watch:{}", config.name);
+    let pipeline = config.name.clone();
+    with_store(config, options, move |store, trigger, s| {
+        Box::pin(async move {
+            let mut emitter = emit::open(&trigger.emit)?;
+            let mut report = RedriveReport {
+                pipeline: pipeline.clone(),
+                ..Default::default()
+            };
+            for letter in store.dead_letters(&name).await? {
+                let key = match crate::record::Fields::try_from(letter.item.clone())
+                    .ok()
+                    .and_then(|f| s.key.key_of(&f, None).ok())
+                {
+                    Some(k) => Value::Array(k.values().to_vec()),
+                    None => Value::Null,
+                };
+                let event = Event {
+                    pipeline: pipeline.clone(),
+                    key,
+                    idempotency_key: letter.key_hash.clone(),
+                    item: letter.item.clone(),
+                };
+                match fire(emitter.as_mut(), &event, trigger.attempts, s.backoff).await {
+                    Ok(()) => {
+                        store
+                            .mark_seen(&name, std::slice::from_ref(&letter.key_hash))
+                            .await?;
+                        store.remove_dead_letter(&name, &letter).await?;
+                        report.redriven += 1;
+                    }
+                    Err((message, attempts)) => {
+                        tracing::error!(pipeline = %pipeline, key = %event.key, attempts, error = %message, "Redrive failed; the item stays parked.");
+                        report.failed += 1;
+                    }
+                }
+            }
+            Ok(report)
+        })
+    })
+    .await
 }
 
 /// One item of a poll.

@@ -149,6 +149,17 @@ pub enum Command {
         /// Wait up to this long for another watcher's lock (e.g. 1m).
         #[arg(long, value_name = "DURATION")]
         wait: Option<String>,
+        /// Forget the trigger's seen keys, primed mark and dead letters; the
+        /// next poll starts afresh (priming again when prime = true).
+        #[arg(long, conflicts_with_all = ["once", "dead_letters", "redrive"])]
+        reset: bool,
+        /// List the parked items (dead letters), oldest first.
+        #[arg(long, conflicts_with_all = ["once", "redrive"])]
+        dead_letters: bool,
+        /// Emit every parked item once more; those that succeed leave the
+        /// dead letters (exit 1 when some failed again).
+        #[arg(long, conflicts_with = "once")]
+        redrive: bool,
     },
 
     /// Show the records a run rejected, with their reference and reason.
@@ -275,6 +286,11 @@ pub struct RunFlags {
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Audit the table once the run has committed (with the pipeline's
+    /// [audit] monitors); exit 1 when the run succeeded but the audit found
+    /// something.
+    #[arg(long)]
+    pub audit: bool,
 }
 
 #[derive(Debug, Args)]

@@ -115,12 +115,18 @@ async fn execute(command: Command) -> anyhow::Result<u8> {
             once,
             json,
             wait,
+            reset,
+            dead_letters,
+            redrive,
         } => {
             let config = PipelineConfig::from_file(&pipeline)?;
             let options = idemload::trigger::WatchOptions {
                 once,
                 wait: wait.as_deref().map(parse_wait).transpose()?,
             };
+            if reset || dead_letters || redrive {
+                return watch_maintenance(&config, &options, json, reset, dead_letters).await;
+            }
             let mut on_poll = |r: &idemload::trigger::PollReport| {
                 if json {
                     output::json(r);
@@ -226,6 +232,7 @@ fn load_config(args: &LoadArgs) -> anyhow::Result<PipelineConfig> {
         },
         load,
         trigger: None,
+        audit: None,
     })
 }
 
@@ -238,15 +245,34 @@ async fn run(pipeline: &Pipeline, full_refresh: bool, flags: &RunFlags) -> anyho
     let result = pipeline.run(&options, &bar).await;
     bar.finish();
     let report = result.with_context(|| format!("pipeline {:?}", pipeline.name()))?;
-    if flags.json {
-        output::json(&report);
-    } else {
-        eprintln!("idemload: {}", output::summary(&report));
-    }
-    Ok(match report.status {
+    let code = match report.status {
         RunStatus::SucceededWithRejects => 4,
         RunStatus::Failed => 1,
         _ => 0,
+    };
+    // `--audit`: after the run committed; the run's own code wins.
+    let audit = match (flags.audit, code) {
+        (true, 0 | 4) => Some(maintenance::audit_after_run(pipeline).await?),
+        _ => None,
+    };
+    if flags.json {
+        match &audit {
+            Some(a) => {
+                let mut value = serde_json::to_value(&report)?;
+                value["audit"] = serde_json::to_value(a)?;
+                output::json(&value);
+            }
+            None => output::json(&report),
+        }
+    } else {
+        eprintln!("idemload: {}", output::summary(&report));
+        if let Some(a) = &audit {
+            maintenance::print_audit_report(a);
+        }
+    }
+    Ok(match audit {
+        Some(a) if code == 0 && !a.clean => 1,
+        _ => code,
     })
 }
 
@@ -359,4 +385,52 @@ async fn check(path: &std::path::Path) -> anyhow::Result<u8> {
         }
     }
     Ok(if failed { 1 } else { 0 })
+}
+
+/// `watch --reset`, `--dead-letters` and `--redrive`.
+async fn watch_maintenance(
+    config: &PipelineConfig,
+    options: &idemload::trigger::WatchOptions,
+    json: bool,
+    reset: bool,
+    dead_letters: bool,
+) -> anyhow::Result<u8> {
+    use idemload::trigger;
+    if reset {
+        let forgotten = trigger::reset(config, options).await?;
+        if json {
+            output::json(&serde_json::json!({
+                "pipeline": config.name, "reset": true, "forgotten": forgotten
+            }));
+        } else {
+            eprintln!(
+                "idemload: watch {}: reset: {forgotten} seen keys and the dead letters forgotten",
+                config.name
+            );
+        }
+        return Ok(0);
+    }
+    if dead_letters {
+        for letter in trigger::dead_letters(config).await? {
+            if json {
+                output::json(&letter);
+            } else {
+                println!(
+                    "{}  attempts {}  {}  {}",
+                    letter.parked_at, letter.attempts, letter.error, letter.item
+                );
+            }
+        }
+        return Ok(0);
+    }
+    let report = trigger::redrive(config, options).await?;
+    if json {
+        output::json(&report);
+    } else {
+        eprintln!(
+            "idemload: watch {}: redrive: {} emitted, {} still parked",
+            report.pipeline, report.redriven, report.failed
+        );
+    }
+    Ok(if report.failed > 0 { 1 } else { 0 })
 }

@@ -16,6 +16,7 @@ struct Target {
     key: Vec<String>,
     cursor: Option<String>,
     pipeline: Option<String>,
+    monitors: Option<idemload::audit::AuditConfig>,
 }
 
 fn target(args: &AuditArgs) -> anyhow::Result<Target> {
@@ -34,6 +35,7 @@ fn target(args: &AuditArgs) -> anyhow::Result<Target> {
                     .unwrap_or_else(|| pipeline.settings.key.columns()),
                 cursor: pipeline.settings.cursor.clone(),
                 pipeline: Some(pipeline.name().to_string()),
+                monitors: pipeline.config.audit.clone(),
             })
         }
         (None, Some(url), Some(table), Some(key)) => Ok(Target {
@@ -42,6 +44,7 @@ fn target(args: &AuditArgs) -> anyhow::Result<Target> {
             key: key.clone(),
             cursor: None,
             pipeline: None,
+            monitors: None,
         }),
         _ => Err(Error::config("give a pipeline file, or --url, --table and --key").into()),
     }
@@ -53,22 +56,45 @@ fn show(v: &[Value]) -> String {
 
 pub async fn audit(args: AuditArgs) -> anyhow::Result<u8> {
     let t = target(&args)?;
-    let mut conn = inspect::connect(&t.url).await?;
-    let report = idemload::audit::audit(
-        conn.as_mut(),
-        &AuditTarget {
-            table: t.table,
-            key: t.key,
-            pipeline: t.pipeline,
-        },
-    )
-    .await?;
+    let report = audit_target(t).await?;
     if args.json {
         json(&report);
     } else {
         print_audit(&report);
     }
     Ok(if report.clean { 0 } else { 1 })
+}
+
+async fn audit_target(t: Target) -> anyhow::Result<AuditReport> {
+    let mut conn = inspect::connect(&t.url).await?;
+    Ok(idemload::audit::audit(
+        conn.as_mut(),
+        &AuditTarget {
+            table: t.table,
+            key: t.key,
+            pipeline: t.pipeline,
+            monitors: t.monitors,
+        },
+    )
+    .await?)
+}
+
+/// `run --audit`: audits the pipeline's table after its run.
+pub async fn audit_after_run(pipeline: &Pipeline) -> anyhow::Result<AuditReport> {
+    audit_target(Target {
+        url: pipeline.config.destination.url.clone(),
+        table: pipeline.config.destination.table.clone(),
+        key: pipeline.settings.key.columns(),
+        cursor: pipeline.settings.cursor.clone(),
+        pipeline: Some(pipeline.name().to_string()),
+        monitors: pipeline.config.audit.clone(),
+    })
+    .await
+}
+
+/// Prints an audit's findings in words (stdout).
+pub fn print_audit_report(r: &AuditReport) {
+    print_audit(r);
 }
 
 fn print_audit(r: &AuditReport) {
@@ -102,6 +128,39 @@ fn print_audit(r: &AuditReport) {
         None => stdout_line(
             "fail constraint: no primary key, unique constraint or unique index covers the key (`idemload dedupe --apply` adds one)",
         ),
+    }
+    if let Some(gaps) = &r.gaps {
+        if gaps.is_empty() {
+            stdout_line("ok   gaps: no missing dates");
+        }
+        for g in gaps {
+            stdout_line(&format!(
+                "fail gaps: {} missing {} date(s): {}",
+                show(&g.group),
+                g.count,
+                g.missing.join(", ")
+            ));
+        }
+    }
+    if let Some(spikes) = &r.spikes {
+        if spikes.is_empty() {
+            stdout_line("ok   spikes: none");
+        }
+        for s in spikes {
+            stdout_line(&format!(
+                "fail spikes: {} at {}: {} against a median of {}",
+                show(&s.group),
+                s.at,
+                s.value,
+                s.median
+            ));
+        }
+    }
+    if let Some(a) = &r.alert {
+        match &a.error {
+            None => stdout_line(&format!("sent alert: key {}", a.idempotency_key)),
+            Some(e) => stdout_line(&format!("fail alert: {e}")),
+        }
     }
     if r.run_mismatches.is_empty() {
         stdout_line(&format!(

@@ -95,11 +95,18 @@ impl HttpDestination {
             value.set_sensitive(true);
             headers.insert(name, value);
         }
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .default_headers(headers)
-            .build()
-            .map_err(|e| Error::config(format!("[destination]: {e}")))?;
+        // Credentials (and record data) go to base_url's origin only.
+        let client = match reqwest::Url::parse(&config.base_url) {
+            Ok(base) => crate::source::origin::credentialed_client(
+                &base,
+                crate::source::origin::CrossOrigin::Refuse,
+            ),
+            Err(_) => reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()),
+        }
+        .timeout(timeout)
+        .default_headers(headers)
+        .build()
+        .map_err(|e| Error::config(format!("[destination]: {e}")))?;
         let limiter = RateLimiter::new(config.rate_limit.as_ref()).map_err(Error::config)?;
         let backoff = parse_backoff(&config.retry).map_err(Error::config)?;
         let lookup_table = match &config.lookup_table {
@@ -186,7 +193,7 @@ impl Worker {
             }
             let wait = match request.send().await {
                 Err(e) => {
-                    last = format!("{} {shown}: {}", method, e.without_url());
+                    last = format!("{} {shown}: {}", method, crate::source::origin::describe(e));
                     if method == Method::POST {
                         return Err(Failed {
                             message: last,

@@ -1,4 +1,5 @@
-//! The webhook emitter: POST the item as JSON with `Idempotency-Key`.
+//! The webhook emitter: POST the item as JSON with `Idempotency-Key`,
+//! to the configured origin only (a redirect elsewhere fails the attempt).
 
 use std::collections::BTreeMap;
 
@@ -9,6 +10,7 @@ use super::{EmitError, Emitter, Event};
 use crate::config::redact;
 use crate::error::{Error, Result};
 use crate::key::parse_duration;
+use crate::source::origin::{describe, redirect_policy, CrossOrigin};
 
 pub struct Webhook {
     client: reqwest::Client,
@@ -34,7 +36,15 @@ impl Webhook {
             value.set_sensitive(true);
             map.insert(name, value);
         }
+        // The headers are the URL's origin's: a redirect elsewhere is refused
+        // rather than followed with them (or with the item).
+        let policy = match reqwest::Url::parse(url) {
+            Ok(parsed) => redirect_policy(&parsed, CrossOrigin::Refuse),
+            Err(_) => reqwest::redirect::Policy::none(),
+        };
         let client = reqwest::Client::builder()
+            .redirect(policy)
+            .referer(false)
             .timeout(timeout)
             .default_headers(map)
             .build()
@@ -58,7 +68,7 @@ impl Emitter for Webhook {
             .send()
             .await
             .map_err(|e| EmitError {
-                message: format!("POST {url}: {}", e.without_url()),
+                message: format!("POST {url}: {}", describe(e)),
                 retryable: true,
             })?;
         let status = response.status();

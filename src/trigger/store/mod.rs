@@ -14,6 +14,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::redact;
@@ -52,6 +53,28 @@ pub trait SeenStore: Send {
     ) -> Result<()>;
     /// Forgets keys seen before `cutoff_ms` (epoch milliseconds).
     async fn forget_before(&mut self, trigger: &str, cutoff_ms: i64) -> Result<u64>;
+    /// Forgets everything of the trigger: seen keys, the primed mark and the
+    /// dead letters. Returns the number of seen keys forgotten.
+    async fn reset(&mut self, trigger: &str) -> Result<u64>;
+    /// The parked items, oldest first.
+    async fn dead_letters(&mut self, trigger: &str) -> Result<Vec<DeadLetter>>;
+    /// Removes one dead letter (its key stays seen).
+    async fn remove_dead_letter(&mut self, trigger: &str, letter: &DeadLetter) -> Result<()>;
+}
+
+/// An item whose emission kept failing.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// The store's handle on it (a row id, or the stored text).
+    #[serde(skip)]
+    pub handle: String,
+    /// The idempotency key it was emitted with.
+    pub key_hash: String,
+    pub item: Value,
+    /// The last emission's error.
+    pub error: String,
+    pub attempts: u32,
+    pub parked_at: String,
 }
 
 /// Opens the store an URL names: `sqlite://PATH`, `postgres://…` or

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 use serde_json::Value;
 
-use super::SeenStore;
+use super::{DeadLetter, SeenStore};
 use crate::destination::postgres::{pg_error, qualified, PostgresDestination};
 use crate::destination::Books;
 use crate::error::Result;
@@ -181,5 +181,79 @@ impl SeenStore for PostgresStore {
             )
             .await
             .map_err(pg_error("seen store"))
+    }
+
+    async fn reset(&mut self, trigger: &str) -> Result<u64> {
+        let (seen, triggers, dead) = (
+            self.table("_idemload_seen"),
+            self.table("_idemload_triggers"),
+            self.table("_idemload_dead_letters"),
+        );
+        let tx = self
+            .dest
+            .client
+            .transaction()
+            .await
+            .map_err(pg_error("seen store"))?;
+        let n = tx
+            .execute(
+                &format!("DELETE FROM {seen} WHERE trigger = $1"),
+                &[&trigger],
+            )
+            .await
+            .map_err(pg_error("seen store"))?;
+        for table in [triggers, dead] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE trigger = $1"),
+                &[&trigger],
+            )
+            .await
+            .map_err(pg_error("seen store"))?;
+        }
+        tx.commit().await.map_err(pg_error("seen store"))?;
+        Ok(n)
+    }
+
+    async fn dead_letters(&mut self, trigger: &str) -> Result<Vec<DeadLetter>> {
+        let rows = self
+            .dest
+            .client
+            .query(
+                &format!(
+                    "SELECT id, key_hash, item::text, error, attempts, parked_at FROM {}
+                     WHERE trigger = $1 ORDER BY id",
+                    self.table("_idemload_dead_letters")
+                ),
+                &[&trigger],
+            )
+            .await
+            .map_err(pg_error("seen store"))?;
+        Ok(rows
+            .iter()
+            .map(|r| DeadLetter {
+                handle: r.get::<_, i64>(0).to_string(),
+                key_hash: r.get(1),
+                item: serde_json::from_str(r.get::<_, &str>(2)).unwrap_or(Value::Null),
+                error: r.get(3),
+                attempts: r.get::<_, i32>(4).max(0) as u32,
+                parked_at: r.get(5),
+            })
+            .collect())
+    }
+
+    async fn remove_dead_letter(&mut self, trigger: &str, letter: &DeadLetter) -> Result<()> {
+        let id: i64 = letter.handle.parse().unwrap_or(-1);
+        self.dest
+            .client
+            .execute(
+                &format!(
+                    "DELETE FROM {} WHERE trigger = $1 AND id = $2",
+                    self.table("_idemload_dead_letters")
+                ),
+                &[&trigger, &id],
+            )
+            .await
+            .map_err(pg_error("seen store"))?;
+        Ok(())
     }
 }

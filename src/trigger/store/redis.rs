@@ -14,7 +14,7 @@ use chrono::Utc;
 use redis::aio::MultiplexedConnection;
 use serde_json::Value;
 
-use super::SeenStore;
+use super::{DeadLetter, SeenStore};
 use crate::config::redact;
 use crate::error::{Error, Result};
 use crate::state::LockHolder;
@@ -33,6 +33,10 @@ fn err(url: &str, e: redis::RedisError) -> Error {
 
 fn seen_key(trigger: &str) -> String {
     format!("idemload:{trigger}:seen")
+}
+
+fn dead_key(trigger: &str) -> String {
+    format!("idemload:{trigger}:dead_letters")
 }
 
 /// Renews the lease only if the value is still ours.
@@ -208,7 +212,7 @@ impl SeenStore for RedisStore {
         let _: () = redis::pipe()
             .atomic()
             .cmd("RPUSH")
-            .arg(format!("idemload:{trigger}:dead_letters"))
+            .arg(dead_key(trigger))
             .arg(letter.to_string())
             .ignore()
             .cmd("ZADD")
@@ -231,5 +235,56 @@ impl SeenStore for RedisStore {
             .await
             .map_err(|e| err(&self.url, e))?;
         Ok(n)
+    }
+
+    async fn reset(&mut self, trigger: &str) -> Result<u64> {
+        let (n, _): (u64, i64) = redis::pipe()
+            .atomic()
+            .cmd("ZCARD")
+            .arg(seen_key(trigger))
+            .cmd("DEL")
+            .arg(seen_key(trigger))
+            .arg(format!("idemload:{trigger}:primed"))
+            .arg(dead_key(trigger))
+            .query_async(&mut self.conn)
+            .await
+            .map_err(|e| err(&self.url, e))?;
+        Ok(n)
+    }
+
+    async fn dead_letters(&mut self, trigger: &str) -> Result<Vec<DeadLetter>> {
+        let texts: Vec<String> = redis::cmd("LRANGE")
+            .arg(dead_key(trigger))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(|e| err(&self.url, e))?;
+        Ok(texts
+            .into_iter()
+            .map(|text| {
+                let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                let field = |name: &str| v[name].as_str().unwrap_or_default().to_string();
+                DeadLetter {
+                    key_hash: field("key_hash"),
+                    item: v["item"].clone(),
+                    error: field("error"),
+                    attempts: v["attempts"].as_u64().unwrap_or(0) as u32,
+                    parked_at: field("parked_at"),
+                    handle: text,
+                }
+            })
+            .collect())
+    }
+
+    async fn remove_dead_letter(&mut self, trigger: &str, letter: &DeadLetter) -> Result<()> {
+        let _: i64 = redis::cmd("LREM")
+            .arg(dead_key(trigger))
+            .arg(1)
+            .arg(&letter.handle)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(|e| err(&self.url, e))?;
+        Ok(())
     }
 }

@@ -10,7 +10,7 @@ use chrono::Utc;
 use rusqlite::{params, Connection};
 use serde_json::Value;
 
-use super::SeenStore;
+use super::{DeadLetter, SeenStore};
 use crate::destination::sqlite::books::{self, Heartbeat};
 use crate::destination::sqlite::{join_error, path_of};
 use crate::error::{Error, Result};
@@ -202,6 +202,56 @@ impl SeenStore for SqliteStore {
                 "DELETE FROM _idemload_seen WHERE trigger = ?1 AND seen_at < ?2",
                 params![t, cutoff_ms],
             )? as u64)
+        })
+        .await
+    }
+
+    async fn reset(&mut self, trigger: &str) -> Result<u64> {
+        let t = trigger.to_string();
+        self.blocking(move |c| {
+            let tx = c.transaction()?;
+            let n = tx.execute("DELETE FROM _idemload_seen WHERE trigger = ?1", [&t])?;
+            tx.execute("DELETE FROM _idemload_triggers WHERE trigger = ?1", [&t])?;
+            tx.execute(
+                "DELETE FROM _idemload_dead_letters WHERE trigger = ?1",
+                [&t],
+            )?;
+            tx.commit()?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn dead_letters(&mut self, trigger: &str) -> Result<Vec<DeadLetter>> {
+        let t = trigger.to_string();
+        self.blocking(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT id, key_hash, item, error, attempts, parked_at FROM _idemload_dead_letters
+                 WHERE trigger = ?1 ORDER BY id",
+            )?;
+            let rows = stmt.query_map([t], |r| {
+                Ok(DeadLetter {
+                    handle: r.get::<_, i64>(0)?.to_string(),
+                    key_hash: r.get(1)?,
+                    item: serde_json::from_str(&r.get::<_, String>(2)?).unwrap_or(Value::Null),
+                    error: r.get(3)?,
+                    attempts: r.get(4)?,
+                    parked_at: r.get(5)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn remove_dead_letter(&mut self, trigger: &str, letter: &DeadLetter) -> Result<()> {
+        let (t, id) = (trigger.to_string(), letter.handle.clone());
+        self.blocking(move |c| {
+            c.execute(
+                "DELETE FROM _idemload_dead_letters WHERE trigger = ?1 AND id = ?2",
+                params![t, id.parse::<i64>().unwrap_or(-1)],
+            )?;
+            Ok(())
         })
         .await
     }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 mod backend;
+mod http;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 pub use self::backend::{norm_rows, server_url, Backend, BackendKind};
+pub use self::http::{http_server, HttpRequest, HttpResponse, HttpServer};
 pub use self::report::{assert_balanced, Report};
 
 /// The binary under test.
