@@ -68,12 +68,23 @@ fn is_tls_param(key: &str) -> bool {
 }
 
 /// A parsed `mysql://` URL: the driver's options plus the TLS mode.
-#[derive(Debug, Clone)]
+/// `Debug` shows the redacted URL: the driver's options hold the password.
+#[derive(Clone)]
 pub struct MysqlConfig {
     opts: Opts,
     mode: SslMode,
     ca: Option<PathBuf>,
     shown: String,
+}
+
+impl std::fmt::Debug for MysqlConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MysqlConfig")
+            .field("url", &self.shown)
+            .field("mode", &self.mode)
+            .field("ca", &self.ca)
+            .finish()
+    }
 }
 
 /// Servers (host, port) that answered a `PREFERRED` connection without
@@ -297,6 +308,7 @@ mod tests {
         assert_eq!(c.opts().tcp_port(), 3307);
         assert!(!c.opts().prefer_socket());
         assert!(c.opts().ssl_opts().is_none());
+        assert!(!format!("{c:?}").contains("pw"), "{c:?}");
     }
 
     #[test]
