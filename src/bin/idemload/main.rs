@@ -1,6 +1,8 @@
 //! The `idemload` binary: parses, runs the library, prints, picks the exit code.
 
 mod args;
+mod books;
+mod check;
 mod maintenance;
 mod output;
 mod progress;
@@ -13,11 +15,11 @@ use clap::Parser;
 use idemload::config::{DestinationConfig, LoadConfig, PipelineConfig};
 use idemload::key::parse_duration;
 use idemload::source::{FileFormat, FileSourceConfig, SourceConfig};
-use idemload::state::{parse_checkpoint_arg, LockHolder};
+use idemload::state::LockHolder;
 use idemload::{Error, Pipeline, RunOptions, RunStatus};
 use serde_json::json;
 
-use crate::args::{Cli, Command, LoadArgs, RunFlags};
+use crate::args::{Cli, Command, LoadArgs, LogFormat, RunFlags};
 
 /// Records are many small maps and strings, parsed on one thread and freed
 /// on another: mimalloc serves that pattern far better than the system
@@ -27,7 +29,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, cli.log_format);
     // One thread runs the run and its connections' I/O: records are parsed
     // on rayon's threads and SQLite works on blocking threads, so more
     // runtime threads would only pass each server message between threads
@@ -43,12 +45,26 @@ fn main() -> ExitCode {
         }
     };
     let json_errors = wants_json(&cli.command);
+    let run_pipeline = match &cli.command {
+        Command::Load(a) => Some(a.name.clone().unwrap_or_else(|| a.table.clone())),
+        Command::Run(a) => Some(
+            a.pipeline
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        ),
+        _ => None,
+    };
     match runtime.block_on(execute(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             let code = exit_code(&err);
             if json_errors {
-                output::json(&json!({"status": "failed", "error": format!("{err:#}")}));
+                match &run_pipeline {
+                    // `load` and `run` keep the shape of their report.
+                    Some(name) => output::json(&output::failed_run(name, &format!("{err:#}"))),
+                    None => output::json(&json!({"status": "failed", "error": format!("{err:#}")})),
+                }
             }
             eprintln!("idemload: error: {err:#}");
             if let Some(hint) = err.downcast_ref::<Error>().and_then(Error::hint) {
@@ -71,6 +87,7 @@ fn wants_json(command: &Command) -> bool {
     match command {
         Command::Load(a) => a.run.json,
         Command::Run(a) => a.run.json,
+        Command::State(a) => a.json,
         Command::History { json, .. }
         | Command::Rejects { json, .. }
         | Command::Verify { json, .. } => *json,
@@ -81,7 +98,9 @@ fn wants_json(command: &Command) -> bool {
     }
 }
 
-fn init_logging(verbose: u8) {
+/// Logs go to stderr, coloured only when it is a terminal (never into a
+/// pipe or a file); `--log-format json` writes one JSON object per event.
+fn init_logging(verbose: u8, format: LogFormat) {
     let default = match verbose {
         0 => "warn",
         1 => "info",
@@ -89,11 +108,16 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("IDEMLOAD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
 
 async fn execute(command: Command) -> anyhow::Result<u8> {
@@ -106,7 +130,7 @@ async fn execute(command: Command) -> anyhow::Result<u8> {
             let pipeline = Pipeline::new(PipelineConfig::from_file(&args.pipeline)?)?;
             run(&pipeline, args.full_refresh, &args.run).await
         }
-        Command::Check { pipeline } => check(&pipeline).await,
+        Command::Check { pipeline } => check::check(&pipeline).await,
         Command::Audit(args) => maintenance::audit(args).await,
         Command::Dedupe(args) => maintenance::dedupe(args).await,
         Command::Verify { pipeline, json } => maintenance::verify(&pipeline, json).await,
@@ -134,71 +158,36 @@ async fn execute(command: Command) -> anyhow::Result<u8> {
             idemload::trigger::watch(&config, &options, &mut on_poll).await?;
             Ok(0)
         }
-        Command::State(args) => {
-            let pipeline = Pipeline::new(PipelineConfig::from_file(&args.pipeline)?)?;
-            let mut dest = pipeline.destination().await?;
-            if args.reset || args.set.is_some() {
-                let value = args.set.as_deref().map(parse_checkpoint_arg);
-                let me = LockHolder::this_process(&format!("state-{}", std::process::id()));
-                let wait = args.wait.as_deref().map(parse_wait).transpose()?;
-                take_lock(dest.as_mut(), pipeline.name(), &me, wait).await?;
-                let result = dest.set_checkpoint(pipeline.name(), value).await;
-                dest.unlock().await?;
-                result?;
-            }
-            let checkpoint = dest.checkpoint(pipeline.name()).await?;
-            output::stdout_line(&match checkpoint {
-                None => "none".to_string(),
-                Some(serde_json::Value::String(s)) => s,
-                Some(v) => v.to_string(),
-            });
-            Ok(0)
-        }
-        Command::History {
-            pipeline,
-            limit,
-            json,
-        } => {
-            let pipeline = Pipeline::new(PipelineConfig::from_file(&pipeline)?)?;
-            let runs = pipeline
-                .destination()
-                .await?
-                .history(pipeline.name(), limit)
-                .await?;
-            if json {
-                output::json(&json!({"pipeline": pipeline.name(), "runs": runs}));
-            } else {
-                output::history_table(&runs);
-            }
-            Ok(0)
-        }
+        Command::State(args) => books::state(&args).await,
+        Command::History { books, limit, json } => books::history(&books, limit, json).await,
         Command::Rejects {
-            pipeline,
+            books,
             run_id,
             limit,
             json,
-        } => {
-            let pipeline = Pipeline::new(PipelineConfig::from_file(&pipeline)?)?;
-            let rejects = pipeline
-                .destination()
-                .await?
-                .rejects(pipeline.name(), run_id.as_deref(), limit)
-                .await?;
-            if json {
-                output::json(&json!({"pipeline": pipeline.name(), "rejects": rejects}));
-            } else {
-                output::rejects_list(&rejects);
-            }
+        } => books::rejects(&books, run_id.as_deref(), limit, json).await,
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut command, "idemload", &mut out);
+            output::stdout_bytes(&out);
+            Ok(0)
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(command).render(&mut out)?;
+            output::stdout_bytes(&out);
             Ok(0)
         }
     }
 }
 
-fn parse_wait(text: &str) -> anyhow::Result<Duration> {
+pub(crate) fn parse_wait(text: &str) -> anyhow::Result<Duration> {
     parse_duration(text).map_err(|e| Error::config(format!("--wait {text}: {e}")).into())
 }
 
-async fn take_lock(
+pub(crate) async fn take_lock(
     dest: &mut dyn idemload::Destination,
     pipeline: &str,
     me: &LockHolder,
@@ -267,7 +256,7 @@ async fn run(pipeline: &Pipeline, full_refresh: bool, flags: &RunFlags) -> anyho
     bar.finish();
     let report = result.with_context(|| format!("pipeline {:?}", pipeline.name()))?;
     if flags.json {
-        output::json(&report);
+        output::json(&output::run_json(&report));
     } else {
         eprintln!("idemload: {}", output::summary(&report));
     }
@@ -276,101 +265,4 @@ async fn run(pipeline: &Pipeline, full_refresh: bool, flags: &RunFlags) -> anyho
         RunStatus::Failed => 1,
         _ => 0,
     })
-}
-
-/// `check`: each step `ok`, `warn` or `fail`.
-async fn check(path: &std::path::Path) -> anyhow::Result<u8> {
-    let step = |status: &str, what: &str, detail: String| {
-        output::stdout_line(&format!("{status:<4} {what}: {detail}"));
-    };
-    let config = match PipelineConfig::from_file(path) {
-        Ok(c) => c,
-        Err(e) => {
-            step("fail", "config", e.to_string());
-            return Ok(2);
-        }
-    };
-    let pipeline = match Pipeline::new(config) {
-        Ok(p) => p,
-        Err(e) => {
-            step("fail", "config", e.to_string());
-            return Ok(2);
-        }
-    };
-    let s = &pipeline.settings;
-    step(
-        "ok",
-        "config",
-        format!(
-            "pipeline {:?}, mode {}, key {:?}, cursor {}",
-            pipeline.name(),
-            s.mode.as_str(),
-            s.key.columns(),
-            s.cursor.as_deref().unwrap_or("none")
-        ),
-    );
-    let mut failed = false;
-    match &pipeline.config.source {
-        SourceConfig::File(f) => match idemload::source::file::expand_paths(&f.path.to_vec()) {
-            Ok(files) => {
-                let bytes: u64 = files
-                    .iter()
-                    .filter_map(|p| std::fs::metadata(p).ok())
-                    .map(|m| m.len())
-                    .sum();
-                step(
-                    "ok",
-                    "source",
-                    format!("{} file(s), {} bytes", files.len(), bytes),
-                );
-            }
-            Err(e) => {
-                step("fail", "source", e.to_string());
-                failed = true;
-            }
-        },
-        SourceConfig::Http(h) => step(
-            "ok",
-            "source",
-            format!(
-                "http {}",
-                idemload::config::redact(h.url.split('?').next().unwrap_or_default())
-            ),
-        ),
-        SourceConfig::Sql(q) => step(
-            "ok",
-            "source",
-            format!("sql {}", idemload::config::redact(&q.url)),
-        ),
-    }
-    let url = idemload::config::redact(&pipeline.config.destination.url);
-    match pipeline.destination().await {
-        Ok(mut dest) => {
-            step(
-                "ok",
-                "destination",
-                format!(
-                    "connected to {url}, table {:?}",
-                    pipeline.config.destination.table
-                ),
-            );
-            let checkpoint = dest.checkpoint(pipeline.name()).await?;
-            let plan = match (&checkpoint, &s.cursor) {
-                (_, None) => "every run reads all records and merges them".to_string(),
-                (Some(c), Some(_)) => {
-                    format!("checkpoint {c}; the next run reads cursor >= checkpoint - lookback")
-                }
-                (None, Some(_)) => match &s.initial {
-                    Some(i) => format!("no checkpoint yet; the first run reads cursor >= {i}"),
-                    None => "no checkpoint yet; the first run reads everything".to_string(),
-                },
-            };
-            step("ok", "plan", plan);
-        }
-        Err(e) => {
-            step("fail", "destination", e.to_string());
-            failed = true;
-        }
-    }
-    Ok(if failed { 1 } else { 0 })
 }
