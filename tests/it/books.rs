@@ -8,8 +8,18 @@ idemtest!(load_users_reach_state_history_and_rejects_by_url, |env| {
         "in.jsonl",
         "{\"id\": 1, \"n\": 3}\n{\"id\": 2, \"n\": 7}\nnot json\n",
     );
-    env.load("items", &["in.jsonl"], &["--cursor", "n"]).code(4);
     let url = env.url();
+    let out = env.idemload(&[
+        "load", "in.jsonl", "--into", &url, "--table", "items", "--cursor", "n",
+    ]);
+    out.code(4);
+    // The summary names the command that finds these rejects.
+    assert!(
+        out.stderr.contains("(see `idemload rejects --url ")
+            && out.stderr.contains(" --table items`)"),
+        "{}",
+        out.stderr
+    );
     let by_url = ["--url", url.as_str(), "--table", "items"];
 
     let mut args = vec!["history"];

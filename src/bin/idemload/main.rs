@@ -124,11 +124,20 @@ async fn execute(command: Command) -> anyhow::Result<u8> {
     match command {
         Command::Load(args) => {
             let pipeline = Pipeline::new(load_config(&args)?)?;
-            run(&pipeline, true, &args.run).await
+            let mut rejects = format!(
+                "idemload rejects --url {} --table {}",
+                idemload::config::redact(&args.into),
+                args.table
+            );
+            if let Some(name) = &args.name {
+                rejects.push_str(&format!(" --name {name}"));
+            }
+            run(&pipeline, true, &args.run, &rejects).await
         }
         Command::Run(args) => {
             let pipeline = Pipeline::new(PipelineConfig::from_file(&args.pipeline)?)?;
-            run(&pipeline, args.full_refresh, &args.run).await
+            let rejects = format!("idemload rejects {}", args.pipeline.display());
+            run(&pipeline, args.full_refresh, &args.run, &rejects).await
         }
         Command::Check { pipeline } => check::check(&pipeline).await,
         Command::Audit(args) => maintenance::audit(args).await,
@@ -246,7 +255,13 @@ fn load_config(args: &LoadArgs) -> anyhow::Result<PipelineConfig> {
     })
 }
 
-async fn run(pipeline: &Pipeline, full_refresh: bool, flags: &RunFlags) -> anyhow::Result<u8> {
+/// Runs a pipeline; `rejects` is the command that lists its rejects.
+async fn run(
+    pipeline: &Pipeline,
+    full_refresh: bool,
+    flags: &RunFlags,
+    rejects: &str,
+) -> anyhow::Result<u8> {
     let options = RunOptions {
         full_refresh,
         wait: flags.wait.as_deref().map(parse_wait).transpose()?,
@@ -258,7 +273,7 @@ async fn run(pipeline: &Pipeline, full_refresh: bool, flags: &RunFlags) -> anyho
     if flags.json {
         output::json(&output::run_json(&report));
     } else {
-        eprintln!("idemload: {}", output::summary(&report));
+        eprintln!("idemload: {}", output::summary(&report, rejects));
     }
     Ok(match report.status {
         RunStatus::SucceededWithRejects => 4,

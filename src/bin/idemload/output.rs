@@ -124,8 +124,9 @@ fn cursor(v: &Option<Value>) -> String {
     }
 }
 
-/// The one-line summary of a run.
-pub fn summary(report: &RunReport) -> String {
+/// The one-line summary of a run; `rejects` is the command that lists its
+/// rejects (for `load`, with the --url and --table it was given).
+pub fn summary(report: &RunReport, rejects: &str) -> String {
     let s = &report.stats;
     let mut line = format!(
         "{}: read {}, inserted {}, updated {}, unchanged {}, deleted {}, skipped {}, duplicates {}, rejected {} in {:.1}s ({} rows/s)",
@@ -149,7 +150,7 @@ pub fn summary(report: &RunReport) -> String {
         ));
     }
     if report.status == RunStatus::SucceededWithRejects {
-        line.push_str(" (see `idemload rejects`)");
+        line.push_str(&format!(" (see `{rejects}`)"));
     }
     line
 }
