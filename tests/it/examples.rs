@@ -43,11 +43,13 @@ fn start(name: &str) -> Option<Server> {
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
+    let mut out = BufReader::new(child.stdout.take()?);
     let mut line = String::new();
-    BufReader::new(child.stdout.take()?)
-        .read_line(&mut line)
-        .ok()?;
+    out.read_line(&mut line).ok()?;
     let url = line.split("listening on ").nth(1)?.trim().to_string();
+    // Keep reading what it prints: a closed pipe would kill it (println!
+    // panics on EPIPE) before the first request.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
     Some(Server { child, url })
 }
 
