@@ -86,3 +86,21 @@ fn check_fails_an_http_destination_whose_api_is_down() {
         assert!(!out.stdout.contains("connected to ,"), "{}", out.stdout);
     });
 }
+
+#[test]
+fn check_creates_no_sqlite_file() {
+    with_backend("check_no_create", BackendKind::Sqlite, |env| {
+        env.write("in.jsonl", "{\"id\": 1}\n");
+        env.write(
+            "p.toml",
+            "name = \"p\"\n[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[destination]\nurl = \"sqlite://out/new.db\"\ntable = \"p\"\n",
+        );
+        let out = env.idemload(&["check", "p.toml"]);
+        out.code(0);
+        assert!(out.stdout.contains("does not exist yet"), "{}", out.stdout);
+        assert!(
+            !env.path("out/new.db").exists(),
+            "check created the database file"
+        );
+    });
+}

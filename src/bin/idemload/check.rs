@@ -213,6 +213,20 @@ async fn check_destination(pipeline: &Pipeline) -> bool {
             }
         }
     } else {
+        // check never creates anything: a SQLite file that is not there yet
+        // is the first run's to create.
+        if let Some(file) = missing_sqlite_file(&d.url) {
+            step(
+                "ok",
+                "destination",
+                format!(
+                    "{file} does not exist yet; the first run creates it with table {:?}",
+                    d.table
+                ),
+            );
+            step("ok", "plan", plan(None, &pipeline.settings));
+            return true;
+        }
         format!("connected to {}, table {:?}", redact(&d.url), d.table)
     };
     let mut dest = match pipeline.destination().await {
@@ -231,7 +245,13 @@ async fn check_destination(pipeline: &Pipeline) -> bool {
             return false;
         }
     };
-    let plan = match (&checkpoint, &s.cursor) {
+    step("ok", "plan", plan(checkpoint.as_ref(), s));
+    true
+}
+
+/// What the next run will read.
+fn plan(checkpoint: Option<&serde_json::Value>, s: &idemload::config::LoadSettings) -> String {
+    match (checkpoint, &s.cursor) {
         (_, None) => "every run reads all records and merges them".to_string(),
         (Some(c), Some(_)) => {
             format!("checkpoint {c}; the next run reads cursor >= checkpoint - lookback")
@@ -240,9 +260,17 @@ async fn check_destination(pipeline: &Pipeline) -> bool {
             Some(i) => format!("no checkpoint yet; the first run reads cursor >= {i}"),
             None => "no checkpoint yet; the first run reads everything".to_string(),
         },
-    };
-    step("ok", "plan", plan);
-    true
+    }
+}
+
+/// The path of a `sqlite://PATH` URL whose file does not exist.
+fn missing_sqlite_file(url: &str) -> Option<String> {
+    let path = url.strip_prefix("sqlite://")?;
+    let path = path.split('?').next().unwrap_or(path);
+    if path.is_empty() || path == ":memory:" || Path::new(path).exists() {
+        return None;
+    }
+    Some(path.to_string())
 }
 
 /// Any HTTP answer from the API's base URL means it is reachable.
