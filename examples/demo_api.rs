@@ -1,10 +1,10 @@
 //! A small JSON API to try the HTTP source against:
 //!
 //! ```text
-//! cargo run --example demo_api            # listens on 127.0.0.1:8080
-//! cargo run --example demo_api -- 9090    # another port (0: any free one)
-//! idemload run examples/usage_api.toml
-//! idemload run examples/contacts_api.toml
+//! cargo run --release --example demo_api            # listens on 127.0.0.1:8080
+//! cargo run --release --example demo_api -- 9090    # another port (0: any free one)
+//! cargo run --release -- run examples/usage_api.toml
+//! cargo run --release -- run examples/contacts_api.toml
 //! ```
 //!
 //! - `GET /v1/usage?cycles=N&page=P&per_page=S&updated_since=T`: daily data
@@ -16,7 +16,9 @@
 //! - `GET /v1/contacts?limit=L&after=TOKEN&updated_since=T`: contacts, newest
 //!   first, with an opaque next-page token in `paging.next`. Each new listing
 //!   (a request without `after`) first adds a contact and updates another, so
-//!   every run finds something new.
+//!   every run finds something new (unless `DEMO_API_STILL=1`, which keeps
+//!   the contacts as they are: the examples test runs each example twice
+//!   and expects the second run to change nothing).
 //!
 //! Plain `std` threads and a hand-written HTTP/1.1 answer: nothing to learn
 //! but the API itself.
@@ -180,7 +182,8 @@ fn usage(params: &BTreeMap<String, String>) -> Value {
 
 fn list_contacts(params: &BTreeMap<String, String>, contacts: &Mutex<Contacts>) -> Value {
     let mut state = contacts.lock().expect("contacts");
-    if !params.contains_key("after") {
+    let still = std::env::var_os("DEMO_API_STILL").is_some_and(|v| v == "1");
+    if !params.contains_key("after") && !still {
         // A new listing: the world moved on a little since the last one.
         state.clock += Duration::minutes(30);
         let now = rfc3339(state.clock);

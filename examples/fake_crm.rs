@@ -2,9 +2,9 @@
 //! search by email, create, update.
 //!
 //! ```text
-//! cargo run --example fake_crm                 # listens on 127.0.0.1:8090
-//! cargo run --example fake_crm -- 8090 50      # port, and 50 ms of latency per request
-//! idemload run examples/crm_writeback.toml     # pushes examples/data/contacts.csv
+//! cargo run --release --example fake_crm              # listens on 127.0.0.1:8090
+//! cargo run --release --example fake_crm -- 8090 50   # port, and 50 ms of latency per request
+//! cargo run --release -- run examples/crm_writeback.toml   # pushes examples/data/contacts.csv
 //! ```
 //!
 //! - `GET /contacts/search?email=E` -> `{"results": [{"id": 1001, ...}]}`

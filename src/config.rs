@@ -10,6 +10,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod parse;
+#[cfg(test)]
+mod reference;
+
+use self::parse::{Mistake, PathPart};
 use crate::error::{Error, Result};
 use crate::key::{parse_duration, Cursor, KeySpec, Lookback};
 pub use crate::mode::Mode;
@@ -58,6 +63,9 @@ pub struct DestinationConfig {
     #[serde(flatten)]
     pub http: std::collections::BTreeMap<String, toml::Value>,
 }
+
+/// The keys of a database `[destination]` (the rest belong to `type = "http"`).
+pub(crate) const DATABASE_DESTINATION_KEYS: [&str; 4] = ["url", "table", "schema", "type"];
 
 /// `[load]`: how records land.
 #[derive(Debug, Clone, Deserialize)]
@@ -140,45 +148,60 @@ pub struct LoadSettings {
 impl LoadConfig {
     /// Checks the settings against each other.
     pub fn settings(&self) -> Result<LoadSettings> {
-        let key = KeySpec::from_settings(self.key.clone(), self.hash_key.clone())?;
+        self.checked().map_err(|(key, e)| match key {
+            Some(key) => Error::config(format!("{key}: {e}")),
+            None => e,
+        })
+    }
+
+    /// [`settings`](LoadConfig::settings), naming the key at fault.
+    fn checked(&self) -> std::result::Result<LoadSettings, (Option<&'static str>, Error)> {
+        let at = |key: &'static str| move |e: Error| (Some(key), e);
+        let fail = |key: &'static str, message: &str| Err((Some(key), Error::config(message)));
+        let key = KeySpec::from_settings(self.key.clone(), self.hash_key.clone())
+            .map_err(|e| (None, e))?;
         if self.batch_size == 0 {
-            return Err(Error::config("batch_size must be at least 1"));
+            return fail("batch_size", "must be at least 1");
         }
         let lookback = match &self.lookback {
             None => Lookback::None,
-            Some(v) => Lookback::parse(v)?,
+            Some(v) => Lookback::parse(v).map_err(at("lookback"))?,
         };
         if lookback != Lookback::None && self.cursor.is_none() {
-            return Err(Error::config("`lookback` needs a `cursor`"));
+            return fail("lookback", "needs a `cursor`");
         }
         let initial = match &self.initial {
             None => None,
-            Some(_) if self.cursor.is_none() => {
-                return Err(Error::config("`initial` needs a `cursor`"))
-            }
+            Some(_) if self.cursor.is_none() => return fail("initial", "needs a `cursor`"),
             Some(toml::Value::Integer(i)) => Some(Cursor::Int(*i)),
             Some(toml::Value::String(s)) => Some(Cursor::from_text(s)),
             Some(toml::Value::Datetime(d)) => Some(Cursor::from_text(&d.to_string())),
             Some(other) => {
-                return Err(Error::config(format!(
-                    "initial = {other}: expected a timestamp string or an integer"
-                )))
+                return Err((
+                    Some("initial"),
+                    Error::config(format!(
+                        "{other}: expected a timestamp string or an integer"
+                    )),
+                ))
             }
         };
         if self.mode == Mode::Window && self.window_field.is_none() {
-            return Err(Error::config(
+            return fail(
+                "mode",
                 "mode = \"window\" needs `window_field`, the field whose loaded range is reloaded",
-            ));
+            );
         }
         if self.mode != Mode::Window && self.window_field.is_some() {
-            return Err(Error::config(
-                "`window_field` only applies to mode = \"window\"",
-            ));
+            return fail("window_field", "only applies to mode = \"window\"");
         }
-        let lock_lease = parse_duration(&self.lock_lease)
-            .map_err(|e| Error::config(format!("lock_lease = {:?}: {e}", self.lock_lease)))?;
+        let lock_lease = parse_duration(&self.lock_lease).map_err(|e| {
+            (
+                Some("lock_lease"),
+                Error::config(format!("{:?}: {e}", self.lock_lease)),
+            )
+        })?;
         if lock_lease < Duration::from_secs(1) {
-            return Err(Error::config("lock_lease must be at least 1s"));
+            return fail("lock_lease", "must be at least 1s");
         }
         Ok(LoadSettings {
             key,
@@ -198,104 +221,176 @@ impl LoadConfig {
 
 impl PipelineConfig {
     /// Reads a pipeline file, expanding `${VAR}` from the environment.
+    ///
+    /// An error names the file, line and column, the key path
+    /// (`[load].batch_size`) and, for an unknown key, the closest known one.
     pub fn from_file(path: &Path) -> Result<PipelineConfig> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
-        Self::from_toml(&text).map_err(|e| Error::config(format!("{}: {e}", path.display())))
+        Self::parse(&text, Some(&path.display().to_string()))
     }
 
-    /// Parses a pipeline from TOML text.
+    /// Parses a pipeline from TOML text (errors say `line L, column C`).
     pub fn from_toml(text: &str) -> Result<PipelineConfig> {
-        let mut value: toml::Value =
-            toml::from_str(text).map_err(|e| Error::config(e.message().to_string()))?;
-        expand_env(&mut value)?;
-        let config: PipelineConfig = value
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::config(e.message().to_string()))?;
-        config.validate()?;
+        Self::parse(text, None)
+    }
+
+    fn parse(text: &str, origin: Option<&str>) -> Result<PipelineConfig> {
+        let root = match parse::tree(text) {
+            Ok(root) => root,
+            Err(mistake) => {
+                return Err(mistake.into_error(text, origin, &Default::default()));
+            }
+        };
+        let located = |m: Mistake| m.into_error(text, origin, root.get_ref());
+        let config: PipelineConfig = parse::typed(&root).map_err(|m| {
+            located(match m.path.as_slice() {
+                // `[source]` is read whole to find its `type`: read it again
+                // as that type to reach the key inside it.
+                [PathPart::Key(k)] if k == "source" => source_mistake(&root, m),
+                _ => m,
+            })
+        })?;
+        config.validate().map_err(located)?;
         Ok(config)
     }
 
     /// Checks that `[destination]` names a URL and a table.
     pub fn require_destination(&self) -> Result<()> {
+        self.check_destination().map_err(|m| m.into_plain())
+    }
+
+    fn check_destination(&self) -> std::result::Result<(), Mistake> {
         if self.destination.kind.as_deref() == Some("http") {
             return crate::destination::http::HttpDestinationConfig::from_destination(
                 &self.destination,
             )
-            .map(|_| ());
+            .map(|_| ())
+            .map_err(|e| {
+                // Its messages name `[destination]` already.
+                let message = e.to_string();
+                let message = message.strip_prefix("[destination] ").unwrap_or(&message);
+                Mistake::new(&["destination"], message)
+            });
         }
         if let Some(kind) = &self.destination.kind {
-            return Err(Error::config(format!(
-                "[destination] type = {kind:?}: use \"http\" for an API, or leave type out and give a database url"
-            )));
-        }
-        if let Some(unknown) = self.destination.http.keys().next() {
-            return Err(Error::config(format!(
-                "[destination] unknown field `{unknown}` (expected url, table, schema, or type = \"http\" with its settings)"
-            )));
-        }
-        if self.destination.url.trim().is_empty() {
-            return Err(Error::config("[destination] url is missing"));
-        }
-        if self.destination.table.trim().is_empty() {
-            return Err(Error::config("[destination] table is missing"));
-        }
-        Ok(())
-    }
-
-    fn validate(&self) -> Result<()> {
-        if self.name.trim().is_empty() {
-            return Err(Error::config("`name` must not be empty"));
-        }
-        if self.trigger.is_none() {
-            self.require_destination()?;
-        }
-        if self.destination.table.starts_with("_idemload") {
-            return Err(Error::config(
-                "[destination] table: the _idemload prefix is reserved for bookkeeping",
+            return Err(Mistake::new(
+                &["destination", "type"],
+                format!(
+                    "{kind:?}: use \"http\" for an API, or leave type out and give a database url"
+                ),
             ));
         }
-        self.load.settings()?;
+        if let Some(unknown) = self.destination.http.keys().next() {
+            let known = DATABASE_DESTINATION_KEYS;
+            let hint = match known
+                .iter()
+                .map(|k| (strsim::jaro_winkler(unknown, k), k))
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+            {
+                Some((score, k)) if score >= 0.8 => format!("did you mean `{k}`?"),
+                _ => "expected url, table, schema, or type = \"http\" with its settings".into(),
+            };
+            return Err(Mistake::new(
+                &["destination", unknown],
+                format!("unknown key `{unknown}`; {hint}"),
+            ));
+        }
+        if self.destination.url.trim().is_empty() {
+            return Err(Mistake::new(
+                &["destination"],
+                "missing key `url` (where records land: sqlite://PATH, postgres://…, mysql://…)",
+            ));
+        }
+        if self.destination.table.trim().is_empty() {
+            return Err(Mistake::new(&["destination"], "missing key `table`"));
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> std::result::Result<(), Mistake> {
+        if self.name.trim().is_empty() {
+            return Err(Mistake::new(&["name"], "must not be empty"));
+        }
+        if self.trigger.is_none() {
+            self.check_destination()?;
+        }
+        if self.destination.table.starts_with("_idemload") {
+            return Err(Mistake::new(
+                &["destination", "table"],
+                "the _idemload prefix is reserved for bookkeeping",
+            ));
+        }
+        self.load.checked().map_err(|(key, e)| match key {
+            Some(key) => Mistake::new(&["load", key], e.to_string()),
+            None => Mistake::new(&["load"], e.to_string()),
+        })?;
         Ok(())
     }
 }
 
-/// Replaces `${VAR}` in every string of the tree.
-fn expand_env(value: &mut toml::Value) -> Result<()> {
-    match value {
-        toml::Value::String(s) if s.contains("${") => *s = expand_str(s)?,
-        toml::Value::Array(items) => {
-            for item in items {
-                expand_env(item)?;
-            }
+/// Locates a mistake serde found somewhere in `[source]`.
+fn source_mistake(root: &toml::Spanned<toml::de::DeTable<'_>>, mistake: Mistake) -> Mistake {
+    use crate::source::{FileSourceConfig, HttpSourceConfig, SqlSourceConfig};
+    if mistake.message.starts_with("unknown value") || mistake.message.contains("`type`") {
+        let mut m = mistake;
+        if m.message.starts_with("unknown value") {
+            m.path.push(PathPart::Key("type".into()));
+            m.span = None;
         }
-        toml::Value::Table(table) => {
-            for (_, item) in table.iter_mut() {
-                expand_env(item)?;
-            }
-        }
-        _ => {}
+        return m;
     }
-    Ok(())
+    let kind = root
+        .get_ref()
+        .iter()
+        .find(|(k, _)| k.get_ref() == "source")
+        .and_then(|(_, v)| match v.get_ref() {
+            toml::de::DeValue::Table(t) => t
+                .iter()
+                .find(|(k, _)| k.get_ref() == "type")
+                .and_then(|(_, v)| v.get_ref().as_str().map(str::to_string)),
+            _ => None,
+        });
+    let at = ["source"];
+    let skip = ["type"];
+    let refined = match kind.as_deref() {
+        Some("file") => parse::typed_at::<FileSourceConfig>(root, &at, &skip),
+        Some("http") => parse::typed_at::<HttpSourceConfig>(root, &at, &skip),
+        Some("sql") => parse::typed_at::<SqlSourceConfig>(root, &at, &skip),
+        _ => None,
+    };
+    refined.unwrap_or(mistake)
 }
 
-/// Expands `${VAR}` in one string; an unset variable is a configuration error
-/// that names the variable (never a value).
+/// Expands `${VAR}` and `${VAR:-default}` (the default when `VAR` is unset
+/// or empty) in one string; an unset variable without a default is a
+/// configuration error that names the variable (never a value).
 pub fn expand_str(s: &str) -> Result<String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| Error::config(format!("unclosed ${{ in {:?}", redact(s))))?;
-        let name = &after[..end];
-        let value = std::env::var(name).map_err(|_| {
+        let end = after.find('}').ok_or_else(|| {
             Error::config(format!(
-                "environment variable {name} is not set (used as ${{{name}}})"
+                "unclosed ${{ in {:?}: write ${{VAR}} or ${{VAR:-default}}",
+                redact(s)
             ))
         })?;
+        let (name, default) = match after[..end].split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (&after[..end], None),
+        };
+        let value = match (std::env::var(name), default) {
+            (Ok(v), Some(d)) if v.is_empty() => d.to_string(),
+            (Ok(v), _) => v,
+            (Err(_), Some(d)) => d.to_string(),
+            (Err(_), None) => {
+                return Err(Error::config(format!(
+                    "environment variable {name} is not set (used as ${{{name}}}); export it, or write ${{{name}:-default}}"
+                )))
+            }
+        };
         out.push_str(&value);
         rest = &after[end + 1..];
     }
@@ -357,6 +452,10 @@ mod tests {
             "name = \"x\"\n[source]\ntype = \"file\"\npath = \"a\"\n[destination]\nurl = \"sqlite://a\"\ntable = \"t\"\n[load]\nkeys = [\"id\"]\n",
         )
         .unwrap_err();
-        assert!(err.to_string().contains("unknown field `keys`"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("line 9, column 1: [load]: unknown key `keys`; did you mean `key`?"),
+            "{err}"
+        );
     }
 }

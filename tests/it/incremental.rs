@@ -113,9 +113,17 @@ idemtest!(state_set_and_reset_move_the_checkpoint, |env| {
     assert_eq!((r.skipped, r.unchanged), (1, 2), "{}", r.raw);
     assert_eq!(r.checkpoint_before(), Value::Null);
 
-    // An integer checkpoint is stored as a number.
-    env.idemload(&["state", &p, "--set", "42"]).code(0);
-    assert_eq!(env.backend.checkpoint("events"), Some(json!(42)));
+    // A value the cursor cannot hold is refused before it is written (issue
+    // 16): this cursor holds timestamps.
+    let before = env.backend.checkpoint("events");
+    let out = env.idemload(&["state", &p, "--set", "42"]);
+    out.code(2);
+    assert!(
+        out.stderr.contains("2025-01-01T00:00:00Z"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(env.backend.checkpoint("events"), before);
 });
 
 idemtest!(history_lists_runs_newest_first, |env| {

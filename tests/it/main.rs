@@ -8,10 +8,15 @@ mod common;
 
 mod audit;
 mod bad_input;
+mod books;
+mod check;
+mod cli;
 mod concurrency;
+mod config_file;
 mod crash;
 mod csv;
 mod duplicates;
+mod examples;
 mod failures;
 mod files;
 mod harness;

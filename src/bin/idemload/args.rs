@@ -15,15 +15,29 @@ use clap::{Args, Parser, Subcommand};
     arg_required_else_help = true
 )]
 #[command(
-    after_help = "Examples:\n  idemload load exports/*.jsonl --into sqlite://warehouse.db --table contacts\n  idemload run pipelines/usage.toml\n  idemload history pipelines/usage.toml\n\nExit codes: 0 success, 1 run failed, 2 usage or configuration error,\n3 pipeline locked by another run, 4 finished with rejected records."
+    after_help = "Reference of every command, flag, pipeline key and --json field: docs/reference.md\n\nExamples:\n  idemload load exports/*.jsonl --into sqlite://warehouse.db --table contacts\n  idemload run pipelines/usage.toml\n  idemload history pipelines/usage.toml\n\nExit codes: 0 success, 1 run failed, 2 usage or configuration error,\n3 pipeline locked by another run, 4 finished with rejected records."
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 
     /// Log more to stderr (-v: runs and batches, -vv: statements).
+    /// IDEMLOAD_LOG (a tracing filter such as `debug` or
+    /// `idemload=trace,warn`) overrides it.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+
+    /// Log lines as text for people, or one JSON object per event for log
+    /// collectors.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,12 +61,21 @@ pub enum Command {
     /// Takes the pipeline's lock, reads from its checkpoint (minus lookback),
     /// commits batch by batch and moves the checkpoint with the data.
     ///
+    /// A pipeline file has four tables: [source] (type = "file" | "http" |
+    /// "sql"), [destination] (url, table), [load] (key, hash_key, cursor,
+    /// mode, lookback, initial, batch_size, max_rejects, window_field,
+    /// delete_field, lock_lease, max_value_bytes) and [trigger] for `watch`.
+    /// Every key, with its type, default and an example, is in
+    /// docs/reference.md; `${VAR}` and `${VAR:-default}` read the environment.
+    ///
     /// Example:
     ///   idemload run examples/usage.toml --json
     #[command(verbatim_doc_comment)]
     Run(RunArgs),
 
     /// Validate a pipeline, connect to its destination and print the plan.
+    ///
+    /// Prints one `ok` or `fail` line per part; exits 2 when one fails.
     ///
     /// Example:
     ///   idemload check examples/usage.toml
@@ -66,6 +89,7 @@ pub enum Command {
     ///
     /// Example:
     ///   idemload state examples/usage.toml --set 2025-01-01T00:00:00Z
+    ///   idemload state --url sqlite://warehouse.db --table contacts --json
     #[command(verbatim_doc_comment)]
     State(StateArgs),
 
@@ -73,10 +97,11 @@ pub enum Command {
     ///
     /// Example:
     ///   idemload history examples/usage.toml --limit 5
+    ///   idemload history --url sqlite://warehouse.db --table contacts
     #[command(verbatim_doc_comment)]
     History {
-        /// The pipeline file.
-        pipeline: PathBuf,
+        #[command(flatten)]
+        books: BooksArgs,
         /// How many runs, newest first.
         #[arg(long, default_value_t = 20)]
         limit: usize,
@@ -168,10 +193,11 @@ pub enum Command {
     ///
     /// Example:
     ///   idemload rejects examples/usage.toml --json
+    ///   idemload rejects --url sqlite://warehouse.db --table contacts
     #[command(verbatim_doc_comment)]
     Rejects {
-        /// The pipeline file.
-        pipeline: PathBuf,
+        #[command(flatten)]
+        books: BooksArgs,
         /// The run whose rejects to show.
         #[arg(long = "run")]
         run_id: Option<String>,
@@ -182,6 +208,45 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+
+    /// Print a shell completion script on stdout.
+    ///
+    /// Example:
+    ///   idemload completions bash > /etc/bash_completion.d/idemload
+    #[command(verbatim_doc_comment)]
+    Completions {
+        /// bash, zsh, fish, powershell or elvish.
+        shell: clap_complete::Shell,
+    },
+
+    /// Print the man page (roff) on stdout.
+    ///
+    /// Example:
+    ///   idemload man > /usr/local/share/man/man1/idemload.1
+    #[command(verbatim_doc_comment)]
+    Man,
+}
+
+/// A pipeline's bookkeeping: by its file, or by what `idemload load` was given.
+#[derive(Debug, Args)]
+pub struct BooksArgs {
+    /// The pipeline file (or give --url and --table, as to `idemload load`).
+    #[arg(required_unless_present = "url")]
+    pub pipeline: Option<PathBuf>,
+    /// Destination URL, as given to `load --into`.
+    #[arg(
+        long,
+        value_name = "URL",
+        requires = "table",
+        conflicts_with = "pipeline"
+    )]
+    pub url: Option<String>,
+    /// The table given to `load --table`.
+    #[arg(long, requires = "url")]
+    pub table: Option<String>,
+    /// The pipeline name given to `load --name` (default: the table).
+    #[arg(long, requires = "url")]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -295,14 +360,18 @@ pub struct RunFlags {
 
 #[derive(Debug, Args)]
 pub struct StateArgs {
-    /// The pipeline file.
-    pub pipeline: PathBuf,
+    #[command(flatten)]
+    pub books: BooksArgs,
     /// Forget the checkpoint: the next run starts from `initial`.
     #[arg(long, conflicts_with = "set")]
     pub reset: bool,
-    /// Set the checkpoint (an integer or a timestamp).
+    /// Set the checkpoint: an integer for integer cursors, an RFC 3339
+    /// timestamp (2025-01-01T00:00:00Z) for timestamp cursors.
     #[arg(long, value_name = "VALUE")]
     pub set: Option<String>,
+    /// Print one JSON object ({"pipeline", "cursor", "checkpoint"}) on stdout.
+    #[arg(long)]
+    pub json: bool,
     /// Wait up to this long for a running run's lock.
     #[arg(long, value_name = "DURATION")]
     pub wait: Option<String>,

@@ -1,6 +1,8 @@
 //! The `idemload` binary: parses, runs the library, prints, picks the exit code.
 
 mod args;
+mod books;
+mod check;
 mod maintenance;
 mod output;
 mod progress;
@@ -13,11 +15,10 @@ use clap::Parser;
 use idemload::config::{DestinationConfig, LoadConfig, PipelineConfig};
 use idemload::key::parse_duration;
 use idemload::source::{FileFormat, FileSourceConfig, SourceConfig};
-use idemload::state::parse_checkpoint_arg;
 use idemload::{Error, Pipeline, RunOptions, RunStatus};
 use serde_json::json;
 
-use crate::args::{Cli, Command, LoadArgs, RunFlags};
+use crate::args::{Cli, Command, LoadArgs, LogFormat, RunFlags};
 
 /// Records are many small maps and strings, parsed on one thread and freed
 /// on another: mimalloc serves that pattern far better than the system
@@ -27,7 +28,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, cli.log_format);
     // One thread runs the run and its connections' I/O: records are parsed
     // on rayon's threads and SQLite works on blocking threads, so more
     // runtime threads would only pass each server message between threads
@@ -43,12 +44,26 @@ fn main() -> ExitCode {
         }
     };
     let json_errors = wants_json(&cli.command);
+    let run_pipeline = match &cli.command {
+        Command::Load(a) => Some(a.name.clone().unwrap_or_else(|| a.table.clone())),
+        Command::Run(a) => Some(
+            a.pipeline
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        ),
+        _ => None,
+    };
     match runtime.block_on(execute(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             let code = exit_code(&err);
             if json_errors {
-                output::json(&json!({"status": "failed", "error": format!("{err:#}")}));
+                match &run_pipeline {
+                    // `load` and `run` keep the shape of their report.
+                    Some(name) => output::json(&output::failed_run(name, &format!("{err:#}"))),
+                    None => output::json(&json!({"status": "failed", "error": format!("{err:#}")})),
+                }
             }
             eprintln!("idemload: error: {err:#}");
             if let Some(hint) = err.downcast_ref::<Error>().and_then(Error::hint) {
@@ -71,6 +86,7 @@ fn wants_json(command: &Command) -> bool {
     match command {
         Command::Load(a) => a.run.json,
         Command::Run(a) => a.run.json,
+        Command::State(a) => a.json,
         Command::History { json, .. }
         | Command::Rejects { json, .. }
         | Command::Verify { json, .. } => *json,
@@ -81,7 +97,9 @@ fn wants_json(command: &Command) -> bool {
     }
 }
 
-fn init_logging(verbose: u8) {
+/// Logs go to stderr, coloured only when it is a terminal (never into a
+/// pipe or a file); `--log-format json` writes one JSON object per event.
+fn init_logging(verbose: u8, format: LogFormat) {
     let default = match verbose {
         0 => "warn",
         1 => "info",
@@ -89,24 +107,38 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("IDEMLOAD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
 
 async fn execute(command: Command) -> anyhow::Result<u8> {
     match command {
         Command::Load(args) => {
             let pipeline = Pipeline::new(load_config(&args)?)?;
-            run(&pipeline, true, &args.run).await
+            let mut rejects = format!(
+                "idemload rejects --url {} --table {}",
+                idemload::config::redact(&args.into),
+                args.table
+            );
+            if let Some(name) = &args.name {
+                rejects.push_str(&format!(" --name {name}"));
+            }
+            run(&pipeline, true, &args.run, &rejects).await
         }
         Command::Run(args) => {
             let pipeline = Pipeline::new(PipelineConfig::from_file(&args.pipeline)?)?;
-            run(&pipeline, args.full_refresh, &args.run).await
+            let rejects = format!("idemload rejects {}", args.pipeline.display());
+            run(&pipeline, args.full_refresh, &args.run, &rejects).await
         }
-        Command::Check { pipeline } => check(&pipeline).await,
+        Command::Check { pipeline } => check::check(&pipeline).await,
         Command::Audit(args) => maintenance::audit(args).await,
         Command::Dedupe(args) => maintenance::dedupe(args).await,
         Command::Verify { pipeline, json } => maintenance::verify(&pipeline, json).await,
@@ -140,63 +172,32 @@ async fn execute(command: Command) -> anyhow::Result<u8> {
             idemload::trigger::watch(&config, &options, &mut on_poll).await?;
             Ok(0)
         }
-        Command::State(args) => {
-            let pipeline = Pipeline::new(PipelineConfig::from_file(&args.pipeline)?)?;
-            if args.reset || args.set.is_some() {
-                let value = args.set.as_deref().map(parse_checkpoint_arg);
-                let wait = args.wait.as_deref().map(parse_wait).transpose()?;
-                pipeline.set_checkpoint(value, wait).await?;
-            }
-            let mut dest = pipeline.destination().await?;
-            let checkpoint = dest.checkpoint(pipeline.name()).await?;
-            output::stdout_line(&match checkpoint {
-                None => "none".to_string(),
-                Some(serde_json::Value::String(s)) => s,
-                Some(v) => v.to_string(),
-            });
-            Ok(0)
-        }
-        Command::History {
-            pipeline,
-            limit,
-            json,
-        } => {
-            let pipeline = Pipeline::new(PipelineConfig::from_file(&pipeline)?)?;
-            let runs = pipeline
-                .destination()
-                .await?
-                .history(pipeline.name(), limit)
-                .await?;
-            if json {
-                output::json(&json!({"pipeline": pipeline.name(), "runs": runs}));
-            } else {
-                output::history_table(&runs);
-            }
-            Ok(0)
-        }
+        Command::State(args) => books::state(&args).await,
+        Command::History { books, limit, json } => books::history(&books, limit, json).await,
         Command::Rejects {
-            pipeline,
+            books,
             run_id,
             limit,
             json,
-        } => {
-            let pipeline = Pipeline::new(PipelineConfig::from_file(&pipeline)?)?;
-            let rejects = pipeline
-                .destination()
-                .await?
-                .rejects(pipeline.name(), run_id.as_deref(), limit)
-                .await?;
-            if json {
-                output::json(&json!({"pipeline": pipeline.name(), "rejects": rejects}));
-            } else {
-                output::rejects_list(&rejects);
-            }
+        } => books::rejects(&books, run_id.as_deref(), limit, json).await,
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut command, "idemload", &mut out);
+            output::stdout_bytes(&out);
+            Ok(0)
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(command).render(&mut out)?;
+            output::stdout_bytes(&out);
             Ok(0)
         }
     }
 }
 
-fn parse_wait(text: &str) -> anyhow::Result<Duration> {
+pub(crate) fn parse_wait(text: &str) -> anyhow::Result<Duration> {
     parse_duration(text).map_err(|e| Error::config(format!("--wait {text}: {e}")).into())
 }
 
@@ -236,7 +237,13 @@ fn load_config(args: &LoadArgs) -> anyhow::Result<PipelineConfig> {
     })
 }
 
-async fn run(pipeline: &Pipeline, full_refresh: bool, flags: &RunFlags) -> anyhow::Result<u8> {
+/// Runs a pipeline; `rejects` is the command that lists its rejects.
+async fn run(
+    pipeline: &Pipeline,
+    full_refresh: bool,
+    flags: &RunFlags,
+    rejects: &str,
+) -> anyhow::Result<u8> {
     let options = RunOptions {
         full_refresh,
         wait: flags.wait.as_deref().map(parse_wait).transpose()?,
@@ -258,14 +265,14 @@ async fn run(pipeline: &Pipeline, full_refresh: bool, flags: &RunFlags) -> anyho
     if flags.json {
         match &audit {
             Some(a) => {
-                let mut value = serde_json::to_value(&report)?;
+                let mut value = output::run_json(&report);
                 value["audit"] = serde_json::to_value(a)?;
                 output::json(&value);
             }
-            None => output::json(&report),
+            None => output::json(&output::run_json(&report)),
         }
     } else {
-        eprintln!("idemload: {}", output::summary(&report));
+        eprintln!("idemload: {}", output::summary(&report, rejects));
         if let Some(a) = &audit {
             maintenance::print_audit_report(a);
         }
@@ -275,118 +282,6 @@ async fn run(pipeline: &Pipeline, full_refresh: bool, flags: &RunFlags) -> anyho
         _ => code,
     })
 }
-
-/// `check`: each step `ok`, `warn` or `fail`.
-async fn check(path: &std::path::Path) -> anyhow::Result<u8> {
-    let step = |status: &str, what: &str, detail: String| {
-        output::stdout_line(&format!("{status:<4} {what}: {detail}"));
-    };
-    let config = match PipelineConfig::from_file(path) {
-        Ok(c) => c,
-        Err(e) => {
-            step("fail", "config", e.to_string());
-            return Ok(2);
-        }
-    };
-    let pipeline = match Pipeline::new(config) {
-        Ok(p) => p,
-        Err(e) => {
-            step("fail", "config", e.to_string());
-            return Ok(2);
-        }
-    };
-    let s = &pipeline.settings;
-    step(
-        "ok",
-        "config",
-        format!(
-            "pipeline {:?}, mode {}, key {:?}, cursor {}",
-            pipeline.name(),
-            s.mode.as_str(),
-            s.key.columns(),
-            s.cursor.as_deref().unwrap_or("none")
-        ),
-    );
-    let mut failed = false;
-    match &pipeline.config.source {
-        SourceConfig::File(f) => match idemload::source::file::expand_paths(&f.path.to_vec()) {
-            Ok(files) => {
-                let bytes: u64 = files
-                    .iter()
-                    .filter_map(|p| std::fs::metadata(p).ok())
-                    .map(|m| m.len())
-                    .sum();
-                step(
-                    "ok",
-                    "source",
-                    format!("{} file(s), {} bytes", files.len(), bytes),
-                );
-            }
-            Err(e) => {
-                step("fail", "source", e.to_string());
-                failed = true;
-            }
-        },
-        SourceConfig::Http(h) => step(
-            "ok",
-            "source",
-            format!(
-                "http {}",
-                idemload::config::redact(h.url.split('?').next().unwrap_or_default())
-            ),
-        ),
-        SourceConfig::Sql(q) => match idemload::connect::probe(&q.url).await {
-            Ok(tls) => step(
-                "ok",
-                "source",
-                format!("sql {}, {tls}", idemload::config::redact(&q.url)),
-            ),
-            Err(e) => {
-                step("fail", "source", e.to_string());
-                failed = true;
-            }
-        },
-    }
-    let url = idemload::config::redact(&pipeline.config.destination.url);
-    match pipeline.destination().await {
-        Ok(mut dest) => {
-            // Whether the connection is encrypted (database URLs only).
-            let tls = match idemload::connect::Backend::of_url(&pipeline.config.destination.url) {
-                Ok(_) => idemload::connect::probe(&pipeline.config.destination.url)
-                    .await
-                    .map(|e| format!(", {e}"))
-                    .unwrap_or_default(),
-                Err(_) => String::new(),
-            };
-            step(
-                "ok",
-                "destination",
-                format!(
-                    "connected to {url}{tls}, table {:?}",
-                    pipeline.config.destination.table
-                ),
-            );
-            let checkpoint = dest.checkpoint(pipeline.name()).await?;
-            let plan = match (&checkpoint, &s.cursor) {
-                (_, None) => "every run reads all records and merges them".to_string(),
-                (Some(c), Some(_)) => {
-                    format!("checkpoint {c}; the next run reads cursor >= checkpoint - lookback")
-                }
-                (None, Some(_)) => match &s.initial {
-                    Some(i) => format!("no checkpoint yet; the first run reads cursor >= {i}"),
-                    None => "no checkpoint yet; the first run reads everything".to_string(),
-                },
-            };
-            step("ok", "plan", plan);
-        }
-        Err(e) => {
-            step("fail", "destination", e.to_string());
-            failed = true;
-        }
-    }
-    Ok(if failed { 1 } else { 0 })
-}
-
 /// `watch --reset`, `--dead-letters` and `--redrive`.
 async fn watch_maintenance(
     config: &PipelineConfig,

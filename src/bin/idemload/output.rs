@@ -14,6 +14,103 @@ pub fn stdout_line(text: &str) {
     }
 }
 
+/// Raw bytes on stdout (a completion script, a man page).
+pub fn stdout_bytes(bytes: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    if out.write_all(bytes).and_then(|_| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+}
+
+/// Every field of the `load`/`run` report, so that the object has one shape
+/// whatever the run did (docs/reference.md lists them).
+const RUN_FIELDS: [&str; 22] = [
+    "pipeline",
+    "run_id",
+    "status",
+    "read",
+    "inserted",
+    "updated",
+    "unchanged",
+    "deleted",
+    "removed",
+    "skipped",
+    "duplicates",
+    "rejected",
+    "looked_up_api",
+    "looked_up_table",
+    "api_requests",
+    "checkpoint_before",
+    "checkpoint_after",
+    "started_at",
+    "finished_at",
+    "duration_ms",
+    "rows_per_second",
+    "error",
+];
+
+/// The counters among [`RUN_FIELDS`]: zero when absent, never missing.
+fn is_count(field: &str) -> bool {
+    !matches!(
+        field,
+        "pipeline"
+            | "run_id"
+            | "status"
+            | "checkpoint_before"
+            | "checkpoint_after"
+            | "started_at"
+            | "finished_at"
+            | "error"
+    )
+}
+
+/// Fills the fields a report left out (zeros, nulls), in the documented order.
+fn full_shape(mut given: serde_json::Map<String, Value>) -> Value {
+    let mut out = serde_json::Map::new();
+    for field in RUN_FIELDS {
+        let value = given.remove(field).unwrap_or(if is_count(field) {
+            Value::from(0)
+        } else {
+            Value::Null
+        });
+        out.insert(field.to_string(), value);
+    }
+    // Fields a newer library adds stay, after the documented ones.
+    out.extend(given);
+    Value::Object(out)
+}
+
+/// Records read per second of the run (0 for a run too short to time).
+fn rows_per_second(report: &RunReport) -> f64 {
+    if report.duration_ms == 0 {
+        return 0.0;
+    }
+    let rate = report.stats.read as f64 * 1000.0 / report.duration_ms as f64;
+    (rate * 10.0).round() / 10.0
+}
+
+/// The `--json` object of a finished run.
+pub fn run_json(report: &RunReport) -> Value {
+    let mut map = match serde_json::to_value(report) {
+        Ok(Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    map.insert(
+        "rows_per_second".into(),
+        Value::from(rows_per_second(report)),
+    );
+    full_shape(map)
+}
+
+/// The `--json` object of a run that stopped with an error.
+pub fn failed_run(pipeline: &str, error: &str) -> Value {
+    let mut map = serde_json::Map::new();
+    map.insert("pipeline".into(), Value::from(pipeline));
+    map.insert("status".into(), Value::from("failed"));
+    map.insert("error".into(), Value::from(error));
+    full_shape(map)
+}
+
 /// One JSON object on stdout.
 pub fn json(value: &impl serde::Serialize) {
     stdout_line(&serde_json::to_string(value).unwrap_or_default());
@@ -27,11 +124,12 @@ fn cursor(v: &Option<Value>) -> String {
     }
 }
 
-/// The one-line summary of a run.
-pub fn summary(report: &RunReport) -> String {
+/// The one-line summary of a run; `rejects` is the command that lists its
+/// rejects (for `load`, with the --url and --table it was given).
+pub fn summary(report: &RunReport, rejects: &str) -> String {
     let s = &report.stats;
     let mut line = format!(
-        "{}: read {}, inserted {}, updated {}, unchanged {}, deleted {}, skipped {}, duplicates {}, rejected {} in {:.1}s",
+        "{}: read {}, inserted {}, updated {}, unchanged {}, deleted {}, skipped {}, duplicates {}, rejected {} in {:.1}s ({} rows/s)",
         report.pipeline,
         s.read,
         s.inserted,
@@ -41,7 +139,8 @@ pub fn summary(report: &RunReport) -> String {
         s.skipped,
         s.duplicates,
         s.rejected,
-        report.duration_ms as f64 / 1000.0
+        report.duration_ms as f64 / 1000.0,
+        rows_per_second(report).round()
     );
     if report.checkpoint_before.is_some() || report.checkpoint_after.is_some() {
         line.push_str(&format!(
@@ -51,7 +150,7 @@ pub fn summary(report: &RunReport) -> String {
         ));
     }
     if report.status == RunStatus::SucceededWithRejects {
-        line.push_str(" (see `idemload rejects`)");
+        line.push_str(&format!(" (see `{rejects}`)"));
     }
     line
 }

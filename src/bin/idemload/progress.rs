@@ -42,11 +42,12 @@ impl Progress for Bar {
         let bar = guard.get_or_insert_with(|| {
             let bar = match source.bytes_total {
                 Some(total) => ProgressBar::new(total).with_style(
-                    ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {msg} ({eta})")
+                    ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {msg}, eta {eta}")
                         .unwrap_or_else(|_| ProgressStyle::default_bar()),
                 ),
+                // stdin: no total, so no ETA; the elapsed time instead.
                 None => ProgressBar::new_spinner().with_style(
-                    ProgressStyle::with_template("{spinner} {bytes} {msg}")
+                    ProgressStyle::with_template("{spinner} {elapsed} {bytes} {msg}")
                         .unwrap_or_else(|_| ProgressStyle::default_spinner()),
                 ),
             };
@@ -54,8 +55,14 @@ impl Progress for Bar {
             bar
         });
         bar.set_position(source.bytes_read);
+        let seconds = bar.elapsed().as_secs_f64();
+        let rate = if seconds > 0.0 {
+            (stats.read as f64 / seconds).round()
+        } else {
+            0.0
+        };
         bar.set_message(format!(
-            "read {} inserted {} updated {} unchanged {} rejected {}",
+            "read {} ({rate} rows/s) inserted {} updated {} unchanged {} rejected {}",
             stats.read, stats.inserted, stats.updated, stats.unchanged, stats.rejected
         ));
     }

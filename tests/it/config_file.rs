@@ -1,0 +1,129 @@
+//! Pipeline files: a mistake names its file, line, column and key path, and
+//! an unknown key the closest known one (issue 16).
+
+use crate::common::{with_backend, BackendKind, Env};
+
+const HEAD: &str = "name = \"contacts\"\n\n[source]\ntype = \"file\"\npath = \"in.jsonl\"\n\n[destination]\nurl = \"sqlite://w.db\"\ntable = \"contacts\"\n\n[load]\n";
+
+/// Writes `p.toml` (HEAD then `load`) and runs `check` on it.
+fn check_with(env: &Env, load: &str) -> crate::common::Output {
+    env.write("in.jsonl", "{\"id\": 1}\n");
+    env.write("p.toml", format!("{HEAD}{load}"));
+    env.idemload(&["run", "p.toml"])
+}
+
+#[track_caller]
+fn assert_mentions(out: &crate::common::Output, parts: &[&str]) {
+    out.code(2);
+    for part in parts {
+        assert!(
+            out.stderr.contains(part),
+            "expected {part:?} in stderr\n--- stderr ---\n{}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn a_wrong_type_names_file_line_column_and_key() {
+    with_backend("cfg_type", BackendKind::Sqlite, |env| {
+        let out = check_with(env, "key = [\"id\"]\nbatch_size = \"10000\"\n");
+        assert_mentions(
+            &out,
+            &["p.toml:13:14: [load].batch_size: invalid type: string \"10000\""],
+        );
+    });
+}
+
+#[test]
+fn an_unknown_key_suggests_the_closest_known_one() {
+    with_backend("cfg_typo", BackendKind::Sqlite, |env| {
+        let out = check_with(env, "key = [\"id\"]\ncurser = \"updated_at\"\n");
+        assert_mentions(
+            &out,
+            &["p.toml:13:1: [load]: unknown key `curser`; did you mean `cursor`?"],
+        );
+    });
+}
+
+#[test]
+fn an_unknown_key_inside_source_is_located() {
+    with_backend("cfg_source", BackendKind::Sqlite, |env| {
+        env.write(
+            "p.toml",
+            "name = \"x\"\n[source]\ntype = \"file\"\npaht = \"in.jsonl\"\n[destination]\nurl = \"sqlite://w.db\"\ntable = \"x\"\n",
+        );
+        let out = env.idemload(&["run", "p.toml"]);
+        assert_mentions(
+            &out,
+            &["p.toml:4:1: [source]: unknown key `paht`; did you mean `path`?"],
+        );
+        env.write(
+            "q.toml",
+            "name = \"x\"\n[source]\ntype = \"flie\"\npath = \"in.jsonl\"\n[destination]\nurl = \"sqlite://w.db\"\ntable = \"x\"\n",
+        );
+        let out = env.idemload(&["run", "q.toml"]);
+        assert_mentions(
+            &out,
+            &["q.toml:3:8: [source].type: unknown value \"flie\"; did you mean `file`?"],
+        );
+    });
+}
+
+#[test]
+fn a_toml_syntax_error_names_its_line() {
+    with_backend("cfg_syntax", BackendKind::Sqlite, |env| {
+        env.write("p.toml", "name = \"x\"\n[source\ntype = \"file\"\n");
+        let out = env.idemload(&["check", "p.toml"]);
+        assert!(
+            out.code == 2,
+            "exit code {}\n{}{}",
+            out.code,
+            out.stdout,
+            out.stderr
+        );
+        assert!(out.stdout.contains("p.toml:2:"), "{}", out.stdout);
+        assert!(out.stdout.contains("invalid TOML"), "{}", out.stdout);
+    });
+}
+
+#[test]
+fn an_unset_variable_names_itself_and_the_key_using_it() {
+    with_backend("cfg_env", BackendKind::Sqlite, |env| {
+        env.write("in.jsonl", "{\"id\": 1}\n");
+        env.write(
+            "p.toml",
+            "name = \"x\"\n[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[destination]\nurl = \"sqlite://${IDEMLOAD_TEST_SURELY_UNSET_DB}\"\ntable = \"x\"\n",
+        );
+        let out = env.idemload(&["run", "p.toml"]);
+        assert_mentions(
+            &out,
+            &["p.toml:6:7: [destination].url: environment variable IDEMLOAD_TEST_SURELY_UNSET_DB is not set"],
+        );
+    });
+}
+
+#[test]
+fn a_variable_default_applies_when_unset() {
+    with_backend("cfg_default", BackendKind::Sqlite, |env| {
+        env.write("in.jsonl", "{\"id\": 1}\n");
+        env.write(
+            "p.toml",
+            format!("name = \"x\"\n[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[destination]\nurl = \"{}\"\ntable = \"${{IDEMLOAD_TEST_SURELY_UNSET_T:-from_default}}\"\n", env.url()),
+        );
+        let out = env.run("p.toml", &[]);
+        out.code(0);
+        assert_eq!(env.rows("from_default").len(), 1);
+    });
+}
+
+#[test]
+fn a_setting_that_contradicts_another_names_its_key() {
+    with_backend("cfg_settings", BackendKind::Sqlite, |env| {
+        let out = check_with(env, "key = [\"id\"]\nbatch_size = 0\n");
+        assert_mentions(
+            &out,
+            &["p.toml:13:14: [load].batch_size: must be at least 1"],
+        );
+    });
+}
