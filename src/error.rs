@@ -331,6 +331,9 @@ impl Cause for tokio_postgres::Error {
             if let Some(detail) = db.detail() {
                 text.push_str(&format!(" ({detail})"));
             }
+            if let Some(tokio_postgres::error::ErrorPosition::Original(at)) = db.position() {
+                text.push_str(&format!(" at character {at} of the statement"));
+            }
             if let Some(hint) = db.hint() {
                 text.push_str(&format!("; hint: {hint}"));
             }

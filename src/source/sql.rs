@@ -370,17 +370,43 @@ fn read_sqlite(path: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) ->
     Ok(())
 }
 
+/// The `schema` parameter of a PostgreSQL URL, percent-decoded.
+fn schema_param(url: &str) -> Option<String> {
+    let (_, query) = url.split_once('?')?;
+    query.split('&').find_map(|pair| {
+        let value = pair.strip_prefix("schema=")?;
+        Some(
+            percent_encoding::percent_decode_str(value)
+                .decode_utf8_lossy()
+                .into_owned(),
+        )
+    })
+}
+
 async fn read_postgres(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) -> Result<()> {
     let mut check = AscendingCheck::new(plan.cursor.clone());
     use tokio_postgres::types::{ToSql, Type};
     let (mut client, _) = crate::connect::postgres::connect(url)
         .await
         .map_err(|e| plan.connect_error(e))?;
-    let pg = |e: tokio_postgres::Error| plan.error(e);
+    // The server's message, detail, position and SQLSTATE, not the
+    // driver's bare "db error".
+    let pg = |e: tokio_postgres::Error| plan.error(crate::error::Cause::message(&e));
     client
         .batch_execute("SET TIME ZONE 'UTC'")
         .await
         .map_err(pg)?;
+    // `?schema=NAME`, as on a destination URL: unqualified tables are
+    // looked up there.
+    if let Some(schema) = schema_param(url) {
+        client
+            .batch_execute(&format!(
+                "SET search_path TO {}",
+                crate::destination::sql::quote(&schema)
+            ))
+            .await
+            .map_err(pg)?;
+    }
     // The columns' types: the cursor's, for its cast, and which are
     // timestamps without a zone, to mark them UTC.
     let probe = client

@@ -282,6 +282,46 @@ fn postgres_table_loads_incrementally_with_the_cursor_pushed_down() {
     assert_eq!(rows(&d.db(), "SELECT count(*) FROM t"), ["104"]);
 }
 
+#[test]
+fn postgres_source_takes_a_schema_and_shows_the_servers_message() {
+    let Some(url) = service("IDEMLOAD_TEST_POSTGRES") else {
+        return;
+    };
+    let schema = PgSchema {
+        name: unique("idemload_src"),
+        url: url.clone(),
+    };
+    let s = &schema.name;
+    pg(
+        &url,
+        &format!(
+            "CREATE SCHEMA {s}; CREATE TABLE {s}.items (id bigint PRIMARY KEY, name text);
+             INSERT INTO {s}.items VALUES (1, 'a'), (2, 'b');"
+        ),
+    );
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let in_schema = format!("{url}{sep}schema={s}");
+    let d = dir();
+    let p = d.pipeline(&format!("url = \"{in_schema}\"\ntable = \"items\""), "");
+    let first = run_ok(&p);
+    assert_eq!(first["inserted"], 2, "{first}");
+
+    // A missing table: the server's own message and SQLSTATE, not "db error".
+    let p = d.pipeline(&format!("url = \"{in_schema}\"\ntable = \"no_such_items\""), "");
+    let out = Command::new(env!("CARGO_BIN_EXE_idemload"))
+        .arg("run")
+        .arg(&p)
+        .arg("-v")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("relation \"no_such_items\" does not exist") && stderr.contains("42P01"),
+        "the server's message and code are missing:\n{stderr}"
+    );
+}
+
 // ---- MariaDB / MySQL -------------------------------------------------------------
 
 fn my(url: &str, sql: &str) {
