@@ -7,10 +7,14 @@
 //! How the HTTP and SQL sources page, retry and push filters down:
 //! `docs/sources.md`.
 
+mod aws_profile;
+pub mod compression;
 mod csv;
 pub mod file;
 pub mod http;
+pub mod object;
 pub mod pagination;
+mod parquet;
 pub mod retry;
 pub mod sql;
 
@@ -28,7 +32,8 @@ use crate::record::{Fields, Item, SourceRef};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SourceConfig {
-    /// JSONL/NDJSON, CSV and JSON array files, globs, `-` for stdin.
+    /// JSONL/NDJSON, CSV, JSON array and Parquet files (`.gz`, `.zst`),
+    /// local or in object storage, globs, `-` for stdin.
     File(FileSourceConfig),
     /// A paginated JSON API.
     Http(Box<HttpSourceConfig>),

@@ -19,6 +19,7 @@ mod incremental;
 mod keys;
 mod load_twice;
 mod modes;
+mod objects;
 mod overlap;
 mod pg_restart;
 mod property;
