@@ -245,11 +245,14 @@ fn output(mut cmd: Command) -> Output {
     out
 }
 
-/// Runs `body` on SQLite with a bucket of its own.
-fn s3_test(test: &'static str, kind: BackendKind, body: fn(&Env, &S3)) {
+/// A test body that uses a bucket.
+type S3Body = fn(&Env, &S3);
+
+/// Runs `body` on one backend with a bucket of its own.
+fn s3_test(test: &'static str, kind: BackendKind, body: S3Body) {
     let Some(s3) = s3(test) else { return };
     std::thread_local! {
-        static S3_OF_TEST: std::cell::RefCell<Option<(S3, fn(&Env, &S3))>> = const { std::cell::RefCell::new(None) };
+        static S3_OF_TEST: std::cell::RefCell<Option<(S3, S3Body)>> = const { std::cell::RefCell::new(None) };
     }
     S3_OF_TEST.with_borrow_mut(|slot| *slot = Some((s3, body)));
     with_backend(test, kind, |env| {
