@@ -1,5 +1,7 @@
-//! The file source: JSONL/NDJSON, CSV and JSON array files, several files or
-//! globs in one run, `-` for stdin.
+//! The file source: JSONL/NDJSON, CSV, JSON array and Parquet files, each
+//! optionally `.gz` or `.zst` (not Parquet), several files or globs in one
+//! run, local or in object storage (`s3://`, `gs://`, `az://`), `-` for
+//! stdin.
 //!
 //! Parsing runs on its own thread and feeds batches through a bounded
 //! channel: memory stays flat whatever the file size, and a slow destination
@@ -21,6 +23,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use super::compression::Compression;
+use super::object::{is_object_url, Bucket, Listing, ObjectChunks, ObjectInfo, ObjectUrl};
 use super::{Source, SourceProgress, SourceQuery};
 use crate::error::{Error, Result};
 use crate::fields::ShapedFields;
@@ -41,6 +45,12 @@ pub struct FileSourceConfig {
     /// Overrides the format guessed from the extension (needed for stdin).
     #[serde(default)]
     pub format: Option<FileFormat>,
+    /// The endpoint of an S3-compatible store (MinIO, a local test server)
+    /// or an Azure emulator for `s3://` / `az://` paths, e.g.
+    /// `http://127.0.0.1:9000`; default `AWS_ENDPOINT_URL`. An `http://`
+    /// endpoint is used without TLS.
+    #[serde(default)]
+    pub endpoint: Option<String>,
 }
 
 /// One path or a list.
@@ -60,33 +70,73 @@ impl OneOrMany {
     }
 }
 
-/// File formats, by extension: `.jsonl`/`.ndjson`, `.csv`, `.json`.
+/// File formats, by extension: `.jsonl`/`.ndjson`, `.csv`, `.json`,
+/// `.parquet`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FileFormat {
     Jsonl,
     Csv,
     Json,
+    Parquet,
 }
 
 impl FileFormat {
-    fn of(path: &Path) -> Option<FileFormat> {
-        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+    fn of(name: &str) -> Option<FileFormat> {
+        let (_, extension) = name.rsplit_once('.')?;
+        match extension.to_ascii_lowercase().as_str() {
             "jsonl" | "ndjson" => Some(FileFormat::Jsonl),
             "csv" => Some(FileFormat::Csv),
             "json" => Some(FileFormat::Json),
+            "parquet" => Some(FileFormat::Parquet),
             _ => None,
         }
     }
+
+    /// The format and compression of a file or object by its name
+    /// (`a.jsonl.gz`), `format` overriding the format part.
+    pub fn detect(name: &str, format: Option<FileFormat>) -> Result<(FileFormat, Compression)> {
+        let (inner, compression) = Compression::split(name);
+        let format = match format {
+            Some(f) => f,
+            None => FileFormat::of(inner).ok_or_else(|| {
+                Error::config(format!(
+                    "{name}: cannot tell the format from the extension: use .jsonl, .ndjson, .csv, .json or .parquet (each but .parquet optionally .gz or .zst), or set `format`"
+                ))
+            })?,
+        };
+        if format == FileFormat::Parquet && compression != Compression::None {
+            return Err(Error::config(format!(
+                "{name}: a Parquet file is compressed inside (its column chunks), not as a whole {} file: load it uncompressed",
+                compression.extension()
+            )));
+        }
+        Ok((format, compression))
+    }
+}
+
+/// One thing to read: stdin, a local file, or the objects of an URL.
+enum Input {
+    Stdin(FileFormat),
+    Local {
+        path: PathBuf,
+        format: FileFormat,
+        compression: Compression,
+    },
+    Objects {
+        listing: Listing,
+        format: Option<FileFormat>,
+    },
 }
 
 /// Expands paths and globs into files in a stable order; a pattern that
-/// matches nothing is a configuration error.
+/// matches nothing is a configuration error. Object URLs (`s3://…`) are
+/// kept as they are: their objects are listed as they are read.
 pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for pattern in patterns {
-        if pattern == "-" {
-            files.push(PathBuf::from("-"));
+        if pattern == "-" || is_object_url(pattern) {
+            files.push(PathBuf::from(pattern));
             continue;
         }
         if !pattern.contains(['*', '?', '[']) {
@@ -138,28 +188,56 @@ pub struct FileSource {
 }
 
 impl FileSource {
-    /// Checks the files and starts the reader thread.
+    /// Checks the files (and the object URLs' clients) and starts the
+    /// reader thread. Object URLs need a tokio runtime: the reader thread
+    /// waits on its requests.
     pub fn open(config: &FileSourceConfig, query: &SourceQuery) -> Result<FileSource> {
         let files = expand_paths(&config.path.to_vec())?;
         let mut inputs = Vec::with_capacity(files.len());
         let mut total = Some(0u64);
+        let mut rt = None;
         for path in files {
-            let format = match config.format {
-                Some(f) => f,
-                None if path.as_os_str() == "-" => FileFormat::Jsonl,
-                None => FileFormat::of(&path).ok_or_else(|| {
-                    Error::config(format!(
-                        "{}: cannot tell the format from the extension: use .jsonl, .ndjson, .csv or .json, or set `format`",
-                        path.display()
-                    ))
-                })?,
-            };
+            let text = path.to_string_lossy().into_owned();
             if path.as_os_str() == "-" {
+                if config.format == Some(FileFormat::Parquet) {
+                    return Err(Error::config(
+                        "-: Parquet cannot be read from stdin (its footer comes last): name the file",
+                    ));
+                }
                 total = None;
-            } else if let (Some(t), Ok(meta)) = (total, std::fs::metadata(&path)) {
-                total = Some(t + meta.len());
+                inputs.push(Input::Stdin(config.format.unwrap_or(FileFormat::Jsonl)));
+            } else if is_object_url(&text) {
+                let url = ObjectUrl::parse(&text)?;
+                let extension = url.key().rsplit_once('.').map(|(_, e)| e);
+                if extension.is_some_and(|e| !e.contains(['*', '?', '[', '/'])) {
+                    // Each object's name says its format; a glob's own
+                    // extension tells now whether any could be read.
+                    FileFormat::detect(url.key(), config.format)?;
+                }
+                let bucket = Bucket::connect(&url, config.endpoint.as_deref())?;
+                if rt.is_none() {
+                    rt = Some(tokio::runtime::Handle::try_current().map_err(|_| {
+                        Error::config(format!(
+                            "{text}: object storage is read from within a tokio runtime"
+                        ))
+                    })?);
+                }
+                total = None;
+                inputs.push(Input::Objects {
+                    listing: bucket.list()?,
+                    format: config.format,
+                });
+            } else {
+                let (format, compression) = FileFormat::detect(&text, config.format)?;
+                if let (Some(t), Ok(meta)) = (total, std::fs::metadata(&path)) {
+                    total = Some(t + meta.len());
+                }
+                inputs.push(Input::Local {
+                    path,
+                    format,
+                    compression,
+                });
             }
-            inputs.push((path, format));
         }
         // The reader hands over small chunks, two waiting at most: memory
         // holds the batch being written, the one being read and a few
@@ -177,6 +255,8 @@ impl FileSource {
             window: query.cursor.clone().zip(query.low.clone()),
             prefilter: true,
             blocks: 0,
+            rt,
+            object: None,
         };
         std::thread::Builder::new()
             .name("idemload-file-source".into())
@@ -244,36 +324,45 @@ pub(super) struct Reader {
     /// too (blocks of records kept are then parsed once, not twice).
     prefilter: bool,
     blocks: u64,
+    /// The runtime that object requests run on, when objects are read.
+    rt: Option<tokio::runtime::Handle>,
+    /// The object being read: its URL, size, ETag and last-modified time.
+    pub(super) object: Option<ObjectInfo>,
 }
 
 /// The receiver went away (the run stopped): stop reading.
 pub(super) struct Stopped;
 
 impl Reader {
-    fn read_all(&mut self, inputs: Vec<(PathBuf, FileFormat)>) {
-        for (path, format) in inputs {
-            let name: Arc<str> = path.display().to_string().into();
-            let result = if path.as_os_str() == "-" {
-                self.read_one(name, format, Box::new(io::stdin().lock()), None)
-            } else {
-                match File::open(&path) {
-                    Ok(file) => {
-                        let len = file.metadata().map(|m| m.len()).ok();
-                        self.read_one(name, format, Box::new(file), len)
-                    }
-                    Err(source) => {
-                        let _ = self.tx.blocking_send(Err(Error::Io { path, source }));
-                        return;
-                    }
-                }
+    /// Records sent at a time.
+    pub(super) fn chunk_size(&self) -> usize {
+        self.chunk_size
+    }
+
+    fn read_all(&mut self, inputs: Vec<Input>) {
+        for input in inputs {
+            let result = match input {
+                Input::Stdin(format) => self
+                    .read_one(
+                        "-".into(),
+                        format,
+                        Compression::None,
+                        Box::new(io::stdin().lock()),
+                        None,
+                    )
+                    .map_err(|e| failed("-", e)),
+                Input::Local {
+                    path,
+                    format,
+                    compression,
+                } => self.read_local(&path, format, compression),
+                Input::Objects { listing, format } => self.read_objects(listing, format),
             };
-            match result {
-                Ok(()) => {}
-                Err(ReadError::Stopped) => return,
-                Err(ReadError::Io(source)) => {
-                    let _ = self.tx.blocking_send(Err(Error::Io { path, source }));
-                    return;
+            if let Err(e) = result {
+                if let Some(e) = e {
+                    let _ = self.tx.blocking_send(Err(e));
                 }
+                return;
             }
         }
         if !self.batch.is_empty() {
@@ -282,10 +371,75 @@ impl Reader {
         }
     }
 
+    /// Reads a local file; `Err(None)` when the run stopped.
+    fn read_local(
+        &mut self,
+        path: &Path,
+        format: FileFormat,
+        compression: Compression,
+    ) -> std::result::Result<(), Option<Error>> {
+        let name: Arc<str> = path.display().to_string().into();
+        let io_error = |source| {
+            Some(Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let file = File::open(path).map_err(io_error)?;
+        let result = if format == FileFormat::Parquet {
+            super::parquet::read_parquet(self, name, || file.try_clone())
+        } else {
+            let len = file.metadata().map(|m| m.len()).ok();
+            self.read_one(name, format, compression, Box::new(file), len)
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(ReadError::Stopped) => Err(None),
+            Err(ReadError::Io(source)) => Err(io_error(source)),
+        }
+    }
+
+    /// Reads the objects of an URL as the listing yields them; `Err(None)`
+    /// when the run stopped.
+    fn read_objects(
+        &mut self,
+        mut listing: Listing,
+        format: Option<FileFormat>,
+    ) -> std::result::Result<(), Option<Error>> {
+        let Some(rt) = self.rt.clone() else {
+            return Err(Some(Error::config("object storage needs a tokio runtime")));
+        };
+        while let Some(meta) = listing.next(&rt).map_err(Some)? {
+            let bucket = listing.bucket();
+            let url = bucket.object_url(&meta);
+            let (format, compression) = FileFormat::detect(&url, format).map_err(Some)?;
+            let name: Arc<str> = url.as_str().into();
+            self.object = Some(bucket.info(&meta));
+            let result = if format == FileFormat::Parquet {
+                let chunks = ObjectChunks::new(bucket.clone(), meta.clone(), rt.clone());
+                super::parquet::read_parquet(self, name, || Ok(chunks.clone()))
+            } else {
+                match bucket.open(&meta, &rt) {
+                    Ok(read) => {
+                        self.object = Some(read.info().clone());
+                        self.read_one(name, format, compression, Box::new(read), Some(meta.size))
+                    }
+                    Err(e) => Err(ReadError::Io(e)),
+                }
+            };
+            result.map_err(|e| failed(&url, e))?;
+            if let Some(object) = &self.object {
+                tracing::debug!(object = %object.url, size = object.size, e_tag = ?object.e_tag, version = ?object.version, last_modified = %object.last_modified, "Object read.");
+            }
+        }
+        Ok(())
+    }
+
     fn read_one(
         &mut self,
         name: Arc<str>,
         format: FileFormat,
+        compression: Compression,
         input: Box<dyn Read + '_>,
         len: Option<u64>,
     ) -> std::result::Result<(), ReadError> {
@@ -304,11 +458,15 @@ impl Reader {
             inner: input,
             bytes: self.bytes_read.clone(),
         };
-        let reader = BufReader::with_capacity(1 << 18, counted);
+        let decoded = compression.decoder(Box::new(counted))?;
+        let reader = BufReader::with_capacity(1 << 18, decoded);
         match format {
             FileFormat::Jsonl => self.read_jsonl(name, reader),
             FileFormat::Json => self.read_json_array(name, reader),
             FileFormat::Csv => super::csv::read_csv(self, name, reader),
+            FileFormat::Parquet => Err(ReadError::Io(io::Error::other(
+                "Parquet is read from a file or an object, not a stream",
+            ))),
         }
     }
 
@@ -484,6 +642,18 @@ impl Reader {
                 Ok(())
             }
         }
+    }
+}
+
+/// The error a read ended with, naming the file or object; `None` when
+/// the run stopped.
+fn failed(name: &str, e: ReadError) -> Option<Error> {
+    match e {
+        ReadError::Stopped => None,
+        ReadError::Io(source) => Some(Error::Io {
+            path: PathBuf::from(name),
+            source,
+        }),
     }
 }
 
@@ -770,6 +940,7 @@ mod tests {
         let config = FileSourceConfig {
             path: OneOrMany::One(path.display().to_string()),
             format: None,
+            endpoint: None,
         };
         let query = SourceQuery {
             batch_size: 10,

@@ -7,11 +7,15 @@
 //! How the HTTP and SQL sources page, retry and push filters down:
 //! `docs/sources.md`.
 
+mod aws_profile;
+pub mod compression;
 mod csv;
 pub mod file;
 pub mod http;
+pub mod object;
 pub mod origin;
 pub mod pagination;
+mod parquet;
 pub mod retry;
 pub mod shape;
 pub mod sql;
@@ -30,7 +34,8 @@ use crate::record::{Fields, Item, SourceRef};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SourceConfig {
-    /// JSONL/NDJSON, CSV and JSON array files, globs, `-` for stdin.
+    /// JSONL/NDJSON, CSV, JSON array and Parquet files (`.gz`, `.zst`),
+    /// local or in object storage, globs, `-` for stdin.
     File(FileSourceConfig),
     /// A paginated JSON API.
     Http(Box<HttpSourceConfig>),

@@ -26,6 +26,7 @@ mod keys;
 mod load_twice;
 mod modes;
 mod monitors;
+mod objects;
 mod origins;
 mod overlap;
 mod pg_restart;

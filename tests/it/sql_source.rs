@@ -307,7 +307,10 @@ fn postgres_source_takes_a_schema_and_shows_the_servers_message() {
     assert_eq!(first["inserted"], 2, "{first}");
 
     // A missing table: the server's own message and SQLSTATE, not "db error".
-    let p = d.pipeline(&format!("url = \"{in_schema}\"\ntable = \"no_such_items\""), "");
+    let p = d.pipeline(
+        &format!("url = \"{in_schema}\"\ntable = \"no_such_items\""),
+        "",
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_idemload"))
         .arg("run")
         .arg(&p)

@@ -290,7 +290,7 @@ pub struct DedupeArgs {
 
 #[derive(Debug, Args)]
 pub struct LoadArgs {
-    /// Files or globs to load; `-` is stdin.
+    /// Files or globs to load (local, s3://, gs://, az://); `-` is stdin.
     #[arg(required = true)]
     pub files: Vec<String>,
     /// Destination URL: sqlite://PATH, postgres://USER@HOST/DB[?schema=S]
@@ -319,8 +319,12 @@ pub struct LoadArgs {
     #[arg(long)]
     pub delete_field: Option<String>,
     /// Format of stdin (or of files with another extension).
-    #[arg(long, value_parser = ["jsonl", "csv", "json"])]
+    #[arg(long, value_parser = ["jsonl", "csv", "json", "parquet"])]
     pub format: Option<String>,
+    /// Endpoint of an S3-compatible store (or Azure emulator) for s3:// and
+    /// az:// paths, e.g. http://127.0.0.1:9000 (default: AWS_ENDPOINT_URL).
+    #[arg(long, value_name = "URL")]
+    pub endpoint: Option<String>,
     /// Records per transaction.
     #[arg(long, default_value_t = 10_000)]
     pub batch_size: usize,

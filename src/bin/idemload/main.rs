@@ -207,6 +207,7 @@ fn load_config(args: &LoadArgs) -> anyhow::Result<PipelineConfig> {
         Some("jsonl") => Some(FileFormat::Jsonl),
         Some("csv") => Some(FileFormat::Csv),
         Some("json") => Some(FileFormat::Json),
+        Some("parquet") => Some(FileFormat::Parquet),
         _ => None,
     };
     let load = LoadConfig {
@@ -225,6 +226,7 @@ fn load_config(args: &LoadArgs) -> anyhow::Result<PipelineConfig> {
         source: SourceConfig::File(FileSourceConfig {
             path: idemload::source::OneOrMany::Many(args.files.clone()),
             format,
+            endpoint: args.endpoint.clone(),
         }),
         destination: DestinationConfig {
             url: args.into.clone(),

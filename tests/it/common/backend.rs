@@ -126,7 +126,7 @@ impl Backend {
                 let rt = runtime();
                 let (client, connection) = rt
                     .block_on(tokio_postgres::connect(&base, tokio_postgres::NoTls))
-                    .unwrap_or_else(|e| panic!("connect to IDEMLOAD_TEST_POSTGRES: {e}"));
+                    .unwrap_or_else(|e| panic!("connect to IDEMLOAD_TEST_POSTGRES: {e:?}"));
                 rt.spawn(async move {
                     let _ = connection.await;
                 });
