@@ -271,14 +271,9 @@ where
 {
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            tracing::debug!(error = %describe(&e), "PostgreSQL connection ended.");
+            tracing::debug!(error = %crate::error::Cause::message(&e), "PostgreSQL connection ended.");
         }
     });
-}
-
-/// A driver error as the user should read it (see `error::Cause`).
-fn describe(e: &tokio_postgres::Error) -> String {
-    crate::error::Cause::message(e)
 }
 
 /// How far a connection attempt got with TLS.
