@@ -8,6 +8,7 @@
 //! written once, in `commit.rs`, over each backend's transaction.
 
 pub(crate) mod commit;
+pub(crate) mod fills;
 pub mod http;
 pub mod inspect;
 pub mod mysql;

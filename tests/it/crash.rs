@@ -61,16 +61,7 @@ fn history() -> (String, Vec<Value>, i64) {
 /// greatest cursor committed.
 #[track_caller]
 fn assert_consistent(env: &Env, round: usize) {
-    if !env.backend.tables().iter().any(|t| t == "crash") {
-        return;
-    }
-    // One statement, one snapshot: the server may still be committing the
-    // killed process's last transaction, so two counts read one after the
-    // other can see different tables.
-    let doubled = env
-        .backend
-        .scalar_i64("SELECT count(*) - count(DISTINCT id) FROM crash")
-        .unwrap_or(0);
+    let doubled = env.backend.doubled("crash", &["id"]);
     assert_eq!(doubled, 0, "round {round}: {doubled} keys appear twice");
     let Some(checkpoint) = env.backend.checkpoint("crash") else {
         return;

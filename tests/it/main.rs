@@ -19,6 +19,7 @@ mod duplicates;
 mod examples;
 mod failures;
 mod files;
+mod foreign;
 mod harness;
 mod http_source;
 mod incremental;

@@ -12,6 +12,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
 use super::Server;
+use crate::destination::fills::{uncovered_key, Fill, Fills};
 use crate::destination::schema::{Column, ColumnType, TableSchema};
 use crate::destination::sql::quote_mysql as q;
 
@@ -277,4 +278,90 @@ pub(super) fn short_name(prefix: &str, table: &str) -> String {
     use sha2::{Digest, Sha256};
     let digest = hex::encode(Sha256::digest(table.as_bytes()));
     format!("{prefix}{}", &digest[..32])
+}
+
+/// The primary key or unique index whose columns are exactly `key`.
+pub(super) async fn unique_covering(
+    conn: &mut Conn,
+    table: &str,
+    key: &[String],
+) -> Result<Option<String>, mysql_async::Error> {
+    let rows: Vec<(String, String)> = conn
+        .exec(
+            "SELECT index_name, GROUP_CONCAT(column_name ORDER BY column_name SEPARATOR '\\0')
+             FROM information_schema.statistics
+             WHERE table_schema = DATABASE() AND table_name = ? AND non_unique = 0
+             GROUP BY index_name",
+            (table,),
+        )
+        .await?;
+    let mut wanted = key.to_vec();
+    wanted.sort();
+    Ok(rows.into_iter().find_map(|(name, cols)| {
+        let cols: Vec<String> = cols.split('\0').map(String::from).collect();
+        (cols == wanted).then(|| {
+            if name == "PRIMARY" {
+                "primary key".to_string()
+            } else {
+                format!("unique index {name}")
+            }
+        })
+    }))
+}
+
+/// For a table that exists when a run starts: stops when no primary key or
+/// unique index covers the key, else says what the table fills in itself.
+pub(super) async fn existing_table(
+    conn: &mut Conn,
+    table: &str,
+    keys: &[String],
+) -> crate::error::Result<Fills> {
+    let ctx = || format!("mysql table {table:?}");
+    let rows: Vec<(String, Option<String>, String, String)> = conn
+        .exec(
+            "SELECT COLUMN_NAME, COLUMN_DEFAULT, IS_NULLABLE, UPPER(EXTRA)
+             FROM information_schema.COLUMNS
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?
+             ORDER BY ORDINAL_POSITION",
+            (table,),
+        )
+        .await
+        .map_err(|e| crate::error::Error::destination(ctx(), e))?;
+    if rows.is_empty() {
+        return Ok(Fills::default());
+    }
+    if unique_covering(conn, table, keys)
+        .await
+        .map_err(|e| crate::error::Error::destination(ctx(), e))?
+        .is_none()
+    {
+        let columns: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        return Err(uncovered_key(table, keys, &columns));
+    }
+    Ok(Fills(
+        rows.into_iter()
+            .filter_map(|(name, default, nullable, extra)| {
+                // MariaDB shows a NULL default as the text NULL (a text
+                // default is quoted), MySQL as no default at all.
+                let default = default.is_some_and(|d| d != "NULL");
+                let generated = [
+                    "VIRTUAL GENERATED",
+                    "STORED GENERATED",
+                    "PERSISTENT GENERATED",
+                ]
+                .iter()
+                .any(|g| extra.contains(g));
+                let fill = if generated {
+                    Fill::Generated
+                } else if default || extra.contains("AUTO_INCREMENT") {
+                    Fill::Default
+                } else if nullable == "NO" {
+                    Fill::Required
+                } else {
+                    return None;
+                };
+                Some((name, fill))
+            })
+            .collect(),
+    ))
 }

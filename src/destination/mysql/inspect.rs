@@ -74,30 +74,9 @@ impl Inspect for MysqlInspect {
     }
 
     async fn unique_covering(&mut self, table: &str, key: &[String]) -> Result<Option<String>> {
-        let rows: Vec<(String, String)> = self
-            .dest
-            .conn
-            .exec(
-                "SELECT index_name, GROUP_CONCAT(column_name ORDER BY column_name SEPARATOR '\\0')
-                 FROM information_schema.statistics
-                 WHERE table_schema = DATABASE() AND table_name = ? AND non_unique = 0
-                 GROUP BY index_name",
-                (table,),
-            )
+        super::ddl::unique_covering(&mut self.dest.conn, table, key)
             .await
-            .map_err(err)?;
-        let mut wanted = key.to_vec();
-        wanted.sort();
-        Ok(rows.into_iter().find_map(|(name, cols)| {
-            let cols: Vec<String> = cols.split('\0').map(String::from).collect();
-            (cols == wanted).then(|| {
-                if name == "PRIMARY" {
-                    "primary key".to_string()
-                } else {
-                    format!("unique index {name}")
-                }
-            })
-        }))
+            .map_err(err)
     }
 
     async fn dedupe_apply(&mut self, _plan: &DedupeApply) -> Result<DedupeDone> {

@@ -83,6 +83,8 @@ struct Run {
     target: Target,
     /// `replace`/`window`: the staging table batches go to.
     stage: Option<String>,
+    /// What a table idemload did not create fills in itself.
+    fills: crate::destination::fills::Fills,
     /// Columns of the table batches go to, as last read.
     schema: Option<Table>,
     /// The run's key set, kept here instead of in the run's key table when
@@ -269,6 +271,7 @@ impl Books for MysqlDestination {
 #[async_trait]
 impl Destination for MysqlDestination {
     async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()> {
+        let fills = ddl::existing_table(&mut self.conn, &target.table, &target.key_columns).await?;
         let ctx = self.context();
         let stage = books::begin(&mut self.conn, &self.server, run, target)
             .await
@@ -277,6 +280,7 @@ impl Destination for MysqlDestination {
             info: run.clone(),
             target: target.clone(),
             stage,
+            fills,
             schema: None,
             seen: None,
             empty_at_start: None,

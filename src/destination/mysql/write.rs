@@ -84,8 +84,18 @@ pub(super) async fn write_batch(
     let mut written_keys = Vec::new();
     let mut in_memory = false;
     if !rows.is_empty() {
-        let (schema, rows) =
+        let (mut schema, rows) =
             ensure_table(conn, server, run, &table, rows, &mut rejects, &mut stats).await?;
+        // Into a table idemload did not create: its own columns stay its own.
+        let rows = run.fills.apply(
+            &table,
+            &mut schema.columns,
+            |c| &c.name,
+            &run.target.key_columns,
+            rows,
+            &mut stats,
+            &mut rejects,
+        )?;
         if !rows.is_empty() {
             let clock = std::time::Instant::now();
             let prepared = prepare(&schema, &run.target, &table, rows, &mut rejects, &mut stats)?;

@@ -14,6 +14,7 @@ use tokio_postgres::{GenericClient, Transaction};
 
 use super::{pg_error, qualified, Run};
 use crate::batch::Row;
+use crate::destination::fills::{uncovered_key, Fill, Fills};
 use crate::destination::schema::{Column, ColumnType, SqlValue, TableSchema};
 use crate::destination::sql::{column_list, quote};
 use crate::error::Result;
@@ -269,6 +270,51 @@ pub(super) async fn read_schema(
         .map(|r| PgColumn::read(r.get(0), r.get(1), r.get(2)))
         .collect();
     Ok((!columns.is_empty()).then_some(PgSchema { columns }))
+}
+
+/// For a table that exists when a run starts: stops when no primary key or
+/// unique index covers the key, else says what the table fills in itself.
+pub(super) async fn existing_table(
+    client: &impl GenericClient,
+    schema: &str,
+    table: &str,
+    keys: &[String],
+) -> Result<Fills> {
+    let Some(existing) = read_schema(client, schema, table).await? else {
+        return Ok(Fills::default());
+    };
+    if super::inspect::unique_covering(client, schema, table, keys)
+        .await?
+        .is_none()
+    {
+        let columns: Vec<&str> = existing.columns.iter().map(|c| c.name.as_str()).collect();
+        return Err(uncovered_key(table, keys, &columns));
+    }
+    let rows = client
+        .query(
+            "SELECT a.attname::text, a.attgenerated <> '', a.atthasdef OR a.attidentity <> '',
+                    a.attnotnull
+             FROM pg_catalog.pg_attribute a
+             JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(pg_error(format!("table {schema:?}.{table:?}")))?;
+    Ok(Fills(
+        rows.iter()
+            .filter_map(|r| {
+                let fill = match (r.get(1), r.get(2), r.get(3)) {
+                    (true, _, _) => Fill::Generated,
+                    (false, true, _) => Fill::Default,
+                    (false, false, true) => Fill::Required,
+                    (false, false, false) => return None,
+                };
+                Some((r.get(0), fill))
+            })
+            .collect(),
+    ))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 use async_trait::async_trait;
 use chrono::Utc;
 use serde_json::Value;
+use tokio_postgres::GenericClient;
 
 use super::{pg_error, qualified, PostgresDestination};
 use crate::destination::inspect::{DedupeApply, DedupeDone, Dialect, Inspect};
@@ -96,35 +97,7 @@ impl Inspect for PostgresInspect {
     }
 
     async fn unique_covering(&mut self, table: &str, key: &[String]) -> Result<Option<String>> {
-        let mut wanted = key.to_vec();
-        wanted.sort();
-        let rows = self
-            .dest
-            .client
-            .query(
-                "SELECT c.relname::text, i.indisprimary,
-                        array_agg(a.attname::text ORDER BY a.attname::text)
-                 FROM pg_index i
-                 JOIN pg_class c ON c.oid = i.indexrelid
-                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-                 WHERE i.indrelid = $1::text::regclass AND i.indisunique AND i.indpred IS NULL
-                 GROUP BY c.relname, i.indisprimary",
-                &[&qualified(&self.dest.schema, table)],
-            )
-            .await
-            .map_err(pg_error("indexes"))?;
-        for r in rows {
-            let (name, primary, cols): (String, bool, Vec<String>) = (r.get(0), r.get(1), r.get(2));
-            if cols == wanted {
-                let kind = if primary {
-                    "primary key"
-                } else {
-                    "unique index"
-                };
-                return Ok(Some(format!("{kind} {name}")));
-            }
-        }
-        Ok(None)
+        unique_covering(&self.dest.client, &self.dest.schema, table, key).await
     }
 
     async fn dedupe_apply(&mut self, plan: &DedupeApply) -> Result<DedupeDone> {
@@ -241,4 +214,40 @@ impl Inspect for PostgresInspect {
             .map_err(|e| Error::destination("restore", e))?;
         Ok(rows.len() as u64)
     }
+}
+
+/// The primary key or unique index whose columns are exactly `key`.
+pub(super) async fn unique_covering(
+    client: &impl GenericClient,
+    schema: &str,
+    table: &str,
+    key: &[String],
+) -> Result<Option<String>> {
+    let mut wanted = key.to_vec();
+    wanted.sort();
+    let rows = client
+        .query(
+            "SELECT c.relname::text, i.indisprimary,
+                    array_agg(a.attname::text ORDER BY a.attname::text)
+             FROM pg_index i
+             JOIN pg_class c ON c.oid = i.indexrelid
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+             WHERE i.indrelid = $1::text::regclass AND i.indisunique AND i.indpred IS NULL
+             GROUP BY c.relname, i.indisprimary",
+            &[&qualified(schema, table)],
+        )
+        .await
+        .map_err(pg_error("indexes"))?;
+    for r in rows {
+        let (name, primary, cols): (String, bool, Vec<String>) = (r.get(0), r.get(1), r.get(2));
+        if cols == wanted {
+            let kind = if primary {
+                "primary key"
+            } else {
+                "unique index"
+            };
+            return Ok(Some(format!("{kind} {name}")));
+        }
+    }
+    Ok(None)
 }

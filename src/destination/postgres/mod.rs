@@ -73,6 +73,8 @@ struct Run {
     target: Target,
     /// `replace`/`window`: the staging table batches go to.
     stage: Option<String>,
+    /// What a table idemload did not create fills in itself.
+    fills: crate::destination::fills::Fills,
     /// Columns of the table batches go to, as last read.
     schema: Option<PgSchema>,
     /// The run's key set exists (made with the first batch's key types).
@@ -290,6 +292,13 @@ impl Destination for PostgresDestination {
                 target.table
             )));
         }
+        let fills = ddl::existing_table(
+            &self.client,
+            &self.schema,
+            &target.table,
+            &target.key_columns,
+        )
+        .await?;
         let stage = books::begin(&mut self.client, &self.schema, run, target).await?;
         // A read ahead belongs to one run: the run asks for its own.
         self.ahead = None;
@@ -297,6 +306,7 @@ impl Destination for PostgresDestination {
             info: run.clone(),
             target: target.clone(),
             stage,
+            fills,
             schema: None,
             run_keys: false,
             seen: None,

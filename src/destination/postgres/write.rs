@@ -165,8 +165,18 @@ impl BatchTx for PgTx<'_> {
             .clone()
             .unwrap_or_else(|| run.target.table.clone());
         let staged = run.stage.is_some();
-        let (pg_schema, ddl) = ensure_table(tx, schema, run, &table, &rows, staged).await?;
+        let (mut pg_schema, ddl) = ensure_table(tx, schema, run, &table, &rows, staged).await?;
         let created = ddl == Ddl::Created;
+        // Into a table idemload did not create: its own columns stay its own.
+        let rows = run.fills.apply(
+            &table,
+            &mut pg_schema.columns,
+            |c| &c.name,
+            &run.target.key_columns,
+            rows,
+            stats,
+            rejects,
+        )?;
         writes |= ddl != Ddl::None;
         let mode = if staged { Mode::Merge } else { run.target.mode };
         let merge = Merge::new(&qualified(schema, &table), &pg_schema, &run.target, mode)?;

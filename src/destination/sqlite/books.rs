@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde_json::Value;
 
+use crate::destination::fills::Fills;
 use crate::destination::sql::quote;
 use crate::destination::Target;
 use crate::error::{Error, Result};
@@ -282,7 +283,7 @@ pub(super) fn begin(
     conn: &mut Connection,
     run: &RunInfo,
     target: &Target,
-) -> Result<Option<String>> {
+) -> Result<(Option<String>, Fills)> {
     conn.execute_batch(
         "CREATE TEMP TABLE IF NOT EXISTS _idemload_run_keys (k TEXT PRIMARY KEY) WITHOUT ROWID;
          DELETE FROM temp._idemload_run_keys;",
@@ -319,23 +320,7 @@ pub(super) fn begin(
             run.checkpoint_before.as_ref().map(Value::to_string)
         ],
     )?;
-    if let Some(schema) = super::read_schema(&tx, &target.table)? {
-        // A merge is only exact when the key is unique in the table.
-        let has_key = target
-            .key_columns
-            .iter()
-            .all(|k| schema.position(k).is_some());
-        if has_key
-            && super::inspect::unique_covering(&tx, &target.table, &target.key_columns)?.is_none()
-        {
-            return Err(Error::config(format!(
-                "table {:?} has no primary key or unique index on ({}), so loads into it cannot be kept free of duplicates; \
-                 `idemload audit` shows what is there and `idemload dedupe --apply` repairs it and adds one",
-                target.table,
-                target.key_columns.join(", ")
-            )));
-        }
-    }
+    let fills = super::ddl::existing_table(&tx, &target.table, &target.key_columns)?;
     let stage = if target.mode.is_staged() {
         let stage = format!("_idemload_stage_{}", target.table);
         tx.execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&stage)))?;
@@ -347,7 +332,7 @@ pub(super) fn begin(
         None
     };
     tx.commit()?;
-    Ok(stage)
+    Ok((stage, fills))
 }
 
 /// Finishes the run row (inside the last batch's transaction).

@@ -5,9 +5,57 @@ use rusqlite::Connection;
 
 use super::{declared_type, read_schema, Run};
 use crate::batch::Row;
+use crate::destination::fills::{uncovered_key, Fill, Fills};
 use crate::destination::schema::{Column, TableSchema};
 use crate::destination::sql::{column_list, quote};
 use crate::error::Result;
+
+/// For a table that exists when a run starts: stops when no primary key or
+/// unique index covers the key, else says what the table fills in itself.
+pub(super) fn existing_table(conn: &Connection, table: &str, keys: &[String]) -> Result<Fills> {
+    let Some(schema) = read_schema(conn, table)? else {
+        return Ok(Fills::default());
+    };
+    if super::inspect::unique_covering(conn, table, keys)?.is_none() {
+        let columns: Vec<&str> = schema.columns.iter().map(|c| c.name.as_str()).collect();
+        return Err(uncovered_key(table, keys, &columns));
+    }
+    let mut stmt = conn.prepare(
+        "SELECT name, \"notnull\", dflt_value IS NOT NULL, pk, hidden, upper(type),
+                (SELECT count(*) FROM pragma_table_xinfo(?1) WHERE pk > 0)
+         FROM pragma_table_xinfo(?1)",
+    )?;
+    let rows = stmt.query_map([table], |r| {
+        let (name, not_null, default, pk, hidden, ty, pks): (
+            String,
+            bool,
+            bool,
+            i64,
+            i64,
+            String,
+            i64,
+        ) = (
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+            r.get(6)?,
+        );
+        // An INTEGER PRIMARY KEY alone is the rowid: SQLite numbers it.
+        let rowid = pk == 1 && pks == 1 && ty == "INTEGER";
+        let fill = match () {
+            _ if hidden == 2 || hidden == 3 => Some(Fill::Generated),
+            _ if default || rowid => Some(Fill::Default),
+            _ if not_null => Some(Fill::Required),
+            _ => None,
+        };
+        Ok(fill.map(|f| (name, f)))
+    })?;
+    let fills = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Fills(fills.into_iter().flatten().collect()))
+}
 
 /// `CREATE TABLE` with a primary key on the key columns.
 pub(super) fn create_table(

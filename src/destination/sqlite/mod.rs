@@ -51,6 +51,8 @@ struct Run {
     target: Target,
     /// `replace`/`window`: the staging table batches go to.
     stage: Option<String>,
+    /// What a table idemload did not create fills in itself.
+    fills: crate::destination::fills::Fills,
     /// Columns of the table batches go to, as last read.
     schema: Option<TableSchema>,
     /// Whether that table was empty when the run started (known from the
@@ -216,11 +218,12 @@ impl Destination for SqliteDestination {
     async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()> {
         let (run, target) = (run.clone(), target.clone());
         self.blocking(move |inner| {
-            let stage = books::begin(&mut inner.conn, &run, &target)?;
+            let (stage, fills) = books::begin(&mut inner.conn, &run, &target)?;
             inner.run = Some(Run {
                 info: run,
                 target,
                 stage,
+                fills,
                 schema: None,
                 fresh: None,
                 keys: Default::default(),

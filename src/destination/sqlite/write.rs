@@ -94,8 +94,18 @@ impl BatchTx for SqliteTx<'_> {
                 fresh
             }
         };
-        let schema = ensure_table(tx, run, &table, &rows)?;
+        let mut schema = ensure_table(tx, run, &table, &rows)?;
         let staged = run.stage.is_some();
+        // Into a table idemload did not create: its own columns stay its own.
+        let rows = run.fills.apply(
+            &table,
+            &mut schema.columns,
+            |c| &c.name,
+            &run.target.key_columns,
+            rows,
+            stats,
+            rejects,
+        )?;
         let mode = if staged { Mode::Merge } else { run.target.mode };
         let mut writer = RowWriter::new(tx, &table, &schema, run, fresh, mode)?;
         // Each row is dropped once written: the batch's memory goes as it goes.

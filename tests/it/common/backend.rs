@@ -249,6 +249,25 @@ impl Backend {
         self.scalar_i64(&sql).unwrap_or(0) as u64
     }
 
+    /// How many rows more than distinct keys the table holds (0 when no key
+    /// appears twice), read in one statement, so in one snapshot: a killed
+    /// client's last COMMIT may still land between two separate reads.
+    pub fn doubled(&self, table: &str, key: &[&str]) -> i64 {
+        if !self.tables().iter().any(|t| t == table) {
+            return 0;
+        }
+        let cols = key
+            .iter()
+            .map(|k| self.ident(k))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let t = self.ident(table);
+        let sql = format!(
+            "SELECT (SELECT count(*) FROM {t}) - (SELECT count(*) FROM (SELECT DISTINCT {cols} FROM {t}) d)"
+        );
+        self.scalar_i64(&sql).unwrap_or(0)
+    }
+
     /// Number of distinct values of the key columns (equal to `count` when
     /// no key appears twice).
     pub fn count_distinct(&self, table: &str, key: &[&str]) -> u64 {
@@ -414,7 +433,7 @@ impl Backend {
         }
     }
 
-    fn scalar_text(&self, sql: &str) -> Option<String> {
+    pub fn scalar_text(&self, sql: &str) -> Option<String> {
         match &self.inner {
             Inner::Sqlite { path } => {
                 let conn = rusqlite::Connection::open(path).expect("open sqlite");

@@ -1,0 +1,194 @@
+//! Tables idemload did not create: a load needs a unique index on the key,
+//! leaves the columns the records do not carry to the table's defaults, and
+//! stops on a NOT NULL column nobody fills.
+
+use serde_json::json;
+
+use crate::common::{BackendKind, Env};
+
+/// `DDL` in the backend's dialect: (SQLite, PostgreSQL, MySQL).
+fn ddl(env: &Env, sqlite: &str, postgres: &str, mysql: &str) {
+    env.backend.execute(match env.backend.kind {
+        BackendKind::Sqlite => sqlite,
+        BackendKind::Postgres => postgres,
+        BackendKind::Mysql => mysql,
+    });
+}
+
+idemtest!(a_table_without_a_unique_key_is_never_loaded, |env| {
+    env.backend
+        .execute("CREATE TABLE legacy (id BIGINT, name VARCHAR(100))");
+    env.backend
+        .execute("INSERT INTO legacy (id, name) VALUES (1, 'a'), (1, 'a again'), (2, 'b')");
+    env.write_jsonl(
+        "in.jsonl",
+        &[
+            json!({"id": 1, "name": "new"}),
+            json!({"id": 3, "name": "c"}),
+        ],
+    );
+    let out = env.load("legacy", &["in.jsonl"], &["--key", "id"]);
+    out.code(2);
+    assert!(
+        out.stderr.contains("idemload audit") && out.stderr.contains("dedupe --apply"),
+        "the error names audit and dedupe --apply:\n{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("legacy"), "{}", out.stderr);
+    assert_eq!(env.backend.count("legacy"), 3, "nothing was written");
+    assert_eq!(
+        env.backend
+            .scalar_i64("SELECT count(*) FROM legacy WHERE id = 3"),
+        Some(0)
+    );
+
+    // Two pipelines into an empty table without a key: neither doubles it.
+    env.backend
+        .execute("CREATE TABLE empty_legacy (id BIGINT, name VARCHAR(100))");
+    for name in ["first", "second"] {
+        env.load(
+            "empty_legacy",
+            &["in.jsonl"],
+            &["--key", "id", "--name", name],
+        )
+        .code(2);
+    }
+    assert_eq!(env.backend.count("empty_legacy"), 0);
+
+    // With the unique index `dedupe --apply` would add, the load goes on.
+    env.backend
+        .execute("DELETE FROM legacy WHERE name = 'a again'");
+    env.backend
+        .execute("CREATE UNIQUE INDEX legacy_id ON legacy (id)");
+    let r = env
+        .load("legacy", &["in.jsonl"], &["--key", "id"])
+        .code(0)
+        .report();
+    assert_eq!((r.inserted, r.updated), (1, 1));
+    assert_eq!(env.backend.count("legacy"), 3);
+});
+
+idemtest!(columns_the_records_lack_take_the_tables_defaults, |env| {
+    ddl(
+        env,
+        "CREATE TABLE hist (history_id INTEGER PRIMARY KEY, id INTEGER NOT NULL UNIQUE, name TEXT,
+             created_at TEXT DEFAULT CURRENT_TIMESTAMP, note TEXT NOT NULL DEFAULT 'none')",
+        "CREATE TABLE hist (history_id serial PRIMARY KEY, id bigint NOT NULL UNIQUE, name text,
+             created_at timestamptz DEFAULT now(), note text NOT NULL DEFAULT 'none',
+             id_twice bigint GENERATED ALWAYS AS (id * 2) STORED)",
+        "CREATE TABLE hist (history_id bigint AUTO_INCREMENT PRIMARY KEY, id bigint NOT NULL UNIQUE,
+             name varchar(100), created_at timestamp(6) NULL DEFAULT CURRENT_TIMESTAMP(6),
+             note varchar(20) NOT NULL DEFAULT 'none',
+             id_twice bigint GENERATED ALWAYS AS (id * 2) STORED)",
+    );
+    let records: Vec<_> = (1..=5)
+        .map(|i| json!({"id": i, "name": format!("n{i}")}))
+        .collect();
+    env.write_jsonl("a.jsonl", &records);
+    let r = env
+        .load("hist", &["a.jsonl"], &["--key", "id"])
+        .code(0)
+        .report();
+    assert_eq!(r.inserted, 5);
+    let filled = "SELECT count(*) FROM hist WHERE history_id IS NOT NULL
+                  AND created_at IS NOT NULL AND note = 'none'";
+    assert_eq!(
+        env.backend.scalar_i64(filled),
+        Some(5),
+        "{:?}",
+        env.rows("hist")
+    );
+    assert_eq!(
+        env.backend
+            .scalar_i64("SELECT count(DISTINCT history_id) FROM hist"),
+        Some(5)
+    );
+    let own = |env: &Env| {
+        (
+            env.backend
+                .scalar_text("SELECT CAST(history_id AS CHAR(20)) FROM hist WHERE id = 2"),
+            env.backend
+                .scalar_text("SELECT CAST(created_at AS CHAR(40)) FROM hist WHERE id = 2"),
+        )
+    };
+    let before = own(env);
+    assert!(before.0.is_some() && before.1.is_some());
+
+    // Again: nothing changes; an update leaves the table's own columns be.
+    let r = env
+        .load("hist", &["a.jsonl"], &["--key", "id"])
+        .code(0)
+        .report();
+    assert_eq!((r.inserted, r.updated, r.unchanged), (0, 0, 5));
+    env.write_jsonl("b.jsonl", &[json!({"id": 2, "name": "renamed"})]);
+    let r = env
+        .load("hist", &["b.jsonl"], &["--key", "id"])
+        .code(0)
+        .report();
+    assert_eq!(r.updated, 1);
+    assert_eq!(
+        before,
+        own(env),
+        "history_id and created_at survive an update"
+    );
+    assert_eq!(
+        env.backend
+            .scalar_i64("SELECT count(*) FROM hist WHERE name = 'renamed' AND note = 'none'"),
+        Some(1)
+    );
+
+    // A record that carries a default column writes it.
+    env.write_jsonl(
+        "c.jsonl",
+        &[json!({"id": 9, "name": "n9", "note": "given"})],
+    );
+    env.load("hist", &["c.jsonl"], &["--key", "id"]).code(0);
+    assert_eq!(
+        env.backend
+            .scalar_i64("SELECT count(*) FROM hist WHERE id = 9 AND note = 'given'"),
+        Some(1)
+    );
+    assert_eq!(env.backend.count("hist"), 6);
+});
+
+idemtest!(a_not_null_column_no_record_fills_stops_the_run, |env| {
+    env.backend.execute(
+        "CREATE TABLE owned (id BIGINT PRIMARY KEY, name VARCHAR(100), owner VARCHAR(100) NOT NULL)",
+    );
+    env.write_jsonl(
+        "a.jsonl",
+        &[json!({"id": 1, "name": "a"}), json!({"id": 2, "name": "b"})],
+    );
+    let out = env.load("owned", &["a.jsonl"], &["--key", "id"]);
+    out.code(2);
+    assert!(
+        out.stderr.contains("\"owner\""),
+        "names the column:\n{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("NOT NULL"), "{}", out.stderr);
+    assert_eq!(env.backend.count("owned"), 0);
+
+    // Records that carry it load; one that lacks it is a reject.
+    env.write_jsonl(
+        "b.jsonl",
+        &[
+            json!({"id": 1, "name": "a", "owner": "ann"}),
+            json!({"id": 2, "name": "b"}),
+            json!({"id": 3, "name": "c", "owner": "cy"}),
+        ],
+    );
+    let r = env
+        .load("owned", &["b.jsonl"], &["--key", "id"])
+        .code(4)
+        .report();
+    assert_eq!((r.inserted, r.rejected), (2, 1));
+    assert_eq!(env.backend.count("owned"), 2);
+    let rejects = env.idemload(&["rejects", "--url", &env.url(), "--table", "owned", "--json"]);
+    rejects.code(0);
+    assert!(
+        rejects.stdout.contains("owner") && rejects.stdout.contains("b.jsonl:2"),
+        "{}",
+        rejects.stdout
+    );
+});
