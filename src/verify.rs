@@ -64,7 +64,7 @@ where
     let _first = scratch
         .run_with(&options, &NoProgress, &open_source)
         .await?;
-    let mut conn = inspect::connect(&url).await?;
+    let mut conn = inspect::connect(&url, true).await?;
     let columns = conn.columns(&table).await?;
     let d = conn.dialect();
     let (t, f) = (d.quote(&table), d.quote(FIRST));

@@ -97,18 +97,19 @@ pub trait Inspect: Send {
     async fn restore(&mut self, run_id: &str) -> Result<u64>;
 }
 
-/// Connects to the database an URL names.
-pub async fn connect(url: &str) -> Result<Box<dyn Inspect>> {
+/// Connects to the database an URL names. With `write` false (`audit`) it
+/// creates nothing: no database file, schema or bookkeeping table.
+pub async fn connect(url: &str, write: bool) -> Result<Box<dyn Inspect>> {
     let scheme = url.split("://").next().unwrap_or_default();
     match scheme {
         "sqlite" => Ok(Box::new(
-            super::sqlite::inspect::SqliteInspect::open(url).await?,
+            super::sqlite::inspect::SqliteInspect::open(url, write).await?,
         )),
         "postgres" | "postgresql" => Ok(Box::new(
-            super::postgres::inspect::PostgresInspect::open(url).await?,
+            super::postgres::inspect::PostgresInspect::open(url, write).await?,
         )),
         "mysql" => Ok(Box::new(
-            super::mysql::inspect::MysqlInspect::open(url).await?,
+            super::mysql::inspect::MysqlInspect::open(url, write).await?,
         )),
         _ => Err(Error::config(format!(
             "audit, dedupe and verify do not support {}: use sqlite://, postgres:// or mysql://",

@@ -127,6 +127,42 @@ pub async fn open_config(
     open_in(&config.url, config.schema.as_deref()).await
 }
 
+/// Opens a pipeline's bookkeeping for reading only: `None` when no run has
+/// written to its destination. Creates nothing: `history`, `rejects`,
+/// `state` and `check` use it, so a mistyped URL or a pipeline that never
+/// ran leaves no database file, schema or table behind.
+pub async fn open_existing(
+    pipeline: &str,
+    config: &crate::config::DestinationConfig,
+) -> Result<Option<Box<dyn Destination>>> {
+    fn boxed<D: Destination + 'static>(d: Option<D>) -> Option<Box<dyn Destination>> {
+        d.map(|d| Box::new(d) as Box<dyn Destination>)
+    }
+    if config.kind.as_deref() == Some("http") {
+        let http = http::HttpDestinationConfig::from_destination(config)?;
+        let ledger = http::ledger_url(pipeline, &http);
+        return Ok(boxed(
+            sqlite::SqliteDestination::open_existing(&ledger).await?,
+        ));
+    }
+    let url = config.url.as_str();
+    match url.split("://").next().unwrap_or_default() {
+        "sqlite" => Ok(boxed(sqlite::SqliteDestination::open_existing(url).await?)),
+        "mysql" => Ok(boxed(mysql::MysqlDestination::open_existing(url).await?)),
+        "postgres" | "postgresql" => Ok(boxed(
+            postgres::PostgresDestination::open_existing(url, config.schema.as_deref()).await?,
+        )),
+        _ => Err(unsupported(url)),
+    }
+}
+
+fn unsupported(url: &str) -> Error {
+    Error::config(format!(
+        "unsupported destination URL {}: use sqlite://PATH, postgres://USER@HOST/DB or mysql://USER:PASS@HOST:PORT/DB",
+        redact(url)
+    ))
+}
+
 /// Opens the destination an URL names.
 pub async fn open(url: &str) -> Result<Box<dyn Destination>> {
     open_in(url, None).await
@@ -142,9 +178,6 @@ pub async fn open_in(url: &str, schema: Option<&str>) -> Result<Box<dyn Destinat
         "postgres" | "postgresql" => Ok(Box::new(
             postgres::PostgresDestination::open(url, schema).await?,
         )),
-        _ => Err(Error::config(format!(
-            "unsupported destination URL {}: use sqlite://PATH, postgres://USER@HOST/DB or mysql://USER:PASS@HOST:PORT/DB",
-            redact(url)
-        ))),
+        _ => Err(unsupported(url)),
     }
 }

@@ -115,6 +115,12 @@ impl Pipeline {
         destination::open_config(&self.config.name, &self.config.destination).await
     }
 
+    /// The pipeline's bookkeeping, opened for reading only: `None` when no
+    /// run has written to its destination. Creates nothing.
+    pub async fn books(&self) -> Result<Option<Box<dyn Destination>>> {
+        destination::open_existing(&self.config.name, &self.config.destination).await
+    }
+
     /// Sets (or with `None` clears) the pipeline's checkpoint, under its run
     /// lock: waits for a running run as long as `wait` allows, else fails
     /// with [`Error::Locked`] naming the holder.

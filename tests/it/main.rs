@@ -32,6 +32,7 @@ mod origins;
 mod overlap;
 mod pg_restart;
 mod property;
+mod read_only;
 mod shapes;
 mod sql_source;
 mod tls;

@@ -38,11 +38,10 @@ pub fn pipeline(args: &BooksArgs) -> anyhow::Result<Pipeline> {
 
 pub async fn history(args: &BooksArgs, limit: usize, as_json: bool) -> anyhow::Result<u8> {
     let pipeline = pipeline(args)?;
-    let runs = pipeline
-        .destination()
-        .await?
-        .history(pipeline.name(), limit)
-        .await?;
+    let runs = match pipeline.books().await? {
+        Some(mut books) => books.history(pipeline.name(), limit).await?,
+        None => Vec::new(),
+    };
     if as_json {
         output::json(&json!({"pipeline": pipeline.name(), "runs": runs}));
     } else {
@@ -58,11 +57,10 @@ pub async fn rejects(
     as_json: bool,
 ) -> anyhow::Result<u8> {
     let pipeline = pipeline(args)?;
-    let rejects = pipeline
-        .destination()
-        .await?
-        .rejects(pipeline.name(), run_id, limit)
-        .await?;
+    let rejects = match pipeline.books().await? {
+        Some(mut books) => books.rejects(pipeline.name(), run_id, limit).await?,
+        None => Vec::new(),
+    };
     if as_json {
         output::json(&json!({"pipeline": pipeline.name(), "rejects": rejects}));
     } else {
@@ -73,8 +71,8 @@ pub async fn rejects(
 
 pub async fn state(args: &StateArgs) -> anyhow::Result<u8> {
     let pipeline = pipeline(&args.books)?;
-    let mut dest = pipeline.destination().await?;
-    let before = dest.checkpoint(pipeline.name()).await?;
+    // Only --set and --reset write; reading creates nothing.
+    let before = stored_checkpoint(&pipeline).await?;
     if args.reset || args.set.is_some() {
         let value = match args.set.as_deref() {
             Some(text) => Some(checkpoint_value(text, &pipeline, before.as_ref())?),
@@ -83,7 +81,7 @@ pub async fn state(args: &StateArgs) -> anyhow::Result<u8> {
         let wait = args.wait.as_deref().map(crate::parse_wait).transpose()?;
         pipeline.set_checkpoint(value, wait).await?;
     }
-    let checkpoint = dest.checkpoint(pipeline.name()).await?;
+    let checkpoint = stored_checkpoint(&pipeline).await?;
     if args.json {
         output::json(&json!({
             "pipeline": pipeline.name(),
@@ -98,6 +96,14 @@ pub async fn state(args: &StateArgs) -> anyhow::Result<u8> {
         });
     }
     Ok(0)
+}
+
+/// The stored checkpoint, `None` also when no run has written any.
+async fn stored_checkpoint(pipeline: &Pipeline) -> idemload::Result<Option<Value>> {
+    match pipeline.books().await? {
+        Some(mut books) => books.checkpoint(pipeline.name()).await,
+        None => Ok(None),
+    }
 }
 
 /// What kind of values the pipeline's cursor holds, as far as can be told.

@@ -66,7 +66,7 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<u8> {
 }
 
 async fn audit_target(t: Target) -> anyhow::Result<AuditReport> {
-    let mut conn = inspect::connect(&t.url).await?;
+    let mut conn = inspect::connect(&t.url, false).await?;
     Ok(idemload::audit::audit(
         conn.as_mut(),
         &AuditTarget {
@@ -179,7 +179,9 @@ fn print_audit(r: &AuditReport) {
 
 pub async fn dedupe(args: DedupeArgs) -> anyhow::Result<u8> {
     let t = target(&args.target)?;
-    let mut conn = inspect::connect(&t.url).await?;
+    // A dry run only reads.
+    let write = args.apply || args.restore.is_some();
+    let mut conn = inspect::connect(&t.url, write).await?;
     if let Some(run_id) = &args.restore {
         let restored = conn.restore(run_id).await?;
         if args.target.json {

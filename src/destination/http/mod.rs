@@ -60,12 +60,17 @@ struct Worker {
     lookup_table: Option<std::sync::Mutex<rusqlite::Connection>>,
 }
 
+/// Where the pipeline's ledger and bookkeeping live (`[destination] ledger`).
+pub(crate) fn ledger_url(pipeline: &str, config: &HttpDestinationConfig) -> String {
+    config
+        .ledger
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://.idemload/{pipeline}.ledger.db"))
+}
+
 impl HttpDestination {
     pub async fn open(pipeline: &str, config: HttpDestinationConfig) -> Result<HttpDestination> {
-        let ledger_url = config
-            .ledger
-            .clone()
-            .unwrap_or_else(|| format!("sqlite://.idemload/{pipeline}.ledger.db"));
+        let ledger_url = ledger_url(pipeline, &config);
         if !ledger_url.starts_with("sqlite://") {
             return Err(Error::config(format!(
                 "[destination] ledger = {:?}: use sqlite://PATH",

@@ -36,6 +36,18 @@ type R<T> = std::result::Result<T, mysql_async::Error>;
 pub(super) const RUN_KEYS: &str = "_idemload_run_keys";
 
 /// Creates the bookkeeping tables when missing.
+/// Whether the database holds the bookkeeping tables (a run has written here).
+pub(super) async fn has_books(conn: &mut Conn) -> R<bool> {
+    let n: Option<i64> = conn
+        .exec_first(
+            "SELECT count(*) FROM information_schema.TABLES
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+            (RUNS_TABLE,),
+        )
+        .await?;
+    Ok(n.unwrap_or(0) > 0)
+}
+
 pub(super) async fn create_tables(conn: &mut Conn, server: &Server) -> R<()> {
     let tail = format!(
         "ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = {}",

@@ -18,9 +18,10 @@ pub struct MysqlInspect {
 }
 
 impl MysqlInspect {
-    pub async fn open(url: &str) -> Result<MysqlInspect> {
+    /// Connects; with `write` false (audit) creates nothing.
+    pub async fn open(url: &str, write: bool) -> Result<MysqlInspect> {
         Ok(MysqlInspect {
-            dest: MysqlDestination::open(url).await?,
+            dest: MysqlDestination::connect(url, write).await?.0,
         })
     }
 }

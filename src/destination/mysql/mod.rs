@@ -97,6 +97,19 @@ struct Run {
 impl MysqlDestination {
     /// Connects to the database of a `mysql://` URL.
     pub async fn open(url: &str) -> Result<MysqlDestination> {
+        Ok(Self::connect(url, true).await?.0)
+    }
+
+    /// Connects for reading only: `None` when no run has written to the
+    /// database. Creates nothing.
+    pub async fn open_existing(url: &str) -> Result<Option<MysqlDestination>> {
+        let (dest, books) = Self::connect(url, false).await?;
+        Ok(books.then_some(dest))
+    }
+
+    /// Connects; with `create`, makes the bookkeeping tables. Says whether
+    /// they are there.
+    pub(crate) async fn connect(url: &str, create: bool) -> Result<(MysqlDestination, bool)> {
         let shown = redact(url);
         let config = crate::connect::mysql::MysqlConfig::parse(url)?;
         if config.opts().db_name().is_none_or(str::is_empty) {
@@ -108,10 +121,15 @@ impl MysqlDestination {
         let server = probe(&mut conn)
             .await
             .map_err(|e| Error::destination(format!("mysql {shown}"), e))?;
-        books::create_tables(&mut conn, &server)
-            .await
-            .map_err(|e| Error::destination(format!("mysql {shown}"), e))?;
-        Ok(MysqlDestination {
+        let books = if create {
+            books::create_tables(&mut conn, &server)
+                .await
+                .map(|()| true)
+        } else {
+            books::has_books(&mut conn).await
+        }
+        .map_err(|e| Error::destination(format!("mysql {shown}"), e))?;
+        let dest = MysqlDestination {
             shown,
             opts,
             conn,
@@ -120,7 +138,8 @@ impl MysqlDestination {
             lock: None,
             heartbeat: None,
             local_infile: true,
-        })
+        };
+        Ok((dest, books))
     }
 
     fn context(&self) -> String {

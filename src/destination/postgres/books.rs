@@ -36,8 +36,9 @@ fn now_ms() -> i64 {
 /// Creates the schema and the bookkeeping tables when missing. A
 /// transaction-level advisory lock serialises processes that start at the
 /// same moment (concurrent `CREATE … IF NOT EXISTS` can collide).
-pub(super) async fn create_tables(client: &Client, schema: &str) -> Result<()> {
-    let exists: bool = client
+/// Whether the schema holds the bookkeeping tables (a run has written here).
+pub(super) async fn has_books(client: &Client, schema: &str) -> Result<bool> {
+    Ok(client
         .query_one(
             "SELECT count(*) = 4 FROM pg_catalog.pg_class c
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -52,8 +53,11 @@ pub(super) async fn create_tables(client: &Client, schema: &str) -> Result<()> {
         )
         .await
         .map_err(pg_error("bookkeeping tables"))?
-        .get(0);
-    if exists {
+        .get(0))
+}
+
+pub(super) async fn create_tables(client: &Client, schema: &str) -> Result<()> {
+    if has_books(client, schema).await? {
         return Ok(());
     }
     let q = |t: &str| qualified(schema, t);

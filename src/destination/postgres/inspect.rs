@@ -21,8 +21,9 @@ pub struct PostgresInspect {
 }
 
 impl PostgresInspect {
-    pub async fn open(url: &str) -> Result<PostgresInspect> {
-        let dest = PostgresDestination::open(url, None).await?;
+    /// Connects; with `write` false (audit) creates nothing.
+    pub async fn open(url: &str, write: bool) -> Result<PostgresInspect> {
+        let (dest, _) = PostgresDestination::connect(url, None, write).await?;
         dest.client
             .batch_execute(&format!("SET search_path TO {}", quote(&dest.schema)))
             .await

@@ -159,6 +159,26 @@ impl PostgresDestination {
     /// Connects, creates the schema and the bookkeeping tables if missing.
     /// `schema` (from `[destination] schema`) must agree with `?schema=`.
     pub async fn open(url: &str, schema: Option<&str>) -> Result<PostgresDestination> {
+        Ok(Self::connect(url, schema, true).await?.0)
+    }
+
+    /// Connects for reading only: `None` when no run has written to the
+    /// schema. Creates nothing.
+    pub async fn open_existing(
+        url: &str,
+        schema: Option<&str>,
+    ) -> Result<Option<PostgresDestination>> {
+        let (dest, books) = Self::connect(url, schema, false).await?;
+        Ok(books.then_some(dest))
+    }
+
+    /// Connects; with `create`, makes the schema and bookkeeping tables.
+    /// Says whether the bookkeeping tables are there.
+    pub(crate) async fn connect(
+        url: &str,
+        schema: Option<&str>,
+        create: bool,
+    ) -> Result<(PostgresDestination, bool)> {
         let parsed = parse_url(url)?;
         let shown = redact(url);
         let schema = match (parsed.schema, schema) {
@@ -184,15 +204,18 @@ impl PostgresDestination {
                 .map_err(pg_error(shown.clone()))?
                 .get(0),
         };
-        books::create_tables(&client, &schema)
-            .await
-            .map_err(|e| match e {
-                Error::Destination { message, .. } => {
-                    Error::destination(format!("{shown}, schema {schema:?}"), message)
-                }
-                other => other,
-            })?;
-        Ok(PostgresDestination {
+        let books = if create {
+            books::create_tables(&client, &schema).await.map(|()| true)
+        } else {
+            books::has_books(&client, &schema).await
+        }
+        .map_err(|e| match e {
+            Error::Destination { message, .. } => {
+                Error::destination(format!("{shown}, schema {schema:?}"), message)
+            }
+            other => other,
+        })?;
+        let dest = PostgresDestination {
             client,
             schema,
             run: None,
@@ -200,7 +223,8 @@ impl PostgresDestination {
             batch_table: None,
             config,
             ahead: None,
-        })
+        };
+        Ok((dest, books))
     }
 }
 

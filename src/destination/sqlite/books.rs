@@ -88,6 +88,31 @@ pub(crate) fn connect(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// Opens an existing database file without writing to it: `None` when the
+/// file does not exist. Read-only commands use it, so that a mistyped path
+/// never leaves a new database behind.
+pub(crate) fn connect_read_only(path: &Path) -> Result<Option<Connection>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| Error::destination(path.display().to_string(), e))?;
+    conn.busy_timeout(Duration::from_secs(60))?;
+    Ok(Some(conn))
+}
+
+/// Whether the bookkeeping tables are there (a run has written here).
+pub(crate) fn has_books(conn: &Connection) -> Result<bool> {
+    Ok(conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [RUNS_TABLE],
+        |r| r.get::<_, i64>(0),
+    )? > 0)
+}
+
 fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(
         e.sqlite_error_code(),

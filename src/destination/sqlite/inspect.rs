@@ -24,11 +24,23 @@ pub struct SqliteInspect {
 }
 
 impl SqliteInspect {
-    pub async fn open(url: &str) -> Result<SqliteInspect> {
+    /// Opens the file of a `sqlite://` URL; with `write` false (audit),
+    /// only an existing file, read-only.
+    pub async fn open(url: &str, write: bool) -> Result<SqliteInspect> {
         let path: PathBuf = super::path_of(url)?;
-        let conn = tokio::task::spawn_blocking(move || connect(&path))
-            .await
-            .map_err(super::join_error)??;
+        let conn = tokio::task::spawn_blocking(move || {
+            if write {
+                return connect(&path);
+            }
+            super::books::connect_read_only(&path)?.ok_or_else(|| {
+                Error::config(format!(
+                    "{}: no such database file (check the path; nothing was created)",
+                    path.display()
+                ))
+            })
+        })
+        .await
+        .map_err(super::join_error)??;
         Ok(SqliteInspect { conn: Some(conn) })
     }
 

@@ -81,6 +81,30 @@ impl SqliteDestination {
         })
     }
 
+    /// Opens the database of a `sqlite://` URL for reading only: `None` when
+    /// the file does not exist or no run has written to it. Creates nothing.
+    pub async fn open_existing(url: &str) -> Result<Option<SqliteDestination>> {
+        let path = path_of(url)?;
+        let open_path = path.clone();
+        let conn = tokio::task::spawn_blocking(move || {
+            let Some(conn) = books::connect_read_only(&open_path)? else {
+                return Ok(None);
+            };
+            Ok::<_, Error>(books::has_books(&conn)?.then_some(conn))
+        })
+        .await
+        .map_err(join_error)??;
+        Ok(conn.map(|conn| SqliteDestination {
+            path,
+            inner: Some(Inner {
+                conn,
+                run: None,
+                lock: None,
+            }),
+            heartbeat: None,
+        }))
+    }
+
     /// Runs `f` on the blocking pool with the connection.
     async fn blocking<T, F>(&mut self, f: F) -> Result<T>
     where
