@@ -32,4 +32,18 @@ pub struct PlannedBatch {
     pub stats: RunStats,
     /// Greatest cursor among the rows (and their superseded versions).
     pub max_cursor: Option<Cursor>,
+    /// A key, cursor or window field no record of the batch carries (with
+    /// the fields the first record has): on a run's first batch, a wrong
+    /// field name rather than bad records.
+    pub absent: Option<AbsentField>,
+}
+
+/// See [`PlannedBatch::absent`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AbsentField {
+    /// `key`, `cursor` or `window`.
+    pub role: &'static str,
+    pub field: String,
+    /// The fields the batch's first record has.
+    pub present: Vec<String>,
 }

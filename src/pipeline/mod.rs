@@ -273,6 +273,7 @@ impl Pipeline {
             let mut queue = std::collections::VecDeque::with_capacity(2);
             let lookahead = dest.lookahead();
             let mut exhausted = false;
+            let mut first = true;
             let last = loop {
                 if queue.is_empty() && !exhausted {
                     match read_planned(source.as_mut(), &planner).await? {
@@ -281,6 +282,11 @@ impl Pipeline {
                     }
                 }
                 let Some(ready) = queue.pop_front() else { break PlannedBatch::default() };
+                if std::mem::take(&mut first) {
+                    if let Some(absent) = &ready.absent {
+                        return Err(absent_field(absent));
+                    }
+                }
                 if queue.is_empty() && !exhausted {
                     exhausted = match source.at_end().await? {
                         Some(end) => end,
@@ -366,6 +372,27 @@ impl Pipeline {
 /// How long a run waits for a server to release the lock of a holder
 /// known to be dead.
 const DEAD_HOLDER_GRACE: Duration = Duration::from_secs(60);
+
+/// A key, cursor or window field no record of the first batch has: a wrong
+/// name in the configuration, not a batch of bad records.
+fn absent_field(absent: &plan::AbsentField) -> Error {
+    let setting = match absent.role {
+        "key" => "`key` in [load] (--key)",
+        "cursor" => "`cursor` in [load] (--cursor)",
+        _ => "`window_field` in [load]",
+    };
+    let mut present = absent.present.clone();
+    let shown = if present.len() > 30 {
+        present.truncate(30);
+        format!("{}, …", present.join(", "))
+    } else {
+        present.join(", ")
+    };
+    Error::config(format!(
+        "no record of the first batch has the {} field {:?}; the records have: {shown}. Check {setting}",
+        absent.role, absent.field
+    ))
+}
 
 /// Reads the next batch and plans it.
 async fn read_planned(source: &mut dyn Source, planner: &Planner) -> Result<Option<PlannedBatch>> {

@@ -13,7 +13,7 @@ use std::hash::BuildHasher;
 
 use serde_json::Value;
 
-pub use crate::batch::{PlannedBatch, Row};
+pub use crate::batch::{AbsentField, PlannedBatch, Row};
 use crate::key::{Cursor, Key, KeySpec, HASH_KEY_COLUMN};
 use crate::record::{invalid_column_name, Fields, Item, Name, Record, Reject};
 
@@ -45,6 +45,18 @@ impl Planner {
             HashMap::with_capacity_and_hasher(items.len(), hasher.clone());
         let mut collided: HashMap<String, usize> = HashMap::new();
         let mut names = NameCheck::default();
+        // The fields every record must carry, each with whether one did.
+        let mut wanted: Vec<(&'static str, &str, bool)> = Vec::new();
+        if let KeySpec::Fields(fields) = &self.key {
+            wanted.extend(fields.iter().map(|f| ("key", f.as_str(), false)));
+        }
+        wanted.extend(self.cursor.iter().map(|f| ("cursor", f.as_str(), false)));
+        wanted.extend(
+            self.window_field
+                .iter()
+                .map(|f| ("window", f.as_str(), false)),
+        );
+        let mut first_fields: Option<Vec<String>> = None;
         for item in items {
             batch.stats.read += 1;
             let record = match item {
@@ -59,6 +71,12 @@ impl Planner {
                 }
                 Item::Record(record) => record,
             };
+            for (_, field, seen) in wanted.iter_mut().filter(|w| !w.2) {
+                *seen = record.fields.get(field).is_some_and(|v| !v.is_null());
+            }
+            if first_fields.is_none() {
+                first_fields = Some(record.fields.keys().map(|k| k.to_string()).collect());
+            }
             let row = match self.check(record, &mut names) {
                 Ok(Some(row)) => row,
                 Ok(None) => {
@@ -108,6 +126,16 @@ impl Planner {
                 }
                 None => batch.rows.push(row),
             }
+        }
+        if let Some(present) = first_fields {
+            batch.absent = wanted
+                .iter()
+                .find(|w| !w.2)
+                .map(|&(role, field, _)| AbsentField {
+                    role,
+                    field: field.to_string(),
+                    present,
+                });
         }
         batch
     }

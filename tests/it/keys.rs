@@ -144,3 +144,42 @@ idemtest!(snowflake_ids_beyond_two_to_the_53_stay_distinct, |env| {
     assert_eq!((again.inserted, again.unchanged), (0, 2), "{}", again.raw);
     assert_eq!(env.backend.count("ids"), 2);
 });
+
+// A key or cursor name no record has is a mistake in the command, not sixty
+// bad records: the run stops before writing, naming the fields there are.
+idemtest!(a_key_no_record_has_stops_the_run_naming_the_fields, |env| {
+    let records: Vec<_> = (1..=60)
+        .map(|i| json!({"id": i, "email": format!("u{i}@example.com"), "updated": i}))
+        .collect();
+    env.write_jsonl("contacts.jsonl", &records);
+    let out = env.load("contacts", &["contacts.jsonl"], &["--key", "contact_id"]);
+    out.code(2);
+    assert!(
+        out.stderr.contains("\"contact_id\"") && out.stderr.contains("email"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(env.backend.count("contacts"), 0);
+    let out = env.load(
+        "contacts",
+        &["contacts.jsonl"],
+        &["--key", "id", "--cursor", "updated_at"],
+    );
+    out.code(2);
+    assert!(
+        out.stderr.contains("cursor field \"updated_at\""),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(env.backend.count("contacts"), 0);
+    // Some records without the key are rejects; the rest load.
+    env.write_jsonl(
+        "some.jsonl",
+        &[json!({"id": 1, "email": "a"}), json!({"email": "b"})],
+    );
+    let r = env
+        .load("contacts", &["some.jsonl"], &["--key", "id"])
+        .code(4)
+        .report();
+    assert_eq!((r.inserted, r.rejected), (1, 1));
+});

@@ -561,6 +561,7 @@ impl Destination for HttpDestination {
             mut rejects,
             mut stats,
             max_cursor,
+            ..
         } = batch;
         if !self.checked_templates && !rows.is_empty() {
             // A field that no record of the first batch has is a template
@@ -604,6 +605,7 @@ impl Destination for HttpDestination {
             rejects,
             stats,
             max_cursor,
+            absent: None,
         };
         self.books.write(bookkeeping, commit).await
     }

@@ -217,7 +217,7 @@ pub(super) async fn write_batch(
         rows: Vec::new(),
         rejects,
         stats,
-        max_cursor: None,
+        ..Default::default()
     };
     let stats = commit_batch(tx, batch, &commit, before.as_ref()).await?;
     if let Some(Some(seen)) = run.seen.as_mut() {
