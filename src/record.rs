@@ -74,6 +74,34 @@ pub struct Reject {
     pub raw: String,
 }
 
+/// The most of a rejected record's raw text that is stored: a longer one
+/// keeps this prefix, its length and its SHA-256, so one huge line can never
+/// make the bookkeeping insert exceed what a server accepts (MySQL's
+/// `max_allowed_packet`).
+pub const STORED_RAW_BYTES: usize = 8 * 1024;
+
+/// A raw record as `_idemload_rejects` stores it: NUL characters (which
+/// PostgreSQL text cannot hold) replaced, and cut to [`STORED_RAW_BYTES`]
+/// with its length and digest. The same text for the same input, so a
+/// record rejected again is recognised.
+pub fn stored_raw(raw: &str) -> String {
+    let clean = raw.replace('\0', "\u{fffd}");
+    if clean.len() <= STORED_RAW_BYTES {
+        return clean;
+    }
+    let mut cut = STORED_RAW_BYTES;
+    while !clean.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(raw.as_bytes()));
+    format!(
+        "{}… [{} bytes in all, sha256 {digest}]",
+        &clean[..cut],
+        raw.len()
+    )
+}
+
 impl Reject {
     pub fn new(source: SourceRef, reason: impl Into<String>, raw: impl Into<String>) -> Reject {
         Reject {

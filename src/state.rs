@@ -116,7 +116,7 @@ impl Finish {
             },
             _ => Resolution {
                 stats,
-                status: if stats.rejected > 0 {
+                status: if stats.rejected > stats.known_rejects {
                     RunStatus::SucceededWithRejects
                 } else {
                     RunStatus::Succeeded
@@ -152,6 +152,9 @@ pub struct RejectRecord {
     pub reason: String,
     pub raw: String,
     pub rejected_at: String,
+    /// An earlier run rejected the same record (same source reference and
+    /// raw text).
+    pub known: bool,
 }
 
 /// RFC 3339 in UTC with milliseconds: the bookkeeping tables' time format.

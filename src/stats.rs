@@ -24,6 +24,10 @@ pub struct RunStats {
     pub skipped: u64,
     pub duplicates: u64,
     pub rejected: u64,
+    /// Rejects an earlier run already recorded (same source reference, same
+    /// raw record): counted in `rejected` too, but alone they give exit 0.
+    #[serde(default)]
+    pub known_rejects: u64,
     /// HTTP destinations: records looked up through the API.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub looked_up_api: u64,
@@ -73,6 +77,7 @@ impl std::ops::AddAssign for RunStats {
         self.skipped += o.skipped;
         self.duplicates += o.duplicates;
         self.rejected += o.rejected;
+        self.known_rejects += o.known_rejects;
         self.looked_up_api += o.looked_up_api;
         self.looked_up_table += o.looked_up_table;
         self.api_requests += o.api_requests;

@@ -10,7 +10,9 @@
 //!    never commits again);
 //! 2. rows: insert, update, delete what the batch changes (values that do
 //!    not fit their column become rejects here);
-//! 3. rejects: the batch's rejected records, with their source references;
+//! 3. rejects: the batch's rejected records, with their source references
+//!    (raw text bounded, see [`stored_raw`]), counting those an earlier run
+//!    recorded already;
 //! 4. checkpoint: where the batch brings the run, when the source is
 //!    ordered by cursor;
 //! 5. finish, with the run's last batch: a staged `replace`/`window` load
@@ -23,7 +25,7 @@ use serde_json::Value;
 use super::Commit;
 use crate::batch::{PlannedBatch, Row};
 use crate::error::Result;
-use crate::record::Reject;
+use crate::record::{stored_raw, Reject};
 use crate::state::Resolution;
 use crate::stats::RunStats;
 
@@ -47,6 +49,10 @@ pub(crate) trait BatchTx {
         stats: &mut RunStats,
         rejects: &mut Vec<Reject>,
     ) -> Result<bool>;
+
+    /// How many of the batch's rejects an earlier run of the pipeline
+    /// recorded already (same source reference, same stored raw text).
+    async fn known_rejects(&mut self, rejects: &[Reject]) -> Result<u64>;
 
     /// Records the batch's rejects.
     async fn insert_rejects(&mut self, rejects: &[Reject]) -> Result<()>;
@@ -88,6 +94,12 @@ pub(crate) async fn commit_batch<T: BatchTx>(
     let steps = async {
         tx.fence().await?;
         let mut changed = tx.write_rows(rows, &mut stats, &mut rejects).await?;
+        for r in &mut rejects {
+            r.raw = stored_raw(&r.raw);
+        }
+        if !rejects.is_empty() {
+            stats.known_rejects += tx.known_rejects(&rejects).await?;
+        }
         tx.insert_rejects(&rejects).await?;
         if let Some(checkpoint) = &commit.checkpoint {
             tx.write_checkpoint(checkpoint).await?;

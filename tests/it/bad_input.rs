@@ -182,11 +182,13 @@ idemtest!(each_bad_record_is_rejected_and_good_ones_load, |env| {
         );
     }
 
-    // Running again rejects the same records again and changes nothing else.
+    // Running again rejects the same records again, as known ones (exit 0),
+    // and changes nothing else.
     let again = env.run(&p, &["--full-refresh"]);
-    again.code(4);
+    again.code(0);
     let again = again.report();
     assert_eq!((again.inserted, again.updated), (0, 0), "{}", again.raw);
+    assert_eq!(again.raw["known_rejects"], again.rejected, "{}", again.raw);
     assert_rows(&env.rows("contacts"), &expected);
 });
 
@@ -208,3 +210,66 @@ idemtest!(more_rejects_than_max_rejects_fail_the_run, |env| {
         assert!(row["email"].as_str().unwrap().starts_with('c'), "{row}");
     }
 });
+
+// A line nobody can fix is rejected on every run; only the first run that
+// meets it says exit 4, the later ones count it as known and exit 0.
+idemtest!(
+    a_record_rejected_again_is_known_and_alone_gives_exit_0,
+    |env| {
+        let good: String = (1..=3).map(|i| format!("{{\"id\":{i}}}\n")).collect();
+        env.write("in.jsonl", format!("{good}{{\"id\": 4, broken\n"));
+        let first = env.load("t", &["in.jsonl"], &[]).code(4).report();
+        assert_eq!((first.inserted, first.rejected), (3, 1));
+        assert_eq!(first.raw["known_rejects"], 0);
+
+        let again = env.load("t", &["in.jsonl"], &[]).code(0).report();
+        assert_eq!((again.rejected, again.status.as_str()), (1, "succeeded"));
+        assert_eq!(again.raw["known_rejects"], 1);
+        let listed = env.idemload(&["rejects", "--url", &env.url(), "--table", "t", "--json"]);
+        let listed = listed.code(0).json();
+        assert_eq!(listed["rejects"][0]["known"], true, "{listed}");
+        assert_eq!(listed["rejects"][0]["source_ref"], "in.jsonl:4");
+
+        // A new bad line (or a changed one) is news again.
+        env.write(
+            "in.jsonl",
+            format!("{good}{{\"id\": 4, broken\n{{\"id\": 5, also broken\n"),
+        );
+        let third = env.load("t", &["in.jsonl"], &[]).code(4).report();
+        assert_eq!(third.rejected, 2);
+        assert_eq!(third.raw["known_rejects"], 1);
+    }
+);
+
+// One line larger than MySQL's max_allowed_packet once broke the
+// bookkeeping insert on every run and the good lines never loaded: the
+// stored raw text is bounded (prefix, length, digest) on every backend.
+idemtest!(
+    a_huge_rejected_line_is_stored_bounded_and_good_lines_load,
+    |env| {
+        let huge = format!(
+            "{{\"id\": 2, \"blob\": \"{}\" oops}}\n",
+            "x".repeat(17 << 20)
+        );
+        env.write("big.jsonl", format!("{{\"id\":1}}\n{huge}{{\"id\":3}}\n"));
+        let r = env.load("big", &["big.jsonl"], &[]).code(4).report();
+        assert_eq!((r.inserted, r.rejected), (2, 1));
+        let listed = env.idemload(&["rejects", "--url", &env.url(), "--table", "big", "--json"]);
+        let raw = listed.code(0).json()["rejects"][0]["raw"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(raw.len() < 9000, "stored raw is {} bytes", raw.len());
+        assert!(
+            raw.contains(&format!("{} bytes in all, sha256 ", huge.len() - 1)),
+            "{}",
+            &raw[raw.len() - 120..]
+        );
+        // And again: the same line is known, nothing else changes.
+        let r = env.load("big", &["big.jsonl"], &[]).code(0).report();
+        assert_eq!(
+            (r.inserted, r.rejected, r.raw["known_rejects"].as_u64()),
+            (0, 1, Some(1))
+        );
+    }
+);

@@ -24,7 +24,7 @@ pub fn stdout_bytes(bytes: &[u8]) {
 
 /// Every field of the `load`/`run` report, so that the object has one shape
 /// whatever the run did (docs/reference.md lists them).
-const RUN_FIELDS: [&str; 22] = [
+const RUN_FIELDS: [&str; 23] = [
     "pipeline",
     "run_id",
     "status",
@@ -37,6 +37,7 @@ const RUN_FIELDS: [&str; 22] = [
     "skipped",
     "duplicates",
     "rejected",
+    "known_rejects",
     "looked_up_api",
     "looked_up_table",
     "api_requests",
@@ -149,6 +150,12 @@ pub fn summary(report: &RunReport, rejects: &str) -> String {
             cursor(&report.checkpoint_after)
         ));
     }
+    if s.known_rejects > 0 {
+        line.push_str(&format!(
+            " ({} of the rejects were rejected by an earlier run too)",
+            s.known_rejects
+        ));
+    }
     if report.status == RunStatus::SucceededWithRejects {
         line.push_str(&format!(" (see `{rejects}`)"));
     }
@@ -204,6 +211,14 @@ pub fn rejects_list(rejects: &[RejectRecord]) {
             raw.truncate(cut);
             raw.push_str("...");
         }
-        stdout_line(&format!("{}:{key} {}\n    {raw}", r.source_ref, r.reason));
+        let known = if r.known {
+            " (known: an earlier run rejected it too)"
+        } else {
+            ""
+        };
+        stdout_line(&format!(
+            "{}:{key} {}{known}\n    {raw}",
+            r.source_ref, r.reason
+        ));
     }
 }

@@ -424,6 +424,39 @@ pub(super) async fn fail(conn: &mut Conn, run_id: &str, stats: &RunStats, error:
 }
 
 /// Inserts a batch's rejects (inside its transaction), many rows a statement.
+/// How many of `rejects` an earlier run of the pipeline recorded already.
+pub(super) async fn known_rejects(
+    conn: &mut Conn,
+    pipeline: &str,
+    run_id: &str,
+    rejects: &[Reject],
+) -> R<u64> {
+    let mut known = 0;
+    for chunk in rejects.chunks(500) {
+        let marks = vec!["?"; chunk.len()].join(", ");
+        let mut params: Vec<MyValue> = vec![pipeline.into(), run_id.into()];
+        params.extend(chunk.iter().map(|r| MyValue::from(r.source.to_string())));
+        let stored: Vec<(String, Option<String>)> = conn
+            .exec(
+                format!(
+                    "SELECT source_ref, raw FROM {} WHERE pipeline = ? AND run_id <> ? AND source_ref IN ({marks})",
+                    q(REJECTS_TABLE)
+                ),
+                Params::Positional(params),
+            )
+            .await?;
+        let stored: std::collections::HashSet<(String, String)> = stored
+            .into_iter()
+            .map(|(s, w)| (s, w.unwrap_or_default()))
+            .collect();
+        known += chunk
+            .iter()
+            .filter(|r| stored.contains(&(r.source.to_string(), r.raw.clone())))
+            .count() as u64;
+    }
+    Ok(known)
+}
+
 pub(super) async fn insert_rejects(
     conn: &mut Conn,
     pipeline: &str,
@@ -509,6 +542,7 @@ type RejectRow = (
     String,
     Option<String>,
     String,
+    i64,
 );
 
 pub(super) async fn rejects(
@@ -534,8 +568,9 @@ pub(super) async fn rejects(
     let rows: Vec<RejectRow> = conn
         .exec(
             format!(
-                "SELECT run_id, pipeline, source_ref, record_key, reason, raw, rejected_at
-                 FROM {table} WHERE pipeline = ? AND run_id = ? ORDER BY id LIMIT ?"
+                "SELECT r.run_id, r.pipeline, r.source_ref, r.record_key, r.reason, r.raw,
+                        r.rejected_at, EXISTS (SELECT 1 FROM {table} e WHERE e.pipeline = r.pipeline AND e.source_ref = r.source_ref AND e.raw = r.raw AND e.id < r.id AND e.run_id <> r.run_id)
+                 FROM {table} r WHERE r.pipeline = ? AND r.run_id = ? ORDER BY r.id LIMIT ?"
             ),
             (pipeline, &run_id, limit as u64),
         )
@@ -550,6 +585,7 @@ pub(super) async fn rejects(
             reason: r.4,
             raw: r.5.unwrap_or_default(),
             rejected_at: r.6,
+            known: r.7 != 0,
         })
         .collect())
 }

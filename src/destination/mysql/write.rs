@@ -306,6 +306,12 @@ impl BatchTx for MysqlTx<'_> {
         Ok(changed)
     }
 
+    async fn known_rejects(&mut self, rejects: &[Reject]) -> Result<u64> {
+        books::known_rejects(self.conn, &self.lock.pipeline, &self.lock.run_id, rejects)
+            .await
+            .map_err(books_error)
+    }
+
     async fn insert_rejects(&mut self, rejects: &[Reject]) -> Result<()> {
         books::insert_rejects(self.conn, &self.lock.pipeline, &self.lock.run_id, rejects)
             .await

@@ -393,6 +393,34 @@ pub(super) fn without_nul(text: &str) -> String {
 }
 
 /// Writes the batch's rejects in one statement.
+/// How many of `rejects` an earlier run of the pipeline recorded already.
+pub(super) async fn known_rejects(
+    tx: &impl GenericClient,
+    schema: &str,
+    pipeline: &str,
+    run_id: &str,
+    rejects: &[crate::record::Reject],
+) -> Result<u64> {
+    let sources: Vec<String> = rejects
+        .iter()
+        .map(|r| without_nul(&r.source.to_string()))
+        .collect();
+    let raws: Vec<String> = rejects.iter().map(|r| without_nul(&r.raw)).collect();
+    let row = tx
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM unnest($1::text[], $2::text[]) AS u(s, w)
+                 WHERE EXISTS (SELECT 1 FROM {} e WHERE e.pipeline = $3 AND e.run_id <> $4
+                               AND e.source_ref = u.s AND e.raw = u.w)",
+                qualified(schema, REJECTS_TABLE)
+            ),
+            &[&sources, &raws, &pipeline, &run_id],
+        )
+        .await
+        .map_err(pg_error("reading earlier rejects"))?;
+    Ok(row.get::<_, i64>(0) as u64)
+}
+
 pub(super) async fn insert_rejects(
     tx: &impl GenericClient,
     schema: &str,
@@ -499,8 +527,9 @@ pub(super) async fn rejects(
     let rows = client
         .query(
             &format!(
-                "SELECT run_id, pipeline, source_ref, record_key, reason, raw, rejected_at
-                 FROM {table} WHERE pipeline = $1 AND run_id = $2 ORDER BY id LIMIT $3"
+                "SELECT r.run_id, r.pipeline, r.source_ref, r.record_key, r.reason, r.raw,
+                        r.rejected_at, EXISTS (SELECT 1 FROM {table} e WHERE e.pipeline = r.pipeline AND e.source_ref = r.source_ref AND e.raw = r.raw AND e.id < r.id AND e.run_id <> r.run_id)
+                 FROM {table} r WHERE r.pipeline = $1 AND r.run_id = $2 ORDER BY r.id LIMIT $3"
             ),
             &[&pipeline, &run_id, &(limit as i64)],
         )
@@ -516,6 +545,7 @@ pub(super) async fn rejects(
             reason: r.get(4),
             raw: r.get::<_, Option<String>>(5).unwrap_or_default(),
             rejected_at: format_time(r.get::<_, DateTime<Utc>>(6)),
+            known: r.get(7),
         })
         .collect())
 }

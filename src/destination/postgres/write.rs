@@ -369,6 +369,10 @@ impl BatchTx for PgTx<'_> {
         Ok(writes)
     }
 
+    async fn known_rejects(&mut self, rejects: &[Reject]) -> Result<u64> {
+        books::known_rejects(&self.tx, self.schema, &self.pipeline, &self.run_id, rejects).await
+    }
+
     async fn insert_rejects(&mut self, rejects: &[Reject]) -> Result<()> {
         insert_rejects(&self.tx, self.schema, &self.pipeline, &self.run_id, rejects).await
     }

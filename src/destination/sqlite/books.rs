@@ -360,6 +360,29 @@ pub(super) fn begin(
     Ok((stage, fills))
 }
 
+/// How many of `rejects` an earlier run of the pipeline recorded already.
+pub(super) fn known_rejects(
+    conn: &Connection,
+    pipeline: &str,
+    run_id: &str,
+    rejects: &[crate::record::Reject],
+) -> Result<u64> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT EXISTS (SELECT 1 FROM {} WHERE pipeline = ?1 AND source_ref = ?2 AND raw = ?3 AND run_id <> ?4)",
+        quote(REJECTS_TABLE)
+    ))?;
+    let mut known = 0;
+    for r in rejects {
+        let source = r.source.to_string();
+        if stmt.query_row(params![pipeline, source, r.raw, run_id], |row| {
+            row.get::<_, bool>(0)
+        })? {
+            known += 1;
+        }
+    }
+    Ok(known)
+}
+
 /// Finishes the run row (inside the last batch's transaction).
 pub(super) fn finish(
     conn: &Connection,
@@ -463,8 +486,9 @@ pub(super) fn rejects(
         return Ok(Vec::new());
     };
     let mut stmt = conn.prepare(&format!(
-        "SELECT run_id, pipeline, source_ref, record_key, reason, raw, rejected_at FROM {table}
-         WHERE pipeline = ?1 AND run_id = ?2 ORDER BY id LIMIT ?3"
+        "SELECT r.run_id, r.pipeline, r.source_ref, r.record_key, r.reason, r.raw, r.rejected_at,
+                EXISTS (SELECT 1 FROM {table} e WHERE e.pipeline = r.pipeline AND e.source_ref = r.source_ref AND e.raw = r.raw AND e.id < r.id AND e.run_id <> r.run_id)
+         FROM {table} r WHERE r.pipeline = ?1 AND r.run_id = ?2 ORDER BY r.id LIMIT ?3"
     ))?;
     let rows = stmt
         .query_map(params![pipeline, run_id, limit as i64], |r| {
@@ -476,6 +500,7 @@ pub(super) fn rejects(
                 reason: r.get(4)?,
                 raw: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
                 rejected_at: r.get(6)?,
+                known: r.get(7)?,
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;

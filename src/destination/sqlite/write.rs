@@ -127,6 +127,10 @@ impl BatchTx for SqliteTx<'_> {
         Ok(true)
     }
 
+    async fn known_rejects(&mut self, rejects: &[Reject]) -> Result<u64> {
+        books::known_rejects(&self.tx, &self.pipeline, &self.run_id, rejects)
+    }
+
     async fn insert_rejects(&mut self, rejects: &[Reject]) -> Result<()> {
         insert_rejects(&self.tx, &self.pipeline, &self.run_id, rejects)
     }
