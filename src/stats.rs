@@ -4,8 +4,8 @@
 //! `read = inserted + updated + unchanged + deleted + skipped + duplicates +
 //! rejected`, where `deleted` counts rows deleted by a record (`delete_field`).
 //! In `replace` and `window` modes rows that the load no longer contains are
-//! removed too: they are counted in `deleted` and again in `removed`, which
-//! is not part of the identity because no record was read for them.
+//! removed too: they are counted in `removed` only, which is not part of the
+//! identity because no record was read for them.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,8 +17,9 @@ pub struct RunStats {
     pub updated: u64,
     pub unchanged: u64,
     pub deleted: u64,
-    /// Rows removed because a `replace`/`window` load no longer holds them
-    /// (also counted in `deleted`).
+    /// Rows removed because a `replace`/`window` load no longer holds them:
+    /// no record was read for them, so they are outside the identity and
+    /// not in `deleted`.
     #[serde(default)]
     pub removed: u64,
     pub skipped: u64,
@@ -49,7 +50,7 @@ impl RunStats {
         self.inserted
             + self.updated
             + self.unchanged
-            + (self.deleted - self.removed.min(self.deleted))
+            + self.deleted
             + self.skipped
             + self.duplicates
             + self.rejected
@@ -62,7 +63,7 @@ impl RunStats {
 
     /// Did the run change the destination?
     pub fn changed_anything(&self) -> bool {
-        self.inserted + self.updated + self.deleted > 0
+        self.inserted + self.updated + self.deleted + self.removed > 0
     }
 }
 
@@ -151,7 +152,7 @@ mod tests {
             inserted: 3,
             updated: 2,
             unchanged: 1,
-            deleted: 5,
+            deleted: 1,
             removed: 4,
             skipped: 1,
             duplicates: 1,

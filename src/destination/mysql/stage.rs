@@ -82,8 +82,7 @@ pub(super) async fn apply(conn: &mut Conn, run: &Run, stage: &str, plan: &Plan) 
         Plan::Nothing { target_exists } => {
             if run.target.mode == Mode::Replace && *target_exists {
                 conn.query_drop(format!("DELETE FROM {t}")).await?;
-                stats.deleted = conn.affected_rows();
-                stats.removed = stats.deleted;
+                stats.removed = conn.affected_rows();
             }
             return Ok(stats);
         }
@@ -147,7 +146,6 @@ pub(super) async fn apply(conn: &mut Conn, run: &Run, stage: &str, plan: &Plan) 
     stats.inserted = inserted;
     stats.updated = updated;
     stats.unchanged = staged.saturating_sub(inserted + updated);
-    stats.deleted = removed;
     stats.removed = removed;
     Ok(stats)
 }

@@ -381,10 +381,15 @@ async fn replace_and_window_write_only_the_differences() {
         (0, 0, 0)
     );
     assert_eq!(
-        (stats[2].inserted, stats[2].updated, stats[2].deleted),
-        (1, 1, 1)
+        (
+            stats[2].inserted,
+            stats[2].updated,
+            stats[2].deleted,
+            stats[2].removed
+        ),
+        (1, 1, 0, 1)
     );
-    assert_eq!(stats[3].deleted, 6);
+    assert_eq!((stats[3].deleted, stats[3].removed), (0, 6));
 
     let Some(db) = TestDb::create("window").await else {
         return;
@@ -400,7 +405,7 @@ async fn replace_and_window_write_only_the_differences() {
     )
     .await;
     assert_eq!(
-        (stats[1].inserted, stats[1].updated, stats[1].deleted),
+        (stats[1].inserted, stats[1].updated, stats[1].removed),
         (1, 1, 1)
     );
     assert_eq!(

@@ -30,7 +30,6 @@ pub(super) async fn apply_stage(
                 .execute(&format!("DELETE FROM {t}"), &[])
                 .await
                 .map_err(pg_error(context))?;
-            stats.deleted = removed;
             stats.removed = removed;
         }
         return Ok(stats);
@@ -137,7 +136,6 @@ pub(super) async fn apply_stage(
     stats.inserted = inserted;
     stats.updated = updated;
     stats.unchanged = staged as u64 - inserted - updated;
-    stats.deleted = removed;
     stats.removed = removed;
     Ok(stats)
 }

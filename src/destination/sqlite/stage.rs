@@ -20,7 +20,6 @@ pub(super) fn apply_stage(conn: &Connection, run: &mut Run, stage: &str) -> Resu
         // Nothing was staged: a replace empties the table, a window touches nothing.
         if run.target.mode == Mode::Replace && read_schema(conn, &target)?.is_some() {
             let removed = conn.execute(&format!("DELETE FROM {}", quote(&target)), [])? as u64;
-            stats.deleted = removed;
             stats.removed = removed;
         }
         return Ok(stats);
@@ -111,7 +110,6 @@ pub(super) fn apply_stage(conn: &Connection, run: &mut Run, stage: &str) -> Resu
     stats.inserted = inserted;
     stats.updated = updated;
     stats.unchanged = staged - inserted - updated;
-    stats.deleted = removed;
     stats.removed = removed;
     Ok(stats)
 }
