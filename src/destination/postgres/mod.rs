@@ -267,6 +267,24 @@ impl Books for PostgresDestination {
         books::fail(&self.client, &self.schema, run_id, stats, error).await
     }
 
+    async fn interrupt(
+        &mut self,
+        run_id: &str,
+        stats: &RunStats,
+        checkpoint: Option<&Value>,
+    ) -> Result<()> {
+        books::finish(
+            &self.client,
+            &self.schema,
+            run_id,
+            crate::stats::RunStatus::Interrupted,
+            stats,
+            checkpoint,
+            None,
+        )
+        .await
+    }
+
     async fn history(&mut self, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>> {
         books::history(&self.client, &self.schema, pipeline, limit).await
     }
