@@ -231,7 +231,7 @@ impl Books for PostgresDestination {
         }
         let key = books::advisory_key(&self.schema, pipeline);
         let held =
-            books::try_lock(&self.client, &self.schema, pipeline, holder, lease, key).await?;
+            books::try_lock(&mut self.client, &self.schema, pipeline, holder, lease, key).await?;
         if held.is_none() {
             self.lock = Some((pipeline.to_string(), holder.run_id.clone(), lease, key));
         }
