@@ -32,6 +32,7 @@ mod overlap;
 mod pg_restart;
 mod property;
 mod shapes;
+mod signals;
 mod sql_source;
 mod tls;
 mod watch;
