@@ -338,3 +338,46 @@ idemtest!(a_signal_while_waiting_for_the_lock_ends_the_wait, |env| {
         );
     }
 });
+
+#[test]
+fn sigterm_stops_a_watch_between_polls_and_frees_its_lock() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("items.jsonl"),
+        "{\"id\":1,\"updated_at\":\"2025-01-01T00:00:00Z\"}\n",
+    )
+    .expect("write items");
+    std::fs::write(
+        dir.path().join("w.toml"),
+        "name = \"items\"\n[source]\ntype = \"file\"\npath = \"items.jsonl\"\n[trigger]\ninterval = \"60s\"\nstore = \"sqlite://seen.db\"\n",
+    )
+    .expect("write pipeline");
+    let mut child = std::process::Command::new(crate::common::bin())
+        .args(["watch", "w.toml", "--json"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn idemload");
+    // The first poll's report: the watcher now sleeps until the next poll.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).expect("read a poll report");
+    assert!(line.contains("\"poll\":1"), "{line}");
+    let signalled = Instant::now();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("signal");
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    assert!(signalled.elapsed() < Duration::from_secs(5));
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    // The lock is free: another watcher starts at once, without --wait.
+    let again = crate::common::idemload_in(dir.path(), &["watch", "w.toml", "--once"]);
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}
