@@ -134,7 +134,7 @@ pub(crate) fn try_lock(
         if alive && holder.run_id != me.run_id {
             return Ok(Some(holder));
         }
-        if !alive {
+        if !alive && holder.run_id != me.run_id {
             tracing::warn!(pipeline, holder = %holder, "Taking over the lock of a run that died.");
             // Its run ends here, in the takeover's transaction: `died`.
             tx.execute(
