@@ -396,7 +396,12 @@ impl Pipeline {
             Ok(None) => {
                 // What was committed stays, with the checkpoint that
                 // describes it: the run is recorded as interrupted, and the
-                // next run reads again from that checkpoint.
+                // next run reads again from that checkpoint. A staged load
+                // (`replace`, `window`) is swapped in whole with its last
+                // batch or not at all: stopped before, it changed nothing.
+                if s.mode.is_staged() {
+                    stats = RunStats::default();
+                }
                 dest.interrupt(run_id, &stats, committed_checkpoint.as_ref())
                     .await?;
                 Ok((stats, RunStatus::Interrupted, before, committed_checkpoint))

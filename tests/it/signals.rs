@@ -381,3 +381,67 @@ fn sigterm_stops_a_watch_between_polls_and_frees_its_lock() {
         String::from_utf8_lossy(&again.stderr)
     );
 }
+
+idemtest!(an_interrupted_replace_leaves_the_old_snapshot, |env| {
+    let rows: u64 = match env.backend.kind {
+        BackendKind::Sqlite => 120_000,
+        _ => 40_000,
+    };
+    let snapshot = |tag: &str| {
+        let mut text = String::new();
+        for id in 0..rows {
+            text.push_str(&format!("{{\"id\":{id},\"name\":\"{tag}{id}\"}}\n"));
+        }
+        text
+    };
+    env.write("a.jsonl", snapshot("a"));
+    env.write("b.jsonl", snapshot("b"));
+    let args = ["--mode", "replace", "--batch-size", "1000"];
+    env.load("t", &["a.jsonl"], &args).code(0);
+
+    let url = env.url();
+    let mut cmd = vec!["load", "b.jsonl", "--into", &url, "--table", "t", "--json"];
+    cmd.extend_from_slice(&args);
+    let child = env
+        .command(&cmd)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn idemload");
+    let loading = wait_until(Duration::from_secs(30), || {
+        env.backend.count("_idemload_locks") == 1
+    });
+    assert!(loading, "the load took its lock");
+    std::thread::sleep(Duration::from_millis(50));
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let out = finish(child);
+    eprintln!("a replace signalled 50ms into its run exits {}", out.code);
+    let b_rows = env
+        .backend
+        .scalar_i64("SELECT count(*) FROM t WHERE name LIKE 'b%'")
+        .unwrap_or(0);
+    if out.code == 0 {
+        assert_eq!(
+            b_rows, rows as i64,
+            "a finished replace swapped the snapshot in"
+        );
+    } else {
+        out.code(143);
+        let report = out.report();
+        assert_eq!(report.status, "interrupted");
+        // The staged load is dropped whole: the table and the counts say
+        // that nothing changed.
+        assert_eq!((report.read, report.changes()), (0, (0, 0, 0, 0)));
+        assert_eq!(
+            b_rows, 0,
+            "an interrupted replace swapped part of the snapshot in"
+        );
+        assert_eq!(env.backend.count("t"), rows);
+    }
+    env.load("t", &["b.jsonl"], &args).code(0);
+    assert_eq!(
+        env.backend
+            .scalar_i64("SELECT count(*) FROM t WHERE name LIKE 'b%'"),
+        Some(rows as i64)
+    );
+});
