@@ -7,7 +7,6 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use idemload::StopToken;
-use tokio::signal::unix::{signal, SignalKind};
 
 /// The exit code of the first signal received, 0 before any.
 static RECEIVED: AtomicU8 = AtomicU8::new(0);
@@ -16,6 +15,7 @@ static RECEIVED: AtomicU8 = AtomicU8::new(0);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caught {
     Interrupt,
+    #[cfg_attr(not(unix), allow(dead_code))]
     Terminate,
 }
 
@@ -47,7 +47,9 @@ pub fn received() -> Option<Caught> {
 
 /// Turns SIGINT and SIGTERM into a stop request on `stop` from now on.
 /// Must be called inside the runtime.
+#[cfg(unix)]
 pub fn listen(stop: StopToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     tokio::spawn(async move {
@@ -56,29 +58,41 @@ pub fn listen(stop: StopToken) -> std::io::Result<()> {
                 _ = interrupt.recv() => Caught::Interrupt,
                 _ = terminate.recv() => Caught::Terminate,
             };
-            let first = RECEIVED.compare_exchange(
-                0,
-                caught.exit_code(),
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            );
-            match first {
-                Ok(_) => {
-                    eprintln!(
-                        "idemload: {}: stopping once the batch being written commits (a second signal aborts at once)",
-                        caught.name()
-                    );
-                    stop.stop();
-                }
-                Err(code) => {
-                    eprintln!(
-                        "idemload: {}: aborting; a batch not yet committed is rolled back, and the run lock frees itself when its lease runs out",
-                        caught.name()
-                    );
-                    std::process::exit(i32::from(code));
-                }
-            }
+            caught_one(caught, &stop);
         }
     });
     Ok(())
+}
+
+/// Elsewhere, Ctrl-C only.
+#[cfg(not(unix))]
+pub fn listen(stop: StopToken) -> std::io::Result<()> {
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            caught_one(Caught::Interrupt, &stop);
+        }
+    });
+    Ok(())
+}
+
+/// The first signal asks for the stop; a second ends the process.
+fn caught_one(caught: Caught, stop: &StopToken) {
+    let first =
+        RECEIVED.compare_exchange(0, caught.exit_code(), Ordering::SeqCst, Ordering::SeqCst);
+    match first {
+        Ok(_) => {
+            eprintln!(
+                "idemload: {}: stopping once the batch being written commits (a second signal aborts at once)",
+                caught.name()
+            );
+            stop.stop();
+        }
+        Err(code) => {
+            eprintln!(
+                "idemload: {}: aborting; a batch not yet committed is rolled back, and the run lock frees itself when its lease runs out",
+                caught.name()
+            );
+            std::process::exit(i32::from(code));
+        }
+    }
 }
