@@ -56,6 +56,11 @@ pub enum Error {
     /// More records were rejected than `max_rejects` allows (exit 1).
     #[error("{rejected} records rejected, more than max_rejects = {max}; committed batches stay committed, see `idemload rejects`")]
     TooManyRejects { rejected: u64, max: u64 },
+
+    /// A stop was asked for (SIGINT, SIGTERM) before the run or the watch
+    /// held its lock: nothing was written (the binary exits 130 or 143).
+    #[error("pipeline {pipeline:?}: stopped while waiting for the lock; nothing was written")]
+    Interrupted { pipeline: String },
 }
 
 impl Error {
@@ -97,6 +102,8 @@ impl Error {
         match self {
             Error::Config(_) => 2,
             Error::Locked { .. } => 3,
+            // 128 + SIGINT, as a shell reports a process ended by Ctrl-C.
+            Error::Interrupted { .. } => 130,
             _ => 1,
         }
     }
@@ -129,7 +136,7 @@ impl Error {
             Error::Source { .. } | Error::Io { .. } => Some(
                 "committed batches are correct and stay; run again once the cause is fixed and the load completes exactly".into(),
             ),
-            Error::Config(_) => None,
+            Error::Config(_) | Error::Interrupted { .. } => None,
         }
     }
 }

@@ -26,6 +26,7 @@ pub mod redact;
 pub mod source;
 pub mod state;
 pub mod stats;
+pub mod stop;
 pub mod trigger;
 pub mod verify;
 
@@ -38,3 +39,4 @@ pub use pipeline::{NoProgress, Pipeline, Progress, RunOptions, RunReport};
 pub use record::{Item, Record, Reject, SourceRef};
 pub use source::{Source, SourceQuery};
 pub use stats::{RunStats, RunStatus};
+pub use stop::StopToken;

@@ -69,6 +69,41 @@ impl fmt::Display for LockHolder {
     }
 }
 
+/// The error recorded with a run found dead when `by_run` took its lock
+/// over: the run's row is marked `died` in the takeover's transaction.
+pub fn died_error(holder: &LockHolder, by_run: &str) -> String {
+    format!(
+        "the process ended before the run finished (host {}, pid {}); run {by_run} took its lock over",
+        holder.host, holder.pid
+    )
+}
+
+/// The status `history` shows for a stored one. A run still `running` whose
+/// run no longer holds the pipeline's lock (`holder` is the lease row of
+/// its run id, if any) or whose holder is a process of this host that is
+/// gone died without finishing: it is shown as `died` even before another
+/// run takes its lock over and records it so.
+pub fn status_shown(status: String, holder: Option<(String, u32)>) -> String {
+    if status != RunStatus::Running.as_str() {
+        return status;
+    }
+    let dead = match holder {
+        None => true,
+        Some((host, pid)) => LockHolder {
+            run_id: String::new(),
+            host,
+            pid,
+            since: Utc::now(),
+        }
+        .is_dead_local_process(),
+    };
+    if dead {
+        RunStatus::Died.as_str().to_string()
+    } else {
+        status
+    }
+}
+
 /// A new run, as the destination records it.
 #[derive(Debug, Clone)]
 pub struct RunInfo {
@@ -195,5 +230,26 @@ mod tests {
         });
         assert_eq!(failed.status, RunStatus::Failed);
         assert_eq!(failed.checkpoint, None);
+    }
+
+    #[test]
+    fn a_running_run_without_its_lock_is_shown_as_died() {
+        let me = LockHolder::this_process("r");
+        let running = || "running".to_string();
+        assert_eq!(status_shown(running(), None), "died");
+        assert_eq!(
+            status_shown(running(), Some((me.host.clone(), me.pid))),
+            "running"
+        );
+        // A pid above Linux's pid_max never exists.
+        assert_eq!(
+            status_shown(running(), Some((me.host.clone(), 4_194_305))),
+            "died"
+        );
+        assert_eq!(
+            status_shown(running(), Some(("another-host".into(), 4_194_305))),
+            "running"
+        );
+        assert_eq!(status_shown("succeeded".into(), None), "succeeded");
     }
 }

@@ -119,6 +119,12 @@ pub enum RunStatus {
     /// Finished; some records were rejected (exit 4).
     SucceededWithRejects,
     Failed,
+    /// Stopped on request (SIGINT, SIGTERM, a library user's stop) between
+    /// batches: what it committed stays, and running again resumes.
+    Interrupted,
+    /// The process ended without finishing the run (killed, power lost):
+    /// recorded by the run that took its lock over.
+    Died,
 }
 
 impl RunStatus {
@@ -128,6 +134,8 @@ impl RunStatus {
             RunStatus::Succeeded => "succeeded",
             RunStatus::SucceededWithRejects => "succeeded_with_rejects",
             RunStatus::Failed => "failed",
+            RunStatus::Interrupted => "interrupted",
+            RunStatus::Died => "died",
         }
     }
 
@@ -136,6 +144,8 @@ impl RunStatus {
             "succeeded" => RunStatus::Succeeded,
             "succeeded_with_rejects" => RunStatus::SucceededWithRejects,
             "running" => RunStatus::Running,
+            "interrupted" => RunStatus::Interrupted,
+            "died" => RunStatus::Died,
             _ => RunStatus::Failed,
         }
     }

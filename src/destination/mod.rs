@@ -75,6 +75,15 @@ pub trait Books: Send {
     /// Records a failed run (best effort: the destination may be gone).
     async fn fail(&mut self, run_id: &str, stats: &RunStats, error: &str) -> Result<()>;
 
+    /// Records a run stopped on request after its last committed batch as
+    /// `interrupted`, with the stats and the checkpoint of what it committed.
+    async fn interrupt(
+        &mut self,
+        run_id: &str,
+        stats: &RunStats,
+        checkpoint: Option<&Value>,
+    ) -> Result<()>;
+
     /// The pipeline's latest runs, newest first.
     async fn history(&mut self, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>>;
 

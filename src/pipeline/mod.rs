@@ -28,6 +28,7 @@ use crate::key::Cursor;
 use crate::source::{self, Source, SourceProgress, SourceQuery};
 use crate::state::{format_time, Finish, LockHolder, RunInfo};
 use crate::stats::{RunStats, RunStatus};
+use crate::stop::StopToken;
 
 /// How this process runs a pipeline (the pipeline's meaning is in its file).
 #[derive(Debug, Clone, Default)]
@@ -36,6 +37,10 @@ pub struct RunOptions {
     pub full_refresh: bool,
     /// Wait this long for a lock held by another run instead of failing.
     pub wait: Option<Duration>,
+    /// Stops the run cleanly when asked (keep a clone and call
+    /// [`StopToken::stop`]): the batch being written commits, the run is
+    /// recorded as `interrupted` and its lock released.
+    pub stop: StopToken,
 }
 
 /// Observes a run; the binary draws a progress bar with it.
@@ -133,6 +138,7 @@ impl Pipeline {
             &me,
             self.settings.lock_lease,
             wait,
+            &StopToken::new(),
         )
         .await?;
         let result = dest.set_checkpoint(self.name(), value).await;
@@ -171,6 +177,7 @@ impl Pipeline {
             &holder,
             self.settings.lock_lease,
             options.wait,
+            &options.stop,
         )
         .await?;
         // The run starts once it holds the lock: time spent waiting for
@@ -204,7 +211,11 @@ impl Pipeline {
             finished_at: format_time(finished_at),
             duration_ms: started.elapsed().as_millis() as u64,
         };
-        tracing::info!(pipeline = %report.pipeline, run_id = %report.run_id, stats = %report.stats, "Run finished.");
+        if status == RunStatus::Interrupted {
+            tracing::info!(pipeline = %report.pipeline, run_id = %report.run_id, stats = %report.stats, "Run interrupted; running again resumes.");
+        } else {
+            tracing::info!(pipeline = %report.pipeline, run_id = %report.run_id, stats = %report.stats, "Run finished.");
+        }
         Ok(report)
     }
 
@@ -245,6 +256,11 @@ impl Pipeline {
         tracing::info!(pipeline = %name, %run_id, checkpoint = ?before, low = ?low.as_ref().map(|c| c.to_string()), "Run started.");
 
         let mut stats = RunStats::default();
+        // The checkpoint as committed so far: where an interrupted run
+        // leaves it.
+        let mut committed_checkpoint = before.clone();
+        let stop = &options.stop;
+        // `Ok(None)`: stopped on request, between batches.
         let outcome = async {
             let query = SourceQuery {
                 cursor: s.cursor.clone(),
@@ -252,7 +268,10 @@ impl Pipeline {
                 batch_size: s.batch_size,
                 max_record_bytes: 64 << 20,
             };
-            let mut source = open_source(query).await?;
+            let Some(source) = stop.unless_stopped(open_source(query)).await else {
+                return Ok(None);
+            };
+            let mut source = source?;
             let ordered = source.ordered_by_cursor();
             let planner = Planner {
                 key: s.key.clone(),
@@ -270,13 +289,19 @@ impl Pipeline {
             // so parsing overlaps the database's work. A batch is the last
             // when the source says it is at its end, or, for a source that
             // cannot tell, when reading one more batch finds nothing.
+            // A stop request abandons reading at once (what was read and not
+            // written is read again by the next run) but never a write.
             let mut queue = std::collections::VecDeque::with_capacity(2);
             let lookahead = dest.lookahead();
             let mut exhausted = false;
             let mut first = true;
             let last = loop {
                 if queue.is_empty() && !exhausted {
-                    match read_planned(source.as_mut(), &planner).await? {
+                    let reading = read_planned(source.as_mut(), &planner);
+                    let Some(read) = stop.unless_stopped(reading).await else {
+                        return Ok(None);
+                    };
+                    match read? {
                         Some(b) => queue.push_back(b),
                         None => exhausted = true,
                     }
@@ -288,19 +313,27 @@ impl Pipeline {
                     }
                 }
                 if queue.is_empty() && !exhausted {
-                    exhausted = match source.at_end().await? {
-                        Some(end) => end,
-                        None => match read_planned(source.as_mut(), &planner).await? {
-                            Some(b) => {
-                                queue.push_back(b);
-                                false
-                            }
-                            None => true,
-                        },
+                    let peek = async {
+                        Ok::<_, Error>(match source.at_end().await? {
+                            Some(end) => (end, None),
+                            None => match read_planned(source.as_mut(), &planner).await? {
+                                Some(b) => (false, Some(b)),
+                                None => (true, None),
+                            },
+                        })
                     };
+                    let Some(peeked) = stop.unless_stopped(peek).await else {
+                        return Ok(None);
+                    };
+                    let (end, next) = peeked?;
+                    exhausted = end;
+                    queue.extend(next);
                 }
                 if queue.is_empty() && exhausted {
                     break ready;
+                }
+                if stop.is_stopped() {
+                    return Ok(None);
                 }
                 batch_no += 1;
                 let reaches = max_cursor(&committed_max, &ready.max_cursor);
@@ -308,12 +341,14 @@ impl Pipeline {
                     checkpoint: if ordered { reaches.as_ref().map(Cursor::to_json) } else { None },
                     finish: None,
                 };
+                let moved = commit.checkpoint.clone();
                 let next = async {
                     if exhausted {
-                        return Ok(None);
+                        return Some(Ok(None));
                     }
-                    let next = read_planned(source.as_mut(), &planner).await;
-                    if let (Ok(Some(batch)), Some(ahead)) = (&next, &lookahead) {
+                    let reading = read_planned(source.as_mut(), &planner);
+                    let next = stop.unless_stopped(reading).await;
+                    if let (Some(Ok(Some(batch))), Some(ahead)) = (&next, &lookahead) {
                         ahead.planned(batch);
                     }
                     next
@@ -321,6 +356,9 @@ impl Pipeline {
                 let (written, read) = tokio::join!(dest.write(ready, commit), next);
                 stats += written.map_err(|e| in_batch(e, &name, batch_no))?;
                 committed_max = reaches;
+                if moved.is_some() {
+                    committed_checkpoint = moved;
+                }
                 progress.batch_committed(&stats, source.progress());
                 tracing::info!(pipeline = %name, batch = batch_no, stats = %stats, "Batch committed.");
                 if let Some(max) = s.max_rejects {
@@ -328,11 +366,19 @@ impl Pipeline {
                         return Err(Error::TooManyRejects { rejected: stats.rejected, max });
                     }
                 }
+                let Some(read) = read else {
+                    return Ok(None);
+                };
                 match read? {
                     Some(b) => queue.push_back(b),
                     None => exhausted = true,
                 }
             };
+            // Once the last batch is being written the run finishes: its
+            // transaction ends the run, whatever is asked meanwhile.
+            if stop.is_stopped() {
+                return Ok(None);
+            }
             batch_no += 1;
             let reaches = max_cursor(&committed_max, &last.max_cursor);
             let finish = Finish {
@@ -347,17 +393,30 @@ impl Pipeline {
             let end = finish.resolve(batch);
             stats = end.stats;
             progress.batch_committed(&stats, source.progress());
-            Ok(end)
+            Ok(Some(end))
         }
         .await;
         match outcome {
-            Ok(end) if end.status == RunStatus::Failed => Err(Error::TooManyRejects {
+            Ok(Some(end)) if end.status == RunStatus::Failed => Err(Error::TooManyRejects {
                 rejected: end.stats.rejected,
                 max: s.max_rejects.unwrap_or_default(),
             }),
-            Ok(end) => {
+            Ok(Some(end)) => {
                 let after = end.checkpoint.or(before.clone());
                 Ok((end.stats, end.status, before, after))
+            }
+            Ok(None) => {
+                // What was committed stays, with the checkpoint that
+                // describes it: the run is recorded as interrupted, and the
+                // next run reads again from that checkpoint. A staged load
+                // (`replace`, `window`) is swapped in whole with its last
+                // batch or not at all: stopped before, it changed nothing.
+                if s.mode.is_staged() {
+                    stats = RunStats::default();
+                }
+                dest.interrupt(run_id, &stats, committed_checkpoint.as_ref())
+                    .await?;
+                Ok((stats, RunStatus::Interrupted, before, committed_checkpoint))
             }
             Err(e) => {
                 if let Err(e2) = dest.fail(run_id, &stats, &e.to_string()).await {
@@ -399,13 +458,15 @@ async fn read_planned(source: &mut dyn Source, planner: &Planner) -> Result<Opti
     Ok(source.next_batch().await?.map(|items| planner.plan(items)))
 }
 
-/// Waits for the lock as long as `wait` allows.
+/// Waits for the lock as long as `wait` allows, or until a stop is asked
+/// for.
 async fn lock(
     dest: &mut dyn Destination,
     pipeline: &str,
     me: &LockHolder,
     lease: Duration,
     wait: Option<Duration>,
+    stop: &StopToken,
 ) -> Result<()> {
     let started = Instant::now();
     let deadline = wait.map(|w| started + w);
@@ -419,20 +480,20 @@ async fn lock(
         // as long as the statement it was running: the holder is certain to
         // be dead, so wait for the server rather than give up.
         let dead_holder = holder.is_dead_local_process() && started.elapsed() < DEAD_HOLDER_GRACE;
-        match deadline {
+        let pause = match deadline {
             _ if dead_holder => {
                 if !logged {
                     tracing::info!(pipeline, holder = %holder, "Waiting for the server to release the lock of a process that died.");
                     logged = true;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                Duration::from_millis(100)
             }
             Some(d) if Instant::now() < d => {
                 if !logged {
                     tracing::info!(pipeline, holder = %holder, "Waiting for the run lock.");
                     logged = true;
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                Duration::from_millis(200)
             }
             _ => {
                 return Err(Error::Locked {
@@ -440,6 +501,15 @@ async fn lock(
                     holder,
                 })
             }
+        };
+        if stop
+            .unless_stopped(tokio::time::sleep(pause))
+            .await
+            .is_none()
+        {
+            return Err(Error::Interrupted {
+                pipeline: pipeline.to_string(),
+            });
         }
     }
 }

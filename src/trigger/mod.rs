@@ -30,6 +30,7 @@ use crate::key::{parse_duration, Cursor, KeySpec};
 use crate::record::Item;
 use crate::source::{self, SourceQuery};
 use crate::state::LockHolder;
+use crate::stop::StopToken;
 
 /// `[trigger]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -99,6 +100,10 @@ pub struct WatchOptions {
     pub once: bool,
     /// Wait this long for another watcher's lock instead of failing.
     pub wait: Option<Duration>,
+    /// Stops watching cleanly when asked: a poll being read is abandoned
+    /// (nothing of it is marked seen), an emission under way finishes and
+    /// is marked, then the lock is released.
+    pub stop: StopToken,
 }
 
 /// What one poll did.
@@ -180,17 +185,35 @@ pub async fn watch(
     let (trigger, s) = settings(config)?;
     let mut store = store::open(&trigger.store).await?;
     let mut emitter = emit::open(&trigger.emit)?;
-    acquire(config, store.as_mut(), &s, options.wait).await?;
+    let stop = &options.stop;
+    acquire(config, store.as_mut(), &s, options.wait, stop).await?;
     let result = async {
         let mut n = 0;
         loop {
             n += 1;
-            let report = poll(config, trigger, &s, store.as_mut(), emitter.as_mut(), n).await?;
-            on_poll(&report);
-            if options.once {
+            let polled = poll(
+                config,
+                trigger,
+                &s,
+                store.as_mut(),
+                emitter.as_mut(),
+                n,
+                stop,
+            )
+            .await?;
+            if let Some(report) = polled {
+                on_poll(&report);
+            }
+            if options.once || stop.is_stopped() {
                 return Ok(());
             }
-            tokio::time::sleep(s.interval).await;
+            if stop
+                .unless_stopped(tokio::time::sleep(s.interval))
+                .await
+                .is_none()
+            {
+                return Ok(());
+            }
         }
     }
     .await;
@@ -200,12 +223,14 @@ pub async fn watch(
     result
 }
 
-/// Takes the trigger's lock, waiting up to `wait` for another watcher.
+/// Takes the trigger's lock, waiting up to `wait` for another watcher (or
+/// until a stop is asked for).
 async fn acquire(
     config: &PipelineConfig,
     store: &mut dyn SeenStore,
     s: &Settings,
     wait: Option<Duration>,
+    stop: &StopToken,
 ) -> Result<()> {
     let name = format!("watch:{}", config.name);
     let me = LockHolder::this_process(&uuid::Uuid::now_v7().to_string());
@@ -214,7 +239,12 @@ async fn acquire(
         match store.lock(&name, &me, s.lease).await? {
             None => return Ok(()),
             Some(_) if deadline.is_some_and(|d| Instant::now() < d) => {
-                tokio::time::sleep(Duration::from_millis(200)).await
+                let pause = tokio::time::sleep(Duration::from_millis(200));
+                if stop.unless_stopped(pause).await.is_none() {
+                    return Err(Error::Interrupted {
+                        pipeline: config.name.clone(),
+                    });
+                }
             }
             Some(holder) => {
                 return Err(Error::Locked {
@@ -240,7 +270,7 @@ async fn with_store<T>(
 ) -> Result<T> {
     let (trigger, s) = settings(config)?;
     let mut store = store::open(&trigger.store).await?;
-    acquire(config, store.as_mut(), &s, options.wait).await?;
+    acquire(config, store.as_mut(), &s, options.wait, &options.stop).await?;
     let result = f(store.as_mut(), trigger, &s).await;
     if let Err(e) = store.unlock().await {
         tracing::warn!(error = %e, "Could not release the trigger's lock; it frees itself when its lease runs out.");
@@ -332,6 +362,8 @@ struct Candidate {
     item: Value,
 }
 
+/// One poll; `None` when a stop came while the source was read (nothing of
+/// the poll is marked seen, so the next watch reads it again).
 async fn poll(
     config: &PipelineConfig,
     trigger: &TriggerConfig,
@@ -339,7 +371,8 @@ async fn poll(
     store: &mut dyn SeenStore,
     emitter: &mut dyn emit::Emitter,
     n: u64,
-) -> Result<PollReport> {
+    stop: &StopToken,
+) -> Result<Option<PollReport>> {
     let name = format!("watch:{}", config.name);
     let mut report = PollReport {
         pipeline: config.name.clone(),
@@ -352,10 +385,20 @@ async fn poll(
         batch_size: 10_000,
         max_record_bytes: 64 << 20,
     };
-    let mut source = source::open(&config.source, &query).await?;
+    let Some(source) = stop
+        .unless_stopped(source::open(&config.source, &query))
+        .await
+    else {
+        return Ok(None);
+    };
+    let mut source = source?;
     let mut candidates: Vec<Candidate> = Vec::new();
     let mut by_hash = std::collections::HashMap::new();
-    while let Some(items) = source.next_batch().await? {
+    loop {
+        let Some(next) = stop.unless_stopped(source.next_batch()).await else {
+            return Ok(None);
+        };
+        let Some(items) = next? else { break };
         for item in items {
             report.read += 1;
             let record = match item {
@@ -430,6 +473,11 @@ async fn poll(
             store.set_primed(&name).await?;
         }
         for c in fresh {
+            // Each item is emitted and marked before the next: stopping
+            // here leaves every emitted item marked.
+            if stop.is_stopped() {
+                break;
+            }
             if store.lock_lost() {
                 return Err(Error::LockLost {
                     pipeline: config.name.clone(),
@@ -463,7 +511,7 @@ async fn poll(
         report.forgotten = store.forget_before(&name, cutoff).await?;
     }
     tracing::info!(pipeline = %config.name, poll = n, read = report.read, new = report.new, emitted = report.emitted, "Poll done.");
-    Ok(report)
+    Ok(Some(report))
 }
 
 /// Emits with retries; on failure returns the last error and the attempts made.

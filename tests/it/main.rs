@@ -34,6 +34,7 @@ mod pg_restart;
 mod property;
 mod read_only;
 mod shapes;
+mod signals;
 mod sql_source;
 mod tls;
 mod watch;

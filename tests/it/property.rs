@@ -60,7 +60,7 @@ fn run(
         .expect("runtime");
     let options = RunOptions {
         full_refresh: true,
-        wait: None,
+        ..RunOptions::default()
     };
     let report = rt
         .block_on(

@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
     arg_required_else_help = true
 )]
 #[command(
-    after_help = "Reference of every command, flag, pipeline key and --json field: docs/reference.md\n\nExamples:\n  idemload load exports/*.jsonl --into sqlite://warehouse.db --table contacts\n  idemload run pipelines/usage.toml\n  idemload history pipelines/usage.toml\n\nExit codes: 0 success, 1 run failed, 2 usage or configuration error,\n3 pipeline locked by another run, 4 finished with rejected records."
+    after_help = "Reference of every command, flag, pipeline key and --json field: docs/reference.md\n\nExamples:\n  idemload load exports/*.jsonl --into sqlite://warehouse.db --table contacts\n  idemload run pipelines/usage.toml\n  idemload history pipelines/usage.toml\n\nExit codes: 0 success, 1 run failed, 2 usage or configuration error,\n3 pipeline locked by another run, 4 finished with rejected records,\n130/143 stopped by SIGINT/SIGTERM (committed batches stay; running again resumes)."
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -6,6 +6,7 @@ mod check;
 mod maintenance;
 mod output;
 mod progress;
+mod signals;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use clap::Parser;
 use idemload::config::{DestinationConfig, LoadConfig, PipelineConfig};
 use idemload::key::parse_duration;
 use idemload::source::{FileFormat, FileSourceConfig, SourceConfig};
-use idemload::{Error, Pipeline, RunOptions, RunStatus};
+use idemload::{Error, Pipeline, RunOptions, RunStatus, StopToken};
 use serde_json::json;
 
 use crate::args::{Cli, Command, LoadArgs, LogFormat, RunFlags};
@@ -61,7 +62,13 @@ fn main() -> ExitCode {
             if json_errors {
                 match &run_pipeline {
                     // `load` and `run` keep the shape of their report.
-                    Some(name) => output::json(&output::failed_run(name, &format!("{err:#}"))),
+                    Some(name) => {
+                        let mut report = output::failed_run(name, &format!("{err:#}"));
+                        if is_interrupted(&err) {
+                            report["status"] = json!("interrupted");
+                        }
+                        output::json(&report)
+                    }
                     None => output::json(&json!({"status": "failed", "error": format!("{err:#}")})),
                 }
             }
@@ -74,12 +81,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// The spec's exit code for an error (2 for usage and configuration).
+/// The spec's exit code for an error (2 for usage and configuration; a
+/// stop asked for by a signal, 128 + the signal's number).
 fn exit_code(err: &anyhow::Error) -> u8 {
     match err.downcast_ref::<Error>() {
+        Some(Error::Interrupted { .. }) => {
+            signals::received().map_or(130, signals::Caught::exit_code)
+        }
         Some(e) => e.exit_code() as u8,
         None => 1,
     }
+}
+
+fn is_interrupted(err: &anyhow::Error) -> bool {
+    matches!(err.downcast_ref::<Error>(), Some(Error::Interrupted { .. }))
 }
 
 fn wants_json(command: &Command) -> bool {
@@ -152,13 +167,16 @@ async fn execute(command: Command) -> anyhow::Result<u8> {
             redrive,
         } => {
             let config = PipelineConfig::from_file(&pipeline)?;
-            let options = idemload::trigger::WatchOptions {
+            let mut options = idemload::trigger::WatchOptions {
                 once,
                 wait: wait.as_deref().map(parse_wait).transpose()?,
+                ..Default::default()
             };
             if reset || dead_letters || redrive {
                 return watch_maintenance(&config, &options, json, reset, dead_letters).await;
             }
+            options.stop = StopToken::new();
+            signals::listen(options.stop.clone())?;
             let mut on_poll = |r: &idemload::trigger::PollReport| {
                 if json {
                     output::json(r);
@@ -170,7 +188,16 @@ async fn execute(command: Command) -> anyhow::Result<u8> {
                 }
             };
             idemload::trigger::watch(&config, &options, &mut on_poll).await?;
-            Ok(0)
+            match signals::received() {
+                Some(caught) => {
+                    eprintln!(
+                        "idemload: watch {}: interrupted; every item emitted is marked seen, and watching again goes on from there",
+                        config.name
+                    );
+                    Ok(caught.exit_code())
+                }
+                None => Ok(0),
+            }
         }
         Command::State(args) => books::state(&args).await,
         Command::History { books, limit, json } => books::history(&books, limit, json).await,
@@ -249,7 +276,9 @@ async fn run(
     let options = RunOptions {
         full_refresh,
         wait: flags.wait.as_deref().map(parse_wait).transpose()?,
+        stop: StopToken::new(),
     };
+    signals::listen(options.stop.clone())?;
     let bar = progress::Bar::new();
     let result = pipeline.run(&options, &bar).await;
     bar.finish();
@@ -257,6 +286,7 @@ async fn run(
     let code = match report.status {
         RunStatus::SucceededWithRejects => 4,
         RunStatus::Failed => 1,
+        RunStatus::Interrupted => signals::received().map_or(130, signals::Caught::exit_code),
         _ => 0,
     };
     // `--audit`: after the run committed; the run's own code wins.

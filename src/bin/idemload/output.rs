@@ -129,8 +129,12 @@ fn cursor(v: &Option<Value>) -> String {
 /// rejects (for `load`, with the --url and --table it was given).
 pub fn summary(report: &RunReport, rejects: &str) -> String {
     let s = &report.stats;
+    let read = match report.status {
+        RunStatus::Interrupted => "interrupted; committed read",
+        _ => "read",
+    };
     let mut line = format!(
-        "{}: read {}, inserted {}, updated {}, unchanged {}, deleted {}, skipped {}, duplicates {}, rejected {} in {:.1}s ({} rows/s)",
+        "{}: {read} {}, inserted {}, updated {}, unchanged {}, deleted {}, skipped {}, duplicates {}, rejected {} in {:.1}s ({} rows/s)",
         report.pipeline,
         s.read,
         s.inserted,
@@ -158,6 +162,9 @@ pub fn summary(report: &RunReport, rejects: &str) -> String {
     }
     if report.status == RunStatus::SucceededWithRejects {
         line.push_str(&format!(" (see `{rejects}`)"));
+    }
+    if report.status == RunStatus::Interrupted {
+        line.push_str("; committed batches stay, and running again resumes from there");
     }
     line
 }

@@ -530,6 +530,15 @@ impl Books for HttpDestination {
         self.books.fail(run_id, stats, error).await
     }
 
+    async fn interrupt(
+        &mut self,
+        run_id: &str,
+        stats: &RunStats,
+        checkpoint: Option<&Value>,
+    ) -> Result<()> {
+        self.books.interrupt(run_id, stats, checkpoint).await
+    }
+
     async fn history(&mut self, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>> {
         self.books.history(pipeline, limit).await
     }

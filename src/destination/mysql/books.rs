@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, Opts, OptsBuilder, Params, Value as MyValue};
+use mysql_async::{Conn, Opts, OptsBuilder, Params, TxOpts, Value as MyValue};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -25,8 +25,8 @@ use crate::destination::Target;
 use crate::error::Error;
 use crate::record::Reject;
 use crate::state::{
-    format_time, LockHolder, RejectRecord, RunInfo, RunRecord, LOCKS_TABLE, REJECTS_TABLE,
-    RUNS_TABLE, STATE_TABLE,
+    died_error, format_time, status_shown, LockHolder, RejectRecord, RunInfo, RunRecord,
+    LOCKS_TABLE, REJECTS_TABLE, RUNS_TABLE, STATE_TABLE,
 };
 use crate::stats::{RunStats, RunStatus};
 
@@ -105,7 +105,7 @@ pub(super) fn lock_name(database: &str, pipeline: &str) -> String {
     format!("idemload:{}", &hex::encode(h.finalize())[..40])
 }
 
-async fn read_holder(conn: &mut Conn, pipeline: &str) -> R<Option<LockHolder>> {
+async fn read_holder(conn: &mut impl Queryable, pipeline: &str) -> R<Option<LockHolder>> {
     let row: Option<(String, String, u32, String)> = conn
         .exec_first(
             format!(
@@ -157,12 +157,10 @@ pub(super) async fn try_lock(
         }));
     }
     // The session lock is ours: any lease row left is of a run that died.
-    if let Some(old) = read_holder(conn, pipeline).await? {
-        if old.run_id != me.run_id {
-            tracing::warn!(pipeline, holder = %old, "Taking over the lock of a run that died.");
-        }
-    }
-    conn.exec_drop(
+    // The row is replaced and that run recorded as `died` in one transaction.
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    let old = read_holder(&mut tx, pipeline).await?;
+    tx.exec_drop(
         format!(
             "REPLACE INTO {} (pipeline, run_id, host, pid, since, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
             q(LOCKS_TABLE)
@@ -177,6 +175,24 @@ pub(super) async fn try_lock(
         ),
     )
     .await?;
+    if let Some(old) = old.filter(|old| old.run_id != me.run_id) {
+        tracing::warn!(pipeline, holder = %old, "Taking over the lock of a run that died.");
+        tx.exec_drop(
+            format!(
+                "UPDATE {} SET status = ?, finished_at = ?, error = ? WHERE run_id = ? AND status = ?",
+                q(RUNS_TABLE)
+            ),
+            (
+                RunStatus::Died.as_str(),
+                format_time(Utc::now()),
+                died_error(&old, &me.run_id),
+                &old.run_id,
+                RunStatus::Running.as_str(),
+            ),
+        )
+        .await?;
+    }
+    tx.commit().await?;
     Ok(None)
 }
 
@@ -501,6 +517,8 @@ type RunRow = (
     Option<String>,
     Option<String>,
     Option<String>,
+    Option<String>,
+    Option<u32>,
 );
 
 pub(super) async fn history(conn: &mut Conn, pipeline: &str, limit: usize) -> R<Vec<RunRecord>> {
@@ -510,10 +528,12 @@ pub(super) async fn history(conn: &mut Conn, pipeline: &str, limit: usize) -> R<
     let rows: Vec<RunRow> = conn
         .exec(
             format!(
-                "SELECT run_id, pipeline, status, started_at, finished_at, stats,
-                        checkpoint_before, checkpoint_after, error
-                 FROM {} WHERE pipeline = ? ORDER BY started_at DESC, run_id DESC LIMIT ?",
-                q(RUNS_TABLE)
+                "SELECT r.run_id, r.pipeline, r.status, r.started_at, r.finished_at, r.stats,
+                        r.checkpoint_before, r.checkpoint_after, r.error, l.host, l.pid
+                 FROM {} r LEFT JOIN {} l ON l.pipeline = r.pipeline AND l.run_id = r.run_id
+                 WHERE r.pipeline = ? ORDER BY r.started_at DESC, r.run_id DESC LIMIT ?",
+                q(RUNS_TABLE),
+                q(LOCKS_TABLE)
             ),
             (pipeline, limit as u64),
         )
@@ -523,7 +543,7 @@ pub(super) async fn history(conn: &mut Conn, pipeline: &str, limit: usize) -> R<
         .map(|r| RunRecord {
             run_id: r.0,
             pipeline: r.1,
-            status: r.2,
+            status: status_shown(r.2, r.9.zip(r.10)),
             started_at: r.3,
             finished_at: r.4,
             stats: json(r.5),

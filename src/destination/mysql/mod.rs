@@ -267,6 +267,25 @@ impl Books for MysqlDestination {
         recorded.map_err(db(ctx))
     }
 
+    async fn interrupt(
+        &mut self,
+        run_id: &str,
+        stats: &RunStats,
+        checkpoint: Option<&Value>,
+    ) -> Result<()> {
+        let ctx = self.context();
+        books::finish(
+            &mut self.conn,
+            run_id,
+            crate::stats::RunStatus::Interrupted,
+            stats,
+            checkpoint,
+            None,
+        )
+        .await
+        .map_err(db(ctx))
+    }
+
     async fn history(&mut self, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>> {
         let ctx = self.context();
         books::history(&mut self.conn, pipeline, limit)

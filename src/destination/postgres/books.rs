@@ -21,8 +21,8 @@ use crate::destination::sql::{column_list, quote};
 use crate::destination::Target;
 use crate::error::{Error, Result};
 use crate::state::{
-    format_time, LockHolder, RejectRecord, RunInfo, RunRecord, LOCKS_TABLE, REJECTS_TABLE,
-    RUNS_TABLE, STATE_TABLE,
+    died_error, format_time, status_shown, LockHolder, RejectRecord, RunInfo, RunRecord,
+    LOCKS_TABLE, REJECTS_TABLE, RUNS_TABLE, STATE_TABLE,
 };
 use crate::stats::{RunStats, RunStatus};
 
@@ -108,7 +108,7 @@ pub(super) fn advisory_key(schema: &str, pipeline: &str) -> i64 {
 
 /// Takes the advisory lock and writes the lease row, or returns the holder.
 pub(super) async fn try_lock(
-    client: &Client,
+    client: &mut Client,
     schema: &str,
     pipeline: &str,
     me: &LockHolder,
@@ -122,33 +122,62 @@ pub(super) async fn try_lock(
         .map_err(pg_error(format!("lock of pipeline {pipeline:?}")))?
         .get(0);
     if got {
-        // Whoever wrote a row before us has lost its session, hence the lock.
-        let replaced = client
+        // Whoever wrote a row before us has lost its session, hence the
+        // lock: its run died. The row is replaced and the run recorded as
+        // `died` in one transaction.
+        let context = || format!("lock of pipeline {pipeline:?}");
+        let tx = client.transaction().await.map_err(pg_error(context()))?;
+        let old = tx
             .query_opt(
+                &format!("SELECT run_id, host, pid, since FROM {locks} WHERE pipeline = $1"),
+                &[&pipeline],
+            )
+            .await
+            .map_err(pg_error(context()))?
+            .map(|r| LockHolder {
+                run_id: r.get(0),
+                host: r.get(1),
+                pid: r.get::<_, i64>(2) as u32,
+                since: r.get(3),
+            });
+        tx.execute(
+            &format!(
+                "INSERT INTO {locks} AS l (pipeline, run_id, host, pid, since, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (pipeline) DO UPDATE SET run_id = EXCLUDED.run_id,
+                     host = EXCLUDED.host, pid = EXCLUDED.pid, since = EXCLUDED.since,
+                     expires_at = EXCLUDED.expires_at"
+            ),
+            &[
+                &pipeline,
+                &me.run_id,
+                &me.host,
+                &(me.pid as i64),
+                &me.since,
+                &(now_ms() + lease.as_millis() as i64),
+            ],
+        )
+        .await
+        .map_err(pg_error(context()))?;
+        if let Some(old) = old.filter(|old| old.run_id != me.run_id) {
+            tracing::warn!(pipeline, holder = %old, "Taking over the lock of a run that died.");
+            tx.execute(
                 &format!(
-                    "INSERT INTO {locks} AS l (pipeline, run_id, host, pid, since, expires_at)
-                     VALUES ($1, $2, $3, $4, $5, $6)
-                     ON CONFLICT (pipeline) DO UPDATE SET run_id = EXCLUDED.run_id,
-                         host = EXCLUDED.host, pid = EXCLUDED.pid, since = EXCLUDED.since,
-                         expires_at = EXCLUDED.expires_at
-                     RETURNING (SELECT run_id FROM {locks} WHERE pipeline = $1)"
+                    "UPDATE {} SET status = $2, finished_at = now(), error = $3
+                     WHERE run_id = $1 AND status = $4",
+                    qualified(schema, RUNS_TABLE)
                 ),
                 &[
-                    &pipeline,
-                    &me.run_id,
-                    &me.host,
-                    &(me.pid as i64),
-                    &me.since,
-                    &(now_ms() + lease.as_millis() as i64),
+                    &old.run_id,
+                    &RunStatus::Died.as_str(),
+                    &died_error(&old, &me.run_id),
+                    &RunStatus::Running.as_str(),
                 ],
             )
             .await
-            .map_err(pg_error(format!("lock of pipeline {pipeline:?}")))?;
-        if let Some(Some(old)) = replaced.map(|r| r.get::<_, Option<String>>(0)) {
-            if old != me.run_id {
-                tracing::warn!(pipeline, run_id = %old, "Taking over the lock of a run that died.");
-            }
+            .map_err(pg_error(context()))?;
         }
+        tx.commit().await.map_err(pg_error(context()))?;
         return Ok(None);
     }
     // The holder writes its lease row right after taking the lock; give it
@@ -474,10 +503,12 @@ pub(super) async fn history(
     let rows = client
         .query(
             &format!(
-                "SELECT run_id, pipeline, status, started_at, finished_at, stats,
-                        checkpoint_before, checkpoint_after, error
-                 FROM {} WHERE pipeline = $1 ORDER BY started_at DESC, run_id DESC LIMIT $2",
-                qualified(schema, RUNS_TABLE)
+                "SELECT r.run_id, r.pipeline, r.status, r.started_at, r.finished_at, r.stats,
+                        r.checkpoint_before, r.checkpoint_after, r.error, l.host, l.pid
+                 FROM {} r LEFT JOIN {} l ON l.pipeline = r.pipeline AND l.run_id = r.run_id
+                 WHERE r.pipeline = $1 ORDER BY r.started_at DESC, r.run_id DESC LIMIT $2",
+                qualified(schema, RUNS_TABLE),
+                qualified(schema, LOCKS_TABLE)
             ),
             &[&pipeline, &(limit as i64)],
         )
@@ -488,7 +519,11 @@ pub(super) async fn history(
         .map(|r| RunRecord {
             run_id: r.get(0),
             pipeline: r.get(1),
-            status: r.get(2),
+            status: status_shown(
+                r.get(2),
+                r.get::<_, Option<String>>(9)
+                    .zip(r.get::<_, Option<i64>>(10).map(|pid| pid as u32)),
+            ),
             started_at: format_time(r.get::<_, DateTime<Utc>>(3)),
             finished_at: r.get::<_, Option<DateTime<Utc>>>(4).map(format_time),
             stats: r

@@ -257,7 +257,7 @@ impl Books for PostgresDestination {
         }
         let key = books::advisory_key(&self.schema, pipeline);
         let held =
-            books::try_lock(&self.client, &self.schema, pipeline, holder, lease, key).await?;
+            books::try_lock(&mut self.client, &self.schema, pipeline, holder, lease, key).await?;
         if held.is_none() {
             self.lock = Some((pipeline.to_string(), holder.run_id.clone(), lease, key));
         }
@@ -291,6 +291,24 @@ impl Books for PostgresDestination {
 
     async fn fail(&mut self, run_id: &str, stats: &RunStats, error: &str) -> Result<()> {
         books::fail(&self.client, &self.schema, run_id, stats, error).await
+    }
+
+    async fn interrupt(
+        &mut self,
+        run_id: &str,
+        stats: &RunStats,
+        checkpoint: Option<&Value>,
+    ) -> Result<()> {
+        books::finish(
+            &self.client,
+            &self.schema,
+            run_id,
+            crate::stats::RunStatus::Interrupted,
+            stats,
+            checkpoint,
+            None,
+        )
+        .await
     }
 
     async fn history(&mut self, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>> {

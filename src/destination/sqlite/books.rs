@@ -21,8 +21,8 @@ use crate::destination::sql::quote;
 use crate::destination::Target;
 use crate::error::{Error, Result};
 use crate::state::{
-    format_time, LockHolder, RejectRecord, RunInfo, RunRecord, LOCKS_TABLE, REJECTS_TABLE,
-    RUNS_TABLE, STATE_TABLE,
+    died_error, format_time, status_shown, LockHolder, RejectRecord, RunInfo, RunRecord,
+    LOCKS_TABLE, REJECTS_TABLE, RUNS_TABLE, STATE_TABLE,
 };
 use crate::stats::{RunStats, RunStatus};
 
@@ -160,8 +160,23 @@ pub(crate) fn try_lock(
         if alive && holder.run_id != me.run_id {
             return Ok(Some(holder));
         }
-        if !alive {
+        if !alive && holder.run_id != me.run_id {
             tracing::warn!(pipeline, holder = %holder, "Taking over the lock of a run that died.");
+            // Its run ends here, in the takeover's transaction: `died`.
+            tx.execute(
+                &format!(
+                    "UPDATE {} SET status = ?2, finished_at = ?3, error = ?4
+                     WHERE run_id = ?1 AND status = ?5",
+                    quote(RUNS_TABLE)
+                ),
+                params![
+                    holder.run_id,
+                    RunStatus::Died.as_str(),
+                    format_time(Utc::now()),
+                    died_error(&holder, &me.run_id),
+                    RunStatus::Running.as_str()
+                ],
+            )?;
         }
     }
     tx.execute(
@@ -319,13 +334,13 @@ pub(super) fn begin(
     tx.execute(
         &format!(
             "UPDATE {} SET status = ?2, finished_at = ?3,
-                 error = 'abandoned: the process ended before the run finished'
+                 error = 'the process ended before the run finished'
              WHERE pipeline = ?1 AND status = ?4",
             quote(RUNS_TABLE)
         ),
         params![
             run.pipeline,
-            RunStatus::Failed.as_str(),
+            RunStatus::Died.as_str(),
             format_time(Utc::now()),
             RunStatus::Running.as_str()
         ],
@@ -405,8 +420,12 @@ pub(super) fn finish(
         )
         .optional()?
         .flatten();
+    let finished = matches!(
+        status,
+        RunStatus::Succeeded | RunStatus::SucceededWithRejects
+    );
     let rows_after: Option<i64> = match table {
-        Some(t) if status != RunStatus::Failed => conn
+        Some(t) if finished => conn
             .query_row(&format!("SELECT count(*) FROM {}", quote(&t)), [], |r| {
                 r.get(0)
             })
@@ -440,19 +459,26 @@ pub(super) fn fail(conn: &Connection, run_id: &str, stats: &RunStats, error: &st
 
 pub(super) fn history(conn: &Connection, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>> {
     let mut stmt = conn.prepare(&format!(
-        "SELECT run_id, pipeline, status, started_at, finished_at, stats, checkpoint_before, checkpoint_after, error
-         FROM {} WHERE pipeline = ?1 ORDER BY started_at DESC, run_id DESC LIMIT ?2",
-        quote(RUNS_TABLE)
+        "SELECT r.run_id, r.pipeline, r.status, r.started_at, r.finished_at, r.stats,
+                r.checkpoint_before, r.checkpoint_after, r.error, l.host, l.pid
+         FROM {} r LEFT JOIN {} l ON l.pipeline = r.pipeline AND l.run_id = r.run_id
+         WHERE r.pipeline = ?1 ORDER BY r.started_at DESC, r.run_id DESC LIMIT ?2",
+        quote(RUNS_TABLE),
+        quote(LOCKS_TABLE)
     ))?;
     fn json<T: serde::de::DeserializeOwned>(t: Option<String>) -> Option<T> {
         t.and_then(|t| serde_json::from_str(&t).ok())
     }
     let rows = stmt
         .query_map(params![pipeline, limit as i64], |r| {
+            let holder = match (r.get::<_, Option<String>>(9)?, r.get::<_, Option<u32>>(10)?) {
+                (Some(host), Some(pid)) => Some((host, pid)),
+                _ => None,
+            };
             Ok(RunRecord {
                 run_id: r.get(0)?,
                 pipeline: r.get(1)?,
-                status: r.get(2)?,
+                status: status_shown(r.get(2)?, holder),
                 started_at: r.get(3)?,
                 finished_at: r.get(4)?,
                 stats: json(r.get(5)?),

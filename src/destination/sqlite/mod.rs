@@ -26,7 +26,7 @@ use super::{Books, Commit, Destination, Target};
 use crate::batch::PlannedBatch;
 use crate::error::{Error, Result};
 use crate::state::{LockHolder, RejectRecord, RunInfo, RunRecord};
-use crate::stats::RunStats;
+use crate::stats::{RunStats, RunStatus};
 
 use self::books::Heartbeat;
 
@@ -217,6 +217,26 @@ impl Books for SqliteDestination {
         let (r, s, e) = (run_id.to_string(), *stats, error.to_string());
         self.blocking(move |inner| books::fail(&inner.conn, &r, &s, &e))
             .await
+    }
+
+    async fn interrupt(
+        &mut self,
+        run_id: &str,
+        stats: &RunStats,
+        checkpoint: Option<&Value>,
+    ) -> Result<()> {
+        let (r, s, c) = (run_id.to_string(), *stats, checkpoint.cloned());
+        self.blocking(move |inner| {
+            books::finish(
+                &inner.conn,
+                &r,
+                RunStatus::Interrupted,
+                &s,
+                c.as_ref(),
+                None,
+            )
+        })
+        .await
     }
 
     async fn history(&mut self, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>> {
