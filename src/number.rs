@@ -167,10 +167,130 @@ impl Decimal {
 pub fn exact_f64(n: &Number) -> Option<f64> {
     let text = n.as_str();
     let f: f64 = text.parse().ok().filter(|f: &f64| f.is_finite())?;
-    if n.as_i64().is_some_and(|i| i.unsigned_abs() <= 1 << 53) {
+    if few_digits(text) {
         return Some(f);
     }
-    (Decimal::parse(&format!("{f:e}")) == Decimal::parse(text)).then_some(f)
+    // The shortest text of the double, on the stack: `1.2345e-7`.
+    let mut shortest = StackText::default();
+    std::fmt::Write::write_fmt(&mut shortest, format_args!("{f:e}")).ok()?;
+    same_value(shortest.as_str(), text).then_some(f)
+}
+
+/// A short text built without allocating (a double's `{:e}` form).
+#[derive(Default)]
+struct StackText {
+    bytes: [u8; 32],
+    len: usize,
+}
+
+impl StackText {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
+    }
+}
+
+impl std::fmt::Write for StackText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        if end > self.bytes.len() {
+            return Err(std::fmt::Error);
+        }
+        self.bytes[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// The parts of a number's text that fix its value, without allocating:
+/// the sign, the mantissa's digits (a `.` among them), the span of its
+/// significant digits and where the point falls relative to the first.
+struct Parts<'a> {
+    negative: bool,
+    mantissa: &'a [u8],
+    first: usize,
+    last: usize,
+    point: i64,
+}
+
+impl<'a> Parts<'a> {
+    fn of(text: &'a str) -> Option<Parts<'a>> {
+        let (negative, body) = match text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
+        let (mantissa, exponent) = match body.find(['e', 'E']) {
+            Some(at) => (&body[..at], &body[at + 1..]),
+            None => (body, "0"),
+        };
+        let exponent: i64 = exponent
+            .strip_prefix('+')
+            .unwrap_or(exponent)
+            .parse()
+            .ok()?;
+        let mantissa = mantissa.as_bytes();
+        let dot = mantissa
+            .iter()
+            .position(|&b| b == b'.')
+            .unwrap_or(mantissa.len());
+        let significant = |b: &u8| b.is_ascii_digit() && *b != b'0';
+        let first = mantissa.iter().position(significant)?;
+        let last = mantissa.iter().rposition(significant)?;
+        // Digits between the first significant one and the point.
+        let before = if first < dot {
+            (dot - first) as i64
+        } else {
+            -((first - dot - 1) as i64)
+        };
+        Some(Parts {
+            negative,
+            mantissa,
+            first,
+            last,
+            point: before + exponent,
+        })
+    }
+
+    fn digits(&self) -> impl Iterator<Item = u8> + '_ {
+        self.mantissa[self.first..=self.last]
+            .iter()
+            .copied()
+            .filter(|&b| b != b'.')
+    }
+}
+
+/// True when two number texts denote the same value.
+fn same_value(a: &str, b: &str) -> bool {
+    match (Parts::of(a), Parts::of(b)) {
+        (Some(a), Some(b)) => {
+            a.negative == b.negative && a.point == b.point && a.digits().eq(b.digits())
+        }
+        // No significant digit: zero (or not a number at all).
+        (None, None) => Decimal::parse(a) == Decimal::parse(b),
+        _ => false,
+    }
+}
+
+/// True for plain notation with at most 15 significant digits, of a size
+/// far from a double's limits: every such decimal survives a double (the
+/// 15 digits of `DBL_DIG`), so the common case needs no comparison.
+fn few_digits(text: &str) -> bool {
+    let mut significant = 0;
+    let mut started = false;
+    let mut whole = 0;
+    let mut in_fraction = false;
+    for b in text.bytes() {
+        match b {
+            b'-' => {}
+            b'.' => in_fraction = true,
+            b'0'..=b'9' => {
+                started |= b != b'0';
+                significant += usize::from(started);
+                whole += usize::from(!in_fraction);
+            }
+            _ => return false,
+        }
+    }
+    significant <= 15 && whole <= 300 && text.len() <= 300
 }
 
 /// The value as a 64-bit integer, when it is a whole number that fits
@@ -223,7 +343,7 @@ pub fn normalized(n: &Number) -> Number {
 /// exactly keeps all its digits (JCS would round it to the nearest
 /// double). The same text as JCS for every value without such numbers.
 pub fn exact_json(value: &Value) -> String {
-    if !any_number(value, &|n| exact_f64(n).is_none()) {
+    if !has_inexact(value) {
         return canonical_json(value);
     }
     let mut out = String::new();
@@ -242,11 +362,12 @@ pub fn first_beyond_64_bits(value: &Value) -> Option<&Number> {
     }
 }
 
-fn any_number(value: &Value, test: &dyn Fn(&Number) -> bool) -> bool {
+/// True when some number inside `value` is one a double does not hold.
+fn has_inexact(value: &Value) -> bool {
     match value {
-        Value::Number(n) => test(n),
-        Value::Array(items) => items.iter().any(|v| any_number(v, test)),
-        Value::Object(map) => map.values().any(|v| any_number(v, test)),
+        Value::Number(n) => exact_f64(n).is_none(),
+        Value::Array(items) => items.iter().any(has_inexact),
+        Value::Object(map) => map.values().any(has_inexact),
         _ => false,
     }
 }
@@ -410,6 +531,29 @@ mod tests {
             exact_json(&v),
             r#"{"e":2,"info":{"a":9007199254740993,"b":1.5},"é":1}"#
         );
+    }
+
+    #[test]
+    fn the_short_way_agrees_with_the_long_way() {
+        for text in [
+            "0.1",
+            "123456789012345",
+            "0.000000000000001",
+            "-99.5",
+            "0.30000000000000004",
+        ] {
+            let f: f64 = text.parse().unwrap();
+            let long = Decimal::parse(&format!("{f:e}")) == Decimal::parse(text);
+            assert_eq!(same_value(&format!("{f:e}"), text), long, "{text}");
+            assert_eq!(few_digits(text), few_digits(text) && long, "{text}");
+            assert_eq!(exact_f64(&num(text)).is_some(), long, "{text}");
+        }
+        assert!(same_value("1.5e3", "1500.000"));
+        assert!(same_value("0.0015", "15e-4"));
+        assert!(!same_value("0.0015", "0.015"));
+        assert!(!same_value("-1", "1"));
+        assert!(!few_digits("1234567890123456"));
+        assert!(!few_digits("1e5"));
     }
 
     #[test]
