@@ -170,35 +170,9 @@ pub fn exact_f64(n: &Number) -> Option<f64> {
     if few_digits(text) {
         return Some(f);
     }
-    // The shortest text of the double, on the stack: `1.2345e-7`.
-    let mut shortest = StackText::default();
-    std::fmt::Write::write_fmt(&mut shortest, format_args!("{f:e}")).ok()?;
-    same_value(shortest.as_str(), text).then_some(f)
-}
-
-/// A short text built without allocating (a double's `{:e}` form).
-#[derive(Default)]
-struct StackText {
-    bytes: [u8; 32],
-    len: usize,
-}
-
-impl StackText {
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
-    }
-}
-
-impl std::fmt::Write for StackText {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        if end > self.bytes.len() {
-            return Err(std::fmt::Error);
-        }
-        self.bytes[self.len..end].copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
+    // The shortest text of the double (`1.2345e-7`), on the stack.
+    let mut buffer = ryu::Buffer::new();
+    same_value(buffer.format_finite(f), text).then_some(f)
 }
 
 /// The parts of a number's text that fix its value, without allocating:
@@ -218,7 +192,7 @@ impl<'a> Parts<'a> {
             Some(rest) => (true, rest),
             None => (false, text),
         };
-        let (mantissa, exponent) = match body.find(['e', 'E']) {
+        let (mantissa, exponent) = match body.bytes().position(|b| b | 0x20 == b'e') {
             Some(at) => (&body[..at], &body[at + 1..]),
             None => (body, "0"),
         };
