@@ -568,6 +568,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn decimal_columns_take_exact_digits_or_reject_them() {
+        let column = |definition: &str, ty| SqlColumn {
+            name: "amount".into(),
+            ty,
+            definition: definition.into(),
+            limit: None,
+        };
+        let number = |text: &str| -> Value { serde_json::from_str(text).unwrap() };
+        let wide = column("decimal(65,30)", ColumnType::Decimal);
+        assert_eq!(
+            exact_number(&wide, &number("18446744073709551617")).unwrap(),
+            Some(Cell::Text(format!(
+                "18446744073709551617.{}",
+                "0".repeat(30)
+            )))
+        );
+        let err = exact_number(&wide, &number("0.1000000000000000055511151231257827")).unwrap_err();
+        assert!(
+            err.contains("0.1000000000000000055511151231257827"),
+            "{err}"
+        );
+        assert!(err.contains("decimal(65,30)"), "{err}");
+        let money = column("decimal(10,2) unsigned", ColumnType::Decimal);
+        assert_eq!(
+            exact_number(&money, &number("12.5")).unwrap(),
+            Some(Cell::Text("12.50".into()))
+        );
+        assert!(exact_number(&money, &number("123456789.5")).is_err());
+        assert!(exact_number(&money, &number("-1")).is_err());
+        // MySQL's JSON keeps doubles and 64-bit integers; MariaDB's is text.
+        let json = column("json", ColumnType::Json);
+        let nested = number(r#"{"a":123456789012345678901234567890}"#);
+        assert!(exact_number(&json, &nested).is_err());
+        assert!(exact_number(&json, &number(r#"{"a":9007199254740993}"#))
+            .unwrap()
+            .is_none());
+        let mariadb = column("longtext", ColumnType::Json);
+        assert!(exact_number(&mariadb, &nested).unwrap().is_none());
+    }
+
+    #[test]
     fn load_data_text_escapes_what_would_split_a_field() {
         let mut buf = Vec::new();
         encode_cell(&mut buf, &Cell::Text("a\tb\nc\\d\r\0".into()));
