@@ -261,30 +261,37 @@ idemtest!(an_existing_exact_column_receives_every_digit, |env| {
             "\n",
             r#"{"id":2,"amount":5,"other":18446744073709551617}"#,
             "\n",
+            r#"{"id":3,"amount":6,"other":18446744073709551615}"#,
+            "\n",
         ),
     );
     let out = env.load("pre", &["pre.jsonl"], &[]);
     let r = out.report();
     identity_holds(&r);
     if env.backend.kind == BackendKind::Sqlite {
+        // Both beyond SQLite's signed 64 bits, u64::MAX included.
         out.code(4);
-        assert_eq!((r.inserted, r.rejected), (1, 1), "{}", r.raw);
+        assert_eq!((r.inserted, r.rejected), (1, 2), "{}", r.raw);
         let got = reasons(env, "pre");
         assert!(got[0].1.contains("18446744073709551617"), "{got:?}");
+        assert!(got[1].1.contains("18446744073709551615"), "{got:?}");
         assert_eq!(
             column_text(env, "pre", "amount"),
             texts(&["18446744073709551617"])
         );
     } else {
         out.code(0);
-        assert_eq!(r.inserted, 2, "{}", r.raw);
+        assert_eq!(r.inserted, 3, "{}", r.raw);
         assert_eq!(
             column_text(env, "pre", "amount"),
-            texts(&["18446744073709551617", "5"])
+            texts(&["18446744073709551617", "5", "6"])
         );
         let mut other = column_text(env, "pre", "other");
         other.retain(Option::is_some);
-        assert_eq!(other, texts(&["18446744073709551617"]));
+        assert_eq!(
+            other,
+            texts(&["18446744073709551615", "18446744073709551617"])
+        );
     }
     let rejected = if env.backend.kind == BackendKind::Sqlite {
         4

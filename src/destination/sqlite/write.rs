@@ -421,8 +421,9 @@ fn bind<'r>(
     };
     if let (ColumnType::Any, J::Number(n)) = (column.ty, value) {
         // A table idemload did not create: a declared type such as NUMERIC
-        // turns the digits of a number beyond 64 bits into a rounded REAL.
-        if !crate::number::fits_64_bits(n) {
+        // turns the digits of a number beyond a signed 64-bit integer or a
+        // double into a rounded REAL.
+        if n.as_i64().is_none() && crate::number::exact_f64(n).is_none() {
             return Err(format!(
                 "value {} of field {:?} has more digits than SQLite keeps exactly in a column of type other than DECIMAL_TEXT",
                 crate::number::shorten(n.as_str()),
