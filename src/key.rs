@@ -7,8 +7,9 @@
 //! machine and every version.
 //!
 //! Key values keep their JSON type: the string `"7"` and the number `7` are
-//! different keys. Numbers compare by value the way JCS writes them, so `7`
-//! and `7.0` are the same key.
+//! different keys. Numbers compare by value, so `7` and `7.0` are the same
+//! key, and every digit counts: two integers beyond 64 bits that a double
+//! would round to one value stay two keys.
 //!
 //! A [`Cursor`] orders versions of a record: integers as integers, RFC 3339
 //! timestamps as instants (offsets normalised), anything else as text.
@@ -133,19 +134,16 @@ pub fn canonical_json(value: &Value) -> String {
     serde_jcs::to_string(value).unwrap_or_default()
 }
 
-/// A number that JCS would write as an integer becomes one (`7.0` -> `7`),
-/// so that numeric keys compare by value.
+/// A number becomes its canonical form (`7.0` -> `7`, `1.50` -> `1.5`), so
+/// that numeric keys compare by value; a value a double cannot hold keeps
+/// every digit, so two different big ids stay two keys.
 fn normalize_number(value: &Value) -> Value {
-    if let Value::Number(n) = value {
-        if n.is_f64() {
-            if let Some(f) = n.as_f64() {
-                if f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15 {
-                    return Value::from(f as i64);
-                }
-            }
+    match value {
+        Value::Number(n) if n.as_i64().is_none() && n.as_u64().is_none() => {
+            Value::Number(crate::number::normalized(n))
         }
+        _ => value.clone(),
     }
-    value.clone()
 }
 
 /// The key of one record: its values in key-column order, and a canonical
@@ -159,7 +157,7 @@ pub struct Key {
 impl Key {
     pub fn new(values: Vec<Value>) -> Key {
         let canonical = simple_canonical(&values)
-            .unwrap_or_else(|| canonical_json(&Value::Array(values.clone())));
+            .unwrap_or_else(|| crate::number::exact_json(&Value::Array(values.clone())));
         Key { canonical, values }
     }
 
@@ -232,15 +230,15 @@ impl Cursor {
         match value {
             Value::Number(n) => {
                 if let Some(i) = n.as_i64() {
-                    Some(Cursor::Int(i))
-                } else {
-                    let f = n.as_f64()?;
-                    if f.fract() == 0.0 && f.abs() < 9.2e18 {
-                        Some(Cursor::Int(f as i64))
-                    } else {
-                        Some(Cursor::Text(n.to_string()))
-                    }
+                    return Some(Cursor::Int(i));
                 }
+                n.as_f64()?;
+                // A whole number that fits 64 bits exactly (`7.0`); any
+                // other number keeps its text, never a rounded integer.
+                Some(match crate::number::exact_i64(n) {
+                    Some(i) => Cursor::Int(i),
+                    None => Cursor::Text(n.to_string()),
+                })
             }
             Value::String(s) => Some(Cursor::from_text(s)),
             _ => None,
@@ -425,6 +423,46 @@ mod tests {
             .unwrap();
         let expected = hex::encode(Sha256::digest(br#"{"a":7,"b":"x","z":null}"#));
         assert_eq!(key.values(), &[Value::String(expected)]);
+    }
+
+    #[test]
+    fn hash_keys_of_ordinary_records_are_the_ones_they_always_were() {
+        // Computed by idemload before numbers kept their text (issue 15):
+        // `load --hash-key '*'` of this line, and of `--hash-key sku,qty`.
+        let line = r#"{"sku":"A-1","qty":7,"price":19.99,"ratio":0.1,"big":1234567890123,"when":"2024-05-01T00:00:00Z","tags":["x",1.5e3],"ok":true,"none":null}"#;
+        let record = fields(serde_json::from_str(line).unwrap());
+        let all = KeySpec::Hash(Vec::new()).key_of(&record, None).unwrap();
+        assert_eq!(
+            all.values(),
+            &[json!(
+                "f9d53116a8e3363822993835c139e5b309714c7169c6afcb4be36c4a9e9670ea"
+            )]
+        );
+        let named = KeySpec::Hash(vec!["sku".into(), "qty".into()])
+            .key_of(&record, None)
+            .unwrap();
+        assert_eq!(
+            named.values(),
+            &[json!(
+                "576311f8c1d6e2d62b437d1cd3ae1b054eba6afcd322aefa896401706cf5e929"
+            )]
+        );
+    }
+
+    #[test]
+    fn keys_beyond_64_bits_stay_distinct_and_compare_by_value() {
+        // Issue 15: 2^64 and 2^64 + 1 were one key.
+        let spec = KeySpec::Fields(vec!["id".into()]);
+        let key = |text: &str| {
+            spec.key_of(&fields(serde_json::from_str(text).unwrap()), None)
+                .unwrap()
+        };
+        let a = key(r#"{"id":18446744073709551616}"#);
+        let b = key(r#"{"id":18446744073709551617}"#);
+        assert_ne!(a, b);
+        assert_eq!(b.canonical(), "[18446744073709551617]");
+        assert_eq!(b, key(r#"{"id":18446744073709551617.0}"#));
+        assert_eq!(b, key(r#"{"id":1.8446744073709551617e19}"#));
     }
 
     #[test]

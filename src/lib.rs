@@ -20,6 +20,7 @@ pub mod error;
 mod fields;
 pub mod key;
 pub mod mode;
+pub mod number;
 pub mod pipeline;
 pub mod record;
 pub mod redact;

@@ -4,10 +4,17 @@
 //! never coerced into each other (an integer may go into a float column), so
 //! `7` and `"007"` never become one value; a value that does not fit is
 //! rejected with a reason that names the column and both types.
+//!
+//! Numbers are carried exactly or not at all: a value that an integer or
+//! float column cannot hold digit for digit (an integer beyond 64 bits, a
+//! decimal with more digits than a double) is rejected with its text as
+//! written, never rounded. A column created for such a value is a
+//! [`ColumnType::Decimal`], which holds every digit.
 
 use serde_json::Value;
 
-use crate::key::{canonical_json, parse_instant};
+use crate::key::parse_instant;
+use crate::number::{canonical, exact_f64, exact_i64, exact_json};
 use crate::record::Name;
 
 /// Logical column types, mapped to each database's own.
@@ -15,6 +22,10 @@ use crate::record::Name;
 pub enum ColumnType {
     Integer,
     Float,
+    /// Exact numbers: created for an integer beyond 64 bits or a decimal a
+    /// double cannot hold (PostgreSQL `numeric`, MySQL `DECIMAL`, SQLite
+    /// text of the canonical digits).
+    Decimal,
     Boolean,
     /// RFC 3339 text.
     Timestamp,
@@ -43,8 +54,8 @@ impl ColumnType {
             Value::Null => ColumnType::Text,
             Value::Bool(_) => ColumnType::Boolean,
             Value::Number(n) if n.is_i64() => ColumnType::Integer,
-            Value::Number(n) if n.is_u64() => ColumnType::Integer,
-            Value::Number(_) => ColumnType::Float,
+            Value::Number(n) if exact_f64(n).is_some() && !n.is_u64() => ColumnType::Float,
+            Value::Number(_) => ColumnType::Decimal,
             Value::String(s) if parse_instant(s).is_some() => ColumnType::Timestamp,
             Value::String(_) => ColumnType::Text,
             Value::Object(_) | Value::Array(_) => ColumnType::Json,
@@ -55,6 +66,7 @@ impl ColumnType {
         match self {
             ColumnType::Integer => "integer",
             ColumnType::Float => "float",
+            ColumnType::Decimal => "decimal",
             ColumnType::Boolean => "boolean",
             ColumnType::Timestamp => "timestamp",
             ColumnType::Text => "text",
@@ -82,26 +94,18 @@ impl ColumnType {
         };
         match (self, value) {
             (_, Value::Null) => Ok(SqlValue::Null),
-            (ColumnType::Json, v) => Ok(SqlValue::Json(canonical_json(v))),
+            (ColumnType::Json, v) => Ok(SqlValue::Json(exact_json(v))),
             (_, Value::Object(_) | Value::Array(_)) => mismatch("an object or array"),
-            (ColumnType::Integer, Value::Number(n)) => {
-                if let Some(i) = n.as_i64() {
-                    Ok(SqlValue::Int(i))
-                } else if n.is_u64() {
-                    mismatch("an integer out of the 64-bit range")
-                } else {
-                    let f = n.as_f64().unwrap_or(f64::NAN);
-                    if f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15 {
-                        Ok(SqlValue::Int(f as i64))
-                    } else {
-                        mismatch("a float")
-                    }
-                }
-            }
-            (ColumnType::Float, Value::Number(n)) => match n.as_f64() {
-                Some(f) => Ok(SqlValue::Float(f)),
-                None => mismatch("not a finite number"),
+            (ColumnType::Integer, Value::Number(n)) => match exact_i64(n) {
+                Some(i) => Ok(SqlValue::Int(i)),
+                None if is_whole(n) => mismatch("an integer out of the 64-bit range"),
+                None => mismatch("a float"),
             },
+            (ColumnType::Float, Value::Number(n)) => match exact_f64(n) {
+                Some(f) => Ok(SqlValue::Float(f)),
+                None => mismatch("a number with more digits than a float holds exactly"),
+            },
+            (ColumnType::Decimal, Value::Number(n)) => Ok(SqlValue::Text(canonical(n))),
             (ColumnType::Boolean, Value::Bool(b)) => Ok(SqlValue::Bool(*b)),
             (ColumnType::Timestamp, Value::String(s)) => {
                 if parse_instant(s).is_some() {
@@ -113,9 +117,12 @@ impl ColumnType {
             (ColumnType::Text, Value::String(s)) => Ok(SqlValue::Text(s.clone())),
             (ColumnType::Any, Value::String(s)) => Ok(SqlValue::Text(s.clone())),
             (ColumnType::Any, Value::Bool(b)) => Ok(SqlValue::Bool(*b)),
-            (ColumnType::Any, Value::Number(n)) => Ok(match n.as_i64() {
-                Some(i) => SqlValue::Int(i),
-                None => SqlValue::Float(n.as_f64().unwrap_or(f64::NAN)),
+            // A value neither a 64-bit integer nor a double holds goes as
+            // its digits, for the database to convert to the column's type.
+            (ColumnType::Any, Value::Number(n)) => Ok(match (n.as_i64(), exact_f64(n)) {
+                (Some(i), _) => SqlValue::Int(i),
+                (None, Some(f)) => SqlValue::Float(f),
+                (None, None) => SqlValue::Text(canonical(n)),
             }),
             (_, Value::String(_)) => mismatch("text"),
             (_, Value::Number(n)) if n.is_f64() => mismatch("a float"),
@@ -123,6 +130,11 @@ impl ColumnType {
             (_, Value::Bool(_)) => mismatch("a boolean"),
         }
     }
+}
+
+/// True for a number whose value is a whole number (`7`, `7.0`, `1e30`).
+fn is_whole(n: &serde_json::Number) -> bool {
+    crate::number::Decimal::parse(n.as_str()).is_some_and(|d| d.is_integer())
 }
 
 /// One column of a destination table.

@@ -165,6 +165,9 @@ impl Planner {
                 return Err(reject(&record, None, reason));
             }
         }
+        if let Some(reason) = crate::number::beyond_double(&record.fields) {
+            return Err(reject(&record, None, reason));
+        }
         let key = match self
             .key
             .key_of(&record.fields, self.delete_field.as_deref())

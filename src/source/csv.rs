@@ -3,7 +3,8 @@
 //! Types are inferred per column from the first rows (up to
 //! [`SAMPLE_ROWS`]): a column whose values are all integers becomes integers
 //! (a value with a leading zero, such as a zip code `007`, keeps the column
-//! text), all numbers floats, all `true`/`false` booleans; everything else,
+//! text), all numbers floats (numbers keep every digit as written, never
+//! read through a double), all `true`/`false` booleans; everything else,
 //! timestamps included, stays text (the destination recognises RFC 3339
 //! timestamps). The sample is held in memory once; after it, rows stream.
 //! A row with the wrong number of fields is rejected with both counts.
@@ -54,12 +55,13 @@ impl CellType {
     }
 }
 
+/// Digits, however many: an integer beyond 64 bits stays an integer and
+/// keeps every digit (the destination decides whether a column holds it).
 fn is_integer(cell: &str) -> bool {
     let digits = cell.strip_prefix('-').unwrap_or(cell);
     !digits.is_empty()
         && digits.bytes().all(|b| b.is_ascii_digit())
         && !(digits.len() > 1 && digits.starts_with('0'))
-        && cell.parse::<i64>().is_ok()
 }
 
 fn is_float(cell: &str) -> bool {
@@ -84,12 +86,10 @@ fn typed(cell: &str, column: CellType) -> Value {
         column
     };
     match column {
-        CellType::Integer => cell.parse::<i64>().map(Value::from).ok(),
-        CellType::Float => cell
-            .parse::<f64>()
-            .ok()
-            .filter(|f| f.is_finite() && (is_float(cell) || is_integer(cell)))
-            .map(Value::from),
+        CellType::Integer if is_integer(cell) => json_number(cell, false),
+        CellType::Integer => None,
+        CellType::Float if is_float(cell) || is_integer(cell) => json_number(cell, true),
+        CellType::Float => None,
         CellType::Boolean => match cell.to_ascii_lowercase().as_str() {
             "true" => Some(Value::Bool(true)),
             "false" => Some(Value::Bool(false)),
@@ -100,6 +100,33 @@ fn typed(cell: &str, column: CellType) -> Value {
     // A cell that does not fit its column's type stays text; the destination
     // rejects it if the column cannot hold text.
     .unwrap_or_else(|| Value::String(cell.to_string()))
+}
+
+/// The cell as a JSON number with all its digits (`.5` -> `0.5`), never
+/// through a double; `as_float` marks a whole number as a float (`5.0`),
+/// as the rest of its column is.
+fn json_number(cell: &str, as_float: bool) -> Option<Value> {
+    let (sign, body) = match cell.strip_prefix('-') {
+        Some(rest) => ("-", rest),
+        None => ("", cell),
+    };
+    let (mantissa, exponent) = match body.find(['e', 'E']) {
+        Some(at) => (&body[..at], &body[at..]),
+        None => (body, ""),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let int = if int.is_empty() { "0" } else { int };
+    let frac = if frac.is_empty() && as_float && exponent.is_empty() {
+        "0"
+    } else {
+        frac
+    };
+    let dot = if frac.is_empty() { "" } else { "." };
+    let text = format!("{sign}{int}{dot}{frac}{exponent}");
+    serde_json::from_str::<serde_json::Number>(&text)
+        .ok()
+        .filter(|n| n.as_f64().is_some())
+        .map(Value::Number)
 }
 
 /// Reads a whole CSV file into the reader's batches.
@@ -358,5 +385,18 @@ mod tests {
         assert_eq!(typed("42", CellType::Text), Value::from("42"));
         assert_eq!(typed("42", CellType::Float), Value::from(42.0));
         assert_eq!(typed("abc", CellType::Integer), Value::from("abc"));
+    }
+
+    #[test]
+    fn numbers_keep_every_digit() {
+        // Issue 15: a CSV integer beyond 64 bits was read as a rounded float.
+        let big = "123456789012345678901234567890";
+        assert_eq!(CellType::of(big), CellType::Integer);
+        assert_eq!(typed(big, CellType::Integer).to_string(), big);
+        assert_eq!(typed(big, CellType::Float).to_string(), format!("{big}.0"));
+        let long = "0.1000000000000000055511151231257827";
+        assert_eq!(typed(long, CellType::Float).to_string(), long);
+        assert_eq!(typed(".5", CellType::Float).to_string(), "0.5");
+        assert_eq!(typed("-1.5e3", CellType::Float).to_string(), "-1.5e+3");
     }
 }

@@ -27,6 +27,7 @@ mod keys;
 mod load_twice;
 mod modes;
 mod monitors;
+mod numbers;
 mod objects;
 mod origins;
 mod overlap;

@@ -146,6 +146,10 @@ fn convert(schema: &Table, row: &Row) -> std::result::Result<Vec<Cell>, String> 
                 continue;
             }
         }
+        if let Some(cell) = exact_number(column, value)? {
+            cells.push(cell);
+            continue;
+        }
         let cell = match column.ty.convert(&column.name, value)? {
             SqlValue::Null => Cell::Null,
             SqlValue::Int(i) => Cell::Int(i),
@@ -162,6 +166,64 @@ fn convert(schema: &Table, row: &Row) -> std::result::Result<Vec<Cell>, String> 
         cells.push(cell);
     }
     Ok(cells)
+}
+
+/// A number for a `DECIMAL(p,s)` column, written with the column's scale
+/// (as MySQL prints it back), or a reject when its digits do not fit: MySQL
+/// would round them. A JSON value with a number MySQL's own JSON type
+/// would round to a double is a reject too (MariaDB's JSON is text and
+/// keeps every digit). `None` for anything else.
+fn exact_number(column: &SqlColumn, value: &Value) -> std::result::Result<Option<Cell>, String> {
+    let definition = column.definition.to_ascii_lowercase();
+    match (column.ty, value) {
+        (ColumnType::Decimal, Value::Number(n)) => {
+            let (precision, scale) = decimal_size(&definition);
+            let shown = crate::number::shorten(n.as_str());
+            let decimal = crate::number::Decimal::parse(n.as_str())
+                .ok_or_else(|| format!("value {shown} of field {:?} is not a number", column.name))?;
+            let whole = precision.saturating_sub(scale) as i64;
+            if decimal.integer_digits() > whole || decimal.fraction_digits() > scale as i64 {
+                return Err(format!(
+                    "value {shown} of field {:?} has more digits than the column's type {} holds exactly",
+                    column.name,
+                    definition.split(' ').next().unwrap_or(&definition)
+                ));
+            }
+            if decimal.is_negative() && definition.contains("unsigned") {
+                return Err(format!(
+                    "value {shown} of field {:?} is negative, but the column is unsigned",
+                    column.name
+                ));
+            }
+            Ok(Some(Cell::Text(decimal.plain(scale))))
+        }
+        (ColumnType::Json, _) if definition.starts_with("json") => {
+            match crate::number::first_beyond_64_bits(value) {
+                Some(n) => Err(format!(
+                    "value of field {:?} holds the number {}, which a MySQL JSON column would round to a double",
+                    column.name,
+                    crate::number::shorten(n.as_str())
+                )),
+                None => Ok(None),
+            }
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Precision and scale of `decimal(p,s)` (MySQL's defaults: 10 and 0).
+fn decimal_size(definition: &str) -> (usize, usize) {
+    let inside = definition
+        .split_once('(')
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(inside, _)| inside);
+    let mut parts = inside
+        .unwrap_or("")
+        .split(',')
+        .map(|p| p.trim().parse::<usize>().ok());
+    let precision = parts.next().flatten().unwrap_or(10);
+    let scale = parts.next().flatten().unwrap_or(0);
+    (precision, scale)
 }
 
 /// An RFC 3339 timestamp as a UTC `DATETIME(6)`.
@@ -504,6 +566,47 @@ async fn check_warnings(conn: &mut Conn) -> std::result::Result<(), mysql_async:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimal_columns_take_exact_digits_or_reject_them() {
+        let column = |definition: &str, ty| SqlColumn {
+            name: "amount".into(),
+            ty,
+            definition: definition.into(),
+            limit: None,
+        };
+        let number = |text: &str| -> Value { serde_json::from_str(text).unwrap() };
+        let wide = column("decimal(65,30)", ColumnType::Decimal);
+        assert_eq!(
+            exact_number(&wide, &number("18446744073709551617")).unwrap(),
+            Some(Cell::Text(format!(
+                "18446744073709551617.{}",
+                "0".repeat(30)
+            )))
+        );
+        let err = exact_number(&wide, &number("0.1000000000000000055511151231257827")).unwrap_err();
+        assert!(
+            err.contains("0.1000000000000000055511151231257827"),
+            "{err}"
+        );
+        assert!(err.contains("decimal(65,30)"), "{err}");
+        let money = column("decimal(10,2) unsigned", ColumnType::Decimal);
+        assert_eq!(
+            exact_number(&money, &number("12.5")).unwrap(),
+            Some(Cell::Text("12.50".into()))
+        );
+        assert!(exact_number(&money, &number("123456789.5")).is_err());
+        assert!(exact_number(&money, &number("-1")).is_err());
+        // MySQL's JSON keeps doubles and 64-bit integers; MariaDB's is text.
+        let json = column("json", ColumnType::Json);
+        let nested = number(r#"{"a":123456789012345678901234567890}"#);
+        assert!(exact_number(&json, &nested).is_err());
+        assert!(exact_number(&json, &number(r#"{"a":9007199254740993}"#))
+            .unwrap()
+            .is_none());
+        let mariadb = column("longtext", ColumnType::Json);
+        assert!(exact_number(&mariadb, &nested).unwrap().is_none());
+    }
 
     #[test]
     fn load_data_text_escapes_what_would_split_a_field() {

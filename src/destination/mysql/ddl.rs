@@ -83,6 +83,9 @@ pub(super) fn declare(server: &Server, column: &Column, is_key: bool) -> SqlColu
     let (definition, limit) = match column.ty {
         ColumnType::Integer => ("BIGINT".to_string(), None),
         ColumnType::Float => ("DOUBLE".to_string(), None),
+        // Exact numbers: 35 digits before the point and 30 after, MySQL's
+        // widest; a value beyond them is a reject, never rounded.
+        ColumnType::Decimal => ("DECIMAL(65,30)".to_string(), None),
         ColumnType::Boolean => ("TINYINT(1)".to_string(), None),
         // Instants in UTC (the session's time zone) to the microsecond.
         ColumnType::Timestamp => ("DATETIME(6)".to_string(), None),
@@ -110,6 +113,7 @@ fn column_type(data_type: &str, column_type: &str, json_checked: bool) -> Column
         "bool" | "boolean" => ColumnType::Boolean,
         "tinyint" | "smallint" | "mediumint" | "int" | "integer" | "bigint" => ColumnType::Integer,
         "double" | "float" | "real" => ColumnType::Float,
+        "decimal" | "numeric" => ColumnType::Decimal,
         "datetime" | "timestamp" => ColumnType::Timestamp,
         "json" => ColumnType::Json,
         "longtext" if json_checked => ColumnType::Json,

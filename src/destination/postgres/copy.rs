@@ -166,7 +166,7 @@ fn put_value(
             return Ok(());
         }
         ("float8", Value::Number(n)) if column.ty == ColumnType::Float => {
-            if let Some(f) = n.as_f64() {
+            if let Some(f) = crate::number::exact_f64(n) {
                 buf.put_i32(8);
                 buf.put_f64(f);
                 return Ok(());
@@ -210,13 +210,14 @@ fn put_value(
 /// length then bytes, `": "` and `", "` between items, strings escaped as
 /// JSON requires (the same escapes PostgreSQL writes). Numbers are written
 /// as the canonical JSON (JCS) idemload has always sent, so the stored
-/// value is the same; where PostgreSQL prints a number differently
+/// value is the same, with every digit of a number a double cannot hold
+/// (`jsonb` keeps them as `numeric`); where PostgreSQL prints a number differently
 /// (`1e+21`), the bytes differ and the row is compared by the database.
 fn write_jsonb(buf: &mut BytesMut, value: &Value) {
     match value {
         Value::Null => buf.put_slice(b"null"),
         Value::Bool(b) => buf.put_slice(if *b { b"true" } else { b"false" }),
-        Value::Number(_) => buf.put_slice(crate::key::canonical_json(value).as_bytes()),
+        Value::Number(n) => buf.put_slice(crate::number::canonical(n).as_bytes()),
         Value::String(s) => write_json_string(buf, s),
         Value::Array(items) => {
             buf.put_u8(b'[');
@@ -496,7 +497,7 @@ mod tests {
     }
 
     /// Our jsonb text must be PostgreSQL's own printing of the value we
-    /// used to send (its canonical JSON), byte for byte, or rows with JSON
+    /// send (its canonical JSON, every digit kept), byte for byte, or rows with JSON
     /// never compare equal; and it must be that same value.
     #[tokio::test]
     async fn jsonb_is_written_as_postgres_prints_it() {
@@ -520,7 +521,7 @@ mod tests {
             let mut buf = BytesMut::new();
             write_jsonb(&mut buf, &value);
             let ours = std::str::from_utf8(&buf).unwrap().to_string();
-            let sent = crate::key::canonical_json(&value);
+            let sent = crate::number::exact_json(&value);
             let row = client
                 .query_one(
                     "SELECT $1::text::jsonb::text, $1::text::jsonb = $2::text::jsonb",

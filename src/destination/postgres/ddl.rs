@@ -1,8 +1,9 @@
 //! PostgreSQL column types: what idemload creates, what it reads back from
 //! the catalog, and how a value is checked for a column before it is sent.
 //!
-//! New columns are `bigint`, `double precision`, `numeric` (an integer beyond
-//! the 64-bit range), `boolean`, `timestamptz`, `text` or `jsonb`. A table
+//! New columns are `bigint`, `double precision`, `numeric` (exact numbers:
+//! an integer beyond the 64-bit range, a decimal a double cannot hold),
+//! `boolean`, `timestamptz`, `text` or `jsonb`. A table
 //! idemload did not create keeps its own types: each maps to a logical
 //! [`ColumnType`] for checking and to the [`Stage`] type the binary COPY
 //! sends, cast to the column's type in SQL when they differ. Every check
@@ -58,10 +59,9 @@ pub(super) struct PgColumn {
 
 impl PgColumn {
     /// A column idemload creates for its first non-null value.
-    pub(super) fn new(name: &str, ty: ColumnType, first: Option<&Value>) -> PgColumn {
-        let numeric = matches!(first, Some(Value::Number(n)) if n.is_u64() && !n.is_i64());
+    pub(super) fn new(name: &str, ty: ColumnType, _first: Option<&Value>) -> PgColumn {
         let (udt, sql) = match ty {
-            ColumnType::Integer if numeric => ("numeric", "numeric"),
+            ColumnType::Decimal => ("numeric", "numeric"),
             ColumnType::Integer => ("int8", "bigint"),
             ColumnType::Float => ("float8", "double precision"),
             ColumnType::Boolean => ("bool", "boolean"),
@@ -80,7 +80,8 @@ impl PgColumn {
     /// A column read from the catalog.
     fn read(name: String, udt: String, sql: String) -> PgColumn {
         let ty = match udt.as_str() {
-            "int8" | "int4" | "int2" | "numeric" => ColumnType::Integer,
+            "int8" | "int4" | "int2" => ColumnType::Integer,
+            "numeric" => ColumnType::Decimal,
             "float8" | "float4" => ColumnType::Float,
             "bool" => ColumnType::Boolean,
             "timestamptz" | "timestamp" => ColumnType::Timestamp,
@@ -103,6 +104,7 @@ impl PgColumn {
         match self.ty {
             ColumnType::Integer => Stage::Int8,
             ColumnType::Float => Stage::Float8,
+            ColumnType::Decimal => Stage::Text,
             ColumnType::Boolean => Stage::Bool,
             ColumnType::Timestamp => Stage::Timestamptz,
             ColumnType::Json => Stage::Jsonb,

@@ -297,6 +297,11 @@ fn declared_type(ty: ColumnType) -> &'static str {
     match ty {
         ColumnType::Integer => "INTEGER",
         ColumnType::Float => "REAL",
+        // SQLite has no exact number beyond 64 bits, and a NUMERIC column
+        // turns such text into a rounded REAL: a declared type that contains
+        // TEXT keeps the digits (text affinity) and still reads back as
+        // an exact number column.
+        ColumnType::Decimal => "DECIMAL_TEXT",
         ColumnType::Boolean => "BOOLEAN",
         ColumnType::Timestamp => "TIMESTAMP",
         ColumnType::Text => "TEXT",
@@ -311,6 +316,7 @@ fn column_type(declared: &str) -> ColumnType {
     match declared.to_ascii_uppercase().as_str() {
         "INTEGER" | "INT" | "BIGINT" => ColumnType::Integer,
         "REAL" | "DOUBLE" | "FLOAT" | "DOUBLE PRECISION" => ColumnType::Float,
+        "DECIMAL_TEXT" => ColumnType::Decimal,
         "BOOLEAN" | "BOOL" => ColumnType::Boolean,
         "TIMESTAMP" | "TIMESTAMPTZ" | "DATETIME" => ColumnType::Timestamp,
         "TEXT" => ColumnType::Text,

@@ -425,7 +425,7 @@ fn bind<'r>(
     let borrowed = match (column.ty, value) {
         (_, J::Null) => Some(ValueRef::Null),
         (ColumnType::Integer, J::Number(n)) => n.as_i64().map(ValueRef::Integer),
-        (ColumnType::Float, J::Number(n)) => n.as_f64().map(ValueRef::Real),
+        (ColumnType::Float, J::Number(n)) => crate::number::exact_f64(n).map(ValueRef::Real),
         (ColumnType::Boolean, J::Bool(b)) => Some(ValueRef::Integer(*b as i64)),
         (ColumnType::Text | ColumnType::Any, J::String(s)) => Some(ValueRef::Text(s.as_bytes())),
         (ColumnType::Timestamp, J::String(s)) if parse_instant(s).is_some() => {
@@ -433,6 +433,18 @@ fn bind<'r>(
         }
         _ => None,
     };
+    if let (ColumnType::Any, J::Number(n)) = (column.ty, value) {
+        // A table idemload did not create: a declared type such as NUMERIC
+        // turns the digits of a number beyond a signed 64-bit integer or a
+        // double into a rounded REAL.
+        if n.as_i64().is_none() && crate::number::exact_f64(n).is_none() {
+            return Err(format!(
+                "value {} of field {:?} has more digits than SQLite keeps exactly in a column of type other than DECIMAL_TEXT",
+                crate::number::shorten(n.as_str()),
+                column.name
+            ));
+        }
+    }
     match borrowed {
         Some(v) => Ok(ToSqlOutput::Borrowed(v)),
         None => column

@@ -457,6 +457,37 @@ impl Backend {
         }
     }
 
+    /// The first column of every row of a query, as text (`None` for
+    /// NULL); the query casts to text itself where the backend needs it.
+    pub fn texts(&self, sql: &str) -> Vec<Option<String>> {
+        match &self.inner {
+            Inner::Sqlite { path } => {
+                let conn = rusqlite::Connection::open(path).expect("open sqlite");
+                conn.busy_timeout(std::time::Duration::from_secs(30))
+                    .expect("busy timeout");
+                let mut stmt = conn.prepare(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+                stmt.query_map([], |r| r.get::<_, Option<String>>(0))
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            }
+            Inner::Postgres { rt, client, .. } => rt
+                .block_on(client.query(sql, &[]))
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .iter()
+                .map(|r| r.get::<_, Option<String>>(0))
+                .collect(),
+            Inner::Mysql { .. } => self
+                .mysql_rows(sql)
+                .iter()
+                .map(|r| {
+                    let v = r.as_object()?.values().next()?;
+                    v.as_str().map(String::from)
+                })
+                .collect(),
+        }
+    }
+
     /// Rows of a MySQL query as JSON objects (binary protocol, so values
     /// come typed).
     fn mysql_rows(&self, sql: &str) -> Vec<Value> {
