@@ -21,6 +21,18 @@ pub struct Row {
     pub source: SourceRef,
 }
 
+impl Row {
+    /// The reject this row becomes when a value does not fit its column.
+    pub fn reject(&self, reason: impl Into<String>) -> Reject {
+        Reject {
+            source: self.source.clone(),
+            key: Some(self.key.to_string()),
+            raw: serde_json::to_string(&self.fields).unwrap_or_default(),
+            reason: reason.into(),
+        }
+    }
+}
+
 /// A batch ready for a destination.
 #[derive(Debug, Default)]
 pub struct PlannedBatch {

@@ -65,15 +65,6 @@ impl Prepared {
     }
 }
 
-pub(super) fn reject(row: &Row, reason: String) -> Reject {
-    Reject {
-        source: row.source.clone(),
-        key: Some(row.key.to_string()),
-        raw: serde_json::to_string(&row.fields).unwrap_or_default(),
-        reason,
-    }
-}
-
 /// Converts every row for its columns, and keeps one row per key as the
 /// database sees it (two timestamps with different offsets can be one
 /// instant): the greatest cursor wins, a tie goes to the later row.
@@ -104,7 +95,7 @@ pub(super) fn prepare(
             Ok(cells) => cells,
             Err(reason) => {
                 stats.rejected += 1;
-                rejects.push(reject(&row, reason));
+                rejects.push(row.reject(reason));
                 continue;
             }
         };

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
-use super::batch::{load, load_into, prepare, reject, stored_rows, Prepared, BATCH};
+use super::batch::{load, load_into, prepare, stored_rows, Prepared, BATCH};
 use super::books::{self, fence, write_checkpoint, RUN_KEYS};
 use super::ddl::{add_columns, create_table, declare, read_table, unfit_name, SqlColumn, Table};
 use super::{stage, Lock, MysqlDestination, Run, Server};
@@ -413,7 +413,7 @@ async fn ensure_table(
         match problem {
             Some(reason) => {
                 stats.rejected += 1;
-                rejects.push(reject(&row, reason));
+                rejects.push(row.reject(reason));
             }
             None => kept.push(row),
         }

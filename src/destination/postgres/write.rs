@@ -500,12 +500,7 @@ fn encode(
             }),
             Err(reason) => {
                 stats.rejected += 1;
-                rejects.push(Reject {
-                    source: row.source.clone(),
-                    key: Some(row.key.to_string()),
-                    raw: serde_json::to_string(&row.fields).unwrap_or_default(),
-                    reason,
-                });
+                rejects.push(row.reject(reason));
             }
         }
     }

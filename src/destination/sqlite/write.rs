@@ -318,14 +318,7 @@ impl<'c> RowWriter<'c> {
             };
             match bind(column, value) {
                 Ok(v) => values.push(v),
-                Err(reason) => {
-                    return Ok(Err(Reject {
-                        source: row.source.clone(),
-                        key: Some(row.key.to_string()),
-                        raw: serde_json::to_string(&row.fields).unwrap_or_default(),
-                        reason,
-                    }))
-                }
+                Err(reason) => return Ok(Err(row.reject(reason))),
             }
         }
         if let (Some(fresh), false) = (&mut self.fresh, row.delete) {
