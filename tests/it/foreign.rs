@@ -192,3 +192,85 @@ idemtest!(a_not_null_column_no_record_fills_stops_the_run, |env| {
         rejects.stdout
     );
 });
+
+// Killed at random moments, loads into a table with a serial key and a
+// defaulted column resume to the table of one uninterrupted load: one row
+// per key, every row numbered once, the defaults set.
+idemtest!(
+    killed_loads_into_a_table_with_defaults_resume_exactly,
+    |env| {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        use rand::{Rng, SeedableRng};
+        use std::process::Stdio;
+        use std::time::Duration;
+
+        const ROWS: u64 = 40_000;
+        ddl(
+            env,
+            "CREATE TABLE serial_t (n INTEGER PRIMARY KEY, id INTEGER NOT NULL UNIQUE, v INTEGER,
+             note TEXT NOT NULL DEFAULT 'none')",
+            "CREATE TABLE serial_t (n bigserial PRIMARY KEY, id bigint NOT NULL UNIQUE, v bigint,
+             note text NOT NULL DEFAULT 'none')",
+            "CREATE TABLE serial_t (n bigint AUTO_INCREMENT PRIMARY KEY, id bigint NOT NULL UNIQUE,
+             v bigint, note varchar(20) NOT NULL DEFAULT 'none')",
+        );
+        let lines: String = (0..ROWS)
+            .map(|i| format!("{{\"id\":{i},\"v\":{}}}\n", i * 7 % 1000))
+            .collect();
+        env.write("in.jsonl", lines);
+        let url = env.url();
+        let args = [
+            "load",
+            "in.jsonl",
+            "--into",
+            &url,
+            "--table",
+            "serial_t",
+            "--key",
+            "id",
+            "--batch-size",
+            "2000",
+        ];
+        // Kills fall anywhere in the first 1.5 s: before the table is touched,
+        // mid-batch, at commits, and (on a fast machine) after the load ended.
+        let range = Duration::from_millis(1500);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(crate::common::seed(
+            "killed_loads_into_a_table_with_defaults_resume_exactly",
+        ));
+        for round in 0..6 {
+            let delay = Duration::from_micros(rng.gen_range(0..range.as_micros() as u64));
+            let mut child = env
+                .command(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn");
+            std::thread::sleep(delay);
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            child.wait().expect("wait");
+            assert_eq!(env.backend.doubled("serial_t", &["id"]), 0, "round {round}");
+        }
+        env.command(&args)
+            .stdout(Stdio::null())
+            .status()
+            .expect("run");
+        let r = env
+            .load("serial_t", &["in.jsonl"], &["--key", "id"])
+            .code(0)
+            .report();
+        assert_eq!(
+            (r.inserted, r.updated, r.unchanged),
+            (0, 0, ROWS),
+            "{}",
+            r.raw
+        );
+        assert_eq!(env.backend.count("serial_t"), ROWS);
+        assert_eq!(env.backend.doubled("serial_t", &["n"]), 0);
+        assert_eq!(
+        env.backend
+            .scalar_i64("SELECT count(*) FROM serial_t WHERE n IS NOT NULL AND note = 'none' AND v = (id * 7) % 1000"),
+        Some(ROWS as i64)
+    );
+    }
+);
