@@ -267,16 +267,16 @@ fn fill_value(t: &toml::Value, fields: &Fields, remote_id: Option<&str>) -> Valu
 }
 
 /// RFC 3986 percent-encoding of everything but unreserved characters.
+/// Everything but RFC 3986's unreserved characters is encoded, so a value
+/// is always one path segment.
+const PATH_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, PATH_VALUE).to_string()
 }
 
 /// The value at a dotted path (`results.0.id`), as text.
