@@ -67,13 +67,32 @@ pub struct DestinationConfig {
 /// The keys of a database `[destination]` (the rest belong to `type = "http"`).
 pub(crate) const DATABASE_DESTINATION_KEYS: [&str; 4] = ["url", "table", "schema", "type"];
 
+/// A list of field names, or one name alone (`"id"` is `["id"]`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged, expecting = "a field name or a list of field names")]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(Some(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(name) => vec![name],
+        OneOrMany::Many(names) => names,
+    }))
+}
+
 /// `[load]`: how records land.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoadConfig {
-    /// Fields that identify a record (default `["id"]`).
+    /// Fields that identify a record (default `["id"]`; one field may be
+    /// written alone, `key = "id"`).
+    #[serde(default, deserialize_with = "one_or_many")]
     pub key: Option<Vec<String>>,
     /// Derive the key from a SHA-256 of these fields (`["*"]`: all).
+    #[serde(default, deserialize_with = "one_or_many")]
     pub hash_key: Option<Vec<String>>,
     /// Field that orders versions of a record and drives incremental runs.
     pub cursor: Option<String>,

@@ -127,3 +127,19 @@ fn a_setting_that_contradicts_another_names_its_key() {
         );
     });
 }
+
+#[test]
+fn a_single_key_field_may_be_written_alone() {
+    with_backend("cfg_one_key", BackendKind::Sqlite, |env| {
+        let out = check_with(env, "key = \"id\"\n");
+        out.code(0);
+        let out = check_with(env, "key = 7\n");
+        assert_mentions(
+            &out,
+            &[
+                "p.toml:12:7: [load].key",
+                "a field name or a list of field names",
+            ],
+        );
+    });
+}
