@@ -100,15 +100,15 @@ pub trait Inspect: Send {
 /// Connects to the database an URL names. With `write` false (`audit`) it
 /// creates nothing: no database file, schema or bookkeeping table.
 pub async fn connect(url: &str, write: bool) -> Result<Box<dyn Inspect>> {
-    let scheme = url.split("://").next().unwrap_or_default();
-    match scheme {
-        "sqlite" => Ok(Box::new(
+    use crate::connect::Backend;
+    match crate::connect::Backend::of_url(url) {
+        Ok(Backend::Sqlite) => Ok(Box::new(
             super::sqlite::inspect::SqliteInspect::open(url, write).await?,
         )),
-        "postgres" | "postgresql" => Ok(Box::new(
+        Ok(Backend::Postgres) => Ok(Box::new(
             super::postgres::inspect::PostgresInspect::open(url, write).await?,
         )),
-        "mysql" => Ok(Box::new(
+        Ok(Backend::Mysql) => Ok(Box::new(
             super::mysql::inspect::MysqlInspect::open(url, write).await?,
         )),
         _ => Err(Error::config(format!(

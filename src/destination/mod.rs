@@ -24,6 +24,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::batch::PlannedBatch;
+use crate::connect::Backend;
 use crate::error::{Error, Result};
 use crate::mode::Mode;
 use crate::redact::redact;
@@ -155,10 +156,10 @@ pub async fn open_existing(
         ));
     }
     let url = config.url.as_str();
-    match url.split("://").next().unwrap_or_default() {
-        "sqlite" => Ok(boxed(sqlite::SqliteDestination::open_existing(url).await?)),
-        "mysql" => Ok(boxed(mysql::MysqlDestination::open_existing(url).await?)),
-        "postgres" | "postgresql" => Ok(boxed(
+    match Backend::of_url(url) {
+        Ok(Backend::Sqlite) => Ok(boxed(sqlite::SqliteDestination::open_existing(url).await?)),
+        Ok(Backend::Mysql) => Ok(boxed(mysql::MysqlDestination::open_existing(url).await?)),
+        Ok(Backend::Postgres) => Ok(boxed(
             postgres::PostgresDestination::open_existing(url, config.schema.as_deref()).await?,
         )),
         _ => Err(unsupported(url)),
@@ -180,11 +181,10 @@ pub async fn open(url: &str) -> Result<Box<dyn Destination>> {
 /// Opens the destination an URL names, in `schema` (`[destination] schema`)
 /// where the database has schemas.
 pub async fn open_in(url: &str, schema: Option<&str>) -> Result<Box<dyn Destination>> {
-    let scheme = url.split("://").next().unwrap_or_default();
-    match scheme {
-        "sqlite" => Ok(Box::new(sqlite::SqliteDestination::open(url).await?)),
-        "mysql" => Ok(Box::new(mysql::MysqlDestination::open(url).await?)),
-        "postgres" | "postgresql" => Ok(Box::new(
+    match Backend::of_url(url) {
+        Ok(Backend::Sqlite) => Ok(Box::new(sqlite::SqliteDestination::open(url).await?)),
+        Ok(Backend::Mysql) => Ok(Box::new(mysql::MysqlDestination::open(url).await?)),
+        Ok(Backend::Postgres) => Ok(Box::new(
             postgres::PostgresDestination::open(url, schema).await?,
         )),
         _ => Err(unsupported(url)),
