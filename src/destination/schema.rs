@@ -219,9 +219,7 @@ impl NameCase {
     fn fold<'a>(self, name: &'a str) -> Cow<'a, str> {
         match self {
             NameCase::Exact => Cow::Borrowed(name),
-            NameCase::Ascii if !name.bytes().any(|b| b.is_ascii_uppercase()) => {
-                Cow::Borrowed(name)
-            }
+            NameCase::Ascii if !name.bytes().any(|b| b.is_ascii_uppercase()) => Cow::Borrowed(name),
             NameCase::Ascii => Cow::Owned(name.to_ascii_lowercase()),
             NameCase::Unicode if !name.chars().any(char::is_uppercase) => Cow::Borrowed(name),
             NameCase::Unicode => Cow::Owned(name.to_lowercase()),
@@ -425,6 +423,91 @@ mod tests {
                 .convert("j", &json!({"b": 1, "a": 2}))
                 .unwrap(),
             SqlValue::Json("{\"a\":2,\"b\":1}".into())
+        );
+    }
+
+    fn row(id: i64, fields: serde_json::Value) -> Row {
+        Row {
+            key: crate::key::Key::new(vec![json!(id)]),
+            fields: crate::record::Fields::try_from(fields).unwrap(),
+            cursor: None,
+            delete: false,
+            source: crate::record::SourceRef::Line {
+                path: "f.jsonl".into(),
+                line: id as u64,
+            },
+        }
+    }
+
+    #[test]
+    fn fields_fit_columns_under_each_backend_rules() {
+        let rows = || {
+            vec![
+                row(1, json!({"id": 1, "email": "a"})),
+                row(2, json!({"id": 2, "Email": "b", "EMAIL": null})),
+                row(3, json!({"id": 3, "É": 1})),
+                row(4, json!({"id": 4, "é": 2})),
+            ]
+        };
+        let fit = |rules: ColumnRules| {
+            let (mut stats, mut rejects) = (RunStats::default(), Vec::new());
+            let kept = rules.fit("t", ["ID"].into_iter(), rows(), &mut stats, &mut rejects);
+            let names: Vec<Vec<String>> = kept
+                .iter()
+                .map(|r| r.fields.keys().map(|n| n.to_string()).collect())
+                .collect();
+            (names, rejects.len() as u64, stats.rejected)
+        };
+        // SQLite folds ASCII only: `É` and `é` are two columns.
+        let (names, rejected, counted) = fit(ColumnRules::SQLITE);
+        assert_eq!((rejected, counted), (1, 1));
+        assert_eq!(names[0], ["ID", "email"]);
+        assert_eq!(names[1], ["ID", "É"]);
+        assert_eq!(names[2], ["ID", "é"]);
+        // MySQL folds every letter.
+        let (names, rejected, _) = fit(ColumnRules::MYSQL);
+        assert_eq!(rejected, 1);
+        assert_eq!(names[2], ["ID", "É"]);
+        // PostgreSQL compares quoted names exactly.
+        let (names, rejected, _) = fit(ColumnRules::POSTGRES);
+        assert_eq!(rejected, 0);
+        assert_eq!(names[1], ["id", "Email", "EMAIL"]);
+    }
+
+    #[test]
+    fn a_row_wider_than_the_table_may_be_is_rejected() {
+        let rules = ColumnRules {
+            max_columns: 4,
+            ..ColumnRules::SQLITE
+        };
+        let (mut stats, mut rejects) = (RunStats::default(), Vec::new());
+        let kept = rules.fit(
+            "t",
+            ["id", "a"].into_iter(),
+            vec![
+                row(1, json!({"id": 1, "b": 1, "c": 1, "d": 1})),
+                row(2, json!({"id": 2, "b": 1, "x": null, "y": null})),
+                row(3, json!({"id": 3, "c": 1})),
+                row(4, json!({"id": 4, "e": 1})),
+            ],
+            &mut stats,
+            &mut rejects,
+        );
+        assert_eq!(kept.len(), 2);
+        assert_eq!(rejects.len(), 2);
+        assert!(
+            rejects[0]
+                .reason
+                .contains("record has 3 fields with no column yet; table \"t\" has 2 columns"),
+            "{}",
+            rejects[0].reason
+        );
+        assert!(
+            rejects[1]
+                .reason
+                .contains("has 2 columns and earlier records of the batch add 2"),
+            "{}",
+            rejects[1].reason
         );
     }
 
