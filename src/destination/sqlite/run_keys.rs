@@ -35,8 +35,9 @@ pub(super) struct RunKeys {
     chunks: HashMap<i64, Box<[u64; (CHUNK_BITS / 64) as usize]>>,
     /// The integer keys moved to `temp._idemload_run_ints`.
     spilled: bool,
-    /// Canonical texts of the other keys, while they fit the budget.
-    texts: HashSet<Box<str>>,
+    /// Canonical texts of the other keys, while they fit the budget
+    /// (foldhash, seeded per process: one hash per record).
+    texts: HashSet<Box<str>, foldhash::fast::RandomState>,
     text_bytes: usize,
     /// The texts moved to `temp._idemload_run_keys`.
     texts_spilled: bool,
