@@ -11,11 +11,16 @@
 //! written, never rounded. A column created for such a value is a
 //! [`ColumnType::Decimal`], which holds every digit.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
+
 use serde_json::Value;
 
+use crate::batch::Row;
 use crate::key::parse_instant;
 use crate::number::{canonical, exact_f64, exact_i64, exact_json};
-use crate::record::Name;
+use crate::record::{Name, Reject};
+use crate::stats::RunStats;
 
 /// Logical column types, mapped to each database's own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,6 +203,196 @@ impl TableSchema {
     }
 }
 
+/// How a database compares column names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameCase {
+    /// Byte for byte (PostgreSQL's quoted names): `Email` and `email` are
+    /// two columns.
+    Exact,
+    /// ASCII letters without case, every other character exactly (SQLite).
+    Ascii,
+    /// Letters without case (MySQL and MariaDB): `É` and `é` are one column.
+    Unicode,
+}
+
+impl NameCase {
+    fn fold<'a>(self, name: &'a str) -> Cow<'a, str> {
+        match self {
+            NameCase::Exact => Cow::Borrowed(name),
+            NameCase::Ascii if !name.bytes().any(|b| b.is_ascii_uppercase()) => Cow::Borrowed(name),
+            NameCase::Ascii => Cow::Owned(name.to_ascii_lowercase()),
+            NameCase::Unicode if !name.chars().any(char::is_uppercase) => Cow::Borrowed(name),
+            NameCase::Unicode => Cow::Owned(name.to_lowercase()),
+        }
+    }
+}
+
+/// What the columns of one database's tables may be: how their names
+/// compare and how many a table holds.
+///
+/// Every backend fits a batch's rows to its table through [`ColumnRules::fit`]
+/// before any DDL, so a record that cannot get a column for each of its
+/// fields is a reject with a reason, never a failed `CREATE` or `ALTER`.
+#[derive(Debug, Clone, Copy)]
+pub struct ColumnRules {
+    /// The database's name, for reasons.
+    pub database: &'static str,
+    pub case: NameCase,
+    /// Columns a table may have.
+    pub max_columns: usize,
+}
+
+impl ColumnRules {
+    /// SQLite: `SQLITE_MAX_COLUMN` is 2000 in the bundled library.
+    pub const SQLITE: ColumnRules = ColumnRules {
+        database: "SQLite",
+        case: NameCase::Ascii,
+        max_columns: 2000,
+    };
+    /// PostgreSQL: 1600 columns per table.
+    pub const POSTGRES: ColumnRules = ColumnRules {
+        database: "PostgreSQL",
+        case: NameCase::Exact,
+        max_columns: 1600,
+    };
+    /// MySQL and MariaDB with InnoDB: 1017 columns per table.
+    pub const MYSQL: ColumnRules = ColumnRules {
+        database: "MySQL",
+        case: NameCase::Unicode,
+        max_columns: 1017,
+    };
+
+    /// Fits rows to a table whose columns are `columns`, in input order.
+    ///
+    /// A field whose name is a column's under the database's rules (`email`
+    /// where the table has `Email`, in SQLite or MySQL) goes into that
+    /// column: the row's field is renamed to the column's name. A row that
+    /// has two fields for one column, or whose new fields would make the
+    /// table wider than the database allows (counting the columns earlier
+    /// rows of the batch add), becomes a reject with the reason. Null fields
+    /// get no column yet, so they do not count toward the width.
+    pub fn fit<'a>(
+        &self,
+        table: &str,
+        columns: impl Iterator<Item = &'a str>,
+        rows: Vec<Row>,
+        stats: &mut RunStats,
+        rejects: &mut Vec<Reject>,
+    ) -> Vec<Row> {
+        // Folded name -> the column's name, for the table's columns and the
+        // ones earlier rows of this batch bring.
+        let mut known: HashMap<String, String> = HashMap::new();
+        for name in columns {
+            known
+                .entry(self.fold(name).into_owned())
+                .or_insert_with(|| name.to_string());
+        }
+        let existing = known.len();
+        let mut kept = Vec::with_capacity(rows.len());
+        // The names of the last row kept as it came: rows with the same
+        // names (most rows) need no look.
+        let mut covered: Vec<Name> = Vec::new();
+        for mut row in rows {
+            let fields = &row.fields;
+            if fields.len() == covered.len() && fields.keys().zip(&covered).all(|(a, b)| a.same(b))
+            {
+                kept.push(row);
+                continue;
+            }
+            match self.check(table, existing, &known, fields) {
+                Err(reason) => {
+                    stats.rejected += 1;
+                    rejects.push(Reject {
+                        source: row.source.clone(),
+                        key: Some(row.key.to_string()),
+                        raw: serde_json::to_string(&row.fields).unwrap_or_default(),
+                        reason,
+                    });
+                }
+                Ok(fit) => {
+                    for name in fit.added {
+                        known.insert(self.fold(&name).into_owned(), name);
+                    }
+                    if fit.renamed {
+                        row.fields = std::mem::take(&mut row.fields)
+                            .into_iter()
+                            .map(|(name, value)| match known.get(&*self.fold(&name)) {
+                                Some(column) if **column != *name => (Name::from(column), value),
+                                _ => (name, value),
+                            })
+                            .collect();
+                    } else {
+                        covered.clear();
+                        covered.extend(row.fields.keys().cloned());
+                    }
+                    kept.push(row);
+                }
+            }
+        }
+        kept
+    }
+
+    fn fold<'n>(&self, name: &'n str) -> Cow<'n, str> {
+        self.case.fold(name)
+    }
+
+    /// Whether one row fits; the names of the columns it adds.
+    fn check(
+        &self,
+        table: &str,
+        existing: usize,
+        known: &HashMap<String, String>,
+        fields: &crate::record::Fields,
+    ) -> Result<Fit, String> {
+        let mut fit = Fit::default();
+        // Folded name -> the field that claimed it, within this row.
+        let mut claimed: HashMap<Cow<'_, str>, &str> = HashMap::with_capacity(fields.len());
+        for (name, value) in fields.iter() {
+            let folded = self.fold(name);
+            match known.get(&*folded) {
+                Some(column) if **column != **name => fit.renamed = true,
+                Some(_) => {}
+                None if value.is_null() => {}
+                None => fit.added.push(name.to_string()),
+            }
+            if let Some(other) = claimed.insert(folded, name) {
+                return Err(format!(
+                    "fields {other:?} and {name:?} would be one column: {} column names ignore case; rename one of them",
+                    self.database
+                ));
+            }
+        }
+        let width = known.len() + fit.added.len();
+        if width > self.max_columns {
+            let has = known.len();
+            let brought = if existing == has {
+                format!("table {table:?} has {has} columns")
+            } else {
+                format!(
+                    "table {table:?} has {existing} columns and earlier records of the batch add {}",
+                    has - existing
+                )
+            };
+            return Err(format!(
+                "record has {} fields with no column yet; {brought}, and a {} table holds at most {}",
+                fit.added.len(),
+                self.database,
+                self.max_columns
+            ));
+        }
+        Ok(fit)
+    }
+}
+
+/// What a row that fits brings.
+#[derive(Default)]
+struct Fit {
+    /// Names of the new columns it needs.
+    added: Vec<String>,
+    /// Some field goes into a column spelt otherwise.
+    renamed: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +423,91 @@ mod tests {
                 .convert("j", &json!({"b": 1, "a": 2}))
                 .unwrap(),
             SqlValue::Json("{\"a\":2,\"b\":1}".into())
+        );
+    }
+
+    fn row(id: i64, fields: serde_json::Value) -> Row {
+        Row {
+            key: crate::key::Key::new(vec![json!(id)]),
+            fields: crate::record::Fields::try_from(fields).unwrap(),
+            cursor: None,
+            delete: false,
+            source: crate::record::SourceRef::Line {
+                path: "f.jsonl".into(),
+                line: id as u64,
+            },
+        }
+    }
+
+    #[test]
+    fn fields_fit_columns_under_each_backend_rules() {
+        let rows = || {
+            vec![
+                row(1, json!({"id": 1, "email": "a"})),
+                row(2, json!({"id": 2, "Email": "b", "EMAIL": null})),
+                row(3, json!({"id": 3, "É": 1})),
+                row(4, json!({"id": 4, "é": 2})),
+            ]
+        };
+        let fit = |rules: ColumnRules| {
+            let (mut stats, mut rejects) = (RunStats::default(), Vec::new());
+            let kept = rules.fit("t", ["ID"].into_iter(), rows(), &mut stats, &mut rejects);
+            let names: Vec<Vec<String>> = kept
+                .iter()
+                .map(|r| r.fields.keys().map(|n| n.to_string()).collect())
+                .collect();
+            (names, rejects.len() as u64, stats.rejected)
+        };
+        // SQLite folds ASCII only: `É` and `é` are two columns.
+        let (names, rejected, counted) = fit(ColumnRules::SQLITE);
+        assert_eq!((rejected, counted), (1, 1));
+        assert_eq!(names[0], ["ID", "email"]);
+        assert_eq!(names[1], ["ID", "É"]);
+        assert_eq!(names[2], ["ID", "é"]);
+        // MySQL folds every letter.
+        let (names, rejected, _) = fit(ColumnRules::MYSQL);
+        assert_eq!(rejected, 1);
+        assert_eq!(names[2], ["ID", "É"]);
+        // PostgreSQL compares quoted names exactly.
+        let (names, rejected, _) = fit(ColumnRules::POSTGRES);
+        assert_eq!(rejected, 0);
+        assert_eq!(names[1], ["id", "Email", "EMAIL"]);
+    }
+
+    #[test]
+    fn a_row_wider_than_the_table_may_be_is_rejected() {
+        let rules = ColumnRules {
+            max_columns: 4,
+            ..ColumnRules::SQLITE
+        };
+        let (mut stats, mut rejects) = (RunStats::default(), Vec::new());
+        let kept = rules.fit(
+            "t",
+            ["id", "a"].into_iter(),
+            vec![
+                row(1, json!({"id": 1, "b": 1, "c": 1, "d": 1})),
+                row(2, json!({"id": 2, "b": 1, "x": null, "y": null})),
+                row(3, json!({"id": 3, "c": 1})),
+                row(4, json!({"id": 4, "e": 1})),
+            ],
+            &mut stats,
+            &mut rejects,
+        );
+        assert_eq!(kept.len(), 2);
+        assert_eq!(rejects.len(), 2);
+        assert!(
+            rejects[0]
+                .reason
+                .contains("record has 3 fields with no column yet; table \"t\" has 2 columns"),
+            "{}",
+            rejects[0].reason
+        );
+        assert!(
+            rejects[1]
+                .reason
+                .contains("has 2 columns and earlier records of the batch add 2"),
+            "{}",
+            rejects[1].reason
         );
     }
 

@@ -16,6 +16,7 @@ mod config_file;
 mod crash;
 mod csv;
 mod duplicates;
+mod edges;
 mod examples;
 mod failures;
 mod files;

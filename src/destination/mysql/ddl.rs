@@ -246,10 +246,10 @@ pub(super) async fn add_columns(
         .await
 }
 
-/// Why a field name cannot be a MySQL column next to `existing`, if it
-/// cannot: MySQL names are at most 64 characters, may not end in a space,
-/// and are case-insensitive (`Id` and `id` would be one column).
-pub(super) fn unfit_name(name: &str, existing: &Table) -> Option<String> {
+/// Why a field name cannot be a MySQL column, if it cannot: MySQL names are
+/// at most 64 characters and may not end in a space. (Case is one of the
+/// rules every backend shares: `ColumnRules::fit`.)
+pub(super) fn unfit_name(name: &str) -> Option<String> {
     if name.chars().count() > 64 {
         return Some(format!(
             "field name {name:?} is longer than the 64 characters of a MySQL column name"
@@ -260,17 +260,7 @@ pub(super) fn unfit_name(name: &str, existing: &Table) -> Option<String> {
             "field name {name:?} ends with a space, which a MySQL column name cannot"
         ));
     }
-    let lower = name.to_lowercase();
-    existing
-        .columns
-        .iter()
-        .find(|c| c.name != name && c.name.to_lowercase() == lower)
-        .map(|c| {
-            format!(
-                "field name {name:?} differs from column {:?} only by case, and MySQL column names ignore case",
-                c.name
-            )
-        })
+    None
 }
 
 /// A table name of at most 64 characters: long names end in a hash.

@@ -344,7 +344,7 @@ async fn values_that_do_not_fit_are_rejected_and_the_batch_loads() {
     for expected in [
         "longer than the column's 255 characters",
         "outside a MySQL DATETIME",
-        "differs from column \"id\" only by case",
+        "fields \"id\" and \"Id\" would be one column",
     ] {
         assert!(
             reasons.iter().any(|r| r.contains(expected)),

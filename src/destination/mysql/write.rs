@@ -15,8 +15,6 @@
 //! is a duplicate), then write only what changed. The batch's rejects, its
 //! checkpoint and, for the last batch, the run's ending commit with it.
 
-use std::collections::HashMap;
-
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
@@ -26,7 +24,7 @@ use super::ddl::{add_columns, create_table, declare, read_table, unfit_name, Sql
 use super::{stage, Lock, MysqlDestination, Run, Server};
 use crate::batch::{PlannedBatch, Row};
 use crate::destination::commit::{commit_batch, BatchTx};
-use crate::destination::schema::ColumnType;
+use crate::destination::schema::{ColumnRules, ColumnType};
 use crate::destination::seen::SeenKeys;
 use crate::destination::sql::quote_mysql as q;
 use crate::destination::{Commit, Target};
@@ -385,39 +383,32 @@ async fn ensure_table(
             .map_err(|e| Error::destination(ctx(), e))?
             .unwrap_or_default(),
     };
-    let mut new_names: HashMap<String, String> = HashMap::new();
-    let mut kept = Vec::with_capacity(rows.len());
+    // MySQL's own limits on a name first, then the rules every backend
+    // shares (case, width).
+    let mut named = Vec::with_capacity(rows.len());
     for row in rows {
-        let mut problem = None;
-        for name in row.fields.keys() {
-            if schema.position(name).is_some() {
-                continue;
-            }
-            if let Some(p) = unfit_name(name, &schema) {
-                problem = Some(p);
-                break;
-            }
-            match new_names.get(&name.to_lowercase()) {
-                Some(exact) if **exact != **name => {
-                    problem = Some(format!(
-                        "field name {name:?} differs from field {exact:?} only by case, and MySQL column names ignore case"
-                    ));
-                    break;
-                }
-                Some(_) => {}
-                None => {
-                    new_names.insert(name.to_lowercase(), name.to_string());
-                }
-            }
-        }
-        match problem {
+        let unfit = row.fields.keys().find_map(|name| {
+            schema
+                .position(name)
+                .is_none()
+                .then(|| unfit_name(name))
+                .flatten()
+        });
+        match unfit {
             Some(reason) => {
                 stats.rejected += 1;
                 rejects.push(row.reject(reason));
             }
-            None => kept.push(row),
+            None => named.push(row),
         }
     }
+    let kept = ColumnRules::MYSQL.fit(
+        table,
+        schema.columns.iter().map(|c| c.name.as_str()),
+        named,
+        stats,
+        rejects,
+    );
     let missing = schema.logical().missing(kept.iter().map(|r| &r.fields));
     let keys = &run.target.key_columns;
     if schema.columns.is_empty() && !missing.is_empty() {

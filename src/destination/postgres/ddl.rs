@@ -16,10 +16,11 @@ use tokio_postgres::{GenericClient, Transaction};
 use super::{pg_error, qualified, Run};
 use crate::batch::Row;
 use crate::destination::fills::{uncovered_key, Fill, Fills};
-use crate::destination::schema::{Column, ColumnType, SqlValue, TableSchema};
+use crate::destination::schema::{Column, ColumnRules, ColumnType, SqlValue, TableSchema};
 use crate::destination::sql::{column_list, quote};
 use crate::error::Result;
-use crate::record::Fields;
+use crate::record::{Fields, Reject};
+use crate::stats::RunStats;
 
 /// The type a value travels in through the binary COPY.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -403,19 +404,35 @@ pub(super) async fn add_columns(
     Ok(())
 }
 
-/// Creates the table or adds the columns the rows need; returns its schema.
+/// Creates the table or adds the columns the rows need (a row that cannot
+/// get a column for each field becomes a reject, see [`ColumnRules::fit`]);
+/// returns its schema, what changed and the rows.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn ensure_table(
     tx: &Transaction<'_>,
     schema: &str,
     run: &mut Run,
     table: &str,
-    rows: &[Row],
+    rows: Vec<Row>,
     unlogged: bool,
-) -> Result<(PgSchema, Ddl)> {
+    stats: &mut RunStats,
+    rejects: &mut Vec<Reject>,
+) -> Result<(PgSchema, Ddl, Vec<Row>)> {
     let mut current = match run.schema.take() {
         Some(s) => s,
         None => read_schema(tx, schema, table).await?.unwrap_or_default(),
     };
+    let rows = ColumnRules::POSTGRES.fit(
+        table,
+        current.columns.iter().map(|c| c.name.as_str()),
+        rows,
+        stats,
+        rejects,
+    );
+    if rows.is_empty() {
+        run.schema = Some(current.clone());
+        return Ok((current, Ddl::None, rows));
+    }
     let missing = current.missing(rows.iter().map(|r| &r.fields));
     let known = current.columns.len();
     let created = current.columns.is_empty();
@@ -442,7 +459,7 @@ pub(super) async fn ensure_table(
         (false, true) => Ddl::Altered,
         (false, false) => Ddl::None,
     };
-    Ok((current, ddl))
+    Ok((current, ddl, rows))
 }
 
 /// What [`ensure_table`] changed.

@@ -165,7 +165,11 @@ impl BatchTx for PgTx<'_> {
             .clone()
             .unwrap_or_else(|| run.target.table.clone());
         let staged = run.stage.is_some();
-        let (mut pg_schema, ddl) = ensure_table(tx, schema, run, &table, &rows, staged).await?;
+        let (mut pg_schema, ddl, rows) =
+            ensure_table(tx, schema, run, &table, rows, staged, stats, rejects).await?;
+        if rows.is_empty() {
+            return Ok(false);
+        }
         let created = ddl == Ddl::Created;
         // Into a table idemload did not create: its own columns stay its own.
         let rows = run.fills.apply(

@@ -6,9 +6,11 @@ use rusqlite::Connection;
 use super::{declared_type, read_schema, Run};
 use crate::batch::Row;
 use crate::destination::fills::{uncovered_key, Fill, Fills};
-use crate::destination::schema::{Column, TableSchema};
+use crate::destination::schema::{Column, ColumnRules, TableSchema};
 use crate::destination::sql::{column_list, quote};
 use crate::error::Result;
+use crate::record::Reject;
+use crate::stats::RunStats;
 
 /// For a table that exists when a run starts: stops when no primary key or
 /// unique index covers the key, else says what the table fills in itself.
@@ -84,17 +86,32 @@ pub(super) fn create_table(
     Ok(())
 }
 
-/// Creates the table or adds the columns the rows need; returns its schema.
+/// Creates the table or adds the columns the rows need (a row that cannot
+/// get a column for each field becomes a reject, see [`ColumnRules::fit`]);
+/// returns its schema and the rows.
 pub(super) fn ensure_table(
     conn: &Connection,
     run: &mut Run,
     table: &str,
-    rows: &[Row],
-) -> Result<TableSchema> {
+    rows: Vec<Row>,
+    stats: &mut RunStats,
+    rejects: &mut Vec<Reject>,
+) -> Result<(TableSchema, Vec<Row>)> {
     let mut schema = match run.schema.take() {
         Some(s) => s,
         None => read_schema(conn, table)?.unwrap_or_default(),
     };
+    let rows = ColumnRules::SQLITE.fit(
+        table,
+        schema.columns.iter().map(|c| c.name.as_str()),
+        rows,
+        stats,
+        rejects,
+    );
+    if rows.is_empty() {
+        run.schema = Some(schema.clone());
+        return Ok((schema, rows));
+    }
     let missing = if rows.iter().all(|r| has_columns_for(&schema, &r.fields)) {
         Vec::new()
     } else {
@@ -119,7 +136,7 @@ pub(super) fn ensure_table(
         schema.columns.extend(missing);
     }
     run.schema = Some(schema.clone());
-    Ok(schema)
+    Ok((schema, rows))
 }
 
 /// Whether every non-null field has a column (fields usually come in

@@ -5,13 +5,14 @@
 //! and the integer name each other one to one) live in a chunked bitmap in
 //! memory: dense ids cost one bit each. When the ids are too sparse for the
 //! bitmap's budget, they move to a temporary `INTEGER PRIMARY KEY` table.
-//! Every other key goes, by its canonical text, to the temporary table
-//! `_idemload_run_keys`, which the run's `begin` empties. Temporary tables
-//! live in a file of their own, so memory stays flat at any size.
+//! Every other key is kept by its canonical text, in memory up to a budget,
+//! past it in the temporary table `_idemload_run_keys`, which the run's
+//! `begin` empties. Temporary tables live in a file of their own, so memory
+//! stays flat at any size.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::Connection;
 use serde_json::Value;
 
 use crate::error::Result;
@@ -24,6 +25,9 @@ const CHUNK_BITS: i64 = 4096;
 const MAX_CHUNKS: usize = 4096;
 /// Integers whose canonical JSON is their plain digits.
 const EXACT_INT: i64 = 1 << 53;
+/// Bytes of key text kept in memory before the texts move to a temporary
+/// table.
+const MAX_TEXT_BYTES: usize = 32 << 20;
 
 /// Keys written by the current run.
 #[derive(Default)]
@@ -31,6 +35,12 @@ pub(super) struct RunKeys {
     chunks: HashMap<i64, Box<[u64; (CHUNK_BITS / 64) as usize]>>,
     /// The integer keys moved to `temp._idemload_run_ints`.
     spilled: bool,
+    /// Canonical texts of the other keys, while they fit the budget
+    /// (foldhash, seeded per process: one hash per record).
+    texts: HashSet<Box<str>, foldhash::fast::RandomState>,
+    text_bytes: usize,
+    /// The texts moved to `temp._idemload_run_keys`.
+    texts_spilled: bool,
     /// Some key was noted.
     any: bool,
 }
@@ -57,6 +67,19 @@ impl RunKeys {
                 .prepare_cached("INSERT OR IGNORE INTO temp._idemload_run_ints (k) VALUES (?1)")?
                 .execute([i])?
                 == 1),
+            None if !self.texts_spilled => {
+                let text = key.canonical();
+                if self.texts.contains(text) {
+                    return Ok(false);
+                }
+                // The text and about a hash slot's worth of overhead.
+                self.text_bytes += text.len() + 24;
+                self.texts.insert(text.into());
+                if self.text_bytes > MAX_TEXT_BYTES {
+                    self.spill_texts(conn)?;
+                }
+                Ok(true)
+            }
             None => Ok(conn
                 .prepare_cached("INSERT OR IGNORE INTO temp._idemload_run_keys (k) VALUES (?1)")?
                 .execute([key.canonical()])?
@@ -65,7 +88,9 @@ impl RunKeys {
     }
 
     /// Whether this run noted the key.
+    #[cfg(test)]
     pub(super) fn contains(&self, conn: &Connection, key: &Key) -> Result<bool> {
+        use rusqlite::OptionalExtension;
         if !self.any {
             return Ok(false);
         }
@@ -78,6 +103,9 @@ impl RunKeys {
                 .prepare_cached("SELECT 1 FROM temp._idemload_run_ints WHERE k = ?1")?
                 .query_row([i], |_| Ok(()))
                 .optional()?,
+            None if !self.texts_spilled => {
+                return Ok(self.texts.contains(key.canonical()));
+            }
             None => conn
                 .prepare_cached("SELECT 1 FROM temp._idemload_run_keys WHERE k = ?1")?
                 .query_row([key.canonical()], |_| Ok(()))
@@ -105,6 +133,20 @@ impl RunKeys {
         }
         self.spilled = true;
         tracing::debug!("Run keys moved to a temporary table.");
+        Ok(())
+    }
+
+    /// Moves the key texts to their temporary table: they outgrew the
+    /// memory budget.
+    fn spill_texts(&mut self, conn: &Connection) -> Result<()> {
+        let mut stmt =
+            conn.prepare("INSERT OR IGNORE INTO temp._idemload_run_keys (k) VALUES (?1)")?;
+        for text in self.texts.drain() {
+            stmt.execute([&*text])?;
+        }
+        self.texts.shrink_to_fit();
+        self.texts_spilled = true;
+        tracing::debug!("Run key texts moved to a temporary table.");
         Ok(())
     }
 }
@@ -174,5 +216,22 @@ mod tests {
             assert!(!keys.insert(&conn, &id(n)).unwrap());
         }
         assert!(!keys.contains(&conn, &id(-5)).unwrap());
+    }
+
+    #[test]
+    fn key_texts_move_to_a_temporary_table_and_stay_exact() {
+        let conn = conn();
+        let mut keys = RunKeys::default();
+        let id = |n: usize| Key::new(vec![json!(format!("{n:0>4096}"))]);
+        let n = MAX_TEXT_BYTES / 4096 + 10;
+        for i in 0..n {
+            assert!(keys.insert(&conn, &id(i)).unwrap());
+        }
+        assert!(keys.texts_spilled);
+        for i in 0..n {
+            assert!(!keys.insert(&conn, &id(i)).unwrap());
+            assert!(keys.contains(&conn, &id(i)).unwrap());
+        }
+        assert!(!keys.contains(&conn, &id(n)).unwrap());
     }
 }

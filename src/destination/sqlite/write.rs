@@ -85,7 +85,8 @@ impl BatchTx for SqliteTx<'_> {
             .clone()
             .unwrap_or_else(|| run.target.table.clone());
         // The first rows of the run tell whether the table was empty when
-        // it started (the run holds the lock, so nobody wrote since).
+        // it started (the run lock keeps the pipeline's own runs out; other
+        // writers may still add rows, see `RowWriter::fresh`).
         let fresh = match run.fresh {
             Some(fresh) => fresh,
             None => {
@@ -94,7 +95,10 @@ impl BatchTx for SqliteTx<'_> {
                 fresh
             }
         };
-        let mut schema = ensure_table(tx, run, &table, &rows)?;
+        let (mut schema, rows) = ensure_table(tx, run, &table, rows, stats, rejects)?;
+        if rows.is_empty() {
+            return Ok(false);
+        }
         let staged = run.stage.is_some();
         // Into a table idemload did not create: its own columns stay its own.
         let rows = run.fills.apply(
@@ -201,11 +205,13 @@ struct RowWriter<'c> {
     keys: Vec<usize>,
     others: Vec<usize>,
     cursor: Option<usize>,
-    /// Keys this run wrote (all of them, or with `fresh` only deleted ones).
+    /// Keys this run wrote.
     seen: &'c mut RunKeys,
-    /// The table held no row when the run started: a stored row can only
-    /// be one this run wrote, so a new key needs one `INSERT … ON CONFLICT
-    /// DO NOTHING` and no look-up (the keys of deleted rows are noted).
+    /// The table held no row when the run started: a key new to the run is
+    /// most likely not stored, so it needs one `INSERT … ON CONFLICT DO
+    /// NOTHING` and no look-up. A conflict means another writer stored it
+    /// since (the run lock keeps out only the pipeline's own runs): that row
+    /// takes the general path, so the stats stay exact.
     fresh: Option<CachedStatement<'c>>,
     select: CachedStatement<'c>,
     insert: CachedStatement<'c>,
@@ -321,22 +327,21 @@ impl<'c> RowWriter<'c> {
                 Err(reason) => return Ok(Err(row.reject(reason))),
             }
         }
+        let first_time = self.seen.insert(self.conn, &row.key)?;
         if let (Some(fresh), false) = (&mut self.fresh, row.delete) {
             if fresh.execute(params_from_iter(values.iter()))? == 1 {
-                let first_time = !self.seen.contains(self.conn, &row.key)?;
                 return Ok(Ok(if first_time {
                     Outcome::Inserted
                 } else {
                     Outcome::Duplicate
                 }));
             }
-            // Stored, so written earlier in this run: apply it if newer.
-            self.apply(row, &values)?;
-            return Ok(Ok(Outcome::Duplicate));
+            // Stored: by this run (a duplicate, applied if newer), or by
+            // another writer since the run began (another pipeline into the
+            // same table): then the key is new to the run and the row is
+            // compared with the stored one like any other.
         }
-        let noted = self.seen.insert(self.conn, &row.key)?;
-        let (stored, outcome) = self.apply(row, &values)?;
-        let first_time = noted && !(self.fresh.is_some() && stored);
+        let outcome = self.apply(row, &values)?;
         Ok(Ok(if first_time {
             outcome
         } else {
@@ -345,8 +350,8 @@ impl<'c> RowWriter<'c> {
     }
 
     /// Reads the stored row and inserts, updates, deletes or leaves it;
-    /// returns whether a row was stored, and what happened.
-    fn apply(&mut self, row: &Row, values: &[ToSqlOutput<'_>]) -> Result<(bool, Outcome)> {
+    /// returns what happened.
+    fn apply(&mut self, row: &Row, values: &[ToSqlOutput<'_>]) -> Result<Outcome> {
         let key_values = || self.keys.iter().map(|&i| &values[i]);
         // (stale, unchanged) of the stored row, if there is one.
         let stored = {
@@ -404,7 +409,7 @@ impl<'c> RowWriter<'c> {
                 Outcome::Updated
             }
         };
-        Ok((stored.is_some(), outcome))
+        Ok(outcome)
     }
 }
 
