@@ -38,6 +38,7 @@ mod shapes;
 mod signals;
 mod sql_source;
 mod tls;
+mod verify;
 mod watch;
 mod watch_maintenance;
 mod writeback;
