@@ -448,7 +448,20 @@ pub(super) async fn finish(
                 (run_id,),
             )
             .await?;
-        if let Some(t) = table.flatten() {
+        // A run that wrote nothing may leave no table to count.
+        let table = table.flatten();
+        let exists: Option<i64> = match &table {
+            Some(t) => {
+                conn.exec_first(
+                    "SELECT count(*) FROM information_schema.TABLES
+                     WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+                    (t,),
+                )
+                .await?
+            }
+            None => None,
+        };
+        if let Some(t) = table.filter(|_| exists.unwrap_or(0) > 0) {
             rows_after = conn
                 .query_first(format!("SELECT count(*) FROM {}", q(&t)))
                 .await?;

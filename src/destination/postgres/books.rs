@@ -421,7 +421,19 @@ pub(super) async fn finish(
             .await
             .map_err(pg_error(format!("finishing run {run_id}")))?
             .and_then(|r| r.get(0));
-        if let Some(t) = table {
+        // A run that wrote nothing may leave no table to count.
+        let exists = match &table {
+            Some(t) => tx
+                .query_one(
+                    "SELECT to_regclass($1::text) IS NOT NULL",
+                    &[&qualified(schema, t)],
+                )
+                .await
+                .map_err(pg_error(format!("finishing run {run_id}")))?
+                .get(0),
+            None => false,
+        };
+        if let Some(t) = table.filter(|_| exists) {
             rows_after = Some(
                 tx.query_one(
                     &format!("SELECT count(*) FROM {}", qualified(schema, &t)),
