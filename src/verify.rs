@@ -1,8 +1,11 @@
 //! `verify`: prove a pipeline idempotent before trusting it.
 //!
-//! Runs the pipeline twice into a scratch destination (a temporary SQLite
-//! file), snapshots the table after the first run, and compares row counts
-//! and a content digest after the second. A difference names the keys that
+//! Runs the pipeline twice into a scratch destination of the pipeline's own
+//! backend (a temporary file on SQLite, a temporary schema on PostgreSQL, a
+//! temporary database on MySQL/MariaDB, each removed afterwards), snapshots
+//! the table after the first run, and compares row counts and a content
+//! digest after the second. An HTTP destination has no scratch copy, so
+//! verify refuses it rather than send the records to the API. A difference names the keys that
 //! changed and a likely cause: a field whose value changes on every read
 //! (a fetch time) inside the key or a `hash_key`, or records without a key.
 
@@ -10,7 +13,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::destination::inspect::{self, Inspect};
+use crate::destination::inspect::{self, Dialect, Inspect};
 use crate::error::{Error, Result};
 use crate::key::{canonical_json, KeySpec, HASH_KEY_COLUMN};
 use crate::pipeline::{NoProgress, Pipeline, RunOptions, RunReport};
@@ -50,11 +53,127 @@ where
     F: Fn(SourceQuery) -> Fut,
     Fut: std::future::Future<Output = Result<Box<dyn Source>>>,
 {
-    let dir = tempfile::tempdir().map_err(|e| Error::Source {
-        location: "verify".into(),
-        message: format!("cannot create a scratch directory: {e}"),
-    })?;
-    let url = format!("sqlite://{}", dir.path().join("verify.db").display());
+    if pipeline.config.destination.kind.is_some() {
+        return Err(Error::config(format!(
+            "pipeline {:?}: verify runs the pipeline twice into a scratch copy of a database destination; an HTTP destination has no scratch copy and verify sends nothing to the API (check idempotence on a staging API instead)",
+            pipeline.name()
+        )));
+    }
+    let scratch_db = Scratch::create(&pipeline.config.destination.url).await?;
+    let result = verify_in(pipeline, &scratch_db, open_source).await;
+    let dropped = scratch_db.remove().await;
+    let report = result?;
+    dropped?;
+    Ok(report)
+}
+
+/// A scratch destination on the pipeline's own backend.
+enum Scratch {
+    Sqlite(#[allow(dead_code)] tempfile::TempDir, String),
+    /// The pipeline's URL (to drop the schema) and the scratch URL.
+    Postgres {
+        admin: String,
+        schema: String,
+        url: String,
+    },
+    Mysql {
+        admin: String,
+        database: String,
+        url: String,
+    },
+}
+
+impl Scratch {
+    async fn create(url: &str) -> Result<Scratch> {
+        let scheme = url.split("://").next().unwrap_or_default();
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let name = format!("_idemload_verify_{}", &id[id.len() - 12..]);
+        match scheme {
+            "postgres" | "postgresql" => {
+                let (base, query) = url.split_once('?').unwrap_or((url, ""));
+                let mut params: Vec<&str> = query
+                    .split('&')
+                    .filter(|p| !p.is_empty() && !p.starts_with("schema="))
+                    .collect();
+                let schema_param = format!("schema={name}");
+                params.push(&schema_param);
+                let scratch = format!("{base}?{}", params.join("&"));
+                let mut admin = inspect::connect(url, false).await?;
+                admin
+                    .execute(&format!("CREATE SCHEMA {}", admin.dialect().quote(&name)))
+                    .await?;
+                Ok(Scratch::Postgres {
+                    admin: url.to_string(),
+                    schema: name,
+                    url: scratch,
+                })
+            }
+            "mysql" => {
+                let mut parsed = url::Url::parse(url)
+                    .map_err(|e| Error::config(format!("{}: {e}", crate::redact::redact(url))))?;
+                parsed.set_path(&format!("/{name}"));
+                let mut admin = inspect::connect(url, false).await?;
+                admin
+                    .execute(&format!("CREATE DATABASE {}", admin.dialect().quote(&name)))
+                    .await?;
+                Ok(Scratch::Mysql {
+                    admin: url.to_string(),
+                    database: name,
+                    url: parsed.to_string(),
+                })
+            }
+            _ => {
+                let dir = tempfile::tempdir().map_err(|e| Error::Source {
+                    location: "verify".into(),
+                    message: format!("cannot create a scratch directory: {e}"),
+                })?;
+                let url = format!("sqlite://{}", dir.path().join("verify.db").display());
+                Ok(Scratch::Sqlite(dir, url))
+            }
+        }
+    }
+
+    fn url(&self) -> &str {
+        match self {
+            Scratch::Sqlite(_, url)
+            | Scratch::Postgres { url, .. }
+            | Scratch::Mysql { url, .. } => url,
+        }
+    }
+
+    /// Drops the scratch schema or database (the file goes with its directory).
+    async fn remove(self) -> Result<()> {
+        let (admin, sql) = match &self {
+            Scratch::Sqlite(..) => return Ok(()),
+            Scratch::Postgres { admin, schema, .. } => (
+                admin,
+                format!(
+                    "DROP SCHEMA IF EXISTS {} CASCADE",
+                    Dialect::Postgres.quote(schema)
+                ),
+            ),
+            Scratch::Mysql {
+                admin, database, ..
+            } => (
+                admin,
+                format!("DROP DATABASE IF EXISTS {}", Dialect::Mysql.quote(database)),
+            ),
+        };
+        let mut conn = inspect::connect(admin, false).await?;
+        conn.execute(&sql).await
+    }
+}
+
+async fn verify_in<F, Fut>(
+    pipeline: &Pipeline,
+    scratch_db: &Scratch,
+    open_source: F,
+) -> Result<VerifyReport>
+where
+    F: Fn(SourceQuery) -> Fut,
+    Fut: std::future::Future<Output = Result<Box<dyn Source>>>,
+{
+    let url = scratch_db.url().to_string();
     let mut scratch = pipeline.clone();
     scratch.config.destination.url = url.clone();
     scratch.config.destination.schema = None;
@@ -96,8 +215,8 @@ where
             .join(", ");
         differing_keys = conn
             .query(&format!(
-                "SELECT DISTINCT {keys} FROM (SELECT {cols} FROM {t} EXCEPT SELECT {cols} FROM {f}
-                   UNION ALL SELECT {cols} FROM {f} EXCEPT SELECT {cols} FROM {t}) x LIMIT 20"
+                "SELECT DISTINCT {keys} FROM ({}) x LIMIT 20",
+                differing_rows(&cols, &t, &f)
             ))
             .await
             .unwrap_or_default()
@@ -138,6 +257,17 @@ where
         differing_keys,
         hints,
     })
+}
+
+/// The rows (of `cols`) in one table and not the other, both ways. Each
+/// `EXCEPT` is its own subquery: written flat, `A EXCEPT B UNION ALL B
+/// EXCEPT A` binds left to right and finds only the rows the first run had
+/// and the second lost.
+fn differing_rows(cols: &str, t: &str, f: &str) -> String {
+    format!(
+        "SELECT * FROM (SELECT {cols} FROM {t} EXCEPT SELECT {cols} FROM {f}) a
+         UNION ALL SELECT * FROM (SELECT {cols} FROM {f} EXCEPT SELECT {cols} FROM {t}) b"
+    )
 }
 
 /// Row count and SHA-256 of the rows (canonical JSON) in key order.
@@ -194,10 +324,7 @@ async fn causes(
             .map(|c| d.quote(c))
             .collect::<Vec<_>>()
             .join(", ");
-        format!(
-            "SELECT count(*) FROM (SELECT {cols} FROM {t} EXCEPT SELECT {cols} FROM {f}
-               UNION ALL SELECT {cols} FROM {f} EXCEPT SELECT {cols} FROM {t}) x"
-        )
+        format!("SELECT count(*) FROM ({}) x", differing_rows(&cols, &t, &f))
     };
     for column in columns {
         if column == HASH_KEY_COLUMN {

@@ -312,8 +312,7 @@ fn verify_passes_on_the_example_pipelines() {
 
 /// The usage-report story on every backend, with a column name that needs
 /// quoting: audit finds the duplicates, the dry run changes nothing,
-/// `--apply` keeps the newest and adds the constraint (PostgreSQL and
-/// SQLite; MySQL refuses it), a second apply does nothing, audit is clean,
+/// `--apply` keeps the newest and adds the constraint, a second apply does nothing, audit is clean,
 /// and `--restore` brings every row back.
 mod every_backend {
     use crate::common::BackendKind;
@@ -397,15 +396,6 @@ mod every_backend {
             &["dedupe", "--order-by", "created_at", "--apply", "--json"],
             &target,
         ));
-        if env.backend.kind == BackendKind::Mysql {
-            apply.code(2);
-            assert!(
-                apply.stderr.contains("not available for MySQL"),
-                "{}",
-                apply.stderr
-            );
-            return;
-        }
         apply.code(0);
         let applied = json(&apply);
         assert_eq!(applied["removed"], surplus);

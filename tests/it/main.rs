@@ -39,6 +39,7 @@ mod shapes;
 mod signals;
 mod sql_source;
 mod tls;
+mod verify;
 mod watch;
 mod watch_maintenance;
 mod writeback;

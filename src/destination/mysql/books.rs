@@ -66,6 +66,7 @@ pub(super) async fn create_tables(conn: &mut Conn, server: &Server) -> R<()> {
                 table_name VARCHAR(255), status VARCHAR(32) NOT NULL,
                 started_at VARCHAR(40) NOT NULL, finished_at VARCHAR(40), stats LONGTEXT,
                 checkpoint_before LONGTEXT, checkpoint_after LONGTEXT, error LONGTEXT,
+                rows_after BIGINT,
                 KEY `_idemload_runs_pipeline` (pipeline, started_at)) {tail}",
             q(RUNS_TABLE)
         ),
@@ -87,6 +88,22 @@ pub(super) async fn create_tables(conn: &mut Conn, server: &Server) -> R<()> {
         ),
     ] {
         conn.query_drop(ddl).await?;
+    }
+    // A runs table made before `rows_after` existed gets it (MySQL has no
+    // ADD COLUMN IF NOT EXISTS; MariaDB has, but both answer this lookup).
+    let present: Option<i64> = conn
+        .exec_first(
+            "SELECT count(*) FROM information_schema.COLUMNS
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = 'rows_after'",
+            (RUNS_TABLE,),
+        )
+        .await?;
+    if present.unwrap_or(0) == 0 {
+        conn.query_drop(format!(
+            "ALTER TABLE {} ADD COLUMN rows_after BIGINT",
+            q(RUNS_TABLE)
+        ))
+        .await?;
     }
     Ok(())
 }
@@ -417,9 +434,43 @@ pub(super) async fn finish(
     checkpoint_after: Option<&Value>,
     error: Option<&str>,
 ) -> R<()> {
+    // The table's size after the run lets `audit` reconcile growth with
+    // what each run inserted (counted in the run's last transaction).
+    let finished = matches!(
+        status,
+        RunStatus::Succeeded | RunStatus::SucceededWithRejects
+    );
+    let mut rows_after: Option<i64> = None;
+    if finished {
+        let table: Option<Option<String>> = conn
+            .exec_first(
+                format!("SELECT table_name FROM {} WHERE run_id = ?", q(RUNS_TABLE)),
+                (run_id,),
+            )
+            .await?;
+        // A run that wrote nothing may leave no table to count.
+        let table = table.flatten();
+        let exists: Option<i64> = match &table {
+            Some(t) => {
+                conn.exec_first(
+                    "SELECT count(*) FROM information_schema.TABLES
+                     WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+                    (t,),
+                )
+                .await?
+            }
+            None => None,
+        };
+        if let Some(t) = table.filter(|_| exists.unwrap_or(0) > 0) {
+            rows_after = conn
+                .query_first(format!("SELECT count(*) FROM {}", q(&t)))
+                .await?;
+        }
+    }
     conn.exec_drop(
         format!(
-            "UPDATE {} SET status = ?, finished_at = ?, stats = ?, checkpoint_after = ?, error = ?
+            "UPDATE {} SET status = ?, finished_at = ?, stats = ?, checkpoint_after = ?, error = ?,
+                 rows_after = ?
              WHERE run_id = ?",
             q(RUNS_TABLE)
         ),
@@ -429,6 +480,7 @@ pub(super) async fn finish(
             serde_json::to_string(stats).unwrap_or_default(),
             checkpoint_after.map(Value::to_string),
             error,
+            rows_after,
             run_id,
         ),
     )

@@ -58,7 +58,7 @@ pub(super) async fn has_books(client: &Client, schema: &str) -> Result<bool> {
 
 pub(super) async fn create_tables(client: &Client, schema: &str) -> Result<()> {
     if has_books(client, schema).await? {
-        return Ok(());
+        return add_rows_after(client, schema).await;
     }
     let q = |t: &str| qualified(schema, t);
     client
@@ -72,7 +72,8 @@ pub(super) async fn create_tables(client: &Client, schema: &str) -> Result<()> {
              CREATE TABLE IF NOT EXISTS {runs} (
                  run_id text PRIMARY KEY, pipeline text NOT NULL, table_name text,
                  status text NOT NULL, started_at timestamptz NOT NULL, finished_at timestamptz,
-                 stats jsonb, checkpoint_before jsonb, checkpoint_after jsonb, error text);
+                 stats jsonb, checkpoint_before jsonb, checkpoint_after jsonb, error text,
+                 rows_after bigint);
              CREATE INDEX IF NOT EXISTS {runs_idx} ON {runs} (pipeline, started_at);
              CREATE TABLE IF NOT EXISTS {rejects} (
                  id bigserial PRIMARY KEY, run_id text NOT NULL, pipeline text NOT NULL,
@@ -94,6 +95,30 @@ pub(super) async fn create_tables(client: &Client, schema: &str) -> Result<()> {
         ))
         .await
         .map_err(pg_error("creating the bookkeeping tables"))?;
+    Ok(())
+}
+
+/// Adds `rows_after` to a runs table made before it existed. Looked up
+/// first, so that a current install takes no lock on the table.
+async fn add_rows_after(client: &Client, schema: &str) -> Result<()> {
+    let present: bool = client
+        .query_one(
+            "SELECT count(*) > 0 FROM information_schema.columns
+             WHERE table_schema = $1 AND table_name = $2 AND column_name = 'rows_after'",
+            &[&schema, &RUNS_TABLE],
+        )
+        .await
+        .map_err(pg_error("bookkeeping tables"))?
+        .get(0);
+    if !present {
+        client
+            .batch_execute(&format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS rows_after bigint",
+                qualified(schema, RUNS_TABLE)
+            ))
+            .await
+            .map_err(pg_error("adding rows_after to the runs table"))?;
+    }
     Ok(())
 }
 
@@ -377,10 +402,53 @@ pub(super) async fn finish(
     error: Option<&str>,
 ) -> Result<()> {
     let stats = serde_json::to_value(stats).unwrap_or_default();
+    // The table's size after the run lets `audit` reconcile growth with
+    // what each run inserted (counted in the run's last transaction).
+    let finished = matches!(
+        status,
+        RunStatus::Succeeded | RunStatus::SucceededWithRejects
+    );
+    let mut rows_after: Option<i64> = None;
+    if finished {
+        let table: Option<String> = tx
+            .query_opt(
+                &format!(
+                    "SELECT table_name FROM {} WHERE run_id = $1",
+                    qualified(schema, RUNS_TABLE)
+                ),
+                &[&run_id],
+            )
+            .await
+            .map_err(pg_error(format!("finishing run {run_id}")))?
+            .and_then(|r| r.get(0));
+        // A run that wrote nothing may leave no table to count.
+        let exists = match &table {
+            Some(t) => tx
+                .query_one(
+                    "SELECT to_regclass($1::text) IS NOT NULL",
+                    &[&qualified(schema, t)],
+                )
+                .await
+                .map_err(pg_error(format!("finishing run {run_id}")))?
+                .get(0),
+            None => false,
+        };
+        if let Some(t) = table.filter(|_| exists) {
+            rows_after = Some(
+                tx.query_one(
+                    &format!("SELECT count(*) FROM {}", qualified(schema, &t)),
+                    &[],
+                )
+                .await
+                .map_err(pg_error(format!("finishing run {run_id}")))?
+                .get(0),
+            );
+        }
+    }
     tx.execute(
         &format!(
             "UPDATE {} SET status = $2, finished_at = now(), stats = $3, checkpoint_after = $4,
-                 error = $5
+                 error = $5, rows_after = $6
              WHERE run_id = $1",
             qualified(schema, RUNS_TABLE)
         ),
@@ -390,6 +458,7 @@ pub(super) async fn finish(
             &stats,
             &checkpoint_after,
             &error.map(without_nul),
+            &rows_after,
         ],
     )
     .await
