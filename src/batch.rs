@@ -48,6 +48,9 @@ pub struct PlannedBatch {
     /// the fields the first record has): on a run's first batch, a wrong
     /// field name rather than bad records.
     pub absent: Option<AbsentField>,
+    /// Files whose last record is in this batch (or before): logged as
+    /// loaded in the batch's transaction.
+    pub files: Vec<crate::files::LoadedFile>,
 }
 
 /// See [`PlannedBatch::absent`].

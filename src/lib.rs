@@ -18,6 +18,7 @@ pub mod destination;
 pub mod duration;
 pub mod error;
 mod fields;
+pub mod files;
 pub mod key;
 pub mod mode;
 pub mod number;

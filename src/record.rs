@@ -131,6 +131,13 @@ pub enum Item {
     /// A record below the run's cursor window, left unparsed by a source
     /// that filters while reading; counted as `skipped`.
     Skipped,
+    /// The file source finished a file: every item of it came before. The
+    /// mark commits with the batch that carries it (see [`crate::files`]).
+    /// Not a record: not counted in `read`.
+    FileLoaded(crate::files::LoadedFile),
+    /// The file source skipped a file an earlier run loaded completely and
+    /// that has not changed since: counted in `files_skipped`.
+    FileSkipped,
 }
 
 /// Why a field name cannot become a column, if it cannot.

@@ -29,6 +29,10 @@ pub struct RunStats {
     /// raw record): counted in `rejected` too, but alone they give exit 0.
     #[serde(default)]
     pub known_rejects: u64,
+    /// File sources: files an earlier run loaded completely and that have
+    /// not changed since, left unread (not records: outside the identity).
+    #[serde(default)]
+    pub files_skipped: u64,
     /// HTTP destinations: records looked up through the API.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub looked_up_api: u64,
@@ -79,6 +83,7 @@ impl std::ops::AddAssign for RunStats {
         self.duplicates += o.duplicates;
         self.rejected += o.rejected;
         self.known_rejects += o.known_rejects;
+        self.files_skipped += o.files_skipped;
         self.looked_up_api += o.looked_up_api;
         self.looked_up_table += o.looked_up_table;
         self.api_requests += o.api_requests;

@@ -12,7 +12,7 @@
 //!    not fit their column become rejects here);
 //! 3. rejects: the batch's rejected records, with their source references
 //!    (raw text bounded, see [`stored_raw`]), counting those an earlier run
-//!    recorded already;
+//!    recorded already; and the files the batch finishes, logged as loaded;
 //! 4. checkpoint: where the batch brings the run, when the source is
 //!    ordered by cursor;
 //! 5. finish, with the run's last batch: a staged `replace`/`window` load
@@ -25,6 +25,7 @@ use serde_json::Value;
 use super::Commit;
 use crate::batch::{PlannedBatch, Row};
 use crate::error::Result;
+use crate::files::LoadedFile;
 use crate::record::{stored_raw, Reject};
 use crate::state::Resolution;
 use crate::stats::RunStats;
@@ -56,6 +57,10 @@ pub(crate) trait BatchTx {
 
     /// Records the batch's rejects.
     async fn insert_rejects(&mut self, rejects: &[Reject]) -> Result<()>;
+
+    /// Logs files the batch finishes as loaded into the run's table
+    /// (`_idemload_files`, one row per pipeline and path).
+    async fn log_files(&mut self, files: &[LoadedFile]) -> Result<()>;
 
     /// Moves the pipeline's checkpoint.
     async fn write_checkpoint(&mut self, checkpoint: &Value) -> Result<()>;
@@ -89,6 +94,7 @@ pub(crate) async fn commit_batch<T: BatchTx>(
         rows,
         mut rejects,
         mut stats,
+        files,
         ..
     } = batch;
     let steps = async {
@@ -101,6 +107,10 @@ pub(crate) async fn commit_batch<T: BatchTx>(
             stats.known_rejects += tx.known_rejects(&rejects).await?;
         }
         tx.insert_rejects(&rejects).await?;
+        let logs_files = !files.is_empty();
+        if logs_files {
+            tx.log_files(&last_per_path(files)).await?;
+        }
         if let Some(checkpoint) = &commit.checkpoint {
             tx.write_checkpoint(checkpoint).await?;
         }
@@ -113,7 +123,10 @@ pub(crate) async fn commit_batch<T: BatchTx>(
             let after = end.checkpoint.as_ref().or(before);
             tx.finish_run(&end, after).await?;
         }
-        changed |= !rejects.is_empty() || commit.checkpoint.is_some() || commit.finish.is_some();
+        changed |= !rejects.is_empty()
+            || logs_files
+            || commit.checkpoint.is_some()
+            || commit.finish.is_some();
         Ok::<_, crate::error::Error>(changed)
     }
     .await;
@@ -127,4 +140,14 @@ pub(crate) async fn commit_batch<T: BatchTx>(
             Err(e)
         }
     }
+}
+
+/// One entry per path, the last one (a file named twice in a source is read
+/// twice): a path is one row of the log.
+fn last_per_path(mut files: Vec<LoadedFile>) -> Vec<LoadedFile> {
+    let mut seen = std::collections::HashSet::new();
+    files.reverse();
+    files.retain(|f| seen.insert(f.path.clone()));
+    files.reverse();
+    files
 }

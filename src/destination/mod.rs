@@ -70,7 +70,9 @@ pub trait Books: Send {
     /// The pipeline's checkpoint.
     async fn checkpoint(&mut self, pipeline: &str) -> Result<Option<Value>>;
 
-    /// Sets (or with `None` clears) the checkpoint; the caller holds the lock.
+    /// Sets (or with `None` clears) the checkpoint and forgets the files the
+    /// pipeline logged as loaded (the next run reads from the new checkpoint
+    /// in every file); the caller holds the lock.
     async fn set_checkpoint(&mut self, pipeline: &str, value: Option<Value>) -> Result<()>;
 
     /// Records a failed run (best effort: the destination may be gone).
@@ -109,6 +111,14 @@ pub trait Destination: Books {
     /// deleted, skipped as stale, duplicates across batches, rejected
     /// values).
     async fn write(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats>;
+
+    /// The files earlier runs of the pipeline loaded completely into the
+    /// run's table (see [`crate::files`]), asked after [`Destination::begin`];
+    /// none when the table is missing or empty. The default: none, so every
+    /// file is read.
+    async fn loaded_files(&mut self) -> Result<Vec<crate::files::LoadedFile>> {
+        Ok(Vec::new())
+    }
 
     /// A hook the run calls with each batch once it is planned, before it
     /// is written, so the destination can start reading what that write

@@ -24,6 +24,7 @@ use self::plan::{PlannedBatch, Planner};
 use crate::config::{LoadSettings, PipelineConfig};
 use crate::destination::{self, Commit, Destination, Target};
 use crate::error::{Error, Result};
+use crate::files::FileLog;
 use crate::key::Cursor;
 use crate::source::{self, Source, SourceProgress, SourceQuery};
 use crate::state::{format_time, Finish, LockHolder, RunInfo};
@@ -253,6 +254,14 @@ impl Pipeline {
             lease: s.lock_lease,
         };
         dest.begin(&info, &self.target()).await?;
+        // Files loaded once: in merge and insert_new an unchanged file adds
+        // nothing, so it is not read again; a staged load needs every file.
+        let loaded_files = if s.mode.is_staged() || options.full_refresh {
+            None
+        } else {
+            let log = FileLog::new(dest.loaded_files().await?);
+            (!log.is_empty()).then(|| std::sync::Arc::new(log))
+        };
         tracing::info!(pipeline = %name, %run_id, checkpoint = ?before, low = ?low.as_ref().map(|c| c.to_string()), "Run started.");
 
         let mut stats = RunStats::default();
@@ -267,6 +276,7 @@ impl Pipeline {
                 low: low.clone(),
                 batch_size: s.batch_size,
                 max_record_bytes: 64 << 20,
+                loaded_files,
             };
             let Some(source) = stop.unless_stopped(open_source(query)).await else {
                 return Ok(None);

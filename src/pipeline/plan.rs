@@ -58,6 +58,17 @@ impl Planner {
         );
         let mut first_fields: Option<Vec<String>> = None;
         for item in items {
+            let item = match item {
+                Item::FileLoaded(file) => {
+                    batch.files.push(file);
+                    continue;
+                }
+                Item::FileSkipped => {
+                    batch.stats.files_skipped += 1;
+                    continue;
+                }
+                item => item,
+            };
             batch.stats.read += 1;
             let record = match item {
                 Item::Reject(reject) => {
@@ -70,6 +81,7 @@ impl Planner {
                     continue;
                 }
                 Item::Record(record) => record,
+                Item::FileLoaded(_) | Item::FileSkipped => continue,
             };
             for (_, field, seen) in wanted.iter_mut().filter(|w| !w.2) {
                 *seen = record.fields.get(field).is_some_and(|v| !v.is_null());

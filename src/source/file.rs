@@ -28,6 +28,7 @@ use super::object::{is_object_url, Bucket, Listing, ObjectChunks, ObjectInfo, Ob
 use super::{Source, SourceProgress, SourceQuery};
 use crate::error::{Error, Result};
 use crate::fields::ShapedFields;
+use crate::files::{format_modified, Digest, FileId, FileLog, LoadedFile};
 use crate::key::Cursor;
 use crate::record::{Item, Name, Record, Reject, SourceRef};
 
@@ -257,6 +258,8 @@ impl FileSource {
             blocks: 0,
             rt,
             object: None,
+            loaded_files: query.loaded_files.clone(),
+            items: 0,
         };
         std::thread::Builder::new()
             .name("idemload-file-source".into())
@@ -328,6 +331,10 @@ pub(super) struct Reader {
     rt: Option<tokio::runtime::Handle>,
     /// The object being read: its URL, size, ETag and last-modified time.
     pub(super) object: Option<ObjectInfo>,
+    /// Files earlier runs loaded completely: skipped when unchanged.
+    loaded_files: Option<Arc<FileLog>>,
+    /// Items pushed so far (a file's rows are the difference).
+    items: u64,
 }
 
 /// The receiver went away (the run stopped): stop reading.
@@ -385,17 +392,46 @@ impl Reader {
                 source,
             })
         };
+        // What the file is before it is read, and its digest: the log
+        // entry, written only when the file has not changed while read.
+        let before = FileId::of_local(path).map_err(io_error)?;
+        let digest = Digest::of_file(path).map_err(io_error)?;
+        let logged = self
+            .loaded_files
+            .as_ref()
+            .and_then(|l| l.candidate(&before));
+        if logged.is_some_and(|f| f.digest == digest) {
+            tracing::info!(file = %name, "File unchanged since an earlier run loaded it: not read.");
+            return self.push(Item::FileSkipped).map_err(|Stopped| None);
+        }
+        let items = self.items;
         let file = File::open(path).map_err(io_error)?;
         let result = if format == FileFormat::Parquet {
-            super::parquet::read_parquet(self, name, || file.try_clone())
+            super::parquet::read_parquet(self, name.clone(), || file.try_clone())
         } else {
             let len = file.metadata().map(|m| m.len()).ok();
-            self.read_one(name, format, compression, Box::new(file), len)
+            self.read_one(name.clone(), format, compression, Box::new(file), len)
         };
         match result {
-            Ok(()) => Ok(()),
-            Err(ReadError::Stopped) => Err(None),
-            Err(ReadError::Io(source)) => Err(io_error(source)),
+            Ok(()) => {}
+            Err(ReadError::Stopped) => return Err(None),
+            Err(ReadError::Io(source)) => return Err(io_error(source)),
+        }
+        match FileId::of_local(path) {
+            Ok(after) if after == before => {
+                let loaded = LoadedFile {
+                    path: before.path,
+                    size: before.size,
+                    modified: before.modified,
+                    digest,
+                    rows: self.items - items,
+                };
+                self.push(Item::FileLoaded(loaded)).map_err(|Stopped| None)
+            }
+            _ => {
+                tracing::warn!(file = %name, "File changed while it was read: not logged as loaded, so the next run reads it again.");
+                Ok(())
+            }
         }
     }
 
@@ -414,7 +450,19 @@ impl Reader {
             let url = bucket.object_url(&meta);
             let (format, compression) = FileFormat::detect(&url, format).map_err(Some)?;
             let name: Arc<str> = url.as_str().into();
-            self.object = Some(bucket.info(&meta));
+            let listed = bucket.info(&meta);
+            let logged = self
+                .loaded_files
+                .as_ref()
+                .zip(object_entry(&listed))
+                .and_then(|(log, (id, digest))| log.candidate(&id).filter(|f| f.digest == digest));
+            if logged.is_some() {
+                tracing::info!(object = %url, "Object unchanged since an earlier run loaded it: not read.");
+                self.push(Item::FileSkipped).map_err(|Stopped| None)?;
+                continue;
+            }
+            let items = self.items;
+            self.object = Some(listed);
             let result = if format == FileFormat::Parquet {
                 let chunks = ObjectChunks::new(bucket.clone(), meta.clone(), rt.clone());
                 super::parquet::read_parquet(self, name, || Ok(chunks.clone()))
@@ -430,6 +478,17 @@ impl Reader {
             result.map_err(|e| failed(&url, e))?;
             if let Some(object) = &self.object {
                 tracing::debug!(object = %object.url, size = object.size, e_tag = ?object.e_tag, version = ?object.version, last_modified = %object.last_modified, "Object read.");
+                if let Some((id, digest)) = object_entry(object) {
+                    let loaded = LoadedFile {
+                        path: id.path,
+                        size: id.size,
+                        modified: id.modified,
+                        digest,
+                        rows: self.items - items,
+                    };
+                    self.push(Item::FileLoaded(loaded))
+                        .map_err(|Stopped| None)?;
+                }
             }
         }
         Ok(())
@@ -472,6 +531,9 @@ impl Reader {
 
     /// Adds an item to the chunk, sending the chunk when it is full.
     pub(super) fn push(&mut self, item: Item) -> std::result::Result<(), Stopped> {
+        if !matches!(item, Item::FileLoaded(_) | Item::FileSkipped) {
+            self.items += 1;
+        }
         self.batch.push(item);
         if self.batch.len() >= self.chunk_size {
             let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(self.chunk_size));
@@ -826,6 +888,22 @@ impl From<Stopped> for ReadError {
 }
 
 /// Counts bytes read, for progress.
+/// An object as the files log knows it: its URL, size, last-modified and
+/// `etag:` (or `version:`) digest; `None` when the store gives neither.
+fn object_entry(object: &ObjectInfo) -> Option<(FileId, String)> {
+    let digest = match (&object.e_tag, &object.version) {
+        (Some(tag), _) => format!("etag:{tag}"),
+        (None, Some(version)) => format!("version:{version}"),
+        (None, None) => return None,
+    };
+    let id = FileId {
+        path: object.url.clone(),
+        size: object.size,
+        modified: format_modified(object.last_modified),
+    };
+    Some((id, digest))
+}
+
 struct Counted<R> {
     inner: R,
     bytes: Arc<AtomicU64>,
@@ -955,6 +1033,7 @@ mod tests {
                     Item::Record(r) => format!("{} {}", r.source, r.fields["id"]),
                     Item::Reject(r) => format!("{} {}", r.source, r.reason),
                     Item::Skipped => "skipped".into(),
+                    Item::FileLoaded(_) | Item::FileSkipped => continue,
                 });
             }
         }

@@ -54,6 +54,9 @@ pub struct SourceQuery {
     pub batch_size: usize,
     /// Largest input line (or element) read whole, in bytes.
     pub max_record_bytes: usize,
+    /// File sources: the files earlier runs loaded completely, to skip
+    /// when unchanged (`None`: read every file).
+    pub loaded_files: Option<std::sync::Arc<crate::files::FileLog>>,
 }
 
 /// Reading progress, for the progress bar.

@@ -384,6 +384,7 @@ async fn poll(
         low: None,
         batch_size: 10_000,
         max_record_bytes: 64 << 20,
+        loaded_files: None,
     };
     let Some(source) = stop
         .unless_stopped(source::open(&config.source, &query))
@@ -400,10 +401,13 @@ async fn poll(
         };
         let Some(items) = next? else { break };
         for item in items {
+            if matches!(item, Item::FileLoaded(_) | Item::FileSkipped) {
+                continue;
+            }
             report.read += 1;
             let record = match item {
                 Item::Record(r) => r,
-                Item::Skipped => continue,
+                Item::Skipped | Item::FileLoaded(_) | Item::FileSkipped => continue,
                 Item::Reject(r) => {
                     report.rejected += 1;
                     tracing::warn!(at = %r.source, reason = %r.reason, "Item not usable.");

@@ -93,7 +93,15 @@ idemtest!(four_runs_with_wait_succeed_one_after_another, |env| {
     let mut inserted = 0;
     for (_, out) in &results {
         let r = out.code(0).report();
-        assert_eq!(r.inserted + r.unchanged, ROWS, "{}", r.raw);
+        // A run after the first finds the file logged as loaded and
+        // unchanged, and leaves it unread.
+        let files_skipped = r.raw["files_skipped"].as_u64().unwrap_or(0);
+        assert_eq!(
+            r.inserted + r.unchanged + files_skipped * ROWS,
+            ROWS,
+            "{}",
+            r.raw
+        );
         inserted += r.inserted;
     }
     assert_eq!(inserted, ROWS, "every row inserted exactly once");

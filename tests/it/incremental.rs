@@ -46,16 +46,18 @@ idemtest!(run_reads_from_checkpoint_minus_lookback, |env| {
             event(5, "2024-01-03T08:00:00Z"),
         ],
     );
+    // in/1.jsonl is unchanged since the first run loaded it: not read.
     let second = env.run(&p, &[]).code(0).report();
-    assert_eq!(second.read, 6);
     assert_eq!(
-        second.skipped, 3,
-        "ids 1, 2 and 4 are below 11:00: {}",
+        (second.read, second.files_skipped),
+        (3, 1),
+        "{}",
         second.raw
     );
+    assert_eq!(second.skipped, 1, "id 4 is below 11:00: {}", second.raw);
     assert_eq!(
         (second.inserted, second.updated, second.unchanged),
-        (1, 1, 1),
+        (1, 1, 0),
         "{}",
         second.raw
     );
@@ -190,12 +192,15 @@ idemtest!(integer_cursor_with_numeric_lookback, |env| {
     let first = env.run(&p, &[]).code(0).report();
     assert_eq!((first.inserted, first.skipped), (8, 2), "{}", first.raw);
     assert_eq!(first.checkpoint_after(), json!(90));
-    env.write_jsonl("in/2.jsonl", &rows(10..12));
-    // Low bound 90 - 25 = 65: seq 70, 80, 90 read again, 100 and 110 new.
+    // A second export overlapping the first (in/1.jsonl, unchanged, is
+    // not read again). Low bound 90 - 25 = 65: seq 50 and 60 skipped, 70,
+    // 80, 90 read again, 100 and 110 new.
+    env.write_jsonl("in/2.jsonl", &rows(5..12));
     let second = env.run(&p, &[]).code(0).report();
+    assert_eq!(second.files_skipped, 1, "{}", second.raw);
     assert_eq!(
         (second.skipped, second.unchanged, second.inserted),
-        (7, 3, 2),
+        (2, 3, 2),
         "{}",
         second.raw
     );

@@ -20,6 +20,7 @@ mod edges;
 mod examples;
 mod failures;
 mod files;
+mod files_once;
 mod foreign;
 mod harness;
 mod http_source;

@@ -90,6 +90,7 @@ async fn check_source(pipeline: &Pipeline) -> bool {
         low: None,
         batch_size: PEEK,
         max_record_bytes: 64 << 20,
+        loaded_files: None,
     };
     let first = async {
         let mut source = source::open(&config, &query).await?;

@@ -24,7 +24,7 @@ pub fn stdout_bytes(bytes: &[u8]) {
 
 /// Every field of the `load`/`run` report, so that the object has one shape
 /// whatever the run did (docs/reference.md lists them).
-const RUN_FIELDS: [&str; 23] = [
+const RUN_FIELDS: [&str; 24] = [
     "pipeline",
     "run_id",
     "status",
@@ -38,6 +38,7 @@ const RUN_FIELDS: [&str; 23] = [
     "duplicates",
     "rejected",
     "known_rejects",
+    "files_skipped",
     "looked_up_api",
     "looked_up_table",
     "api_requests",
@@ -158,6 +159,14 @@ pub fn summary(report: &RunReport, rejects: &str) -> String {
         line.push_str(&format!(
             " ({} of the rejects were rejected by an earlier run too)",
             s.known_rejects
+        ));
+    }
+    if s.files_skipped > 0 {
+        line.push_str(&format!(
+            "; {} file{} unchanged since an earlier run loaded {} (not read; --full-refresh reads every file)",
+            s.files_skipped,
+            if s.files_skipped == 1 { "" } else { "s" },
+            if s.files_skipped == 1 { "it" } else { "them" },
         ));
     }
     if report.status == RunStatus::SucceededWithRejects {

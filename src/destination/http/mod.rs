@@ -570,6 +570,7 @@ impl Destination for HttpDestination {
             mut rejects,
             mut stats,
             max_cursor,
+            files,
             ..
         } = batch;
         if !self.checked_templates && !rows.is_empty() {
@@ -615,6 +616,7 @@ impl Destination for HttpDestination {
             stats,
             max_cursor,
             absent: None,
+            files,
         };
         self.books.write(bookkeeping, commit).await
     }

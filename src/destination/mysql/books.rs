@@ -23,6 +23,7 @@ use super::{Lock, Server};
 use crate::destination::sql::quote_mysql as q;
 use crate::destination::Target;
 use crate::error::Error;
+use crate::files::{LoadedFile, FILES_TABLE};
 use crate::record::Reject;
 use crate::state::{
     died_error, format_time, status_shown, LockHolder, RejectRecord, RunInfo, RunRecord,
@@ -85,6 +86,17 @@ pub(super) async fn create_tables(conn: &mut Conn, server: &Server) -> R<()> {
                 host VARCHAR(255) NOT NULL, pid BIGINT NOT NULL, since VARCHAR(40) NOT NULL,
                 expires_at BIGINT NOT NULL) {tail}",
             q(LOCKS_TABLE)
+        ),
+        // Keyed by a digest of the path: a path may be longer than an
+        // InnoDB key allows.
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+                pipeline VARCHAR(255) NOT NULL, path_digest CHAR(64) NOT NULL,
+                path LONGTEXT NOT NULL, table_name VARCHAR(255) NOT NULL,
+                size BIGINT NOT NULL, modified VARCHAR(40) NOT NULL, digest VARCHAR(255) NOT NULL,
+                run_id VARCHAR(64) NOT NULL, `rows` BIGINT NOT NULL, loaded_at VARCHAR(40) NOT NULL,
+                PRIMARY KEY (pipeline, path_digest)) {tail}",
+            q(FILES_TABLE)
         ),
     ] {
         conn.query_drop(ddl).await?;
@@ -523,6 +535,97 @@ pub(super) async fn known_rejects(
             .count() as u64;
     }
     Ok(known)
+}
+
+/// Logs files as loaded into `table` by `run_id`.
+pub(super) async fn log_files(
+    conn: &mut Conn,
+    pipeline: &str,
+    table: &str,
+    run_id: &str,
+    files: &[LoadedFile],
+) -> R<()> {
+    let now = format_time(Utc::now());
+    for chunk in files.chunks(500) {
+        let rows = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+        let mut params: Vec<MyValue> = Vec::with_capacity(chunk.len() * 10);
+        for f in chunk {
+            params.extend([
+                pipeline.into(),
+                hex::encode(Sha256::digest(f.path.as_bytes())).into(),
+                f.path.clone().into(),
+                table.into(),
+                f.size.into(),
+                f.modified.clone().into(),
+                f.digest.clone().into(),
+                run_id.into(),
+                f.rows.into(),
+                now.clone().into(),
+            ]);
+        }
+        conn.exec_drop(
+            format!(
+                "INSERT INTO {} (pipeline, path_digest, path, table_name, size, modified, digest,
+                     run_id, `rows`, loaded_at)
+                 VALUES {rows}
+                 ON DUPLICATE KEY UPDATE path = VALUES(path), table_name = VALUES(table_name),
+                     size = VALUES(size), modified = VALUES(modified), digest = VALUES(digest),
+                     run_id = VALUES(run_id), `rows` = VALUES(`rows`), loaded_at = VALUES(loaded_at)",
+                q(FILES_TABLE)
+            ),
+            Params::Positional(params),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Empties the pipeline's files log: `state --set`/`--reset` mean "read
+/// again from there", whatever file holds it.
+pub(super) async fn forget_files(conn: &mut Conn, pipeline: &str) -> R<()> {
+    conn.exec_drop(
+        format!("DELETE FROM {} WHERE pipeline = ?", q(FILES_TABLE)),
+        (pipeline,),
+    )
+    .await
+}
+
+/// The files earlier runs of `pipeline` loaded into `table`; none when the
+/// table is missing or empty (dropped or emptied since: read them again).
+pub(super) async fn loaded_files(
+    conn: &mut Conn,
+    pipeline: &str,
+    table: &str,
+) -> R<Vec<LoadedFile>> {
+    let holds_rows = conn
+        .query_first::<i64, _>(format!("SELECT 1 FROM {} LIMIT 1", q(table)))
+        .await
+        .ok()
+        .flatten()
+        .is_some();
+    if !holds_rows {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<(String, u64, String, String, u64)> = conn
+        .exec(
+            format!(
+                "SELECT path, size, modified, digest, `rows` FROM {}
+                 WHERE pipeline = ? AND table_name = ?",
+                q(FILES_TABLE)
+            ),
+            (pipeline, table),
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(path, size, modified, digest, rows)| LoadedFile {
+            path,
+            size,
+            modified,
+            digest,
+            rows,
+        })
+        .collect())
 }
 
 pub(super) async fn insert_rejects(

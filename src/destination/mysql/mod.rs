@@ -245,6 +245,9 @@ impl Books for MysqlDestination {
         let ctx = self.context();
         books::write_checkpoint(&mut self.conn, pipeline, value.as_ref(), "manual")
             .await
+            .map_err(db(ctx.clone()))?;
+        books::forget_files(&mut self.conn, pipeline)
+            .await
             .map_err(db(ctx))
     }
 
@@ -329,6 +332,15 @@ impl Destination for MysqlDestination {
     async fn write(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats> {
         self.check_heartbeat()?;
         write::write_batch(self, batch, commit).await
+    }
+
+    async fn loaded_files(&mut self) -> Result<Vec<crate::files::LoadedFile>> {
+        let Some(run) = &self.run else {
+            return Ok(Vec::new());
+        };
+        books::loaded_files(&mut self.conn, &run.info.pipeline, &run.target.table)
+            .await
+            .map_err(|e| Error::destination("mysql bookkeeping", e))
     }
 }
 

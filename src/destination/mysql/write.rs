@@ -29,6 +29,7 @@ use crate::destination::seen::SeenKeys;
 use crate::destination::sql::quote_mysql as q;
 use crate::destination::{Commit, Target};
 use crate::error::{Error, Result};
+use crate::files::LoadedFile;
 use crate::mode::Mode;
 use crate::record::Reject;
 use crate::state::Resolution;
@@ -66,6 +67,7 @@ pub(super) async fn write_batch(
         rows,
         mut rejects,
         mut stats,
+        files,
         ..
     } = batch;
     let table = run
@@ -215,6 +217,7 @@ pub(super) async fn write_batch(
         rows: Vec::new(),
         rejects,
         stats,
+        files,
         ..Default::default()
     };
     let stats = commit_batch(tx, batch, &commit, before.as_ref()).await?;
@@ -312,6 +315,13 @@ impl BatchTx for MysqlTx<'_> {
 
     async fn insert_rejects(&mut self, rejects: &[Reject]) -> Result<()> {
         books::insert_rejects(self.conn, &self.lock.pipeline, &self.lock.run_id, rejects)
+            .await
+            .map_err(books_error)
+    }
+
+    async fn log_files(&mut self, files: &[LoadedFile]) -> Result<()> {
+        let (lock, table) = (self.lock, &self.run.target.table);
+        books::log_files(self.conn, &lock.pipeline, table, &lock.run_id, files)
             .await
             .map_err(books_error)
     }

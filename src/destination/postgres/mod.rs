@@ -285,6 +285,7 @@ impl Books for PostgresDestination {
             .await
             .map_err(pg_error("set checkpoint"))?;
         books::write_checkpoint(&tx, &schema, pipeline, value.as_ref(), "manual").await?;
+        books::forget_files(&tx, &schema, pipeline).await?;
         tx.commit().await.map_err(pg_error("set checkpoint"))?;
         Ok(())
     }
@@ -360,6 +361,21 @@ impl Destination for PostgresDestination {
 
     async fn write(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats> {
         write::write_batch(self, batch, commit).await
+    }
+
+    async fn loaded_files(&mut self) -> Result<Vec<crate::files::LoadedFile>> {
+        match &self.run {
+            Some(run) => {
+                books::loaded_files(
+                    &self.client,
+                    &self.schema,
+                    &run.info.pipeline,
+                    &run.target.table,
+                )
+                .await
+            }
+            None => Ok(Vec::new()),
+        }
     }
 
     fn lookahead(&mut self) -> Option<Box<dyn Lookahead>> {

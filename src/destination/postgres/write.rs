@@ -40,6 +40,7 @@ use crate::destination::commit::{commit_batch, BatchTx};
 use crate::destination::seen::SeenKeys;
 use crate::destination::Commit;
 use crate::error::{Error, Result};
+use crate::files::LoadedFile;
 use crate::mode::Mode;
 use crate::record::Reject;
 use crate::state::Resolution;
@@ -379,6 +380,19 @@ impl BatchTx for PgTx<'_> {
 
     async fn insert_rejects(&mut self, rejects: &[Reject]) -> Result<()> {
         insert_rejects(&self.tx, self.schema, &self.pipeline, &self.run_id, rejects).await
+    }
+
+    async fn log_files(&mut self, files: &[LoadedFile]) -> Result<()> {
+        let table = &self.run.target.table;
+        books::log_files(
+            &self.tx,
+            self.schema,
+            &self.pipeline,
+            table,
+            &self.run_id,
+            files,
+        )
+        .await
     }
 
     async fn write_checkpoint(&mut self, checkpoint: &Value) -> Result<()> {

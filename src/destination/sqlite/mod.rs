@@ -25,6 +25,7 @@ use super::schema::{Column, ColumnType, TableSchema};
 use super::{Books, Commit, Destination, Target};
 use crate::batch::PlannedBatch;
 use crate::error::{Error, Result};
+use crate::files::LoadedFile;
 use crate::state::{LockHolder, RejectRecord, RunInfo, RunRecord};
 use crate::stats::{RunStats, RunStatus};
 
@@ -207,6 +208,7 @@ impl Books for SqliteDestination {
         self.blocking(move |inner| {
             let tx = inner.conn.transaction()?;
             books::write_checkpoint(&tx, &p, value.as_ref(), "manual")?;
+            books::forget_files(&tx, &p)?;
             tx.commit()?;
             Ok(())
         })
@@ -273,6 +275,14 @@ impl Destination for SqliteDestination {
                 keys: Default::default(),
             });
             Ok(())
+        })
+        .await
+    }
+
+    async fn loaded_files(&mut self) -> Result<Vec<LoadedFile>> {
+        self.blocking(move |inner| match &inner.run {
+            Some(run) => books::loaded_files(&inner.conn, &run.info.pipeline, &run.target.table),
+            None => Ok(Vec::new()),
         })
         .await
     }

@@ -24,6 +24,7 @@ use crate::destination::schema::{Column, ColumnType, SqlValue, TableSchema};
 use crate::destination::sql::{column_list, quote};
 use crate::destination::Commit;
 use crate::error::{Error, Result};
+use crate::files::LoadedFile;
 use crate::key::{parse_instant, Cursor};
 use crate::mode::Mode;
 use crate::record::Reject;
@@ -137,6 +138,11 @@ impl BatchTx for SqliteTx<'_> {
 
     async fn insert_rejects(&mut self, rejects: &[Reject]) -> Result<()> {
         insert_rejects(&self.tx, &self.pipeline, &self.run_id, rejects)
+    }
+
+    async fn log_files(&mut self, files: &[LoadedFile]) -> Result<()> {
+        let table = &self.run.target.table;
+        books::log_files(&self.tx, &self.pipeline, table, &self.run_id, files)
     }
 
     async fn write_checkpoint(&mut self, checkpoint: &Value) -> Result<()> {

@@ -16,6 +16,9 @@ pub struct Report {
     pub skipped: u64,
     pub duplicates: u64,
     pub rejected: u64,
+    /// Files left unread because an earlier run loaded them and they have
+    /// not changed.
+    pub files_skipped: u64,
 }
 
 /// The fields the spec promises in every `--json` run report.
@@ -83,6 +86,7 @@ impl Report {
             skipped: n("skipped"),
             duplicates: n("duplicates"),
             rejected: n("rejected"),
+            files_skipped: n("files_skipped"),
             raw,
         }
     }
