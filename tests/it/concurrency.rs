@@ -263,3 +263,70 @@ idemtest!(
         assert_eq!(env.backend.checkpoint("big"), None);
     }
 );
+
+/// Three pipelines (three names, so three locks) load the same keys into
+/// one table at the same moment: each run succeeds, the table holds each
+/// key once, and the runs' counts add up to one load. The runs race to
+/// create the table and to copy keys into a table that was empty when they
+/// began; the loser of each race merges instead of failing its batch.
+fn pipelines_at_once_into_one_table(env: &Env) {
+    let expected = big_input(env);
+    let names = ["one", "two", "three"];
+    let url = env.url();
+    let children: Vec<_> = names
+        .iter()
+        .map(|name| {
+            env.command(&[
+                "load",
+                "data/big.jsonl",
+                "--into",
+                &url,
+                "--table",
+                "shared",
+                "--name",
+                name,
+                "--batch-size",
+                "5000",
+                "--json",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn idemload")
+        })
+        .collect();
+    let mut inserted = 0;
+    for child in children {
+        let out = child.wait_with_output().expect("wait");
+        let out = Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        let r = out.code(0).report();
+        assert_eq!(r.inserted + r.unchanged + r.updated, ROWS, "{}", r.raw);
+        inserted += r.inserted;
+    }
+    assert_eq!(inserted, ROWS, "each key inserted by exactly one run");
+    assert_eq!(env.backend.doubled("shared", &["id"]), 0);
+    assert_rows(&env.rows("shared"), &expected);
+}
+
+#[test]
+fn pipelines_at_once_into_one_table_sqlite() {
+    crate::common::with_backend(
+        "pipelines_at_once_into_one_table",
+        crate::common::BackendKind::Sqlite,
+        pipelines_at_once_into_one_table,
+    );
+}
+
+crate::server_test! {
+    fn pipelines_at_once_into_one_table_postgres() {
+        crate::common::with_backend(
+            "pipelines_at_once_into_one_table",
+            crate::common::BackendKind::Postgres,
+            pipelines_at_once_into_one_table,
+        );
+    }
+}

@@ -433,7 +433,23 @@ pub(super) async fn ensure_table(
         run.schema = Some(current.clone());
         return Ok((current, Ddl::None, rows));
     }
-    let missing = current.missing(rows.iter().map(|r| &r.fields));
+    let mut missing = current.missing(rows.iter().map(|r| &r.fields));
+    if !missing.is_empty() {
+        // Another writer (a second pipeline into the same table) may be
+        // creating or altering it at this moment: take the table's DDL lock,
+        // held to the end of the batch, and look again.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&super::books::advisory_key(
+                schema,
+                &format!("ddl\0{table}"),
+            )],
+        )
+        .await
+        .map_err(pg_error(format!("locking table {table:?} for DDL")))?;
+        current = read_schema(tx, schema, table).await?.unwrap_or_default();
+        missing = current.missing(rows.iter().map(|r| &r.fields));
+    }
     let known = current.columns.len();
     let created = current.columns.is_empty();
     if created {

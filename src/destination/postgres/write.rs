@@ -39,7 +39,7 @@ use crate::batch::{PlannedBatch, Row};
 use crate::destination::commit::{commit_batch, BatchTx};
 use crate::destination::seen::SeenKeys;
 use crate::destination::Commit;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::files::LoadedFile;
 use crate::mode::Mode;
 use crate::record::Reject;
@@ -289,6 +289,9 @@ impl BatchTx for PgTx<'_> {
         let mut copy = CopyBuffer::new();
         let mut direct_copy = CopyBuffer::new();
         let mut deletes = false;
+        // The rows copied straight in, should another writer's row with the
+        // same key make the copy fail (see below).
+        let mut direct_rows = Vec::new();
         for row in &encoded.rows {
             let bytes = &encoded.buf[row.at.clone()];
             let fresh = row.fresh == Some(true);
@@ -300,6 +303,7 @@ impl BatchTx for PgTx<'_> {
                 match found {
                     _ if direct && fresh => {
                         direct_copy.push_encoded(&[], columns, bytes);
+                        direct_rows.push(row);
                         continue;
                     }
                     Some(Some(old)) if mode == Mode::InsertNew || old == bytes => {
@@ -312,6 +316,7 @@ impl BatchTx for PgTx<'_> {
                     }
                     Some(None) if fresh => {
                         direct_copy.push_encoded(&[], columns, bytes);
+                        direct_rows.push(row);
                         continue;
                     }
                     _ => {}
@@ -322,11 +327,34 @@ impl BatchTx for PgTx<'_> {
         }
         writes |= direct_copy.rows > 0 || copy.rows > 0;
         if direct_copy.rows > 0 {
+            // Keys new to the run and not stored when looked at: another
+            // pipeline (or any writer) may store one of them meanwhile. Its
+            // row fails the copy on the primary key; the copy is then undone
+            // and the same rows merged, as every later batch of the run is.
+            tx.batch_execute("SAVEPOINT idemload_direct")
+                .await
+                .map_err(pg_error(context.clone()))?;
             let copied = direct_copy
                 .send(tx, &qualified(schema, &table), &merge.table_columns())
-                .await?;
-            if !staged {
-                stats.inserted += copied;
+                .await;
+            match copied {
+                Ok(copied) => {
+                    if !staged {
+                        stats.inserted += copied;
+                    }
+                }
+                Err(e) if e.kind() == Some(ErrorKind::UniqueViolation) => {
+                    tracing::info!(table = %table, error = %e, "Another writer stored keys of this batch meanwhile: merging the batch instead of copying it.");
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT idemload_direct")
+                        .await
+                        .map_err(pg_error(context.clone()))?;
+                    run.empty_at_start = Some(false);
+                    for row in direct_rows {
+                        let bytes = &encoded.buf[row.at.clone()];
+                        copy.push_encoded(&[Some(false), row.fresh], columns, bytes);
+                    }
+                }
+                Err(e) => return Err(e),
             }
         }
         if copy.rows > 0 {
