@@ -41,6 +41,16 @@ pub enum SourceConfig {
     Http(Box<HttpSourceConfig>),
     /// A table or query of SQLite, PostgreSQL or MySQL/MariaDB.
     Sql(SqlSourceConfig),
+    /// No `[source]`: a pipeline fed by `idemload serve` (only allowed
+    /// with a `[serve]` section).
+    #[serde(skip)]
+    Absent,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig::Absent
+    }
 }
 
 /// What the run asks of a source.
@@ -117,6 +127,9 @@ pub async fn open(config: &SourceConfig, query: &SourceQuery) -> Result<Box<dyn 
         SourceConfig::File(file) => Ok(Box::new(FileSource::open(file, query)?)),
         SourceConfig::Http(http) => Ok(Box::new(HttpSource::open(http, query)?)),
         SourceConfig::Sql(sql) => Ok(Box::new(SqlSource::open(sql, query).await?)),
+        SourceConfig::Absent => Err(crate::error::Error::config(
+            "this pipeline has no [source]: its records come through `idemload serve`",
+        )),
     }
 }
 
