@@ -35,7 +35,9 @@ pub enum Error {
 
     /// An ingest request's claim was taken over while it was written (its
     /// lease ran out): its transaction was rolled back.
-    #[error("request {key:?} lost its claim (lease expired and was taken over); nothing was written")]
+    #[error(
+        "request {key:?} lost its claim (lease expired and was taken over); nothing was written"
+    )]
     RequestLost { key: String },
 
     /// Reading the source failed (exit 1).

@@ -171,8 +171,7 @@ mod tests {
             Reject::new(record_ref("k1", 2), "missing key field \"id\"", "{}"),
             Reject::new(record_ref("k1", 0), "not a JSON object", "1"),
         ];
-        let v: serde_json::Value =
-            serde_json::from_str(&entry.response(&stats, &rejects)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&entry.response(&stats, &rejects)).unwrap();
         assert_eq!(v["status"], "succeeded_with_rejects");
         assert_eq!(v["inserted"], 1);
         assert_eq!(v["rejects"][0]["index"], 0);

@@ -43,7 +43,9 @@ pub fn idempotency_key(value: &[u8]) -> Result<String, String> {
                 .chars()
                 .any(|c| !('!'..='~').contains(&c) || matches!(c, '"' | ',' | ';' | '\\'))
             {
-                return Err("the Idempotency-Key header is neither a quoted string nor a token".into());
+                return Err(
+                    "the Idempotency-Key header is neither a quoted string nor a token".into(),
+                );
             }
             text.to_string()
         }
@@ -52,7 +54,9 @@ pub fn idempotency_key(value: &[u8]) -> Result<String, String> {
         return Err("the Idempotency-Key header is empty".into());
     }
     if key.len() > MAX_KEY {
-        return Err(format!("the Idempotency-Key is longer than {MAX_KEY} characters"));
+        return Err(format!(
+            "the Idempotency-Key is longer than {MAX_KEY} characters"
+        ));
     }
     Ok(key)
 }
@@ -70,7 +74,9 @@ pub fn records(body: &[u8], key: &str) -> Result<Vec<Item>, String> {
         return Ok(values
             .into_iter()
             .enumerate()
-            .map(|(i, v)| crate::source::file::into_record(v, record_ref(key, i as u64), usize::MAX))
+            .map(|(i, v)| {
+                crate::source::file::into_record(v, record_ref(key, i as u64), usize::MAX)
+            })
             .collect());
     }
     let mut shape: Vec<Name> = Vec::new();
@@ -99,7 +105,10 @@ mod tests {
 
     #[test]
     fn keys_are_structured_strings_or_bare_tokens() {
-        assert_eq!(idempotency_key(b"\"8e03978e-40d5\"").unwrap(), "8e03978e-40d5");
+        assert_eq!(
+            idempotency_key(b"\"8e03978e-40d5\"").unwrap(),
+            "8e03978e-40d5"
+        );
         assert_eq!(idempotency_key(b"\"a \\\"b\\\" c\"").unwrap(), "a \"b\" c");
         assert_eq!(idempotency_key(b"key_123").unwrap(), "key_123");
         assert!(idempotency_key(b"").is_err());

@@ -135,7 +135,11 @@ pub fn parse_size(text: &str) -> std::result::Result<usize, String> {
         "ki" | "kib" => 1024.0,
         "mi" | "mib" => 1024.0 * 1024.0,
         "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?}; use B, KiB, MiB, GiB, KB, MB or GB")),
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?}; use B, KiB, MiB, GiB, KB, MB or GB"
+            ))
+        }
     };
     let bytes = number * factor;
     if !(1.0..=(usize::MAX as f64)).contains(&bytes) {

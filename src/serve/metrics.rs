@@ -15,11 +15,15 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(pipeline: &str) -> Metrics {
-        let labels = std::collections::HashMap::from([("pipeline".to_string(), pipeline.to_string())]);
+        let labels =
+            std::collections::HashMap::from([("pipeline".to_string(), pipeline.to_string())]);
         let registry = Registry::new_custom(Some("idemload".into()), Some(labels))
             .expect("a valid registry prefix");
         let requests = IntCounterVec::new(
-            Opts::new("requests_total", "Ingest requests answered, by HTTP status."),
+            Opts::new(
+                "requests_total",
+                "Ingest requests answered, by HTTP status.",
+            ),
             &["status"],
         )
         .expect("valid metric");

@@ -119,7 +119,10 @@ pub async fn serve(
     // One connection now: a wrong URL or password fails at start, not at
     // the first request.
     let first = pool.open().await?;
-    pool.idle.lock().unwrap_or_else(|e| e.into_inner()).push(first);
+    pool.idle
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(first);
     let shared = Arc::new(Shared {
         name: name.clone(),
         settings,
@@ -222,7 +225,9 @@ impl Pool {
 
 impl Conn<'_> {
     fn dest(&mut self) -> &mut dyn Destination {
-        self.dest.as_deref_mut().expect("a connection until dropped")
+        self.dest
+            .as_deref_mut()
+            .expect("a connection until dropped")
     }
 
     /// Drops the connection instead of returning it to the pool.
@@ -283,10 +288,7 @@ impl IntoResponse for Answer {
             headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
         }
         if self.challenge {
-            headers.insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer"),
-            );
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -621,8 +623,8 @@ fn authorized(headers: &HeaderMap, token: &str) -> bool {
 
 /// Deletes expired keys every so often until the stop.
 async fn clean_expired(shared: Arc<Shared>, stop: StopToken) {
-    let every = (shared.settings.key_retention / 4)
-        .clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let every =
+        (shared.settings.key_retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
     loop {
         if stop
             .unless_stopped(tokio::time::sleep(every))

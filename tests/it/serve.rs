@@ -173,8 +173,7 @@ struct Answer {
 
 impl Answer {
     fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 }
 
@@ -231,21 +230,33 @@ servetest!(each_status_code_means_what_the_spec_says, |env| {
             json!({"id": 2, "name": "b"}),
         ]);
         // No token, a wrong token: 401, nothing read.
-        let a = post(&c, &url, Some("\"k-1\""), None, body.clone()).await.unwrap();
+        let a = post(&c, &url, Some("\"k-1\""), None, body.clone())
+            .await
+            .unwrap();
         assert_eq!(a.status, 401, "{a:?}");
-        let a = post(&c, &url, Some("\"k-1\""), Some("wrong"), body.clone()).await.unwrap();
+        let a = post(&c, &url, Some("\"k-1\""), Some("wrong"), body.clone())
+            .await
+            .unwrap();
         assert_eq!(a.status, 401, "{a:?}");
         // No key: 400.
-        let a = post(&c, &url, None, Some(TOKEN), body.clone()).await.unwrap();
+        let a = post(&c, &url, None, Some(TOKEN), body.clone())
+            .await
+            .unwrap();
         assert_eq!(a.status, 400, "{a:?}");
         assert!(a.body.contains("Idempotency-Key"), "{a:?}");
         // Over max_body: 413.
-        let big = ndjson(&(0..100).map(|i| json!({"id": i, "pad": "x".repeat(40)})).collect::<Vec<_>>());
+        let big = ndjson(
+            &(0..100)
+                .map(|i| json!({"id": i, "pad": "x".repeat(40)}))
+                .collect::<Vec<_>>(),
+        );
         let a = post(&c, &url, Some("big"), Some(TOKEN), big).await.unwrap();
         assert_eq!(a.status, 413, "{a:?}");
 
         // The first time: 200, two rows, the bad record named by its index.
-        let first = post(&c, &url, Some("\"k-1\""), Some(TOKEN), body.clone()).await.unwrap();
+        let first = post(&c, &url, Some("\"k-1\""), Some(TOKEN), body.clone())
+            .await
+            .unwrap();
         assert_eq!(first.status, 200, "{first:?}");
         assert!(!first.replayed);
         let v = first.json();
@@ -253,87 +264,158 @@ servetest!(each_status_code_means_what_the_spec_says, |env| {
         assert_eq!(v["rejected"], 1, "{v}");
         assert_eq!(v["read"], 3, "{v}");
         assert_eq!(v["rejects"][0]["index"], 1, "{v}");
-        assert!(v["rejects"][0]["reason"].as_str().unwrap().contains("id"), "{v}");
+        assert!(
+            v["rejects"][0]["reason"].as_str().unwrap().contains("id"),
+            "{v}"
+        );
 
         // The same key (as a bare token this time) and body: the stored
         // response again, marked, and nothing written.
-        let again = post(&c, &url, Some("k-1"), Some(TOKEN), body.clone()).await.unwrap();
+        let again = post(&c, &url, Some("k-1"), Some(TOKEN), body.clone())
+            .await
+            .unwrap();
         assert_eq!(again.status, 200, "{again:?}");
         assert!(again.replayed, "{again:?}");
         assert_eq!(again.body, first.body);
 
         // The same key with another body: 422.
         let other = ndjson(&[json!({"id": 3})]);
-        let a = post(&c, &url, Some("\"k-1\""), Some(TOKEN), other).await.unwrap();
+        let a = post(&c, &url, Some("\"k-1\""), Some(TOKEN), other)
+            .await
+            .unwrap();
         assert_eq!(a.status, 422, "{a:?}");
 
         // A JSON array and a single object are bodies too.
-        let a = post(&c, &url, Some("arr"), Some(TOKEN), json!([{"id": 3}, {"id": 1, "name": "a"}]).to_string()).await.unwrap();
+        let a = post(
+            &c,
+            &url,
+            Some("arr"),
+            Some(TOKEN),
+            json!([{"id": 3}, {"id": 1, "name": "a"}]).to_string(),
+        )
+        .await
+        .unwrap();
         assert_eq!(a.status, 200, "{a:?}");
         assert_eq!(a.json()["inserted"], 1);
         assert_eq!(a.json()["unchanged"], 1);
-        let a = post(&c, &url, Some("obj"), Some(TOKEN), json!({"id": 4}).to_string()).await.unwrap();
+        let a = post(
+            &c,
+            &url,
+            Some("obj"),
+            Some(TOKEN),
+            json!({"id": 4}).to_string(),
+        )
+        .await
+        .unwrap();
         assert_eq!(a.status, 200, "{a:?}");
 
-        let metrics = c.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
-        for needle in [
-            "idemload_requests_total{pipeline=\"ingest\",status=\"200\"} 4",
-            "idemload_requests_total{pipeline=\"ingest\",status=\"401\"} 2",
-            "idemload_requests_total{pipeline=\"ingest\",status=\"422\"} 1",
-            "idemload_records_total{outcome=\"inserted\",pipeline=\"ingest\"} 4",
-            "idemload_records_total{outcome=\"rejected\",pipeline=\"ingest\"} 1",
-            "idemload_request_duration_seconds_bucket",
+        let metrics = c
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for (name, label, value) in [
+            ("idemload_requests_total", "status=\"200\"", 4),
+            ("idemload_requests_total", "status=\"401\"", 2),
+            ("idemload_requests_total", "status=\"413\"", 1),
+            ("idemload_requests_total", "status=\"422\"", 1),
+            ("idemload_records_total", "outcome=\"inserted\"", 4),
+            ("idemload_records_total", "outcome=\"rejected\"", 1),
+            (
+                "idemload_request_duration_seconds_count",
+                "pipeline=\"ingest\"",
+                9,
+            ),
         ] {
-            assert!(metrics.contains(needle), "no {needle:?} in\n{metrics}");
+            let found = metrics.lines().any(|l| {
+                l.starts_with(&format!("{name}{{"))
+                    && l.contains(label)
+                    && l.contains("pipeline=\"ingest\"")
+                    && l.ends_with(&format!("}} {value}"))
+            });
+            assert!(found, "no {name}{{{label}}} {value} in\n{metrics}");
         }
+        assert!(
+            metrics.contains("idemload_request_duration_seconds_bucket"),
+            "{metrics}"
+        );
     });
     assert_eq!(env.backend.count("ingest"), 4);
     assert_eq!(
-        env.backend.scalar_i64("SELECT count(*) FROM _idemload_requests WHERE status = 'done'"),
+        env.backend
+            .scalar_i64("SELECT count(*) FROM _idemload_requests WHERE status = 'done'"),
         Some(3)
     );
     // The bad record is in the rejects table, named by the request.
     assert_eq!(
-        env.backend.scalar_text("SELECT source_ref FROM _idemload_rejects").as_deref(),
+        env.backend
+            .scalar_text("SELECT source_ref FROM _idemload_rejects")
+            .as_deref(),
         Some("request k-1:2")
     );
     assert!(!server.log().contains(TOKEN), "the token reached the log");
-    assert!(server.log().contains("Request committed."), "{}", server.log());
+    assert!(
+        server.log().contains("Request committed."),
+        "{}",
+        server.log()
+    );
 });
 
-servetest!(a_key_claimed_elsewhere_answers_409_until_its_holder_is_gone, |env| {
-    let p = pipeline(env, "claims", "key = \"id\"", "claim_lease = \"30s\"");
-    let server = Server::start(env, &p, "127.0.0.1:0", &[]);
-    let url = server.url("/v1/records");
-    let rt = runtime();
-    let c = client();
-    let body = ndjson(&[json!({"id": 1})]);
-    let digest = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(body.as_bytes()))
-    };
-    // Make the table, then leave a claim as another host's process would
-    // while it works on the request.
-    rt.block_on(post(&c, &url, Some("warm"), None, ndjson(&[json!({"id": 0})]))).unwrap();
-    let far = chrono::Utc::now().timestamp_millis() + 600_000;
-    let created = if env.backend.kind == BackendKind::Postgres { "now()" } else { "'2024-01-01T00:00:00Z'" };
-    env.backend.execute(&format!(
+servetest!(
+    a_key_claimed_elsewhere_answers_409_until_its_holder_is_gone,
+    |env| {
+        let p = pipeline(env, "claims", "key = \"id\"", "claim_lease = \"30s\"");
+        let server = Server::start(env, &p, "127.0.0.1:0", &[]);
+        let url = server.url("/v1/records");
+        let rt = runtime();
+        let c = client();
+        let body = ndjson(&[json!({"id": 1})]);
+        let digest = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(body.as_bytes()))
+        };
+        // Make the table, then leave a claim as another host's process would
+        // while it works on the request.
+        rt.block_on(post(
+            &c,
+            &url,
+            Some("warm"),
+            None,
+            ndjson(&[json!({"id": 0})]),
+        ))
+        .unwrap();
+        let far = chrono::Utc::now().timestamp_millis() + 600_000;
+        let created = if env.backend.kind == BackendKind::Postgres {
+            "now()"
+        } else {
+            "'2024-01-01T00:00:00Z'"
+        };
+        env.backend.execute(&format!(
         "INSERT INTO _idemload_requests (pipeline, key, digest, status, claim, host, pid, created_at, expires_at)
          VALUES ('claims', 'k', '{digest}', 'processing', 'other-claim', 'another-host', 1, {created}, {far})"
     ));
-    let a = rt.block_on(post(&c, &url, Some("k"), None, body.clone())).unwrap();
-    assert_eq!(a.status, 409, "{a:?}");
-    assert_eq!(env.backend.count("claims"), 1);
-    // Its lease runs out (the holder died): the next attempt takes it over.
-    env.backend.execute("UPDATE _idemload_requests SET expires_at = 0 WHERE key = 'k'");
-    let a = rt.block_on(post(&c, &url, Some("k"), None, body.clone())).unwrap();
-    assert_eq!(a.status, 200, "{a:?}");
-    assert!(!a.replayed);
-    assert_eq!(a.json()["inserted"], 1);
-    let a = rt.block_on(post(&c, &url, Some("k"), None, body)).unwrap();
-    assert!(a.replayed, "{a:?}");
-    assert_eq!(env.backend.count("claims"), 2);
-});
+        let a = rt
+            .block_on(post(&c, &url, Some("k"), None, body.clone()))
+            .unwrap();
+        assert_eq!(a.status, 409, "{a:?}");
+        assert_eq!(env.backend.count("claims"), 1);
+        // Its lease runs out (the holder died): the next attempt takes it over.
+        env.backend
+            .execute("UPDATE _idemload_requests SET expires_at = 0 WHERE key = 'k'");
+        let a = rt
+            .block_on(post(&c, &url, Some("k"), None, body.clone()))
+            .unwrap();
+        assert_eq!(a.status, 200, "{a:?}");
+        assert!(!a.replayed);
+        assert_eq!(a.json()["inserted"], 1);
+        let a = rt.block_on(post(&c, &url, Some("k"), None, body)).unwrap();
+        assert!(a.replayed, "{a:?}");
+        assert_eq!(env.backend.count("claims"), 2);
+    }
+);
 
 /// One client's request: its key and events.
 #[derive(Clone)]
@@ -398,7 +480,11 @@ fn send_all(
                     } else if retry {
                         let a = first.await;
                         let b = send_until_ok(&http, pick(1), &r).await;
-                        assert!(b.replayed, "a retry of {} was processed again: {b:?}", r.key);
+                        assert!(
+                            b.replayed,
+                            "a retry of {} was processed again: {b:?}",
+                            r.key
+                        );
                         assert_eq!(a.body, b.body, "two answers to {} differ", r.key);
                         a
                     } else {
@@ -418,6 +504,9 @@ fn send_all(
     })
 }
 
+/// Answers other than 200 the clients met (409, 5xx, connection errors).
+static NOT_OK: AtomicUsize = AtomicUsize::new(0);
+
 async fn send_until_ok(http: &reqwest::Client, url: String, r: &Request) -> Answer {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut pause = Duration::from_millis(20);
@@ -428,7 +517,12 @@ async fn send_until_ok(http: &reqwest::Client, url: String, r: &Request) -> Answ
             Ok(a) => panic!("request {} answered {a:?}", r.key),
             Err(_) => {} // the server is restarting
         }
-        assert!(Instant::now() < deadline, "request {} never answered 200", r.key);
+        NOT_OK.fetch_add(1, Ordering::SeqCst);
+        assert!(
+            Instant::now() < deadline,
+            "request {} never answered 200",
+            r.key
+        );
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(500));
     }
@@ -448,36 +542,58 @@ fn assert_exactly_once(env: &Env, table: &str, answers: &[(Request, Answer)], ev
         keys.insert(r.key.clone(), ());
     }
     assert_eq!(
-        env.backend.scalar_i64("SELECT count(*) FROM _idemload_requests WHERE status = 'done'"),
+        env.backend
+            .scalar_i64("SELECT count(*) FROM _idemload_requests WHERE status = 'done'"),
         Some(keys.len() as i64)
     );
 }
 
-servetest!(fifty_clients_with_retries_and_a_kill_land_each_event_once, |env| {
-    const EVENTS: usize = 2000;
-    let p = pipeline(env, "events", "key = \"id\"\nmode = \"insert_new\"", "claim_lease = \"5s\"");
-    let mut first = Server::start(env, &p, "127.0.0.1:0", &[]);
-    let addr = first.addr.clone();
-    let done = Arc::new(AtomicUsize::new(0));
-    let sender = {
-        let done = done.clone();
-        let urls = vec![format!("http://{addr}/v1/records")];
-        std::thread::spawn(move || send_all(&runtime(), urls, 50, EVENTS, done))
-    };
-    // SIGKILL mid-load, then a new process on the same address.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while done.load(Ordering::SeqCst) < 100 && !sender.is_finished() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(2));
+servetest!(
+    fifty_clients_with_retries_and_a_kill_land_each_event_once,
+    |env| {
+        const EVENTS: usize = 2000;
+        let p = pipeline(
+            env,
+            "events",
+            "key = \"id\"\nmode = \"insert_new\"",
+            "claim_lease = \"5s\"",
+        );
+        let mut first = Server::start(env, &p, "127.0.0.1:0", &[]);
+        let addr = first.addr.clone();
+        let done = Arc::new(AtomicUsize::new(0));
+        let sender = {
+            let done = done.clone();
+            let urls = vec![format!("http://{addr}/v1/records")];
+            std::thread::spawn(move || send_all(&runtime(), urls, 50, EVENTS, done))
+        };
+        // SIGKILL mid-load, then a new process on the same address.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while done.load(Ordering::SeqCst) < 100
+            && !sender.is_finished()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let at_kill = done.load(Ordering::SeqCst);
+        first.signal(nix::sys::signal::Signal::SIGKILL);
+        first.kill();
+        let second = Server::start(env, &p, &addr, &[]);
+        let answers = sender.join().expect("clients");
+        assert!(
+            at_kill < answers.len(),
+            "the kill came after the load ({at_kill} of {})",
+            answers.len()
+        );
+        assert_exactly_once(env, "events", &answers, EVENTS);
+        eprintln!(
+        "{} requests, killed after {at_kill}; answers other than 200 met: {}; keys taken over after the restart: {}",
+        answers.len(),
+        NOT_OK.load(Ordering::SeqCst),
+        second.log().matches("Request key taken over.").count()
+    );
+        drop(second);
     }
-    let at_kill = done.load(Ordering::SeqCst);
-    first.signal(nix::sys::signal::Signal::SIGKILL);
-    first.kill();
-    let second = Server::start(env, &p, &addr, &[]);
-    let answers = sender.join().expect("clients");
-    assert!(at_kill < answers.len(), "the kill came after the load ({at_kill} of {})", answers.len());
-    assert_exactly_once(env, "events", &answers, EVENTS);
-    drop(second);
-});
+);
 
 /// Two serve processes on one PostgreSQL, each request's attempts
 /// alternating between them: the same holds.
@@ -539,7 +655,10 @@ fn two_servers_on_one_postgres_land_each_event_once() {
                     v["inserted"].as_u64().unwrap()
                 })
                 .sum();
-            assert_eq!(written, 50, "each overlapping record inserted by exactly one request");
+            assert_eq!(
+                written, 50,
+                "each overlapping record inserted by exactly one request"
+            );
             assert_eq!(env.backend.count("shared"), EVENTS as u64 + 50);
             drop((a, b));
         },
@@ -557,8 +676,16 @@ fn a_request_in_flight_answers_409_to_its_retry() {
         let rt = runtime();
         let c = client();
         let body = ndjson(&[json!({"id": 1}), json!({"id": 2})]);
-        rt.block_on(post(&c, &url, Some("warm"), None, ndjson(&[json!({"id": 0})]))).unwrap();
-        env.backend.execute("BEGIN; LOCK TABLE inflight IN ACCESS EXCLUSIVE MODE");
+        rt.block_on(post(
+            &c,
+            &url,
+            Some("warm"),
+            None,
+            ndjson(&[json!({"id": 0})]),
+        ))
+        .unwrap();
+        env.backend
+            .execute("BEGIN; LOCK TABLE inflight IN ACCESS EXCLUSIVE MODE");
         let first = {
             let (c, url, body) = (c.clone(), url.clone(), body.clone());
             rt.spawn(async move { post(&c, &url, Some("\"slow\""), None, body).await })
@@ -569,15 +696,21 @@ fn a_request_in_flight_answers_409_to_its_retry() {
                 "SELECT count(*) FROM _idemload_requests WHERE key = 'slow' AND status = 'processing'",
             ) == Some(1)
         }));
-        let retry = rt.block_on(post(&c, &url, Some("\"slow\""), None, body.clone())).unwrap();
+        let retry = rt
+            .block_on(post(&c, &url, Some("\"slow\""), None, body.clone()))
+            .unwrap();
         assert_eq!(retry.status, 409, "{retry:?}");
-        let other = rt.block_on(post(&c, &url, Some("\"slow\""), None, "{\"id\": 9}")).unwrap();
+        let other = rt
+            .block_on(post(&c, &url, Some("\"slow\""), None, "{\"id\": 9}"))
+            .unwrap();
         assert_eq!(other.status, 422, "{other:?}");
         env.backend.execute("COMMIT");
         let first = rt.block_on(first).unwrap().unwrap();
         assert_eq!(first.status, 200, "{first:?}");
         assert_eq!(first.json()["inserted"], 2);
-        let again = rt.block_on(post(&c, &url, Some("\"slow\""), None, body)).unwrap();
+        let again = rt
+            .block_on(post(&c, &url, Some("\"slow\""), None, body))
+            .unwrap();
         assert!(again.replayed);
         assert_eq!(again.body, first.body);
         assert_eq!(env.backend.count("inflight"), 3);
@@ -594,17 +727,25 @@ fn sigterm_lets_the_request_in_flight_commit_and_exits_0() {
         let url = server.url("/v1/records");
         let rt = runtime();
         let c = client();
-        rt.block_on(post(&c, &url, Some("warm"), None, ndjson(&[json!({"id": 0})]))).unwrap();
-        env.backend.execute("BEGIN; LOCK TABLE term IN ACCESS EXCLUSIVE MODE");
+        rt.block_on(post(
+            &c,
+            &url,
+            Some("warm"),
+            None,
+            ndjson(&[json!({"id": 0})]),
+        ))
+        .unwrap();
+        env.backend
+            .execute("BEGIN; LOCK TABLE term IN ACCESS EXCLUSIVE MODE");
         let body = ndjson(&(1..=500).map(|i| json!({"id": i})).collect::<Vec<_>>());
         let first = {
             let (c, url) = (c.clone(), url.clone());
             rt.spawn(async move { post(&c, &url, Some("in-flight"), None, body).await })
         };
         assert!(crate::common::wait_until(Duration::from_secs(30), || {
-            env.backend.scalar_i64(
-                "SELECT count(*) FROM _idemload_requests WHERE key = 'in-flight'",
-            ) == Some(1)
+            env.backend
+                .scalar_i64("SELECT count(*) FROM _idemload_requests WHERE key = 'in-flight'")
+                == Some(1)
         }));
         server.signal(nix::sys::signal::Signal::SIGTERM);
         std::thread::sleep(Duration::from_millis(300));
@@ -614,10 +755,16 @@ fn sigterm_lets_the_request_in_flight_commit_and_exits_0() {
         let answer = rt.block_on(first).unwrap().unwrap();
         assert_eq!(answer.status, 200, "{answer:?}");
         assert_eq!(answer.json()["inserted"], 500);
-        assert_eq!(server.wait(Duration::from_secs(30)), Some(0), "{}", server.log());
+        assert_eq!(
+            server.wait(Duration::from_secs(30)),
+            Some(0),
+            "{}",
+            server.log()
+        );
         assert_eq!(env.backend.count("term"), 501);
         assert_eq!(
-            env.backend.scalar_i64("SELECT count(*) FROM _idemload_requests WHERE status = 'done'"),
+            env.backend
+                .scalar_i64("SELECT count(*) FROM _idemload_requests WHERE status = 'done'"),
             Some(2)
         );
     });

@@ -351,7 +351,9 @@ impl BatchTx for MysqlTx<'_> {
 
     async fn fence_request(&mut self, _request: &crate::request::RequestEntry) -> Result<()> {
         // `serve` does not open MySQL destinations (see `Destination::serve`).
-        Err(Error::config("idemload serve writes to SQLite and PostgreSQL"))
+        Err(Error::config(
+            "idemload serve writes to SQLite and PostgreSQL",
+        ))
     }
 
     async fn finish_request(
@@ -359,7 +361,9 @@ impl BatchTx for MysqlTx<'_> {
         _request: &crate::request::RequestEntry,
         _response: &str,
     ) -> Result<()> {
-        Err(Error::config("idemload serve writes to SQLite and PostgreSQL"))
+        Err(Error::config(
+            "idemload serve writes to SQLite and PostgreSQL",
+        ))
     }
 
     async fn commit(self, _changed: bool) -> Result<()> {

@@ -6,8 +6,8 @@
 //! whatever the number of serve processes. A takeover is an `UPDATE` that
 //! names the claim and status it saw, so of two processes taking over the
 //! same dead claim one changes the row and the other changes nothing. The
-//! request's batch transaction fences on its claim with an `UPDATE` (which
-//! locks the row: a takeover waits for the batch to commit, then finds the
+//! request's batch transaction fences on its claim with `SELECT … FOR
+//! UPDATE` (a takeover waits for the batch to commit, then finds the
 //! request done) and marks it done in the same transaction as its rows.
 
 use tokio_postgres::{Client, GenericClient};
@@ -16,12 +16,24 @@ use super::books::advisory_key;
 use super::{pg_error, qualified};
 use crate::destination::sql::quote;
 use crate::error::{Error, Result};
-use crate::request::{now_ms, Claim, RequestEntry, StoredRequest, DONE, PROCESSING, REQUESTS_TABLE};
+use crate::request::{
+    now_ms, Claim, RequestEntry, StoredRequest, DONE, PROCESSING, REQUESTS_TABLE,
+};
 
 /// Creates `_idemload_requests` when missing (serialised by an advisory
 /// lock, as concurrent `CREATE … IF NOT EXISTS` can collide).
 pub(super) async fn create_table(client: &Client, schema: &str) -> Result<()> {
     let table = qualified(schema, REQUESTS_TABLE);
+    // Looked up first: `CREATE INDEX IF NOT EXISTS` locks the table before
+    // it finds the index, and would wait for every request in flight.
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&table])
+        .await
+        .map_err(pg_error("reading _idemload_requests"))?
+        .get(0);
+    if exists {
+        return Ok(());
+    }
     client
         .batch_execute(&format!(
             "BEGIN;
@@ -161,19 +173,24 @@ pub(super) async fn expire(client: &Client, schema: &str, pipeline: &str, now: i
         .map_err(pg_error("expiring requests"))
 }
 
-/// Inside the batch transaction: the claim is still this attempt's.
+/// Inside the batch transaction: the claim is still this attempt's. The
+/// row is locked, not written: a takeover waits for this transaction, while
+/// a claim of the same key by another request (`INSERT … ON CONFLICT`)
+/// still sees the row at once and answers 409 rather than wait behind it.
 pub(super) async fn fence(tx: &impl GenericClient, schema: &str, r: &RequestEntry) -> Result<()> {
     let n = tx
-        .execute(
+        .query(
             &format!(
-                "UPDATE {} SET expires_at = expires_at
-                 WHERE pipeline = $1 AND key = $2 AND claim = $3 AND status = $4",
+                "SELECT 1 FROM {}
+                 WHERE pipeline = $1 AND key = $2 AND claim = $3 AND status = $4
+                 FOR UPDATE",
                 qualified(schema, REQUESTS_TABLE)
             ),
             &[&r.pipeline, &r.key, &r.claim, &PROCESSING],
         )
         .await
-        .map_err(pg_error("fencing a request"))?;
+        .map_err(pg_error("fencing a request"))?
+        .len();
     if n == 1 {
         Ok(())
     } else {

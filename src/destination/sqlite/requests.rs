@@ -10,7 +10,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::destination::sql::quote;
 use crate::error::{Error, Result};
-use crate::request::{now_ms, Claim, RequestEntry, StoredRequest, DONE, PROCESSING, REQUESTS_TABLE};
+use crate::request::{
+    now_ms, Claim, RequestEntry, StoredRequest, DONE, PROCESSING, REQUESTS_TABLE,
+};
 use crate::state::format_time;
 
 /// Creates `_idemload_requests` when missing, and the temporary tables a
@@ -41,7 +43,11 @@ pub(super) fn reset_run_keys(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn stored(conn: &Connection, pipeline: &str, key: &str) -> Result<Option<StoredRequest>> {
+pub(super) fn stored(
+    conn: &Connection,
+    pipeline: &str,
+    key: &str,
+) -> Result<Option<StoredRequest>> {
     Ok(conn
         .query_row(
             &format!(
