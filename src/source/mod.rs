@@ -31,7 +31,7 @@ use crate::key::Cursor;
 use crate::record::{Fields, Item, SourceRef};
 
 /// `[source]`, by `type`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SourceConfig {
     /// JSONL/NDJSON, CSV, JSON array and Parquet files (`.gz`, `.zst`),
@@ -44,13 +44,8 @@ pub enum SourceConfig {
     /// No `[source]`: a pipeline fed by `idemload serve` (only allowed
     /// with a `[serve]` section).
     #[serde(skip)]
+    #[default]
     Absent,
-}
-
-impl Default for SourceConfig {
-    fn default() -> Self {
-        SourceConfig::Absent
-    }
 }
 
 /// What the run asks of a source.

@@ -165,6 +165,7 @@ pub enum Command {
     ///   409  the same key is being processed right now (by any process)
     ///   413  body larger than [serve] max_body (default 10 MiB)
     ///   422  the same key was used with a different body
+    ///   503  the database is unreachable (nothing written): retry later
     ///
     /// Several serve processes may share one PostgreSQL database. `GET
     /// /healthz` answers ok; `GET /metrics` is Prometheus text. SIGTERM or
@@ -172,9 +173,12 @@ pub enum Command {
     /// and exits 0. Request logs go to stderr (--log-format json for JSON).
     ///
     /// Example:
+    ///   export INGEST_TOKEN=change-me
     ///   idemload serve examples/ingest.toml --listen 127.0.0.1:8080
-    ///   curl -X POST http://127.0.0.1:8080/v1/records \
-    ///        -H 'Idempotency-Key: "order-1041"' -d '{"id": 1, "total": 9.5}'
+    ///   curl http://127.0.0.1:8080/v1/records \
+    ///        -H "Authorization: Bearer $INGEST_TOKEN" \
+    ///        -H 'Idempotency-Key: "checkout-7731"' \
+    ///        -d '{"event_id": "e-1", "order_id": 7731, "amount": 42.5}'
     #[command(verbatim_doc_comment)]
     Serve {
         /// The pipeline file ([destination], [load], optional [serve]).
