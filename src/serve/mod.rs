@@ -32,7 +32,14 @@
 //! violation, a serialisation failure or a deadlock is rolled back and the
 //! request's transaction run again (up to [`ATTEMPTS`] times), never
 //! answered 500 on the first conflict. `replace` and `window` modes, which
-//! swap a whole table per run, are refused.
+//! swap a whole table per run, are refused. A `run` of the same pipeline
+//! (one that also has a `[source]`) may write while serve does: both merge,
+//! so rows stay right, and a run batch that meets a serve request's row as
+//! a unique violation fails and is run again like any conflicted run.
+//!
+//! A claim's lease is not renewed: a request must commit within
+//! `claim_lease`, or its key may be taken over and its own commit then
+//! fails its fence (409), never writing twice.
 //!
 //! Stopping (SIGTERM, SIGINT through the [`StopToken`]) stops accepting
 //! connections, lets in-flight requests commit and answer, then returns.

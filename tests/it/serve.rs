@@ -790,3 +790,39 @@ fn a_serve_only_pipeline_has_no_source_to_run() {
         assert!(out.stderr.contains("merge"), "{}", out.stderr);
     });
 }
+
+servetest!(
+    expired_keys_are_deleted_in_the_background_and_free_again,
+    |env| {
+        let p = pipeline(env, "retained", "key = \"id\"", "key_retention = \"1s\"");
+        let server = Server::start(env, &p, "127.0.0.1:0", &[]);
+        let url = server.url("/v1/records");
+        let rt = runtime();
+        let c = client();
+        let a = rt
+            .block_on(post(&c, &url, Some("k"), None, "{\"id\": 1}"))
+            .unwrap();
+        assert_eq!(a.status, 200, "{a:?}");
+        assert!(
+            crate::common::wait_until(Duration::from_secs(20), || {
+                env.backend
+                    .scalar_i64("SELECT count(*) FROM _idemload_requests")
+                    == Some(0)
+            }),
+            "{}",
+            server.log()
+        );
+        // Forgotten: the key is a new request now, not a mismatch.
+        let b = rt
+            .block_on(post(&c, &url, Some("k"), None, "{\"id\": 2}"))
+            .unwrap();
+        assert_eq!(b.status, 200, "{b:?}");
+        assert!(!b.replayed);
+        assert_eq!(env.backend.count("retained"), 2);
+        assert!(
+            server.log().contains("Expired request keys deleted."),
+            "{}",
+            server.log()
+        );
+    }
+);
