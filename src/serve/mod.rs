@@ -44,9 +44,11 @@
 //! Stopping (SIGTERM, SIGINT through the [`StopToken`]) stops accepting
 //! connections, lets in-flight requests commit and answer, then returns.
 
+mod answer;
 mod body;
 mod config;
 mod metrics;
+mod pool;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -54,21 +56,22 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use futures_util::StreamExt;
-use serde_json::json;
 use sha2::{Digest, Sha256};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
 pub use self::body::{idempotency_key, records};
 pub use self::config::{parse_size, ServeConfig, ServeSettings, DEFAULT_MAX_BODY};
 pub use self::metrics::Metrics;
 
+use self::answer::{failed, mismatch, Answer};
+use self::pool::Pool;
 use crate::connect::Backend;
-use crate::destination::{Commit, Destination};
+use crate::destination::Commit;
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::plan::Planner;
 use crate::pipeline::Pipeline;
@@ -184,121 +187,6 @@ struct Shared {
     metrics: Metrics,
     /// This process (host, pid), as claims record it.
     this: LockHolder,
-}
-
-/// Destination connections prepared for requests, at most `permits` in
-/// use at once.
-struct Pool {
-    pipeline: Pipeline,
-    idle: Mutex<Vec<Box<dyn Destination>>>,
-    permits: Arc<Semaphore>,
-}
-
-/// A connection taken from the pool; back to it when dropped, unless it
-/// failed (then a new one is opened next time).
-struct Conn<'a> {
-    dest: Option<Box<dyn Destination>>,
-    pool: &'a Pool,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Pool {
-    async fn open(&self) -> Result<Box<dyn Destination>> {
-        let mut dest = self.pipeline.destination().await?;
-        dest.serve(self.pipeline.name(), &self.pipeline.target())
-            .await?;
-        Ok(dest)
-    }
-
-    async fn get(&self) -> Result<Conn<'_>> {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::config("the connection pool is closed"))?;
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let dest = match idle {
-            Some(d) => d,
-            None => self.open().await?,
-        };
-        Ok(Conn {
-            dest: Some(dest),
-            pool: self,
-            _permit: permit,
-        })
-    }
-}
-
-impl Conn<'_> {
-    fn dest(&mut self) -> &mut dyn Destination {
-        self.dest
-            .as_deref_mut()
-            .expect("a connection until dropped")
-    }
-
-    /// Drops the connection instead of returning it to the pool.
-    fn discard(mut self) {
-        self.dest = None;
-    }
-}
-
-impl Drop for Conn<'_> {
-    fn drop(&mut self) {
-        if let Some(dest) = self.dest.take() {
-            self.pool
-                .idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(dest);
-        }
-    }
-}
-
-/// An answer: status, whether it is a replay, JSON body.
-struct Answer {
-    status: StatusCode,
-    replayed: bool,
-    body: String,
-    /// `WWW-Authenticate` on 401.
-    challenge: bool,
-}
-
-impl Answer {
-    fn json(status: StatusCode, body: String) -> Answer {
-        Answer {
-            status,
-            replayed: false,
-            body,
-            challenge: false,
-        }
-    }
-
-    fn error(status: StatusCode, message: impl Into<String>) -> Answer {
-        let message = message.into();
-        Answer::json(
-            status,
-            json!({"status": "error", "error": message}).to_string(),
-        )
-    }
-}
-
-impl IntoResponse for Answer {
-    fn into_response(self) -> Response {
-        let mut response = (self.status, self.body).into_response();
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if self.replayed {
-            headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
-        }
-        if self.challenge {
-            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
-    }
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -594,22 +482,6 @@ fn died(stored: &StoredRequest) -> bool {
         since: chrono::Utc::now(),
     }
     .is_dead_local_process()
-}
-
-fn mismatch() -> Answer {
-    Answer::error(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "this Idempotency-Key was used with a different body; use a new key for a new request",
-    )
-}
-
-/// The answer to a request that could not be committed.
-fn failed(e: &Error) -> Answer {
-    match e {
-        Error::RequestLost { .. } => Answer::error(StatusCode::CONFLICT, e.to_string()),
-        e if e.is_retryable() => Answer::error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        e => Answer::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
 }
 
 /// `Authorization: Bearer <token>`, compared in constant time.
