@@ -27,6 +27,8 @@ use crate::source::SourceConfig;
 pub struct PipelineConfig {
     /// Names the pipeline: its checkpoint, lock and history are kept under it.
     pub name: String,
+    /// Where records are read; absent in a pipeline fed by `idemload serve`.
+    #[serde(default)]
     pub source: SourceConfig,
     /// Where records land; a pipeline used only by `watch` may leave it out.
     #[serde(default)]
@@ -39,6 +41,9 @@ pub struct PipelineConfig {
     /// Monitors and alert added to `audit` (and `run --audit`).
     #[serde(default)]
     pub audit: Option<crate::audit::AuditConfig>,
+    /// The ingest endpoint of `idemload serve`.
+    #[serde(default)]
+    pub serve: Option<crate::serve::ServeConfig>,
 }
 
 /// `[destination]`.
@@ -330,6 +335,18 @@ impl PipelineConfig {
     fn validate(&self) -> std::result::Result<(), Mistake> {
         if self.name.trim().is_empty() {
             return Err(Mistake::new(&["name"], "must not be empty"));
+        }
+        if matches!(self.source, SourceConfig::Absent) && self.serve.is_none() {
+            return Err(Mistake::new(
+                &[],
+                "missing [source] (a pipeline fed only by `idemload serve` has a [serve] section instead)",
+            ));
+        }
+        if let Some(serve) = &self.serve {
+            serve
+                .checked()
+                .map(drop)
+                .map_err(|(key, e)| Mistake::new(&["serve", key], e))?;
         }
         if self.trigger.is_none() {
             self.check_destination()?;

@@ -33,6 +33,13 @@ pub enum Error {
     #[error("pipeline {pipeline:?} lost its run lock (lease expired and was taken over); the batch was rolled back")]
     LockLost { pipeline: String },
 
+    /// An ingest request's claim was taken over while it was written (its
+    /// lease ran out): its transaction was rolled back.
+    #[error(
+        "request {key:?} lost its claim (lease expired and was taken over); nothing was written"
+    )]
+    RequestLost { key: String },
+
     /// Reading the source failed (exit 1).
     #[error("{location}: {message}")]
     Source { location: String, message: String },
@@ -116,6 +123,9 @@ impl Error {
             ),
             Error::LockLost { .. } => Some(
                 "a batch took longer than the lock lease; raise `lock_lease` in [load] and run again: committed batches are kept".into(),
+            ),
+            Error::RequestLost { .. } => Some(
+                "the request took longer than [serve] claim_lease; raise it, and send the request again with the same Idempotency-Key".into(),
             ),
             Error::TooManyRejects { .. } => Some(
                 "inspect them with `idemload rejects PIPELINE.toml`, fix the input or raise `max_rejects`, then run again".into(),

@@ -25,6 +25,8 @@ pub mod number;
 pub mod pipeline;
 pub mod record;
 pub mod redact;
+pub mod request;
+pub mod serve;
 pub mod source;
 pub mod state;
 pub mod stats;

@@ -108,6 +108,7 @@ fn every_config_key_is_in_the_reference() {
     assert_documented("`[load]`", &keys_of::<LoadConfig>(probe));
     assert_documented("`[load]`", &values_of::<LoadConfig>("mode = \"zz_probe\""));
     assert_documented("`[trigger]`", &keys_of::<TriggerConfig>(probe));
+    assert_documented("`[serve]`", &keys_of::<crate::serve::ServeConfig>(probe));
     for kind in ["webhook", "exec"] {
         assert_documented(
             "`[trigger.emit]`",

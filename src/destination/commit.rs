@@ -19,6 +19,11 @@
 //!    is swapped in, the run's ending is decided from its totals, its final
 //!    checkpoint written and the run recorded;
 //! 6. commit — or roll back on any error, so nothing of the batch stays.
+//!
+//! A batch of an ingest request (`serve`, `Commit::request`) fences on the
+//! request's claim instead of the run lock (step 1), and, after its rejects,
+//! marks the request done with the response it answers: the rows and the
+//! stored response commit together or not at all.
 
 use serde_json::Value;
 
@@ -27,6 +32,7 @@ use crate::batch::{PlannedBatch, Row};
 use crate::error::Result;
 use crate::files::LoadedFile;
 use crate::record::{stored_raw, Reject};
+use crate::request::RequestEntry;
 use crate::state::Resolution;
 use crate::stats::RunStats;
 
@@ -72,6 +78,15 @@ pub(crate) trait BatchTx {
     /// Records the run's ending; `after` is the checkpoint it leaves.
     async fn finish_run(&mut self, end: &Resolution, after: Option<&Value>) -> Result<()>;
 
+    /// Fails ([`crate::Error::RequestLost`]) unless the request's claim is
+    /// still this attempt's and still processing; locks the request's row
+    /// until the transaction ends.
+    async fn fence_request(&mut self, request: &RequestEntry) -> Result<()>;
+
+    /// Marks the request done with its response, kept until its retention
+    /// ends.
+    async fn finish_request(&mut self, request: &RequestEntry, response: &str) -> Result<()>;
+
     /// Commits. `changed` says whether anything beyond the lease was
     /// written, so a backend may roll back a transaction that changes
     /// nothing.
@@ -98,7 +113,10 @@ pub(crate) async fn commit_batch<T: BatchTx>(
         ..
     } = batch;
     let steps = async {
-        tx.fence().await?;
+        match &commit.request {
+            Some(request) => tx.fence_request(request).await?,
+            None => tx.fence().await?,
+        }
         let mut changed = tx.write_rows(rows, &mut stats, &mut rejects).await?;
         for r in &mut rejects {
             r.raw = stored_raw(&r.raw);
@@ -123,10 +141,17 @@ pub(crate) async fn commit_batch<T: BatchTx>(
             let after = end.checkpoint.as_ref().or(before);
             tx.finish_run(&end, after).await?;
         }
+        if let Some(request) = &commit.request {
+            let response = request.response(&stats, &rejects);
+            tx.finish_request(request, &response).await?;
+            // Read by the caller only once the commit succeeded.
+            let _ = request.answered.set(response);
+        }
         changed |= !rejects.is_empty()
             || logs_files
             || commit.checkpoint.is_some()
-            || commit.finish.is_some();
+            || commit.finish.is_some()
+            || commit.request.is_some();
         Ok::<_, crate::error::Error>(changed)
     }
     .await;

@@ -48,6 +48,10 @@ pub struct Commit {
     pub checkpoint: Option<Value>,
     /// This is the run's last batch: finish the run in the same transaction.
     pub finish: Option<Finish>,
+    /// An ingest request (`serve`): the batch fences on the request's claim
+    /// instead of the run lock, and marks the request done with its
+    /// response in the same transaction.
+    pub request: Option<crate::request::RequestEntry>,
 }
 
 /// The bookkeeping kept next to the data (`_idemload_*` tables): the run
@@ -127,6 +131,61 @@ pub trait Destination: Books {
     fn lookahead(&mut self) -> Option<Box<dyn Lookahead>> {
         None
     }
+
+    /// Prepares this connection to write ingest requests (`idemload
+    /// serve`) into `target`: makes `_idemload_requests` when missing and
+    /// checks an existing table, like [`Destination::begin`], but records no
+    /// run and takes no lock. Each later [`Destination::write`] must carry
+    /// `Commit::request`, whose claim fences the batch instead of the run
+    /// lock, and counts its duplicates and rejects as a run of its own.
+    async fn serve(&mut self, _pipeline: &str, _target: &Target) -> Result<()> {
+        Err(not_serving())
+    }
+
+    /// The stored request with `key`, if any.
+    async fn stored_request(
+        &mut self,
+        _pipeline: &str,
+        _key: &str,
+    ) -> Result<Option<crate::request::StoredRequest>> {
+        Err(not_serving())
+    }
+
+    /// Claims a key no row holds yet (in a transaction of its own); false
+    /// when a row exists.
+    async fn insert_claim(&mut self, _claim: &crate::request::Claim) -> Result<bool> {
+        Err(not_serving())
+    }
+
+    /// Takes over the row of a key that was seen with claim `from` and
+    /// status `status` (a lease or retention that ran out); false when the
+    /// row changed meanwhile.
+    async fn take_over_claim(
+        &mut self,
+        _claim: &crate::request::Claim,
+        _from: &str,
+        _status: &str,
+    ) -> Result<bool> {
+        Err(not_serving())
+    }
+
+    /// Deletes a claim that is still processing (its request failed before
+    /// committing), so the client's retry need not wait for its lease.
+    async fn release_claim(&mut self, _pipeline: &str, _key: &str, _claim: &str) -> Result<()> {
+        Err(not_serving())
+    }
+
+    /// Deletes the done requests whose retention ended before `now_ms`, and
+    /// processing claims long dead; returns how many.
+    async fn expire_requests(&mut self, _pipeline: &str, _now_ms: i64) -> Result<u64> {
+        Err(not_serving())
+    }
+}
+
+fn not_serving() -> Error {
+    Error::config(
+        "idemload serve writes into SQLite and PostgreSQL destinations; this destination is not supported",
+    )
 }
 
 /// See [`Destination::lookahead`].

@@ -350,6 +350,7 @@ impl Pipeline {
                 let commit = Commit {
                     checkpoint: if ordered { reaches.as_ref().map(Cursor::to_json) } else { None },
                     finish: None,
+                    request: None,
                 };
                 let moved = commit.checkpoint.clone();
                 let next = async {
@@ -397,7 +398,14 @@ impl Pipeline {
                 checkpoint: reaches.as_ref().map(Cursor::to_json),
             };
             let batch = dest
-                .write(last, Commit { checkpoint: None, finish: Some(finish.clone()) })
+                .write(
+                    last,
+                    Commit {
+                        checkpoint: None,
+                        finish: Some(finish.clone()),
+                        request: None,
+                    },
+                )
                 .await
                 .map_err(|e| in_batch(e, &name, batch_no))?;
             let end = finish.resolve(batch);

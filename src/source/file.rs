@@ -804,7 +804,7 @@ impl<'de> Visitor<'de> for KeyIs<'_> {
 ///
 /// `shape` holds the field names of the previous record read on this
 /// thread, which the next record of the same shape shares.
-pub(super) fn parse_json_record(text: &[u8], at: SourceRef, shape: &mut Vec<Name>) -> Item {
+pub(crate) fn parse_json_record(text: &[u8], at: SourceRef, shape: &mut Vec<Name>) -> Item {
     let raw_len = text.len();
     // A line checked as UTF-8 once is parsed without checking each string.
     let object = match std::str::from_utf8(text) {
@@ -838,7 +838,7 @@ pub(super) fn parse_json_record(text: &[u8], at: SourceRef, shape: &mut Vec<Name
     into_record(value, at, raw_len)
 }
 
-fn into_record(value: Value, at: SourceRef, raw_len: usize) -> Item {
+pub(crate) fn into_record(value: Value, at: SourceRef, raw_len: usize) -> Item {
     match value {
         Value::Object(fields) => Item::Record(Record {
             fields: fields.into(),

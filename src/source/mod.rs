@@ -31,7 +31,7 @@ use crate::key::Cursor;
 use crate::record::{Fields, Item, SourceRef};
 
 /// `[source]`, by `type`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SourceConfig {
     /// JSONL/NDJSON, CSV, JSON array and Parquet files (`.gz`, `.zst`),
@@ -41,6 +41,11 @@ pub enum SourceConfig {
     Http(Box<HttpSourceConfig>),
     /// A table or query of SQLite, PostgreSQL or MySQL/MariaDB.
     Sql(SqlSourceConfig),
+    /// No `[source]`: a pipeline fed by `idemload serve` (only allowed
+    /// with a `[serve]` section).
+    #[serde(skip)]
+    #[default]
+    Absent,
 }
 
 /// What the run asks of a source.
@@ -120,6 +125,9 @@ pub async fn open(config: &SourceConfig, query: &SourceQuery) -> Result<Box<dyn 
         SourceConfig::File(file) => Ok(Box::new(FileSource::open(file, query)?)),
         SourceConfig::Http(http) => Ok(Box::new(HttpSource::open(http, query)?)),
         SourceConfig::Sql(sql) => Ok(Box::new(SqlSource::open(sql, query).await?)),
+        SourceConfig::Absent => Err(crate::error::Error::config(
+            "this pipeline has no [source]: its records come through `idemload serve`",
+        )),
     }
 }
 

@@ -53,6 +53,70 @@ fn start(name: &str) -> Option<Server> {
     Some(Server { child, url })
 }
 
+/// An ingest example: served on a free port, one request sent twice: the
+/// second answer is the first one replayed.
+fn serve_twice(dir: &Path, name: &str, file: &str) {
+    let mut child = Command::new(bin())
+        .args(["serve", file, "--listen", "127.0.0.1:0"])
+        .env("INGEST_TOKEN", "example-token")
+        .env_remove("IDEMLOAD_LOG")
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start idemload serve");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let url = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.split(" on ").nth(1).map(str::to_string))
+        .unwrap_or_else(|| panic!("{name}: serve printed no address"));
+    std::thread::spawn(move || lines.for_each(drop));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let answers: Vec<(u16, bool, String)> = rt.block_on(async {
+        let http = reqwest::Client::new();
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            let resp = http
+                .post(&url)
+                .header("Authorization", "Bearer example-token")
+                .header("Idempotency-Key", "\"checkout-7731\"")
+                .body(r#"{"event_id": "e-1", "order_id": 7731, "kind": "paid", "amount": 42.5}"#)
+                .send()
+                .await
+                .expect("request");
+            let replayed = resp.headers().contains_key("idempotent-replayed");
+            out.push((
+                resp.status().as_u16(),
+                replayed,
+                resp.text().await.expect("body"),
+            ));
+        }
+        out
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        (answers[0].0, answers[0].1),
+        (200, false),
+        "{name}: {answers:?}"
+    );
+    assert!(
+        answers[0].2.contains("\"inserted\":1"),
+        "{name}: {answers:?}"
+    );
+    assert_eq!(
+        (answers[1].0, answers[1].1),
+        (200, true),
+        "{name}: {answers:?}"
+    );
+    assert_eq!(answers[0].2, answers[1].2, "{name}");
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("create dir");
     for entry in std::fs::read_dir(from).expect("read dir") {
@@ -129,6 +193,10 @@ fn every_example_runs_twice_and_the_second_run_changes_nothing() {
         }
         std::fs::copy(source, dir.path().join("examples").join(&name)).expect("copy example");
         let file = format!("examples/{name}");
+        if text.contains("[serve]") {
+            serve_twice(dir.path(), &name, &file);
+            continue;
+        }
         let watch = text.contains("[trigger]");
         let args: Vec<&str> = if watch {
             vec!["watch", &file, "--once", "--json"]

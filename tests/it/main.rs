@@ -36,6 +36,7 @@ mod overlap;
 mod pg_restart;
 mod property;
 mod read_only;
+mod serve;
 mod shapes;
 mod signals;
 mod sql_source;

@@ -149,6 +149,46 @@ pub enum Command {
         json: bool,
     },
 
+    /// Receive records over HTTP and load each request exactly once.
+    ///
+    /// Listens for `POST /v1/records` with a JSON object, a JSON array or
+    /// NDJSON and an `Idempotency-Key` header, and loads the records with
+    /// the pipeline's [load] rules (key, mode, cursor) into its destination
+    /// (SQLite or PostgreSQL). The records, the key, a digest of the body
+    /// and the response commit in one transaction (`_idemload_requests`):
+    ///
+    ///   200  the run statistics, and each rejected record's index and reason
+    ///   200  + `Idempotent-Replayed: true`: the same key and body again; the
+    ///        stored response, nothing written
+    ///   400  no Idempotency-Key, or a body with nothing to read
+    ///   401  [serve] token is set and `Authorization: Bearer` does not match
+    ///   409  the same key is being processed right now (by any process)
+    ///   413  body larger than [serve] max_body (default 10 MiB)
+    ///   422  the same key was used with a different body
+    ///   503  the database is unreachable (nothing written): retry later
+    ///
+    /// Several serve processes may share one PostgreSQL database. `GET
+    /// /healthz` answers ok; `GET /metrics` is Prometheus text. SIGTERM or
+    /// SIGINT stops accepting, lets in-flight requests commit and answer,
+    /// and exits 0. Request logs go to stderr (--log-format json for JSON).
+    ///
+    /// Example:
+    ///   export INGEST_TOKEN=change-me
+    ///   idemload serve examples/ingest.toml --listen 127.0.0.1:8080
+    ///   curl http://127.0.0.1:8080/v1/records \
+    ///        -H "Authorization: Bearer $INGEST_TOKEN" \
+    ///        -H 'Idempotency-Key: "checkout-7731"' \
+    ///        -d '{"event_id": "e-1", "order_id": 7731, "amount": 42.5}'
+    #[command(verbatim_doc_comment)]
+    Serve {
+        /// The pipeline file ([destination], [load], optional [serve]).
+        pipeline: PathBuf,
+        /// Address and port to listen on (port 0 picks a free one, printed
+        /// in the log).
+        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
+
     /// A polling trigger: fire each new item of the source once.
     ///
     /// Polls the pipeline's source every `[trigger] interval`, fires the

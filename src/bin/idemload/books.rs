@@ -27,6 +27,7 @@ pub fn pipeline(args: &BooksArgs) -> anyhow::Result<Pipeline> {
             load: Default::default(),
             trigger: None,
             audit: None,
+            serve: None,
         },
         _ => return Err(Error::config(
             "give a pipeline file, or --url URL --table T (and --name N if `load` was given one)",

@@ -64,6 +64,7 @@ fn describe(config: &SourceConfig) -> String {
             redact(h.url.split('?').next().unwrap_or_default())
         ),
         SourceConfig::Sql(q) => format!("sql {}", redact(&q.url)),
+        SourceConfig::Absent => "none (records come through idemload serve)".into(),
     }
 }
 
@@ -71,6 +72,10 @@ fn describe(config: &SourceConfig) -> String {
 /// the key and cursor fields.
 async fn check_source(pipeline: &Pipeline) -> bool {
     let mut config = pipeline.config.source.clone();
+    if let SourceConfig::Absent = config {
+        step("ok", "source", "none: records come through idemload serve");
+        return true;
+    }
     if let SourceConfig::Http(h) = &mut config {
         // One try: check says what is wrong now, it does not wait it out.
         h.retry.attempts = 1;

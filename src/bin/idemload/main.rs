@@ -29,7 +29,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose, cli.log_format);
+    // A server's request log is its output: info unless asked otherwise.
+    let verbose = match cli.command {
+        Command::Serve { .. } => cli.verbose.max(1),
+        _ => cli.verbose,
+    };
+    init_logging(verbose, cli.log_format);
     // One thread runs the run and its connections' I/O: records are parsed
     // on rayon's threads and SQLite works on blocking threads, so more
     // runtime threads would only pass each server message between threads
@@ -157,6 +162,22 @@ async fn execute(command: Command) -> anyhow::Result<u8> {
         Command::Audit(args) => maintenance::audit(args).await,
         Command::Dedupe(args) => maintenance::dedupe(args).await,
         Command::Verify { pipeline, json } => maintenance::verify(&pipeline, json).await,
+        Command::Serve { pipeline, listen } => {
+            let config = PipelineConfig::from_file(&pipeline)?;
+            let pipeline = idemload::Pipeline::new(config)?;
+            let listener = idemload::serve::bind(listen).await?;
+            if let Ok(addr) = listener.local_addr() {
+                eprintln!(
+                    "idemload: serving pipeline {:?} on http://{addr}/v1/records",
+                    pipeline.name()
+                );
+            }
+            let stop = StopToken::new();
+            signals::listen(stop.clone())?;
+            idemload::serve::serve(pipeline, listener, stop).await?;
+            // A stop asked for by SIGTERM or SIGINT is how a server ends.
+            Ok(0)
+        }
         Command::Watch {
             pipeline,
             once,
@@ -263,6 +284,7 @@ fn load_config(args: &LoadArgs) -> anyhow::Result<PipelineConfig> {
         load,
         trigger: None,
         audit: None,
+        serve: None,
     })
 }
 

@@ -604,6 +604,7 @@ async fn batches_load_the_same_without_local_infile() {
                 Commit {
                     checkpoint: None,
                     finish: Some(finish),
+                    request: None,
                 },
             )
             .await

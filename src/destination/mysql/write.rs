@@ -359,6 +359,23 @@ impl BatchTx for MysqlTx<'_> {
         .map_err(books_error)
     }
 
+    async fn fence_request(&mut self, _request: &crate::request::RequestEntry) -> Result<()> {
+        // `serve` does not open MySQL destinations (see `Destination::serve`).
+        Err(Error::config(
+            "idemload serve writes to SQLite and PostgreSQL",
+        ))
+    }
+
+    async fn finish_request(
+        &mut self,
+        _request: &crate::request::RequestEntry,
+        _response: &str,
+    ) -> Result<()> {
+        Err(Error::config(
+            "idemload serve writes to SQLite and PostgreSQL",
+        ))
+    }
+
     async fn commit(self, _changed: bool) -> Result<()> {
         let clock = std::time::Instant::now();
         self.conn

@@ -26,6 +26,7 @@ mod copy;
 mod ddl;
 pub(crate) mod inspect;
 mod merge;
+mod requests;
 mod stage;
 mod write;
 #[cfg(test)]
@@ -382,6 +383,73 @@ impl Destination for PostgresDestination {
         let ahead = ahead::Ahead::new(self.config.clone());
         self.ahead = Some(ahead.clone());
         Some(Box::new(ahead::ReadAhead(ahead)))
+    }
+
+    async fn serve(&mut self, pipeline: &str, target: &Target) -> Result<()> {
+        if target.table.len() > MAX_IDENTIFIER {
+            return Err(Error::config(format!(
+                "table name {:?} is longer than PostgreSQL's {MAX_IDENTIFIER} bytes",
+                target.table
+            )));
+        }
+        requests::create_table(&self.client, &self.schema).await?;
+        let fills = ddl::existing_table(
+            &self.client,
+            &self.schema,
+            &target.table,
+            &target.key_columns,
+        )
+        .await?;
+        self.ahead = None;
+        self.run = Some(Run {
+            info: RunInfo {
+                pipeline: pipeline.to_string(),
+                run_id: String::new(),
+                started_at: chrono::Utc::now(),
+                checkpoint_before: None,
+                lease: Duration::ZERO,
+            },
+            target: target.clone(),
+            stage: None,
+            fills,
+            schema: None,
+            run_keys: false,
+            seen: None,
+            // Other processes write the table at the same time: never
+            // copy rows straight in on the belief that it was empty.
+            empty_at_start: Some(false),
+            renewed: std::time::Instant::now(),
+        });
+        Ok(())
+    }
+
+    async fn stored_request(
+        &mut self,
+        pipeline: &str,
+        key: &str,
+    ) -> Result<Option<crate::request::StoredRequest>> {
+        requests::stored(&self.client, &self.schema, pipeline, key).await
+    }
+
+    async fn insert_claim(&mut self, claim: &crate::request::Claim) -> Result<bool> {
+        requests::insert_claim(&self.client, &self.schema, claim).await
+    }
+
+    async fn take_over_claim(
+        &mut self,
+        claim: &crate::request::Claim,
+        from: &str,
+        status: &str,
+    ) -> Result<bool> {
+        requests::take_over(&self.client, &self.schema, claim, from, status).await
+    }
+
+    async fn release_claim(&mut self, pipeline: &str, key: &str, claim: &str) -> Result<()> {
+        requests::release(&self.client, &self.schema, pipeline, key, claim).await
+    }
+
+    async fn expire_requests(&mut self, pipeline: &str, now_ms: i64) -> Result<u64> {
+        requests::expire(&self.client, &self.schema, pipeline, now_ms).await
     }
 }
 

@@ -43,6 +43,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::files::LoadedFile;
 use crate::mode::Mode;
 use crate::record::Reject;
+use crate::request::RequestEntry;
 use crate::state::Resolution;
 use crate::stats::RunStats;
 
@@ -78,9 +79,33 @@ pub(super) async fn write_batch(
     let run = run
         .as_mut()
         .ok_or_else(|| Error::destination("postgres", "write before begin"))?;
-    let (pipeline, run_id, lease, _) = lock
-        .clone()
-        .ok_or_else(|| Error::destination("postgres", "write without the run lock"))?;
+    let (pipeline, run_id, lease) = match &commit.request {
+        // An ingest request is a run of its own: its duplicates are counted
+        // within it, and its claim, not the run lock, fences it.
+        Some(request) => {
+            if let Some(seen) = run.seen.as_mut() {
+                *seen = SeenKeys::default();
+            }
+            if run.run_keys {
+                client
+                    .batch_execute(&format!("DROP TABLE IF EXISTS {}", books::RUN_KEYS))
+                    .await
+                    .map_err(pg_error("dropping the run's key set"))?;
+                run.run_keys = false;
+            }
+            (
+                request.pipeline.clone(),
+                request.claim.clone(),
+                std::time::Duration::ZERO,
+            )
+        }
+        None => {
+            let (pipeline, run_id, lease, _) = lock
+                .clone()
+                .ok_or_else(|| Error::destination("postgres", "write without the run lock"))?;
+            (pipeline, run_id, lease)
+        }
+    };
     let context = format!("table {:?}", run.target.table);
     let before = run.info.checkpoint_before.clone();
     let tx = PgTx {
@@ -89,7 +114,7 @@ pub(super) async fn write_batch(
             .await
             .map_err(pg_error(context.clone()))?,
         schema: schema.as_str(),
-        run,
+        run: &mut *run,
         batch_table,
         ahead: ahead.as_deref(),
         read_ahead,
@@ -101,7 +126,13 @@ pub(super) async fn write_batch(
         made_run_keys: false,
         seen_added: Vec::new(),
     };
-    commit_batch(tx, batch, &commit, before.as_ref()).await
+    let written = commit_batch(tx, batch, &commit, before.as_ref()).await;
+    if written.is_err() && commit.request.is_some() {
+        // Another serve process may have changed the table's columns: read
+        // them again next time.
+        run.schema = None;
+    }
+    written
 }
 
 /// A batch's transaction, with what it makes that outlives it only if it
@@ -439,6 +470,14 @@ impl BatchTx for PgTx<'_> {
             Some(stage) => apply_stage(&self.tx, self.schema, self.run, &stage).await,
             None => Ok(RunStats::default()),
         }
+    }
+
+    async fn fence_request(&mut self, request: &RequestEntry) -> Result<()> {
+        super::requests::fence(&self.tx, self.schema, request).await
+    }
+
+    async fn finish_request(&mut self, request: &RequestEntry, response: &str) -> Result<()> {
+        super::requests::finish(&self.tx, self.schema, request, response).await
     }
 
     async fn finish_run(&mut self, end: &Resolution, after: Option<&Value>) -> Result<()> {

@@ -10,6 +10,7 @@
 pub(crate) mod books;
 mod ddl;
 pub mod inspect;
+mod requests;
 mod run_keys;
 mod stage;
 mod write;
@@ -290,6 +291,71 @@ impl Destination for SqliteDestination {
     async fn write(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats> {
         self.check_heartbeat()?;
         self.blocking(move |inner| write::write_batch(inner, batch, commit))
+            .await
+    }
+
+    async fn serve(&mut self, pipeline: &str, target: &Target) -> Result<()> {
+        let (pipeline, target) = (pipeline.to_string(), target.clone());
+        self.blocking(move |inner| {
+            requests::create_table(&inner.conn)?;
+            let fills = ddl::existing_table(&inner.conn, &target.table, &target.key_columns)?;
+            inner.run = Some(Run {
+                info: RunInfo {
+                    pipeline,
+                    run_id: String::new(),
+                    started_at: chrono::Utc::now(),
+                    checkpoint_before: None,
+                    lease: Duration::ZERO,
+                },
+                target,
+                stage: None,
+                fills,
+                schema: None,
+                // Other processes may write the file too.
+                fresh: Some(false),
+                keys: Default::default(),
+            });
+            Ok(())
+        })
+        .await
+    }
+
+    async fn stored_request(
+        &mut self,
+        pipeline: &str,
+        key: &str,
+    ) -> Result<Option<crate::request::StoredRequest>> {
+        let (p, k) = (pipeline.to_string(), key.to_string());
+        self.blocking(move |inner| requests::stored(&inner.conn, &p, &k))
+            .await
+    }
+
+    async fn insert_claim(&mut self, claim: &crate::request::Claim) -> Result<bool> {
+        let c = claim.clone();
+        self.blocking(move |inner| requests::insert_claim(&inner.conn, &c))
+            .await
+    }
+
+    async fn take_over_claim(
+        &mut self,
+        claim: &crate::request::Claim,
+        from: &str,
+        status: &str,
+    ) -> Result<bool> {
+        let (c, f, s) = (claim.clone(), from.to_string(), status.to_string());
+        self.blocking(move |inner| requests::take_over(&inner.conn, &c, &f, &s))
+            .await
+    }
+
+    async fn release_claim(&mut self, pipeline: &str, key: &str, claim: &str) -> Result<()> {
+        let (p, k, c) = (pipeline.to_string(), key.to_string(), claim.to_string());
+        self.blocking(move |inner| requests::release(&inner.conn, &p, &k, &c))
+            .await
+    }
+
+    async fn expire_requests(&mut self, pipeline: &str, now_ms: i64) -> Result<u64> {
+        let p = pipeline.to_string();
+        self.blocking(move |inner| requests::expire(&inner.conn, &p, now_ms))
             .await
     }
 }

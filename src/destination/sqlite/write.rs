@@ -28,6 +28,7 @@ use crate::files::LoadedFile;
 use crate::key::{parse_instant, Cursor};
 use crate::mode::Mode;
 use crate::record::Reject;
+use crate::request::RequestEntry;
 use crate::state::{format_time, Resolution, REJECTS_TABLE};
 use crate::stats::RunStats;
 
@@ -42,9 +43,22 @@ pub(super) fn write_batch(
     let run = run
         .as_mut()
         .ok_or_else(|| Error::destination("sqlite", "write before begin"))?;
-    let (pipeline, run_id, lease) = lock
-        .clone()
-        .ok_or_else(|| Error::destination("sqlite", "write without the run lock"))?;
+    let (pipeline, run_id, lease) = match &commit.request {
+        // An ingest request is a run of its own: its duplicates are counted
+        // within it, and its claim, not the run lock, fences it.
+        Some(request) => {
+            run.keys = RunKeys::default();
+            super::requests::reset_run_keys(conn)?;
+            (
+                request.pipeline.clone(),
+                request.claim.clone(),
+                std::time::Duration::ZERO,
+            )
+        }
+        None => lock
+            .clone()
+            .ok_or_else(|| Error::destination("sqlite", "write without the run lock"))?,
+    };
     let before = run.info.checkpoint_before.clone();
     let tx = SqliteTx {
         tx: conn.transaction_with_behavior(TransactionBehavior::Immediate)?,
@@ -154,6 +168,14 @@ impl BatchTx for SqliteTx<'_> {
             Some(stage) => apply_stage(&self.tx, self.run, &stage),
             None => Ok(RunStats::default()),
         }
+    }
+
+    async fn fence_request(&mut self, request: &RequestEntry) -> Result<()> {
+        super::requests::fence(&self.tx, request)
+    }
+
+    async fn finish_request(&mut self, request: &RequestEntry, response: &str) -> Result<()> {
+        super::requests::finish(&self.tx, request, response)
     }
 
     async fn finish_run(&mut self, end: &Resolution, after: Option<&Value>) -> Result<()> {

@@ -1,0 +1,231 @@
+//! PostgreSQL's `_idemload_requests`: the claims and stored responses of
+//! `idemload serve` (see `crate::request`).
+//!
+//! A claim is one `INSERT … ON CONFLICT DO NOTHING` in a transaction of its
+//! own: the primary key `(pipeline, key)` lets exactly one session win,
+//! whatever the number of serve processes. A takeover is an `UPDATE` that
+//! names the claim and status it saw, so of two processes taking over the
+//! same dead claim one changes the row and the other changes nothing. The
+//! request's batch transaction fences on its claim with `SELECT … FOR
+//! UPDATE` (a takeover waits for the batch to commit, then finds the
+//! request done) and marks it done in the same transaction as its rows.
+
+use tokio_postgres::{Client, GenericClient};
+
+use super::books::advisory_key;
+use super::{pg_error, qualified};
+use crate::destination::sql::quote;
+use crate::error::{Error, Result};
+use crate::request::{
+    now_ms, Claim, RequestEntry, StoredRequest, DONE, PROCESSING, REQUESTS_TABLE,
+};
+
+/// Creates `_idemload_requests` when missing (serialised by an advisory
+/// lock, as concurrent `CREATE … IF NOT EXISTS` can collide).
+pub(super) async fn create_table(client: &Client, schema: &str) -> Result<()> {
+    let table = qualified(schema, REQUESTS_TABLE);
+    // Looked up first: `CREATE INDEX IF NOT EXISTS` locks the table before
+    // it finds the index, and would wait for every request in flight.
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&table])
+        .await
+        .map_err(pg_error("reading _idemload_requests"))?
+        .get(0);
+    if exists {
+        return Ok(());
+    }
+    client
+        .batch_execute(&format!(
+            "BEGIN;
+             SELECT pg_advisory_xact_lock({lock});
+             CREATE TABLE IF NOT EXISTS {table} (
+                 pipeline text NOT NULL, key text NOT NULL, digest text NOT NULL,
+                 status text NOT NULL, response text, claim text NOT NULL,
+                 host text NOT NULL, pid bigint NOT NULL,
+                 created_at timestamptz NOT NULL, expires_at bigint NOT NULL,
+                 PRIMARY KEY (pipeline, key));
+             CREATE INDEX IF NOT EXISTS {index} ON {table} (pipeline, expires_at);
+             COMMIT;",
+            lock = advisory_key("", "_idemload_bookkeeping"),
+            index = quote("_idemload_requests_expires"),
+        ))
+        .await
+        .map_err(pg_error("creating _idemload_requests"))?;
+    Ok(())
+}
+
+pub(super) async fn stored(
+    client: &Client,
+    schema: &str,
+    pipeline: &str,
+    key: &str,
+) -> Result<Option<StoredRequest>> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT digest, status, response, claim, host, pid, expires_at
+                 FROM {} WHERE pipeline = $1 AND key = $2",
+                qualified(schema, REQUESTS_TABLE)
+            ),
+            &[&pipeline, &key],
+        )
+        .await
+        .map_err(pg_error("reading a request"))?;
+    Ok(row.map(|r| StoredRequest {
+        digest: r.get(0),
+        status: r.get(1),
+        response: r.get(2),
+        claim: r.get(3),
+        host: r.get(4),
+        pid: r.get(5),
+        expires_at: r.get(6),
+    }))
+}
+
+pub(super) async fn insert_claim(client: &Client, schema: &str, c: &Claim) -> Result<bool> {
+    let n = client
+        .execute(
+            &format!(
+                "INSERT INTO {} (pipeline, key, digest, status, claim, host, pid, created_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8)
+                 ON CONFLICT (pipeline, key) DO NOTHING",
+                qualified(schema, REQUESTS_TABLE)
+            ),
+            &[
+                &c.pipeline,
+                &c.key,
+                &c.digest,
+                &PROCESSING,
+                &c.claim,
+                &c.host,
+                &c.pid,
+                &c.lease_until,
+            ],
+        )
+        .await
+        .map_err(pg_error("claiming a request"))?;
+    Ok(n == 1)
+}
+
+pub(super) async fn take_over(
+    client: &Client,
+    schema: &str,
+    c: &Claim,
+    from: &str,
+    status: &str,
+) -> Result<bool> {
+    let n = client
+        .execute(
+            &format!(
+                "UPDATE {} SET digest = $3, status = $4, response = NULL, claim = $5, host = $6,
+                     pid = $7, created_at = now(), expires_at = $8
+                 WHERE pipeline = $1 AND key = $2 AND claim = $9 AND status = $10",
+                qualified(schema, REQUESTS_TABLE)
+            ),
+            &[
+                &c.pipeline,
+                &c.key,
+                &c.digest,
+                &PROCESSING,
+                &c.claim,
+                &c.host,
+                &c.pid,
+                &c.lease_until,
+                &from,
+                &status,
+            ],
+        )
+        .await
+        .map_err(pg_error("taking over a request"))?;
+    Ok(n == 1)
+}
+
+pub(super) async fn release(
+    client: &Client,
+    schema: &str,
+    pipeline: &str,
+    key: &str,
+    claim: &str,
+) -> Result<()> {
+    client
+        .execute(
+            &format!(
+                "DELETE FROM {} WHERE pipeline = $1 AND key = $2 AND claim = $3 AND status = $4",
+                qualified(schema, REQUESTS_TABLE)
+            ),
+            &[&pipeline, &key, &claim, &PROCESSING],
+        )
+        .await
+        .map_err(pg_error("releasing a request"))?;
+    Ok(())
+}
+
+pub(super) async fn expire(client: &Client, schema: &str, pipeline: &str, now: i64) -> Result<u64> {
+    client
+        .execute(
+            &format!(
+                "DELETE FROM {} WHERE pipeline = $1 AND expires_at < $2",
+                qualified(schema, REQUESTS_TABLE)
+            ),
+            &[&pipeline, &now],
+        )
+        .await
+        .map_err(pg_error("expiring requests"))
+}
+
+/// Inside the batch transaction: the claim is still this attempt's. The
+/// row is locked, not written: a takeover waits for this transaction, while
+/// a claim of the same key by another request (`INSERT … ON CONFLICT`)
+/// still sees the row at once and answers 409 rather than wait behind it.
+pub(super) async fn fence(tx: &impl GenericClient, schema: &str, r: &RequestEntry) -> Result<()> {
+    let n = tx
+        .query(
+            &format!(
+                "SELECT 1 FROM {}
+                 WHERE pipeline = $1 AND key = $2 AND claim = $3 AND status = $4
+                 FOR UPDATE",
+                qualified(schema, REQUESTS_TABLE)
+            ),
+            &[&r.pipeline, &r.key, &r.claim, &PROCESSING],
+        )
+        .await
+        .map_err(pg_error("fencing a request"))?
+        .len();
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(Error::RequestLost { key: r.key.clone() })
+    }
+}
+
+/// Inside the batch transaction: the request is done, with its response.
+pub(super) async fn finish(
+    tx: &impl GenericClient,
+    schema: &str,
+    r: &RequestEntry,
+    response: &str,
+) -> Result<()> {
+    let n = tx
+        .execute(
+            &format!(
+                "UPDATE {} SET status = $4, response = $5, expires_at = $6
+                 WHERE pipeline = $1 AND key = $2 AND claim = $3",
+                qualified(schema, REQUESTS_TABLE)
+            ),
+            &[
+                &r.pipeline,
+                &r.key,
+                &r.claim,
+                &DONE,
+                &response,
+                &r.expires_at(now_ms()),
+            ],
+        )
+        .await
+        .map_err(pg_error("finishing a request"))?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(Error::RequestLost { key: r.key.clone() })
+    }
+}
