@@ -16,7 +16,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::file::{ReadError, Reader};
-use crate::record::{Fields, Item, Name, Record, Reject, SourceRef};
+use crate::record::{stored_raw, value_too_large, Fields, Item, Name, Record, Reject, SourceRef};
 
 /// Rows read before column types are decided.
 pub const SAMPLE_ROWS: usize = 10_000;
@@ -219,7 +219,7 @@ pub(super) fn read_csv(
         if !more {
             return Ok(());
         }
-        let item = to_item(&row, &names, &types, &at);
+        let item = to_item(&row, &names, &types, &at, reader.max_value_bytes);
         reader.push(item)?;
     }
 }
@@ -289,8 +289,9 @@ fn flush_sample(
     sample: &mut Vec<csv::ByteRecord>,
     at: &impl Fn(u64) -> SourceRef,
 ) -> Result<(), ReadError> {
+    let max_value = reader.max_value_bytes;
     for row in sample.drain(..) {
-        reader.push(to_item(&row, names, types, at))?;
+        reader.push(to_item(&row, names, types, at, max_value))?;
     }
     Ok(())
 }
@@ -300,6 +301,7 @@ fn to_item(
     names: &[Name],
     types: &[CellType],
     at: &impl Fn(u64) -> SourceRef,
+    max_value_bytes: Option<usize>,
 ) -> Item {
     let line = row.position().map_or(0, |p| p.line());
     if row.len() != names.len() {
@@ -327,6 +329,18 @@ fn to_item(
                 raw_row(row),
             ));
         };
+        // A cell over the limit that stays text (as one that is not a
+        // number must) is rejected here, before it is copied into a value
+        // and the row into a JSON text; the planner checks the rest.
+        if let Some(max) = max_value_bytes.filter(|&max| text.len() > max) {
+            if !is_integer(text) && !is_float(text) {
+                return Item::Reject(Reject::new(
+                    at(line),
+                    value_too_large(name, text.len(), max),
+                    stored_raw(&raw_row(row)),
+                ));
+            }
+        }
         bytes += text.len();
         fields.insert(name.clone(), typed(text, *column));
     }

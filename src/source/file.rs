@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use rayon::prelude::*;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -251,6 +252,7 @@ impl FileSource {
             batch: Vec::with_capacity(chunk),
             chunk_size: chunk,
             max_record_bytes: query.max_record_bytes.max(1 << 16),
+            max_value_bytes: query.max_value_bytes,
             bytes_read: bytes_read.clone(),
             window: query.cursor.clone().zip(query.low.clone()),
             prefilter: true,
@@ -316,6 +318,9 @@ pub(super) struct Reader {
     batch: Vec<Item>,
     chunk_size: usize,
     pub(super) max_record_bytes: usize,
+    /// Records with a value larger than this are rejected while reading,
+    /// before the value is built (see [`super::oversize`]).
+    pub(super) max_value_bytes: Option<usize>,
     bytes_read: Arc<AtomicU64>,
     /// The cursor field and the run's low bound: JSON records below it are
     /// recognised from that one field and skipped without being built.
@@ -568,6 +573,7 @@ impl Reader {
             .as_ref()
             .filter(|_| self.prefilter || self.blocks % 8 == 0);
         let any_window = self.window.as_ref();
+        let max_value = self.max_value_bytes;
         let items: Vec<Item> = block
             .lines
             .par_iter()
@@ -582,7 +588,8 @@ impl Reader {
                     path: name.clone(),
                     line: *number,
                 };
-                let item = SHAPE.with_borrow_mut(|shape| parse_json_record(text, at, shape));
+                let item =
+                    SHAPE.with_borrow_mut(|shape| parse_json_record(text, at, shape, max_value));
                 match (item, any_window) {
                     // Whichever way the line was read, a readable cursor
                     // below the window makes it skipped.
@@ -623,6 +630,7 @@ impl Reader {
             name: name.clone(),
             lines: lines.clone(),
             element_line,
+            shape: Vec::new(),
             stopped: false,
         };
         match de.deserialize_seq(seed) {
@@ -741,9 +749,21 @@ impl<'de> Visitor<'de> for KeyIs<'_> {
 /// Parses one JSON text into a record, or a reject that says why not.
 ///
 /// `shape` holds the field names of the previous record read on this
-/// thread, which the next record of the same shape shares.
-pub(super) fn parse_json_record(text: &[u8], at: SourceRef, shape: &mut Vec<Name>) -> Item {
+/// thread, which the next record of the same shape shares. A text longer
+/// than `max_value_bytes` is first measured unbuilt, so that a value over
+/// the limit is rejected before it takes memory many times its size.
+pub(super) fn parse_json_record(
+    text: &[u8],
+    at: SourceRef,
+    shape: &mut Vec<Name>,
+    max_value_bytes: Option<usize>,
+) -> Item {
     let raw_len = text.len();
+    if let Some(max) = max_value_bytes.filter(|&max| raw_len > max) {
+        if let Some(reject) = super::oversize::oversized_json(text, &at, max) {
+            return reject;
+        }
+    }
     // A line checked as UTF-8 once is parsed without checking each string.
     let object = match std::str::from_utf8(text) {
         Ok(s) if s.trim_ascii_start().starts_with('{') => Some(s),
@@ -873,6 +893,8 @@ struct ArraySeed<'a> {
     name: Arc<str>,
     lines: Arc<AtomicU64>,
     element_line: Arc<AtomicU64>,
+    /// The field names of the previous element (see [`ShapedFields`]).
+    shape: Vec<Name>,
     stopped: bool,
 }
 
@@ -895,7 +917,10 @@ impl<'de> Visitor<'de> for ArraySeed<'_> {
             // The line where the element begins, not where the previous
             // one ended: the newlines between them are read with it.
             self.element_line.store(0, Ordering::Relaxed);
-            let Some(value) = seq.next_element::<Value>()? else {
+            // Each element is read as its text first and parsed as a JSONL
+            // line is: its size is known, and a value over max_value_bytes
+            // is rejected before it is built.
+            let Some(element) = seq.next_element::<Box<RawValue>>()? else {
                 return Ok(());
             };
             let line = match self.element_line.load(Ordering::Relaxed) {
@@ -906,12 +931,14 @@ impl<'de> Visitor<'de> for ArraySeed<'_> {
                 path: self.name.clone(),
                 line,
             };
-            // The element's size is unknown: the planner checks its values.
-            if self
-                .reader
-                .push(into_record(value, at, usize::MAX))
-                .is_err()
-            {
+            let item = parse_json_record(
+                element.get().as_bytes(),
+                at,
+                &mut self.shape,
+                self.reader.max_value_bytes,
+            );
+            drop(element);
+            if self.reader.push(item).is_err() {
                 self.stopped = true;
                 self.lines.store(u64::MAX, Ordering::Relaxed);
                 return Err(serde::de::Error::custom("stopped"));

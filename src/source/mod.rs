@@ -14,6 +14,7 @@ pub mod file;
 pub mod http;
 pub mod object;
 pub mod origin;
+mod oversize;
 pub mod pagination;
 mod parquet;
 pub mod retry;
@@ -54,6 +55,10 @@ pub struct SourceQuery {
     pub batch_size: usize,
     /// Largest input line (or element) read whole, in bytes.
     pub max_record_bytes: usize,
+    /// The run's `max_value_bytes`: a source that can measure a value
+    /// before building it (the file readers) rejects a larger one while
+    /// reading. `None`: only the planner checks values, once built.
+    pub max_value_bytes: Option<usize>,
 }
 
 /// Reading progress, for the progress bar.

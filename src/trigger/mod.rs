@@ -384,6 +384,7 @@ async fn poll(
         low: None,
         batch_size: 10_000,
         max_record_bytes: 64 << 20,
+        max_value_bytes: None,
     };
     let Some(source) = stop
         .unless_stopped(source::open(&config.source, &query))

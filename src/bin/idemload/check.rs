@@ -90,6 +90,7 @@ async fn check_source(pipeline: &Pipeline) -> bool {
         low: None,
         batch_size: PEEK,
         max_record_bytes: 64 << 20,
+        max_value_bytes: Some(pipeline.settings.max_value_bytes),
     };
     let first = async {
         let mut source = source::open(&config, &query).await?;
