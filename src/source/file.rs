@@ -6,8 +6,9 @@
 //! Parsing runs on its own thread and feeds batches through a bounded
 //! channel: memory stays flat whatever the file size, and a slow destination
 //! slows the reader (back-pressure). Every record carries `file:line`; a line
-//! that is not a JSON object, or not UTF-8, becomes a reject and reading goes
-//! on.
+//! that is not a JSON object, or not UTF-8, or that holds a value over
+//! `max_value_bytes` (measured before it is built, see [`super::oversize`]),
+//! becomes a reject and reading goes on.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
@@ -496,9 +497,21 @@ impl Reader {
             number += 1;
             // Lines are read straight into the block they are parsed from.
             let start = block.text.len();
-            let n = (&mut reader)
-                .take(self.max_record_bytes as u64 + 1)
+            let limit = self.max_record_bytes as u64 + 1;
+            let first = limit.min(BLOCK_BYTES as u64);
+            let mut n = (&mut reader)
+                .take(first)
                 .read_until(b'\n', &mut block.text)?;
+            if n as u64 == first && block.text.last() != Some(&b'\n') && limit > first {
+                // A long line: room for the longest one at once (pages are
+                // only used as they are written) instead of doubling the
+                // buffer step by step, every step's old buffer adding to the
+                // peak memory.
+                block.text.reserve((limit - first) as usize);
+                n += (&mut reader)
+                    .take(limit - first)
+                    .read_until(b'\n', &mut block.text)?;
+            }
             if n == 0 {
                 return Ok(self.parse_block(&name, &mut block)?);
             }
