@@ -224,15 +224,17 @@ pub(super) fn read_csv(
     }
 }
 
-/// Remembers where the `\n` of a `\r\n` lies in the input. The csv crate
-/// gives a record the position where reading it began, which in a CRLF file
-/// is just before the `\n` that ends the previous line: one line too early.
+/// Remembers where the line ends (`\r` and `\n` bytes) lie in the input.
+/// The csv crate gives a record the position where reading it began, which
+/// is before the line ends it skipped first: the `\n` of the `\r\n` that
+/// ended the previous line in a CRLF file, and any blank lines. Each `\n`
+/// skipped puts the record one line further.
 struct CrlfEnds<R> {
     inner: R,
     offset: u64,
-    last_was_cr: bool,
-    /// Offsets of `\n`s that follow a `\r`, not yet passed by a record.
-    lf_after_cr: VecDeque<u64>,
+    /// Offsets of `\r` and `\n` bytes not yet passed by a record, each
+    /// with whether it is a `\n`.
+    ends: VecDeque<(u64, bool)>,
 }
 
 impl<R> CrlfEnds<R> {
@@ -240,18 +242,21 @@ impl<R> CrlfEnds<R> {
         CrlfEnds {
             inner,
             offset: 0,
-            last_was_cr: false,
-            lf_after_cr: VecDeque::new(),
+            ends: VecDeque::new(),
         }
     }
 
-    /// True when the byte at `offset` is the `\n` of a `\r\n` (asked with
+    /// How many `\n`s lie in the run of line ends at `offset` (asked with
     /// offsets that only grow).
-    fn is_crlf_end(&mut self, offset: u64) -> bool {
-        while self.lf_after_cr.front().is_some_and(|&o| o < offset) {
-            self.lf_after_cr.pop_front();
+    fn newlines_at(&mut self, offset: u64) -> u64 {
+        while self.ends.front().is_some_and(|&(o, _)| o < offset) {
+            self.ends.pop_front();
         }
-        self.lf_after_cr.front() == Some(&offset)
+        (offset..)
+            .zip(&self.ends)
+            .take_while(|(at, &(o, _))| o == *at)
+            .filter(|(_, &(_, newline))| newline)
+            .count() as u64
     }
 }
 
@@ -259,24 +264,24 @@ impl<R: Read> Read for CrlfEnds<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         for (i, &b) in buf[..n].iter().enumerate() {
-            if b == b'\n' && self.last_was_cr {
-                self.lf_after_cr.push_back(self.offset + i as u64);
+            if b == b'\n' || b == b'\r' {
+                self.ends.push_back((self.offset + i as u64, b == b'\n'));
             }
-            self.last_was_cr = b == b'\r';
         }
         self.offset += n as u64;
         Ok(n)
     }
 }
 
-/// Moves a record that begins at the `\n` of a `\r\n` to the next line, so
-/// its `file:line` names the line it is on.
+/// Moves a record past the line ends it was read after, so its
+/// `file:line` names the line it is on.
 fn correct_line<R: Read>(csv: &mut csv::Reader<CrlfEnds<R>>, row: &mut csv::ByteRecord) {
     let Some(mut pos) = row.position().cloned() else {
         return;
     };
-    if csv.get_mut().is_crlf_end(pos.byte()) {
-        let line = pos.line() + 1;
+    let skipped = csv.get_mut().newlines_at(pos.byte());
+    if skipped > 0 {
+        let line = pos.line() + skipped;
         pos.set_line(line);
         row.set_position(Some(pos));
     }

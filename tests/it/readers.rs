@@ -359,3 +359,20 @@ proptest! {
         }
     }
 }
+
+/// A CSV row after blank lines names its own line, not the first blank
+/// one (found by the property above).
+#[test]
+fn a_csv_row_after_blank_lines_names_its_own_line() {
+    for (text, want) in [
+        (&b"a,b\n\nx,1\n\n\ny,2\n"[..], vec![3, 6]),
+        (b"a,b\r\n\r\nx,1\r\n\r\n\r\ny,2\r\n", vec![3, 6]),
+        (b"a,b\nx,\"1\n\n2\"\n\ny,2", vec![2, 6]),
+    ] {
+        let got: Vec<u64> = read(text, FileFormat::Csv, None)
+            .into_iter()
+            .map(|(line, _)| line)
+            .collect();
+        assert_eq!(got, want, "{}", String::from_utf8_lossy(text));
+    }
+}
