@@ -84,21 +84,70 @@ pub const STORED_RAW_BYTES: usize = 8 * 1024;
 /// PostgreSQL text cannot hold) replaced, and cut to [`STORED_RAW_BYTES`]
 /// with its length and digest. The same text for the same input, so a
 /// record rejected again is recognised.
+///
+/// A text this function already cut is returned as it is, so a reader may
+/// cut a huge raw text as soon as it rejects it (rather than carry it
+/// whole to the commit) and the stored text stays the same. The prefix is
+/// built without copying the whole text first.
 pub fn stored_raw(raw: &str) -> String {
-    let clean = raw.replace('\0', "\u{fffd}");
-    if clean.len() <= STORED_RAW_BYTES {
-        return clean;
+    if is_stored_cut(raw) {
+        return raw.to_string();
     }
-    let mut cut = STORED_RAW_BYTES;
-    while !clean.is_char_boundary(cut) {
-        cut -= 1;
+    let nuls = raw.bytes().filter(|&b| b == 0).count();
+    // Each NUL becomes U+FFFD: three bytes for one.
+    if raw.len() + 2 * nuls <= STORED_RAW_BYTES {
+        return raw.replace('\0', "\u{fffd}");
+    }
+    let mut prefix = String::with_capacity(STORED_RAW_BYTES);
+    for c in raw.chars() {
+        let c = if c == '\0' { '\u{fffd}' } else { c };
+        if prefix.len() + c.len_utf8() > STORED_RAW_BYTES {
+            break;
+        }
+        prefix.push(c);
     }
     use sha2::Digest;
     let digest = hex::encode(sha2::Sha256::digest(raw.as_bytes()));
     format!(
-        "{}… [{} bytes in all, sha256 {digest}]",
-        &clean[..cut],
+        "{prefix}{CUT_MARK}{} bytes in all, sha256 {digest}]",
         raw.len()
+    )
+}
+
+/// What [`stored_raw`] puts between a cut text's prefix and its length.
+const CUT_MARK: &str = "… [";
+
+/// Whether `raw` is what [`stored_raw`] made of a longer text.
+fn is_stored_cut(raw: &str) -> bool {
+    // The longest tail: the mark, 20 digits, the words and 64 hex digits.
+    if raw.len() <= STORED_RAW_BYTES || raw.len() > STORED_RAW_BYTES + 128 {
+        return false;
+    }
+    let Some(at) = raw.rfind(CUT_MARK) else {
+        return false;
+    };
+    let (prefix, tail) = (&raw[..at], &raw[at + CUT_MARK.len()..]);
+    let Some((length, digest)) = tail.split_once(" bytes in all, sha256 ") else {
+        return false;
+    };
+    let Some(digest) = digest.strip_suffix(']') else {
+        return false;
+    };
+    prefix.len() <= STORED_RAW_BYTES
+        && !prefix.contains('\0')
+        && length.parse::<usize>().is_ok()
+        && digest.len() == 64
+        && digest
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The reason a record is rejected for one value over `max_value_bytes`,
+/// whichever part of the run finds it.
+pub fn value_too_large(field: &str, size: usize, max: usize) -> String {
+    format!(
+        "value of field {field:?} is {size} bytes, more than max_value_bytes = {max}: \
+         raise max_value_bytes in the pipeline's [load] (up to what the column holds) to load it"
     )
 }
 
@@ -200,5 +249,38 @@ mod tests {
         assert!(invalid_column_name(&"a".repeat(64)).is_some());
         assert_eq!(invalid_column_name("Usage Date-2"), None);
         assert_eq!(invalid_column_name("prénom"), None);
+    }
+
+    /// A reader may cut a huge raw text when it rejects it; the commit
+    /// cuts it again and must store the same text as from the whole one.
+    #[test]
+    fn stored_raw_cuts_once_whoever_cuts_first() {
+        for raw in [
+            "x".repeat(STORED_RAW_BYTES),
+            "x".repeat(STORED_RAW_BYTES + 1),
+            format!("{}\0tail", "é".repeat(STORED_RAW_BYTES)),
+            "\0".repeat(STORED_RAW_BYTES),
+            "a\0b".into(),
+        ] {
+            let once = stored_raw(&raw);
+            assert!(once.len() <= STORED_RAW_BYTES + 128, "{}", once.len());
+            assert!(!once.contains('\0'));
+            assert_eq!(stored_raw(&once), once);
+        }
+        // What the text was before: the cleaned text cut at a character
+        // boundary, its length and the digest of the input.
+        let raw = format!("\0{}", "ab".repeat(STORED_RAW_BYTES));
+        let clean = raw.replace('\0', "\u{fffd}");
+        use sha2::Digest;
+        assert_eq!(
+            stored_raw(&raw),
+            format!(
+                "{}… [{} bytes in all, sha256 {}]",
+                &clean[..STORED_RAW_BYTES],
+                raw.len(),
+                hex::encode(sha2::Sha256::digest(raw.as_bytes()))
+            )
+        );
+        assert_eq!(stored_raw("a\0b"), "a\u{fffd}b");
     }
 }

@@ -277,6 +277,7 @@ impl Pipeline {
                 batch_size: s.batch_size,
                 max_record_bytes: 64 << 20,
                 loaded_files,
+                max_value_bytes: Some(s.max_value_bytes),
             };
             let Some(source) = stop.unless_stopped(open_source(query)).await else {
                 return Ok(None);

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 pub use crate::batch::{AbsentField, PlannedBatch, Row};
 use crate::key::{Cursor, Key, KeySpec, HASH_KEY_COLUMN};
-use crate::record::{invalid_column_name, Fields, Item, Name, Record, Reject};
+use crate::record::{invalid_column_name, value_too_large, Fields, Item, Name, Record, Reject};
 
 /// The rules a run plans with.
 #[derive(Debug, Clone)]
@@ -281,9 +281,7 @@ fn oversized_value(fields: &Fields, max: usize) -> Option<String> {
             Value::Object(_) | Value::Array(_) => value.to_string().len(),
             _ => 0,
         };
-        (size > max).then(|| {
-            format!("value of field {name:?} is {size} bytes, more than max_value_bytes = {max}")
-        })
+        (size > max).then(|| value_too_large(name, size, max))
     })
 }
 

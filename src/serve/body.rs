@@ -83,7 +83,7 @@ pub fn records(body: &[u8], key: &str) -> Result<Vec<Item>, String> {
     if trimmed.starts_with(b"{") {
         // One object (possibly pretty-printed over several lines).
         if let Item::Record(r) =
-            crate::source::file::parse_json_record(trimmed, record_ref(key, 0), &mut shape)
+            crate::source::file::parse_json_record(trimmed, record_ref(key, 0), &mut shape, None)
         {
             return Ok(vec![Item::Record(r)]);
         }
@@ -94,7 +94,12 @@ pub fn records(body: &[u8], key: &str) -> Result<Vec<Item>, String> {
         .filter(|line| !line.trim_ascii().is_empty())
         .enumerate()
         .map(|(i, line)| {
-            crate::source::file::parse_json_record(line, record_ref(key, i as u64), &mut shape)
+            crate::source::file::parse_json_record(
+                line,
+                record_ref(key, i as u64),
+                &mut shape,
+                None,
+            )
         })
         .collect())
 }

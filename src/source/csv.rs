@@ -16,7 +16,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::file::{ReadError, Reader};
-use crate::record::{Fields, Item, Name, Record, Reject, SourceRef};
+use crate::record::{stored_raw, value_too_large, Fields, Item, Name, Record, Reject, SourceRef};
 
 /// Rows read before column types are decided.
 pub const SAMPLE_ROWS: usize = 10_000;
@@ -219,20 +219,22 @@ pub(super) fn read_csv(
         if !more {
             return Ok(());
         }
-        let item = to_item(&row, &names, &types, &at);
+        let item = to_item(&row, &names, &types, &at, reader.max_value_bytes);
         reader.push(item)?;
     }
 }
 
-/// Remembers where the `\n` of a `\r\n` lies in the input. The csv crate
-/// gives a record the position where reading it began, which in a CRLF file
-/// is just before the `\n` that ends the previous line: one line too early.
+/// Remembers where the line ends (`\r` and `\n` bytes) lie in the input.
+/// The csv crate gives a record the position where reading it began, which
+/// is before the line ends it skipped first: the `\n` of the `\r\n` that
+/// ended the previous line in a CRLF file, and any blank lines. Each `\n`
+/// skipped puts the record one line further.
 struct CrlfEnds<R> {
     inner: R,
     offset: u64,
-    last_was_cr: bool,
-    /// Offsets of `\n`s that follow a `\r`, not yet passed by a record.
-    lf_after_cr: VecDeque<u64>,
+    /// Offsets of `\r` and `\n` bytes not yet passed by a record, each
+    /// with whether it is a `\n`.
+    ends: VecDeque<(u64, bool)>,
 }
 
 impl<R> CrlfEnds<R> {
@@ -240,18 +242,21 @@ impl<R> CrlfEnds<R> {
         CrlfEnds {
             inner,
             offset: 0,
-            last_was_cr: false,
-            lf_after_cr: VecDeque::new(),
+            ends: VecDeque::new(),
         }
     }
 
-    /// True when the byte at `offset` is the `\n` of a `\r\n` (asked with
+    /// How many `\n`s lie in the run of line ends at `offset` (asked with
     /// offsets that only grow).
-    fn is_crlf_end(&mut self, offset: u64) -> bool {
-        while self.lf_after_cr.front().is_some_and(|&o| o < offset) {
-            self.lf_after_cr.pop_front();
+    fn newlines_at(&mut self, offset: u64) -> u64 {
+        while self.ends.front().is_some_and(|&(o, _)| o < offset) {
+            self.ends.pop_front();
         }
-        self.lf_after_cr.front() == Some(&offset)
+        (offset..)
+            .zip(&self.ends)
+            .take_while(|(at, &(o, _))| o == *at)
+            .filter(|(_, &(_, newline))| newline)
+            .count() as u64
     }
 }
 
@@ -259,24 +264,24 @@ impl<R: Read> Read for CrlfEnds<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         for (i, &b) in buf[..n].iter().enumerate() {
-            if b == b'\n' && self.last_was_cr {
-                self.lf_after_cr.push_back(self.offset + i as u64);
+            if b == b'\n' || b == b'\r' {
+                self.ends.push_back((self.offset + i as u64, b == b'\n'));
             }
-            self.last_was_cr = b == b'\r';
         }
         self.offset += n as u64;
         Ok(n)
     }
 }
 
-/// Moves a record that begins at the `\n` of a `\r\n` to the next line, so
-/// its `file:line` names the line it is on.
+/// Moves a record past the line ends it was read after, so its
+/// `file:line` names the line it is on.
 fn correct_line<R: Read>(csv: &mut csv::Reader<CrlfEnds<R>>, row: &mut csv::ByteRecord) {
     let Some(mut pos) = row.position().cloned() else {
         return;
     };
-    if csv.get_mut().is_crlf_end(pos.byte()) {
-        let line = pos.line() + 1;
+    let skipped = csv.get_mut().newlines_at(pos.byte());
+    if skipped > 0 {
+        let line = pos.line() + skipped;
         pos.set_line(line);
         row.set_position(Some(pos));
     }
@@ -289,8 +294,9 @@ fn flush_sample(
     sample: &mut Vec<csv::ByteRecord>,
     at: &impl Fn(u64) -> SourceRef,
 ) -> Result<(), ReadError> {
+    let max_value = reader.max_value_bytes;
     for row in sample.drain(..) {
-        reader.push(to_item(&row, names, types, at))?;
+        reader.push(to_item(&row, names, types, at, max_value))?;
     }
     Ok(())
 }
@@ -300,6 +306,7 @@ fn to_item(
     names: &[Name],
     types: &[CellType],
     at: &impl Fn(u64) -> SourceRef,
+    max_value_bytes: Option<usize>,
 ) -> Item {
     let line = row.position().map_or(0, |p| p.line());
     if row.len() != names.len() {
@@ -327,6 +334,18 @@ fn to_item(
                 raw_row(row),
             ));
         };
+        // A cell over the limit that stays text (as one that is not a
+        // number must) is rejected here, before it is copied into a value
+        // and the row into a JSON text; the planner checks the rest.
+        if let Some(max) = max_value_bytes.filter(|&max| text.len() > max) {
+            if !is_integer(text) && !is_float(text) {
+                return Item::Reject(Reject::new(
+                    at(line),
+                    value_too_large(name, text.len(), max),
+                    stored_raw(&raw_row(row)),
+                ));
+            }
+        }
         bytes += text.len();
         fields.insert(name.clone(), typed(text, *column));
     }

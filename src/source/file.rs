@@ -6,8 +6,9 @@
 //! Parsing runs on its own thread and feeds batches through a bounded
 //! channel: memory stays flat whatever the file size, and a slow destination
 //! slows the reader (back-pressure). Every record carries `file:line`; a line
-//! that is not a JSON object, or not UTF-8, becomes a reject and reading goes
-//! on.
+//! that is not a JSON object, or not UTF-8, or that holds a value over
+//! `max_value_bytes` (measured before it is built, see [`super::oversize`]),
+//! becomes a reject and reading goes on.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
@@ -20,6 +21,7 @@ use async_trait::async_trait;
 use rayon::prelude::*;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -252,6 +254,7 @@ impl FileSource {
             batch: Vec::with_capacity(chunk),
             chunk_size: chunk,
             max_record_bytes: query.max_record_bytes.max(1 << 16),
+            max_value_bytes: query.max_value_bytes,
             bytes_read: bytes_read.clone(),
             window: query.cursor.clone().zip(query.low.clone()),
             prefilter: true,
@@ -319,6 +322,9 @@ pub(super) struct Reader {
     batch: Vec<Item>,
     chunk_size: usize,
     pub(super) max_record_bytes: usize,
+    /// Records with a value larger than this are rejected while reading,
+    /// before the value is built (see [`super::oversize`]).
+    pub(super) max_value_bytes: Option<usize>,
     bytes_read: Arc<AtomicU64>,
     /// The cursor field and the run's low bound: JSON records below it are
     /// recognised from that one field and skipped without being built.
@@ -553,9 +559,21 @@ impl Reader {
             number += 1;
             // Lines are read straight into the block they are parsed from.
             let start = block.text.len();
-            let n = (&mut reader)
-                .take(self.max_record_bytes as u64 + 1)
+            let limit = self.max_record_bytes as u64 + 1;
+            let first = limit.min(BLOCK_BYTES as u64);
+            let mut n = (&mut reader)
+                .take(first)
                 .read_until(b'\n', &mut block.text)?;
+            if n as u64 == first && block.text.last() != Some(&b'\n') && limit > first {
+                // A long line: room for the longest one at once (pages are
+                // only used as they are written) instead of doubling the
+                // buffer step by step, every step's old buffer adding to the
+                // peak memory.
+                block.text.reserve((limit - first) as usize);
+                n += (&mut reader)
+                    .take(limit - first)
+                    .read_until(b'\n', &mut block.text)?;
+            }
             if n == 0 {
                 return Ok(self.parse_block(&name, &mut block)?);
             }
@@ -630,6 +648,7 @@ impl Reader {
             .as_ref()
             .filter(|_| self.prefilter || self.blocks % 8 == 0);
         let any_window = self.window.as_ref();
+        let max_value = self.max_value_bytes;
         let items: Vec<Item> = block
             .lines
             .par_iter()
@@ -644,7 +663,8 @@ impl Reader {
                     path: name.clone(),
                     line: *number,
                 };
-                let item = SHAPE.with_borrow_mut(|shape| parse_json_record(text, at, shape));
+                let item =
+                    SHAPE.with_borrow_mut(|shape| parse_json_record(text, at, shape, max_value));
                 match (item, any_window) {
                     // Whichever way the line was read, a readable cursor
                     // below the window makes it skipped.
@@ -685,6 +705,7 @@ impl Reader {
             name: name.clone(),
             lines: lines.clone(),
             element_line,
+            shape: Vec::new(),
             stopped: false,
         };
         match de.deserialize_seq(seed) {
@@ -803,9 +824,21 @@ impl<'de> Visitor<'de> for KeyIs<'_> {
 /// Parses one JSON text into a record, or a reject that says why not.
 ///
 /// `shape` holds the field names of the previous record read on this
-/// thread, which the next record of the same shape shares.
-pub(crate) fn parse_json_record(text: &[u8], at: SourceRef, shape: &mut Vec<Name>) -> Item {
+/// thread, which the next record of the same shape shares. A text longer
+/// than `max_value_bytes` is first measured unbuilt, so that a value over
+/// the limit is rejected before it takes memory many times its size.
+pub(crate) fn parse_json_record(
+    text: &[u8],
+    at: SourceRef,
+    shape: &mut Vec<Name>,
+    max_value_bytes: Option<usize>,
+) -> Item {
     let raw_len = text.len();
+    if let Some(max) = max_value_bytes.filter(|&max| raw_len > max) {
+        if let Some(reject) = super::oversize::oversized_json(text, &at, max) {
+            return reject;
+        }
+    }
     // A line checked as UTF-8 once is parsed without checking each string.
     let object = match std::str::from_utf8(text) {
         Ok(s) if s.trim_ascii_start().starts_with('{') => Some(s),
@@ -951,6 +984,8 @@ struct ArraySeed<'a> {
     name: Arc<str>,
     lines: Arc<AtomicU64>,
     element_line: Arc<AtomicU64>,
+    /// The field names of the previous element (see [`ShapedFields`]).
+    shape: Vec<Name>,
     stopped: bool,
 }
 
@@ -973,7 +1008,10 @@ impl<'de> Visitor<'de> for ArraySeed<'_> {
             // The line where the element begins, not where the previous
             // one ended: the newlines between them are read with it.
             self.element_line.store(0, Ordering::Relaxed);
-            let Some(value) = seq.next_element::<Value>()? else {
+            // Each element is read as its text first and parsed as a JSONL
+            // line is: its size is known, and a value over max_value_bytes
+            // is rejected before it is built.
+            let Some(element) = seq.next_element::<Box<RawValue>>()? else {
                 return Ok(());
             };
             let line = match self.element_line.load(Ordering::Relaxed) {
@@ -984,12 +1022,14 @@ impl<'de> Visitor<'de> for ArraySeed<'_> {
                 path: self.name.clone(),
                 line,
             };
-            // The element's size is unknown: the planner checks its values.
-            if self
-                .reader
-                .push(into_record(value, at, usize::MAX))
-                .is_err()
-            {
+            let item = parse_json_record(
+                element.get().as_bytes(),
+                at,
+                &mut self.shape,
+                self.reader.max_value_bytes,
+            );
+            drop(element);
+            if self.reader.push(item).is_err() {
                 self.stopped = true;
                 self.lines.store(u64::MAX, Ordering::Relaxed);
                 return Err(serde::de::Error::custom("stopped"));

@@ -14,6 +14,7 @@ pub mod file;
 pub mod http;
 pub mod object;
 pub mod origin;
+mod oversize;
 pub mod pagination;
 mod parquet;
 pub mod retry;
@@ -62,6 +63,10 @@ pub struct SourceQuery {
     /// File sources: the files earlier runs loaded completely, to skip
     /// when unchanged (`None`: read every file).
     pub loaded_files: Option<std::sync::Arc<crate::files::FileLog>>,
+    /// The run's `max_value_bytes`: a source that can measure a value
+    /// before building it (the file readers) rejects a larger one while
+    /// reading. `None`: only the planner checks values, once built.
+    pub max_value_bytes: Option<usize>,
 }
 
 /// Reading progress, for the progress bar.

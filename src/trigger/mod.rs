@@ -385,6 +385,7 @@ async fn poll(
         batch_size: 10_000,
         max_record_bytes: 64 << 20,
         loaded_files: None,
+        max_value_bytes: None,
     };
     let Some(source) = stop
         .unless_stopped(source::open(&config.source, &query))

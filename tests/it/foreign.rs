@@ -274,3 +274,129 @@ idemtest!(
     );
     }
 );
+
+// Issue 14: three loads of overlapping input into one table idemload did
+// not create (an identity key, a unique business key, defaulted columns),
+// all at once, as three pipelines: each business key ends in the table
+// once, numbered once, with the table's defaults. A load that meets the
+// others' rows mid-batch may exit 1 saying to run again (nothing of its
+// batch is written); running it again completes it.
+idemtest!(
+    three_loads_at_once_into_a_foreign_table_keep_each_key_once,
+    |env| {
+        use std::process::Stdio;
+
+        const EACH: u64 = 30_000;
+        const STEP: u64 = 10_000;
+        ddl(
+            env,
+            "CREATE TABLE accounts (n INTEGER PRIMARY KEY, code TEXT NOT NULL UNIQUE, v INTEGER,
+             note TEXT NOT NULL DEFAULT 'none', created_at TEXT DEFAULT CURRENT_TIMESTAMP)",
+            "CREATE TABLE accounts (n bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+             code text NOT NULL UNIQUE, v bigint, note text NOT NULL DEFAULT 'none',
+             created_at timestamptz DEFAULT now())",
+            "CREATE TABLE accounts (n bigint AUTO_INCREMENT PRIMARY KEY, code varchar(40) NOT NULL UNIQUE,
+             v bigint, note varchar(20) NOT NULL DEFAULT 'none',
+             created_at timestamp(6) NULL DEFAULT CURRENT_TIMESTAMP(6))",
+        );
+        let names = ["first", "second", "third"];
+        for (i, name) in names.iter().enumerate() {
+            let from = i as u64 * STEP;
+            let text: String = (from..from + EACH)
+                .map(|id| format!("{{\"code\":\"AC-{id}\",\"v\":{}}}\n", id * 7 % 1000))
+                .collect();
+            env.write(&format!("{name}.jsonl"), text);
+        }
+        let url = env.url();
+        let args = |name: &'static str| {
+            vec![
+                "load".to_string(),
+                format!("{name}.jsonl"),
+                "--into".into(),
+                url.clone(),
+                "--table".into(),
+                "accounts".into(),
+                "--key".into(),
+                "code".into(),
+                "--name".into(),
+                name.into(),
+                "--batch-size".into(),
+                "2000".into(),
+                "--json".into(),
+            ]
+        };
+        let children: Vec<_> = names
+            .iter()
+            .map(|name| {
+                let args = args(name);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                env.command(&args)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn idemload")
+            })
+            .collect();
+        let mut exits = Vec::new();
+        for (child, name) in children.into_iter().zip(names) {
+            let out = child.wait_with_output().expect("wait");
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            let code = out.status.code().unwrap_or(-1);
+            exits.push((name, code));
+            if code == 0 {
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                let r = crate::common::Report::parse(&stdout, &stderr);
+                assert_eq!(
+                    (r.read, r.duplicates, r.rejected),
+                    (EACH, 0, 0),
+                    "{}",
+                    r.raw
+                );
+                assert_eq!(r.inserted + r.unchanged, EACH, "{name}: {}", r.raw);
+                continue;
+            }
+            assert_eq!(code, 1, "{name}: {stderr}");
+            assert!(stderr.contains("run again"), "{name}: {stderr}");
+            let again = args(name);
+            let again: Vec<&str> = again.iter().map(String::as_str).collect();
+            let r = env.idemload(&again).code(0).report();
+            assert_eq!(
+                (r.read, r.duplicates, r.rejected),
+                (EACH, 0, 0),
+                "{}",
+                r.raw
+            );
+        }
+        eprintln!("exits of the three loads at once: {exits:?}");
+        let all = 2 * STEP + EACH;
+        assert_eq!(env.backend.count("accounts"), all);
+        assert_eq!(env.backend.doubled("accounts", &["code"]), 0);
+        assert_eq!(env.backend.doubled("accounts", &["n"]), 0);
+        assert_eq!(
+            env.backend.scalar_i64(
+                "SELECT count(*) FROM accounts WHERE n IS NOT NULL AND note = 'none'
+                 AND created_at IS NOT NULL AND v IS NOT NULL"
+            ),
+            Some(all as i64)
+        );
+        assert_eq!(
+            env.backend
+                .scalar_i64("SELECT v FROM accounts WHERE code = 'AC-12345'"),
+            Some(12345 * 7 % 1000)
+        );
+
+        // Once more, all three one after another: nothing left to change.
+        for name in names {
+            let again = args(name);
+            let again: Vec<&str> = again.iter().map(String::as_str).collect();
+            let r = env.idemload(&again).code(0).report();
+            assert_eq!(
+                (r.inserted, r.updated, r.unchanged),
+                (0, 0, EACH),
+                "{}",
+                r.raw
+            );
+        }
+        assert_eq!(env.backend.count("accounts"), all);
+    }
+);

@@ -96,6 +96,7 @@ async fn check_source(pipeline: &Pipeline) -> bool {
         batch_size: PEEK,
         max_record_bytes: 64 << 20,
         loaded_files: None,
+        max_value_bytes: Some(pipeline.settings.max_value_bytes),
     };
     let first = async {
         let mut source = source::open(&config, &query).await?;
