@@ -330,3 +330,13 @@ crate::server_test! {
         );
     }
 }
+
+crate::server_test! {
+    fn pipelines_at_once_into_one_table_mysql() {
+        crate::common::with_backend(
+            "pipelines_at_once_into_one_table",
+            crate::common::BackendKind::Mysql,
+            pipelines_at_once_into_one_table,
+        );
+    }
+}

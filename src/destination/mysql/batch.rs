@@ -544,6 +544,15 @@ async fn check_warnings(conn: &mut Conn) -> std::result::Result<(), mysql_async:
         return Ok(());
     }
     let warnings: Vec<(String, u32, String)> = conn.query("SHOW WARNINGS LIMIT 3").await?;
+    // A key another writer stored meanwhile: the row was skipped. Said as
+    // the server says it for an INSERT, so the writer can merge instead.
+    if let Some((_, code, message)) = warnings.iter().find(|(_, code, _)| *code == 1062) {
+        return Err(mysql_async::Error::Server(mysql_async::ServerError {
+            code: *code as u16,
+            message: message.clone(),
+            state: "23000".into(),
+        }));
+    }
     let text = warnings
         .into_iter()
         .map(|(level, code, message)| format!("{level} {code}: {message}"))

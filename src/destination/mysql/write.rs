@@ -28,7 +28,7 @@ use crate::destination::schema::{ColumnRules, ColumnType};
 use crate::destination::seen::SeenKeys;
 use crate::destination::sql::quote_mysql as q;
 use crate::destination::{Commit, Target};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::files::LoadedFile;
 use crate::mode::Mode;
 use crate::record::Reject;
@@ -81,6 +81,9 @@ pub(super) async fn write_batch(
     // Outside the transaction: DDL, conversion, and the temporary batch table.
     let mut loaded: Option<Table> = None;
     let mut direct: Vec<Prepared> = Vec::new();
+    // Rows to merge through the batch table, each with whether the run met
+    // its key before.
+    let mut merged: Vec<(Prepared, bool)> = Vec::new();
     let mut written_keys = Vec::new();
     let mut in_memory = false;
     if !rows.is_empty() {
@@ -138,16 +141,16 @@ pub(super) async fn write_batch(
                 }
                 _ => None,
             };
-            let mut batch = Vec::with_capacity(prepared.len());
+            merged.reserve(prepared.len());
             for row in prepared {
                 let (Some(seen), Some(key)) = (seen, key_at.and_then(|at| row.int(at))) else {
-                    batch.push((row, false));
+                    merged.push((row, false));
                     continue;
                 };
                 written_keys.push(key);
                 let fresh = !seen.contains(key);
                 if row.deletes() {
-                    batch.push((row, !fresh));
+                    merged.push((row, !fresh));
                     continue;
                 }
                 // A key the run has not met in a table that was empty
@@ -165,11 +168,11 @@ pub(super) async fn write_batch(
                         }
                     }
                     Some(None) if fresh => direct.push(row),
-                    _ => batch.push((row, !fresh)),
+                    _ => merged.push((row, !fresh)),
                 }
             }
-            if !batch.is_empty() {
-                let rows: Vec<(&Prepared, bool)> = batch.iter().map(|(r, d)| (r, *d)).collect();
+            if !merged.is_empty() {
+                let rows: Vec<(&Prepared, bool)> = merged.iter().map(|(r, d)| (r, *d)).collect();
                 load(conn, local_infile, &schema, &rows)
                     .await
                     .map_err(|e| Error::destination(ctx.clone(), e))?;
@@ -178,7 +181,7 @@ pub(super) async fn write_batch(
             tracing::debug!(
                 converted,
                 ms = clock.elapsed().as_millis() as u64,
-                rows = batch.len(),
+                rows = merged.len(),
                 direct = direct.len(),
                 "Batch loaded."
             );
@@ -204,15 +207,18 @@ pub(super) async fn write_batch(
         run,
         lock: &lock,
         local_infile,
-        ctx,
-        table,
-        direct,
+        ctx: ctx.clone(),
+        table: table.clone(),
+        direct: &direct,
         loaded,
         mode,
         staged,
         in_memory,
         finishing_stage: finishing_stage.as_ref(),
     };
+    // Kept to write the batch again should its straight load meet another
+    // writer's rows (below).
+    let retry = (!direct.is_empty()).then(|| (rejects.clone(), stats, files.clone()));
     let batch = PlannedBatch {
         rows: Vec::new(),
         rejects,
@@ -220,7 +226,53 @@ pub(super) async fn write_batch(
         files,
         ..Default::default()
     };
-    let stats = commit_batch(tx, batch, &commit, before.as_ref()).await?;
+    let stats = match commit_batch(tx, batch, &commit, before.as_ref()).await {
+        // Keys new to the run in a table that was empty when it began were
+        // loaded straight in, and another writer (a second pipeline into
+        // the same table) stored some of them meanwhile: the transaction
+        // rolled back; merge the same rows instead, as every later batch
+        // of the run will.
+        Err(e) if e.kind() == Some(ErrorKind::UniqueViolation) && retry.is_some() => {
+            let (rejects, stats, files) = retry.unwrap_or_default();
+            tracing::info!(table = %table, error = %e, "Another writer stored keys of this batch meanwhile: merging the batch instead of loading it straight in.");
+            run.empty_at_start = Some(false);
+            let schema = run
+                .schema
+                .clone()
+                .ok_or_else(|| Error::destination(ctx.clone(), "no schema"))?;
+            let mut rows: Vec<(&Prepared, bool)> = merged.iter().map(|(r, d)| (r, *d)).collect();
+            rows.extend(direct.iter().map(|r| (r, false)));
+            load(conn, local_infile, &schema, &rows)
+                .await
+                .map_err(|e| Error::destination(ctx.clone(), e))?;
+            conn.query_drop("START TRANSACTION")
+                .await
+                .map_err(|e| Error::destination(ctx.clone(), e))?;
+            let tx = MysqlTx {
+                conn,
+                run,
+                lock: &lock,
+                local_infile,
+                ctx,
+                table: table.clone(),
+                direct: &[],
+                loaded: Some(schema),
+                mode,
+                staged,
+                in_memory,
+                finishing_stage: finishing_stage.as_ref(),
+            };
+            let batch = PlannedBatch {
+                rows: Vec::new(),
+                rejects,
+                stats,
+                files,
+                ..Default::default()
+            };
+            commit_batch(tx, batch, &commit, before.as_ref()).await?
+        }
+        result => result?,
+    };
     if let Some(Some(seen)) = run.seen.as_mut() {
         seen.extend(written_keys);
     }
@@ -246,7 +298,7 @@ struct MysqlTx<'a> {
     ctx: String,
     table: String,
     /// Rows known new, loaded straight into the table.
-    direct: Vec<Prepared>,
+    direct: &'a [Prepared],
     /// The batch table holds rows to merge, with this schema.
     loaded: Option<Table>,
     mode: Mode,
