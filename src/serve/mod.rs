@@ -34,8 +34,8 @@
 //! answered 500 on the first conflict. `replace` and `window` modes, which
 //! swap a whole table per run, are refused. A `run` of the same pipeline
 //! (one that also has a `[source]`) may write while serve does: both merge,
-//! so rows stay right, and a run batch that meets a serve request's row as
-//! a unique violation fails and is run again like any conflicted run.
+//! so rows stay right (a run's straight copy of keys new to an empty table
+//! that meets a serve request's row is undone and merged instead).
 //!
 //! A claim's lease is not renewed: a request must commit within
 //! `claim_lease`, or its key may be taken over and its own commit then
