@@ -61,6 +61,19 @@ impl FileId {
     }
 }
 
+impl FileId {
+    /// The log entry of this file, read whole: `rows` items, `digest`.
+    pub fn loaded(self, digest: String, rows: u64) -> LoadedFile {
+        LoadedFile {
+            path: self.path,
+            size: self.size,
+            modified: self.modified,
+            digest,
+            rows,
+        }
+    }
+}
+
 /// A modification time as the log writes it.
 pub fn format_modified(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)

@@ -30,7 +30,7 @@ use super::object::{is_object_url, Bucket, Listing, ObjectChunks, ObjectInfo, Ob
 use super::{Source, SourceProgress, SourceQuery};
 use crate::error::{Error, Result};
 use crate::fields::ShapedFields;
-use crate::files::{format_modified, Digest, FileId, FileLog, LoadedFile};
+use crate::files::{format_modified, Digest, FileId, FileLog};
 use crate::key::Cursor;
 use crate::record::{Item, Name, Record, Reject, SourceRef};
 
@@ -425,13 +425,7 @@ impl Reader {
         }
         match FileId::of_local(path) {
             Ok(after) if after == before => {
-                let loaded = LoadedFile {
-                    path: before.path,
-                    size: before.size,
-                    modified: before.modified,
-                    digest,
-                    rows: self.items - items,
-                };
+                let loaded = before.loaded(digest, self.items - items);
                 self.push(Item::FileLoaded(loaded)).map_err(|Stopped| None)
             }
             _ => {
@@ -485,13 +479,7 @@ impl Reader {
             if let Some(object) = &self.object {
                 tracing::debug!(object = %object.url, size = object.size, e_tag = ?object.e_tag, version = ?object.version, last_modified = %object.last_modified, "Object read.");
                 if let Some((id, digest)) = object_entry(object) {
-                    let loaded = LoadedFile {
-                        path: id.path,
-                        size: id.size,
-                        modified: id.modified,
-                        digest,
-                        rows: self.items - items,
-                    };
+                    let loaded = id.loaded(digest, self.items - items);
                     self.push(Item::FileLoaded(loaded))
                         .map_err(|Stopped| None)?;
                 }
