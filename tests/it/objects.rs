@@ -753,3 +753,44 @@ pq.write_table(t, {path:?}, row_group_size=2)
         again.raw
     );
 });
+
+/// Files loaded once, on objects: a pipeline's re-run leaves the objects it
+/// loaded unread while their ETag, size and last-modified are unchanged,
+/// and reads a changed one again.
+#[test]
+fn an_unchanged_object_is_skipped_and_a_changed_one_reloaded() {
+    s3_test("s3_loaded_once", BackendKind::Sqlite, |env, s3| {
+        for day in 0..3 {
+            s3.put(&format!("daily/day-{day}.jsonl"), day_records(day, 4));
+        }
+        env.write(
+            "objects.toml",
+            format!(
+                "name = \"objects\"\n\n[source]\ntype = \"file\"\npath = \"{}\"\nendpoint = \"{}\"\n\n[destination]\nurl = \"{}\"\ntable = \"objects\"\n\n[load]\nkey = \"id\"\n",
+                s3.url("daily/*.jsonl"),
+                s3.endpoint,
+                env.url()
+            ),
+        );
+        let run = || output(s3.command(env, &["run", "objects.toml", "--json"]));
+        let first = run().code(0).report();
+        assert_eq!(
+            (first.read, first.inserted, first.files_skipped),
+            (12, 12, 0)
+        );
+        let again = run().code(0).report();
+        assert_eq!((again.read, again.files_skipped), (0, 3), "{}", again.raw);
+        s3.put(
+            "daily/day-1.jsonl",
+            day_records(1, 4).replace("\"n\":2", "\"n\":20"),
+        );
+        let changed = run().code(0).report();
+        assert_eq!(
+            (changed.read, changed.files_skipped),
+            (4, 2),
+            "{}",
+            changed.raw
+        );
+        assert_eq!(changed.changes(), (0, 1, 3, 0), "{}", changed.raw);
+    });
+}
