@@ -648,6 +648,18 @@ fn start_life(
     }
 }
 
+/// The processes still running; killed if the test fails before they end.
+struct Lives(Vec<Life>);
+
+impl Drop for Lives {
+    fn drop(&mut self) {
+        for life in &mut self.0 {
+            let _ = life.child.kill();
+            let _ = life.child.wait();
+        }
+    }
+}
+
 fn four_workers_killed_and_restarted_leave_one_clean_load(env: &Env) {
     let t0 = Instant::now();
     let data = events(KILL_FROM, KILL_WINDOWS, 6 * HOUR, KILL_PER_WINDOW);
@@ -667,23 +679,25 @@ fn four_workers_killed_and_restarted_leave_one_clean_load(env: &Env) {
 
     let args = ["--from", KILL_FROM, "--to", KILL_TO, "--window", "6h"];
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed("backfill_kill"));
-    let mut lives: Vec<Life> = (0..4)
-        .map(|w| start_life(env, &p, &args, w, 0, KILLS_PER_WORKER, &mut rng))
-        .collect();
+    let mut lives = Lives(
+        (0..4)
+            .map(|w| start_life(env, &p, &args, w, 0, KILLS_PER_WORKER, &mut rng))
+            .collect(),
+    );
     // Process name -> when it was sent SIGKILL.
     let mut killed: BTreeMap<String, Duration> = BTreeMap::new();
     let mut mid_range = 0;
     let mut summaries = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(45);
-    while !lives.is_empty() {
+    while !lives.0.is_empty() {
         assert!(
             Instant::now() < deadline,
             "backfill workers still running after 45 s: {:?}",
-            lives.iter().map(|l| &l.name).collect::<Vec<_>>()
+            lives.0.iter().map(|l| &l.name).collect::<Vec<_>>()
         );
         let mut i = 0;
-        while i < lives.len() {
-            let life = &mut lives[i];
+        while i < lives.0.len() {
+            let life = &mut lives.0[i];
             if let Some(status) = life.child.try_wait().expect("try_wait") {
                 let read = |ext: &str| {
                     std::fs::read_to_string(env.path(&format!("worker-{}.{ext}", life.name)))
@@ -700,7 +714,7 @@ fn four_workers_killed_and_restarted_leave_one_clean_load(env: &Env) {
                     life.name, out.stdout, out.stderr
                 );
                 summaries.push((life.name.clone(), summary(&out)));
-                lives.remove(i);
+                lives.0.remove(i);
                 continue;
             }
             if life.kill_at.is_some_and(|at| Instant::now() >= at) {
