@@ -51,25 +51,6 @@ pub fn key_match<S: AsRef<str>>(keys: &[S], left: &str, right: &str) -> String {
         .join(" AND ")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quotes_are_doubled() {
-        assert_eq!(
-            quote("x\"; DROP TABLE t; --"),
-            "\"x\"\"; DROP TABLE t; --\""
-        );
-        assert_eq!(column_list(&["a", "b c"]), "\"a\", \"b c\"");
-        assert_eq!(key_match(&["id"], "t", "s"), "t.\"id\" = s.\"id\"");
-        assert_eq!(
-            quote_mysql("x`; DROP TABLE t; --"),
-            "`x``; DROP TABLE t; --`"
-        );
-    }
-}
-
 /// Which stored rows a `window` load replaces: `column >= start AND column
 /// < end` with a backfill window's bounds as literals (integers bare, the
 /// rest quoted text, which each database compares with the column's own
@@ -114,4 +95,23 @@ fn bound_literal(bound: &crate::key::Cursor, mysql: bool) -> String {
         other => other.to_string(),
     };
     format!("'{}'", text.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_are_doubled() {
+        assert_eq!(
+            quote("x\"; DROP TABLE t; --"),
+            "\"x\"\"; DROP TABLE t; --\""
+        );
+        assert_eq!(column_list(&["a", "b c"]), "\"a\", \"b c\"");
+        assert_eq!(key_match(&["id"], "t", "s"), "t.\"id\" = s.\"id\"");
+        assert_eq!(
+            quote_mysql("x`; DROP TABLE t; --"),
+            "`x``; DROP TABLE t; --`"
+        );
+    }
 }
