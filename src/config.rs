@@ -116,6 +116,9 @@ pub struct LoadConfig {
     pub window_field: Option<String>,
     /// A record whose field is `true` deletes the row with its key.
     pub delete_field: Option<String>,
+    /// `idemload backfill`: the span of a window (`"1d"`, or a number for
+    /// an integer cursor) when `--window` is not given.
+    pub window: Option<toml::Value>,
     /// Lease of the run lock, renewed while the run lives.
     #[serde(default = "default_lock_lease")]
     pub lock_lease: String,
@@ -137,6 +140,7 @@ impl Default for LoadConfig {
             max_rejects: None,
             window_field: None,
             delete_field: None,
+            window: None,
             lock_lease: default_lock_lease(),
             max_value_bytes: default_max_value_bytes(),
         }
@@ -165,6 +169,8 @@ pub struct LoadSettings {
     pub max_rejects: Option<u64>,
     pub window_field: Option<String>,
     pub delete_field: Option<String>,
+    /// The default span of a backfill window.
+    pub window: Option<crate::windows::Span>,
     pub lock_lease: Duration,
     pub max_value_bytes: usize,
 }
@@ -227,6 +233,10 @@ impl LoadConfig {
         if lock_lease < Duration::from_secs(1) {
             return fail("lock_lease", "must be at least 1s");
         }
+        let window = match &self.window {
+            None => None,
+            Some(v) => Some(crate::windows::Span::from_toml(v).map_err(at("window"))?),
+        };
         Ok(LoadSettings {
             key,
             cursor: self.cursor.clone(),
@@ -237,6 +247,7 @@ impl LoadConfig {
             max_rejects: self.max_rejects,
             window_field: self.window_field.clone(),
             delete_field: self.delete_field.clone(),
+            window,
             lock_lease,
             max_value_bytes: self.max_value_bytes,
         })

@@ -40,6 +40,15 @@ pub enum Error {
     )]
     RequestLost { key: String },
 
+    /// A backfill window's claim was taken over while it was written (its
+    /// lease ran out): the batch was rolled back.
+    #[error("window [{start}, {end}) of pipeline {pipeline:?} lost its claim (lease expired and was taken over); the batch was rolled back")]
+    WindowLost {
+        pipeline: String,
+        start: String,
+        end: String,
+    },
+
     /// Reading the source failed (exit 1).
     #[error("{location}: {message}")]
     Source { location: String, message: String },
@@ -99,7 +108,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Destination { kind, .. } => kind.is_retryable(),
-            Error::LockLost { .. } | Error::Locked { .. } => true,
+            Error::LockLost { .. } | Error::Locked { .. } | Error::WindowLost { .. } => true,
             _ => false,
         }
     }
@@ -123,6 +132,9 @@ impl Error {
             ),
             Error::LockLost { .. } => Some(
                 "a batch took longer than the lock lease; raise `lock_lease` in [load] and run again: committed batches are kept".into(),
+            ),
+            Error::WindowLost { .. } => Some(
+                "a batch took longer than the lease; raise `lock_lease` in [load]: another worker loads the window again, and committed batches are kept".into(),
             ),
             Error::RequestLost { .. } => Some(
                 "the request took longer than [serve] claim_lease; raise it, and send the request again with the same Idempotency-Key".into(),

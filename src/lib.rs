@@ -10,6 +10,7 @@
 //! a crash or started twice at once leave the same destination.
 
 pub mod audit;
+pub mod backfill;
 pub mod batch;
 pub mod config;
 pub mod connect;
@@ -33,6 +34,7 @@ pub mod stats;
 pub mod stop;
 pub mod trigger;
 pub mod verify;
+pub mod windows;
 
 pub use config::PipelineConfig;
 pub use destination::{Books, Destination};

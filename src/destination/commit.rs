@@ -20,6 +20,11 @@
 //!    checkpoint written and the run recorded;
 //! 6. commit — or roll back on any error, so nothing of the batch stays.
 //!
+//! A batch of a backfill window (`Commit::window`) fences on the window's
+//! claim instead of the run lock (step 1), and the window's last batch marks
+//! it done after finishing its run (step 5): a window is done exactly when
+//! its rows are in.
+//!
 //! A batch of an ingest request (`serve`, `Commit::request`) fences on the
 //! request's claim instead of the run lock (step 1), and, after its rejects,
 //! marks the request done with the response it answers: the rows and the
@@ -34,7 +39,8 @@ use crate::files::LoadedFile;
 use crate::record::{stored_raw, Reject};
 use crate::request::RequestEntry;
 use crate::state::Resolution;
-use crate::stats::RunStats;
+use crate::stats::{RunStats, RunStatus};
+use crate::windows::WindowEntry;
 
 /// One open batch transaction of a backend.
 ///
@@ -87,6 +93,13 @@ pub(crate) trait BatchTx {
     /// ends.
     async fn finish_request(&mut self, request: &RequestEntry, response: &str) -> Result<()>;
 
+    /// Fails ([`crate::Error::WindowLost`]) unless the run still holds its
+    /// backfill window; renews the window's lease.
+    async fn fence_window(&mut self, window: &WindowEntry) -> Result<()>;
+
+    /// Marks the window done with the stats of the run that loaded it.
+    async fn finish_window(&mut self, window: &WindowEntry, stats: &RunStats) -> Result<()>;
+
     /// Commits. `changed` says whether anything beyond the lease was
     /// written, so a backend may roll back a transaction that changes
     /// nothing.
@@ -113,9 +126,10 @@ pub(crate) async fn commit_batch<T: BatchTx>(
         ..
     } = batch;
     let steps = async {
-        match &commit.request {
-            Some(request) => tx.fence_request(request).await?,
-            None => tx.fence().await?,
+        match (&commit.request, &commit.window) {
+            (Some(request), _) => tx.fence_request(request).await?,
+            (None, Some(window)) => tx.fence_window(window).await?,
+            (None, None) => tx.fence().await?,
         }
         let mut changed = tx.write_rows(rows, &mut stats, &mut rejects).await?;
         for r in &mut rejects {
@@ -140,6 +154,13 @@ pub(crate) async fn commit_batch<T: BatchTx>(
             }
             let after = end.checkpoint.as_ref().or(before);
             tx.finish_run(&end, after).await?;
+            if let Some(window) = &commit.window {
+                // A window whose run failed (too many rejects) stays to be
+                // loaded again: the caller marks it failed.
+                if end.status != RunStatus::Failed {
+                    tx.finish_window(window, &end.stats).await?;
+                }
+            }
         }
         if let Some(request) = &commit.request {
             let response = request.response(&stats, &rejects);

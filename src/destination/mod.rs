@@ -30,6 +30,7 @@ use crate::mode::Mode;
 use crate::redact::redact;
 use crate::state::{Finish, LockHolder, RejectRecord, RunInfo, RunRecord};
 use crate::stats::RunStats;
+use crate::windows::{Window, WindowClaim, WindowEntry, WindowRow, WindowStatus};
 
 /// The table a run writes and how.
 #[derive(Debug, Clone)]
@@ -39,6 +40,9 @@ pub struct Target {
     pub cursor: Option<String>,
     pub mode: Mode,
     pub window_field: Option<String>,
+    /// A backfill window: in `window` mode its bounds (not the data's
+    /// range) say which stored rows the load replaces.
+    pub window: Option<Window>,
 }
 
 /// What commits with a batch besides its rows and rejects.
@@ -52,6 +56,9 @@ pub struct Commit {
     /// instead of the run lock, and marks the request done with its
     /// response in the same transaction.
     pub request: Option<crate::request::RequestEntry>,
+    /// A backfill window: the batch fences on the window's claim instead of
+    /// the run lock, and the run's last batch marks the window done.
+    pub window: Option<crate::windows::WindowEntry>,
 }
 
 /// The bookkeeping kept next to the data (`_idemload_*` tables): the run
@@ -103,9 +110,70 @@ pub trait Books: Send {
     ) -> Result<Vec<RejectRecord>>;
 }
 
+/// The windows of backfills (`_idemload_windows`, see [`crate::windows`]):
+/// claimed with a lease, renewed while loaded, marked done by the window's
+/// last batch ([`Commit::window`]).
+#[async_trait]
+pub trait WindowBooks: Send {
+    /// Makes `_idemload_windows` when missing and adds the windows it lacks
+    /// as pending.
+    async fn add_windows(&mut self, _pipeline: &str, _windows: &[Window]) -> Result<()> {
+        Err(no_windows())
+    }
+
+    /// The pipeline's windows whose position lies in `range` (all with
+    /// `None`), in order; none when no backfill ran here.
+    async fn windows(
+        &mut self,
+        _pipeline: &str,
+        _range: Option<(i64, i64)>,
+    ) -> Result<Vec<WindowRow>> {
+        Ok(Vec::new())
+    }
+
+    /// Claims `window` if its row is still as `seen` (same status, same
+    /// run id); false when another worker changed it first.
+    async fn claim_window(
+        &mut self,
+        _claim: &WindowClaim,
+        _window: &Window,
+        _seen: &WindowRow,
+    ) -> Result<bool> {
+        Err(no_windows())
+    }
+
+    /// Renews the leases of the windows the runs `run_ids` hold.
+    async fn renew_windows(
+        &mut self,
+        _pipeline: &str,
+        _run_ids: &[String],
+        _lease: Duration,
+    ) -> Result<()> {
+        Err(no_windows())
+    }
+
+    /// Gives a window up, if `entry` still holds it: `pending` again (its
+    /// run stopped) or `failed` with the error.
+    async fn release_window(
+        &mut self,
+        _entry: &WindowEntry,
+        _status: WindowStatus,
+        _error: Option<&str>,
+        _stats: Option<&RunStats>,
+    ) -> Result<()> {
+        Err(no_windows())
+    }
+}
+
+fn no_windows() -> Error {
+    Error::config(
+        "idemload backfill writes into SQLite, PostgreSQL and MySQL/MariaDB destinations; this destination is not supported",
+    )
+}
+
 /// A place rows land, with its bookkeeping.
 #[async_trait]
-pub trait Destination: Books {
+pub trait Destination: Books + WindowBooks {
     /// Records the start of a run and prepares the target.
     async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()>;
 

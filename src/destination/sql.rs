@@ -51,6 +51,52 @@ pub fn key_match<S: AsRef<str>>(keys: &[S], left: &str, right: &str) -> String {
         .join(" AND ")
 }
 
+/// Which stored rows a `window` load replaces: `column >= start AND column
+/// < end` with a backfill window's bounds as literals (integers bare, the
+/// rest quoted text, which each database compares with the column's own
+/// type); without a window, the range the staged rows span.
+pub(crate) fn window_scope(
+    table: &str,
+    field: &str,
+    window: Option<&crate::windows::Window>,
+    stage: &str,
+    mysql: bool,
+) -> String {
+    let column = if table.is_empty() {
+        field.to_string()
+    } else {
+        format!("{table}.{field}")
+    };
+    match window {
+        Some(w) => format!(
+            "{column} >= {} AND {column} < {}",
+            bound_literal(&w.start, mysql),
+            bound_literal(&w.end, mysql)
+        ),
+        None => format!(
+            "{column} BETWEEN (SELECT min({field}) FROM {stage}) AND (SELECT max({field}) FROM {stage})"
+        ),
+    }
+}
+
+/// A window bound as an SQL literal; MySQL gets instants in its DATETIME
+/// form (UTC), which also sorts right against RFC 3339 text.
+fn bound_literal(bound: &crate::key::Cursor, mysql: bool) -> String {
+    use crate::key::Cursor;
+    let text = match bound {
+        Cursor::Int(i) => return i.to_string(),
+        Cursor::Instant(nanos, _) if mysql => {
+            let secs = nanos.div_euclid(1_000_000_000) as i64;
+            let sub = nanos.rem_euclid(1_000_000_000) as u32;
+            chrono::DateTime::<chrono::Utc>::from_timestamp(secs, sub)
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S%.6f").to_string())
+                .unwrap_or_else(|| bound.to_string())
+        }
+        other => other.to_string(),
+    };
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,6 +30,7 @@ use crate::source::{self, Source, SourceProgress, SourceQuery};
 use crate::state::{format_time, Finish, LockHolder, RunInfo};
 use crate::stats::{RunStats, RunStatus};
 use crate::stop::StopToken;
+use crate::windows::WindowEntry;
 
 /// How this process runs a pipeline (the pipeline's meaning is in its file).
 #[derive(Debug, Clone, Default)]
@@ -113,6 +114,7 @@ impl Pipeline {
             cursor: self.settings.cursor.clone(),
             mode: self.settings.mode,
             window_field: self.settings.window_field.clone(),
+            window: None,
         }
     }
 
@@ -193,6 +195,7 @@ impl Pipeline {
                 started_at,
                 options,
                 progress,
+                None,
                 open_source,
             )
             .await;
@@ -220,6 +223,46 @@ impl Pipeline {
         Ok(report)
     }
 
+    /// Loads one claimed backfill window (see `idemload backfill`): the
+    /// source is asked for the window's range only, no run lock is taken
+    /// (the window's claim fences every batch), the checkpoint is left
+    /// where it is, and the window is marked done in the transaction of its
+    /// last batch. The run is recorded under `window.run_id`.
+    pub async fn run_window(
+        &self,
+        dest: &mut dyn Destination,
+        window: &WindowEntry,
+        options: &RunOptions,
+        progress: &dyn Progress,
+    ) -> Result<RunReport> {
+        let config = self.config.source.clone();
+        let started = Instant::now();
+        let started_at = Utc::now();
+        let (stats, status, before, after) = self
+            .run_locked(
+                dest,
+                &window.run_id,
+                started_at,
+                options,
+                progress,
+                Some(window),
+                move |query| async move { source::open(&config, &query).await },
+            )
+            .await?;
+        Ok(RunReport {
+            pipeline: self.name().to_string(),
+            run_id: window.run_id.clone(),
+            status,
+            stats,
+            checkpoint_before: before,
+            checkpoint_after: after,
+            started_at: format_time(started_at),
+            finished_at: format_time(Utc::now()),
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn run_locked<F, Fut>(
         &self,
         dest: &mut dyn Destination,
@@ -227,6 +270,7 @@ impl Pipeline {
         started_at: DateTime<Utc>,
         options: &RunOptions,
         progress: &dyn Progress,
+        window: Option<&WindowEntry>,
         open_source: F,
     ) -> Result<(RunStats, RunStatus, Option<Value>, Option<Value>)>
     where
@@ -237,6 +281,9 @@ impl Pipeline {
         let s = &self.settings;
         let before = dest.checkpoint(&name).await?;
         let low = match (&s.cursor, &before) {
+            // A backfill window asks for its own range, whatever the
+            // checkpoint says.
+            _ if window.is_some() => window.map(|w| w.window.start.clone()),
             (None, _) => None,
             _ if options.full_refresh => None,
             (Some(_), Some(c)) => Some(
@@ -253,10 +300,14 @@ impl Pipeline {
             checkpoint_before: before.clone(),
             lease: s.lock_lease,
         };
-        dest.begin(&info, &self.target()).await?;
+        let high = window.map(|w| w.window.end.clone());
+        let mut target = self.target();
+        target.window = window.map(|w| w.window.clone());
+        dest.begin(&info, &target).await?;
         // Files loaded once: in merge and insert_new an unchanged file adds
-        // nothing, so it is not read again; a staged load needs every file.
-        let loaded_files = if s.mode.is_staged() || options.full_refresh {
+        // nothing, so it is not read again; a staged load needs every file,
+        // and a window reads only part of each.
+        let loaded_files = if s.mode.is_staged() || options.full_refresh || window.is_some() {
             None
         } else {
             let log = FileLog::new(dest.loaded_files().await?);
@@ -274,6 +325,7 @@ impl Pipeline {
             let query = SourceQuery {
                 cursor: s.cursor.clone(),
                 low: low.clone(),
+                high: high.clone(),
                 batch_size: s.batch_size,
                 max_record_bytes: 64 << 20,
                 loaded_files,
@@ -288,6 +340,7 @@ impl Pipeline {
                 key: s.key.clone(),
                 cursor: s.cursor.clone(),
                 low,
+                high,
                 delete_field: s.delete_field.clone(),
                 window_field: s.window_field.clone(),
                 max_value_bytes: s.max_value_bytes,
@@ -317,7 +370,11 @@ impl Pipeline {
                         None => exhausted = true,
                     }
                 }
-                let Some(ready) = queue.pop_front() else { break PlannedBatch::default() };
+                let Some(mut ready) = queue.pop_front() else { break PlannedBatch::default() };
+                if window.is_some() {
+                    // A file read through a window is not loaded whole.
+                    ready.files.clear();
+                }
                 if std::mem::take(&mut first) {
                     if let Some(absent) = &ready.absent {
                         return Err(absent_field(absent));
@@ -349,9 +406,14 @@ impl Pipeline {
                 batch_no += 1;
                 let reaches = max_cursor(&committed_max, &ready.max_cursor);
                 let commit = Commit {
-                    checkpoint: if ordered { reaches.as_ref().map(Cursor::to_json) } else { None },
+                    checkpoint: if ordered && window.is_none() {
+                        reaches.as_ref().map(Cursor::to_json)
+                    } else {
+                        None
+                    },
                     finish: None,
                     request: None,
+                    window: window.cloned(),
                 };
                 let moved = commit.checkpoint.clone();
                 let next = async {
@@ -396,7 +458,8 @@ impl Pipeline {
             let finish = Finish {
                 prior: stats,
                 max_rejects: s.max_rejects,
-                checkpoint: reaches.as_ref().map(Cursor::to_json),
+                // A backfill never moves the checkpoint.
+                checkpoint: reaches.as_ref().map(Cursor::to_json).filter(|_| window.is_none()),
             };
             let batch = dest
                 .write(
@@ -405,6 +468,7 @@ impl Pipeline {
                         checkpoint: None,
                         finish: Some(finish.clone()),
                         request: None,
+                        window: window.cloned(),
                     },
                 )
                 .await

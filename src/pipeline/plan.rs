@@ -16,6 +16,7 @@ use serde_json::Value;
 pub use crate::batch::{AbsentField, PlannedBatch, Row};
 use crate::key::{Cursor, Key, KeySpec, HASH_KEY_COLUMN};
 use crate::record::{invalid_column_name, value_too_large, Fields, Item, Name, Record, Reject};
+use crate::windows::compare;
 
 /// The rules a run plans with.
 #[derive(Debug, Clone)]
@@ -24,6 +25,9 @@ pub struct Planner {
     pub cursor: Option<String>,
     /// Records below this cursor are skipped.
     pub low: Option<Cursor>,
+    /// Records at or above this cursor are skipped (a backfill window's
+    /// end).
+    pub high: Option<Cursor>,
     pub delete_field: Option<String>,
     pub window_field: Option<String>,
     pub max_value_bytes: usize,
@@ -164,8 +168,15 @@ impl Planner {
             .as_ref()
             .and_then(|name| record.fields.get(name))
             .and_then(Cursor::from_json);
-        if let (Some(low), Some(c)) = (&self.low, &cursor) {
-            if c < low {
+        if let Some(c) = &cursor {
+            // A date-only value compares as its midnight against
+            // timestamp bounds (see `windows::compare`).
+            let below = self.low.as_ref().is_some_and(|low| compare(c, low).is_lt());
+            let above = self
+                .high
+                .as_ref()
+                .is_some_and(|high| compare(c, high).is_ge());
+            if below || above {
                 return Ok(None);
             }
         }
@@ -308,6 +319,7 @@ mod tests {
             key: KeySpec::Fields(vec!["id".into()]),
             cursor: cursor.map(String::from),
             low: None,
+            high: None,
             delete_field: None,
             window_field: None,
             max_value_bytes: 1 << 20,

@@ -116,6 +116,7 @@ pub async fn serve(
         key: s.key.clone(),
         cursor: s.cursor.clone(),
         low: None,
+        high: None,
         delete_field: s.delete_field.clone(),
         window_field: s.window_field.clone(),
         max_value_bytes: s.max_value_bytes,

@@ -117,6 +117,22 @@ pub enum LowFormat {
 /// rounded down: asking for a little more is safe, the planner drops what
 /// is below the bound.
 pub fn format_low(low: &Cursor, format: LowFormat) -> Result<String> {
+    // A date bound (a backfill of whole days) is its midnight, UTC.
+    let midnight = match low {
+        Cursor::Text(t) if format != LowFormat::Raw => {
+            chrono::NaiveDate::parse_from_str(t, "%Y-%m-%d")
+                .ok()
+                .and_then(|d| d.and_hms_opt(0, 0, 0))
+                .map(|t| {
+                    Cursor::from_text(
+                        &t.and_utc()
+                            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    )
+                })
+        }
+        _ => None,
+    };
+    let low = midnight.as_ref().unwrap_or(low);
     let nanos = match low {
         Cursor::Instant(nanos, _) => Some(*nanos),
         _ => None,
@@ -136,6 +152,34 @@ pub fn format_low(low: &Cursor, format: LowFormat) -> Result<String> {
             "[source.incremental] format = {f:?} needs a timestamp cursor, but the low bound is {c}; use format = \"raw\"",
         ))),
     }
+}
+
+/// Fills `{window_start}` and `{window_end}` in a param value with the
+/// run's bounds, written as `format` says (the bound's own text without
+/// one); `None` when the value names a bound the run does not have.
+fn window_placeholders(
+    text: &str,
+    query: &SourceQuery,
+    format: Option<LowFormat>,
+) -> Result<Option<String>> {
+    let mut out = text.to_string();
+    for (name, bound) in [
+        ("{window_start}", &query.low),
+        ("{window_end}", &query.high),
+    ] {
+        if !out.contains(name) {
+            continue;
+        }
+        let Some(bound) = bound else {
+            return Ok(None);
+        };
+        let written = match format {
+            Some(f) => format_low(bound, f)?,
+            None => bound.to_string(),
+        };
+        out = out.replace(name, &written);
+    }
+    Ok(Some(out))
 }
 
 /// Reads pages on a task of its own.
@@ -159,6 +203,7 @@ impl HttpSource {
         }
         {
             let mut q = base.query_pairs_mut();
+            let format = config.incremental.as_ref().map(|i| i.format);
             for (name, value) in &config.params {
                 let text = match value {
                     toml::Value::String(s) => s.clone(),
@@ -171,6 +216,12 @@ impl HttpSource {
                             "[source] params.{name}: use a string, a number or a boolean"
                         )))
                     }
+                };
+                // `{window_start}`/`{window_end}`: a backfill window's bounds
+                // (a run's low bound for the start); a param whose bound
+                // the run does not have is left out.
+                let Some(text) = window_placeholders(&text, query, format)? else {
+                    continue;
                 };
                 q.append_pair(name, &text);
             }

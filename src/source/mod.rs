@@ -56,6 +56,9 @@ pub struct SourceQuery {
     pub cursor: Option<String>,
     /// Records below this cursor are not needed (checkpoint - lookback).
     pub low: Option<Cursor>,
+    /// Records at or above this cursor are not needed (a backfill window's
+    /// end; exclusive).
+    pub high: Option<Cursor>,
     /// Items per batch.
     pub batch_size: usize,
     /// Largest input line (or element) read whole, in bytes.

@@ -111,6 +111,7 @@ impl SqlSource {
             shape,
             set,
             low: query.low.clone().filter(|_| config.records.is_none()),
+            high: query.high.clone().filter(|_| config.records.is_none()),
             batch_size: query.batch_size.max(1),
             shown: redact(&config.url),
         };
@@ -182,22 +183,40 @@ struct Plan {
     shape: Option<RecordsPath>,
     set: Vec<(String, Value)>,
     low: Option<Cursor>,
+    /// A backfill window's end (exclusive).
+    high: Option<Cursor>,
     batch_size: usize,
     shown: String,
 }
 
 impl Plan {
-    /// `SELECT {select} FROM {from} AS _idemload_q [WHERE c >= {param}] [ORDER BY c]`.
-    fn sql(&self, select: &str, dialect: Dialect, param: &str) -> String {
+    /// `SELECT {select} FROM {from} AS _idemload_q [WHERE c >= {low} [AND c
+    /// < {high}]] [ORDER BY c]`; `param(n)` writes the n-th parameter.
+    fn sql(&self, select: &str, dialect: Dialect, param: impl Fn(usize) -> String) -> String {
         let mut sql = format!("SELECT {select} FROM {} AS _idemload_q", self.from);
         if let Some(c) = &self.cursor {
             let c = format!("_idemload_q.{}", quote_ident(c, dialect));
+            let mut filters = Vec::new();
             if self.low.is_some() {
-                sql.push_str(&format!(" WHERE {c} >= {param}"));
+                filters.push(format!("{c} >= {}", param(filters.len() + 1)));
+            }
+            if self.high.is_some() {
+                filters.push(format!("{c} < {}", param(filters.len() + 1)));
+            }
+            if !filters.is_empty() {
+                sql.push_str(&format!(" WHERE {}", filters.join(" AND ")));
             }
             sql.push_str(&format!(" ORDER BY {c}"));
         }
         sql
+    }
+
+    /// The bounds to bind, in order: `low`, then `high`, each written by
+    /// `bind` (`true` for the high bound).
+    fn bounds<T>(&self, bind: impl Fn(&Cursor, bool) -> T) -> Vec<T> {
+        let low = self.low.iter().map(|c| bind(c, false));
+        let high = self.high.iter().map(|c| bind(c, true));
+        low.chain(high).collect()
     }
 
     fn error(&self, message: impl std::fmt::Display) -> Error {
@@ -301,17 +320,32 @@ fn quote_table(name: &str, dialect: Dialect) -> String {
 /// sorts at or below every spelling of any instant at or above `low`
 /// (`T` or space, any offset up to a day). The planner drops the few rows
 /// below the exact bound; the filter must only never drop one above it.
-fn loose_low(low: &Cursor) -> LowParam {
-    match low {
-        Cursor::Int(i) => LowParam::Int(*i),
-        Cursor::Instant(nanos, _) => {
-            let secs = nanos.div_euclid(1_000_000_000) as i64 - 86_400;
+///
+/// A high bound (a backfill window's end) is loosened the other way: two
+/// days after, which sorts above every spelling of any instant below it.
+fn loose_bound(bound: &Cursor, high: bool) -> LowParam {
+    let date = match bound {
+        Cursor::Text(t) => chrono::NaiveDate::parse_from_str(t, "%Y-%m-%d").ok(),
+        _ => None,
+    };
+    let nanos = date
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc().timestamp() as i128 * 1_000_000_000);
+    let nanos = match bound {
+        Cursor::Instant(n, _) => Some(*n),
+        _ => nanos,
+    };
+    match (bound, nanos) {
+        (Cursor::Int(i), _) => LowParam::Int(*i),
+        (_, Some(nanos)) => {
+            let shift = if high { 2 * 86_400 } else { -86_400 };
+            let secs = nanos.div_euclid(1_000_000_000) as i64 + shift;
             let day = chrono::DateTime::<chrono::Utc>::from_timestamp(secs, 0)
                 .map(|t| t.format("%Y-%m-%d").to_string())
-                .unwrap_or_else(|| "0000-01-01".into());
+                .unwrap_or_else(|| if high { "9999-12-31" } else { "0000-01-01" }.into());
             LowParam::Text(day)
         }
-        Cursor::Text(t) => LowParam::Text(t.clone()),
+        (Cursor::Text(t), None) | (Cursor::Instant(_, t), None) => LowParam::Text(t.clone()),
     }
 }
 
@@ -334,16 +368,17 @@ fn read_sqlite(path: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>) ->
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| plan.error(format!("cannot open: {e}")))?;
-    let sql = plan.sql("*", Dialect::Sqlite, "?1");
+    let sql = plan.sql("*", Dialect::Sqlite, |n| format!("?{n}"));
     tracing::debug!(%sql, "SQL source query.");
     let mut stmt = conn.prepare(&sql).map_err(|e| plan.error(e))?;
     let names: Vec<Name> = stmt.column_names().into_iter().map(Name::from).collect();
-    let mut rows = match plan.low.as_ref().map(loose_low) {
-        None => stmt.query([]),
-        Some(LowParam::Int(i)) => stmt.query([i]),
-        Some(LowParam::Text(t)) => stmt.query([t]),
-    }
-    .map_err(|e| plan.error(e))?;
+    let bounds = plan.bounds(loose_bound);
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(bounds.iter().map(|b| match b {
+            LowParam::Int(i) => rusqlite::types::Value::Integer(*i),
+            LowParam::Text(t) => rusqlite::types::Value::Text(t.clone()),
+        })))
+        .map_err(|e| plan.error(e))?;
     let mut batch = Vec::with_capacity(plan.batch_size);
     let mut n = 0u64;
     while let Some(row) = rows.next().map_err(|e| plan.error(e))? {
@@ -431,25 +466,22 @@ async fn read_postgres(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item
                 .ok_or_else(|| plan.error(format!("the result has no cursor column {c:?}")))?;
             let t = col.type_();
             format!(
-                "CAST($1::text AS {}.{})",
+                "CAST(${{}}::text AS {}.{})",
                 quote(t.schema()),
                 quote(t.name())
             )
         }
         None => String::new(),
     };
-    let sql = plan.sql("to_json(_idemload_q)", Dialect::Postgres, &cast);
+    let sql = plan.sql("to_json(_idemload_q)", Dialect::Postgres, |n| {
+        cast.replace("${}", &format!("${n}"))
+    });
     tracing::debug!(%sql, "SQL source query.");
     let stmt = client.prepare(&sql).await.map_err(pg)?;
     let transaction = client.transaction().await.map_err(pg)?;
-    let low = plan.low.as_ref().map(|c| match c {
-        Cursor::Int(i) => i.to_string(),
-        other => other.to_string(),
-    });
-    let params: Vec<&(dyn ToSql + Sync)> = match &low {
-        Some(l) => vec![l],
-        None => vec![],
-    };
+    let bounds = plan.bounds(|c, _| c.to_string());
+    let params: Vec<&(dyn ToSql + Sync)> =
+        bounds.iter().map(|b| b as &(dyn ToSql + Sync)).collect();
     let portal = transaction.bind(&stmt, &params).await.map_err(pg)?;
     let mut n = 0u64;
     loop {
@@ -493,7 +525,7 @@ async fn read_mysql(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>
     conn.query_drop("SET time_zone = '+00:00'")
         .await
         .map_err(my)?;
-    let sql = plan.sql("*", Dialect::Mysql, "?");
+    let sql = plan.sql("*", Dialect::Mysql, |_| "?".to_string());
     tracing::debug!(%sql, "SQL source query.");
     let stmt = conn.prep(sql).await.map_err(my)?;
     // A DATETIME/TIMESTAMP/DATE cursor compares as a date: the bound is
@@ -513,20 +545,28 @@ async fn read_mysql(url: &str, plan: &Plan, tx: &mpsc::Sender<Result<Vec<Item>>>
                 )
         })
     });
-    let low = match &plan.low {
-        None => None,
-        Some(Cursor::Instant(nanos, _)) if temporal => {
+    let bounds = plan.bounds(|c, high| match c {
+        Cursor::Instant(nanos, _) if temporal => {
             let secs = nanos.div_euclid(1_000_000_000) as i64;
             let sub = nanos.rem_euclid(1_000_000_000) as u32;
             chrono::DateTime::<chrono::Utc>::from_timestamp(secs, sub)
                 .map(|t| LowParam::Text(t.format("%Y-%m-%d %H:%M:%S%.6f").to_string()))
+                .unwrap_or_else(|| loose_bound(c, high))
         }
-        Some(c) => Some(loose_low(c)),
-    };
-    let params = match low {
-        None => mysql_async::Params::Empty,
-        Some(LowParam::Int(i)) => mysql_async::Params::Positional(vec![i.into()]),
-        Some(LowParam::Text(t)) => mysql_async::Params::Positional(vec![t.into()]),
+        c => loose_bound(c, high),
+    });
+    let params = if bounds.is_empty() {
+        mysql_async::Params::Empty
+    } else {
+        mysql_async::Params::Positional(
+            bounds
+                .into_iter()
+                .map(|b| match b {
+                    LowParam::Int(i) => i.into(),
+                    LowParam::Text(t) => t.into(),
+                })
+                .collect(),
+        )
     };
     let mut result = conn.exec_iter(&stmt, params).await.map_err(my)?;
     let columns: Vec<mysql_async::Column> = result.columns_ref().to_vec();
@@ -614,6 +654,7 @@ mod tests {
             shape: None,
             set: Vec::new(),
             low,
+            high: None,
             batch_size: 10,
             shown: "sqlite://w.db".into(),
         }
@@ -623,24 +664,26 @@ mod tests {
     fn cursor_filter_and_order_are_pushed_into_the_query() {
         let p = plan(Some("updated_at"), Some(Cursor::Int(5)));
         assert_eq!(
-            p.sql("*", Dialect::Sqlite, "?1"),
+            p.sql("*", Dialect::Sqlite, |n| format!("?{n}")),
             r#"SELECT * FROM (SELECT * FROM usage) AS _idemload_q WHERE _idemload_q."updated_at" >= ?1 ORDER BY _idemload_q."updated_at""#
         );
         let p = plan(Some("updated_at"), None);
         assert_eq!(
-            p.sql("*", Dialect::Mysql, "?"),
+            p.sql("*", Dialect::Mysql, |_| "?".to_string()),
             "SELECT * FROM (SELECT * FROM usage) AS _idemload_q ORDER BY _idemload_q.`updated_at`"
         );
         let p = plan(None, None);
         assert_eq!(
-            p.sql("*", Dialect::Sqlite, "?1"),
+            p.sql("*", Dialect::Sqlite, |n| format!("?{n}")),
             "SELECT * FROM (SELECT * FROM usage) AS _idemload_q"
         );
     }
 
     #[test]
     fn loose_low_bound_never_excludes_an_instant_at_or_above_low() {
-        let LowParam::Text(day) = loose_low(&Cursor::from_text("2024-05-02T00:30:00+02:00")) else {
+        let LowParam::Text(day) =
+            loose_bound(&Cursor::from_text("2024-05-02T00:30:00+02:00"), false)
+        else {
             panic!()
         };
         // 2024-05-01T22:30Z, a day before: 2024-04-30.

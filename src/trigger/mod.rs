@@ -382,6 +382,7 @@ async fn poll(
     let query = SourceQuery {
         cursor: s.order_by.clone(),
         low: None,
+        high: None,
         batch_size: 10_000,
         max_record_bytes: 64 << 20,
         loaded_files: None,

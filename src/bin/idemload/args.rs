@@ -73,6 +73,35 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     Run(RunArgs),
 
+    /// Load a cursor range in windows, shared by any number of workers.
+    ///
+    /// Cuts [--from, --to) into windows of --window and loads each one as
+    /// a run of its own: the source is asked for exactly the window's range
+    /// (SQL: pushed into WHERE; HTTP: the placeholders {window_start} and
+    /// {window_end} in [source] params; files: filtered while read), and
+    /// the window is marked done in `_idemload_windows` in the transaction
+    /// of its last batch. In mode = "window", stored rows of the window's
+    /// range that the load no longer holds are deleted.
+    ///
+    /// Start the same command on as many processes and machines as you
+    /// like: they share the windows through the destination database
+    /// (SQLite: one claimer at a time). A killed worker's window is loaded
+    /// again once its lease (`lock_lease`) runs out; the reload is
+    /// harmless. Running the backfill again skips done windows (--redo
+    /// loads them again). The pipeline's checkpoint is never moved.
+    ///
+    /// Exit codes: 0 every window done, 1 a window failed (the others are
+    /// loaded; run again to retry it), 2 usage or configuration, 4 done
+    /// with rejected records, 130/143 stopped by a signal (the window being
+    /// loaded is released; running again resumes).
+    ///
+    /// Examples:
+    ///   idemload backfill examples/usage.toml --from 2024-01-01 --to 2025-01-01 --window 1d
+    ///   idemload backfill examples/usage.toml --from 2024-01-01 --to 2025-01-01 --workers 4
+    ///   idemload backfill examples/usage.toml --status
+    #[command(verbatim_doc_comment)]
+    Backfill(BackfillArgs),
+
     /// Validate a pipeline, connect to its destination and print the plan.
     ///
     /// Prints one `ok` or `fail` line per part; exits 2 when one fails.
@@ -384,6 +413,36 @@ pub struct RunArgs {
     pub full_refresh: bool,
     #[command(flatten)]
     pub run: RunFlags,
+}
+
+#[derive(Debug, Args)]
+pub struct BackfillArgs {
+    /// The pipeline file ([load] needs a cursor).
+    pub pipeline: PathBuf,
+    /// Start of the range, included: an RFC 3339 timestamp, a date
+    /// (2024-01-01, midnight UTC) or an integer.
+    #[arg(long, value_name = "CURSOR", required_unless_present = "status")]
+    pub from: Option<String>,
+    /// End of the range, excluded.
+    #[arg(long, value_name = "CURSOR", required_unless_present = "status")]
+    pub to: Option<String>,
+    /// Width of a window: a duration (1d, 6h) for timestamp cursors, a
+    /// number for integer cursors. Default: `window` in [load].
+    #[arg(long, value_name = "SPAN")]
+    pub window: Option<String>,
+    /// Windows loaded at once by this process.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: u16,
+    /// Load again the windows that were already done.
+    #[arg(long, conflicts_with = "status")]
+    pub redo: bool,
+    /// Print the windows by status (of --from/--to when given) and exit:
+    /// 0 all done, 4 all done with rejected records, 1 otherwise.
+    #[arg(long)]
+    pub status: bool,
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -93,6 +93,7 @@ async fn check_source(pipeline: &Pipeline) -> bool {
     let query = SourceQuery {
         cursor: pipeline.settings.cursor.clone(),
         low: None,
+        high: None,
         batch_size: PEEK,
         max_record_bytes: 64 << 20,
         loaded_files: None,

@@ -1,6 +1,7 @@
 //! The `idemload` binary: parses, runs the library, prints, picks the exit code.
 
 mod args;
+mod backfill;
 mod books;
 mod check;
 mod maintenance;
@@ -113,6 +114,7 @@ fn wants_json(command: &Command) -> bool {
         Command::Audit(a) => a.json,
         Command::Watch { json, .. } => *json,
         Command::Dedupe(a) => a.target.json,
+        Command::Backfill(a) => a.json,
         _ => false,
     }
 }
@@ -158,6 +160,7 @@ async fn execute(command: Command) -> anyhow::Result<u8> {
             let rejects = format!("idemload rejects {}", args.pipeline.display());
             run(&pipeline, args.full_refresh, &args.run, &rejects).await
         }
+        Command::Backfill(args) => backfill::backfill(args).await,
         Command::Check { pipeline } => check::check(&pipeline).await,
         Command::Audit(args) => maintenance::audit(args).await,
         Command::Dedupe(args) => maintenance::dedupe(args).await,

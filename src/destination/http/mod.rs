@@ -553,6 +553,9 @@ impl Books for HttpDestination {
     }
 }
 
+/// Writes to an API are not windows of a table: `backfill` refuses it.
+impl crate::destination::WindowBooks for HttpDestination {}
+
 #[async_trait]
 impl Destination for HttpDestination {
     async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()> {

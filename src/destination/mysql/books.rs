@@ -428,7 +428,14 @@ pub(super) async fn begin(
     if !target.mode.is_staged() {
         return Ok(None);
     }
-    let stage = short_name("_idemload_stage_", &target.table);
+    let stage = match &target.window {
+        // Workers stage their windows side by side.
+        Some(w) => short_name(
+            "_idemload_stage_",
+            &format!("{}_{}", target.table, w.position),
+        ),
+        None => short_name("_idemload_stage_", &target.table),
+    };
     conn.query_drop(format!("DROP TABLE IF EXISTS {}", q(&stage)))
         .await?;
     if let Some(schema) = read_table(conn, server, &target.table).await? {

@@ -23,6 +23,7 @@ mod books;
 mod ddl;
 pub(crate) mod inspect;
 mod stage;
+mod windows;
 mod write;
 
 #[cfg(test)]
@@ -35,12 +36,13 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder};
 use serde_json::Value;
 
-use super::{Books, Commit, Destination, Target};
+use super::{Books, Commit, Destination, Target, WindowBooks};
 use crate::batch::PlannedBatch;
 use crate::error::{Error, Result};
 use crate::redact::redact;
 use crate::state::{LockHolder, RejectRecord, RunInfo, RunRecord};
 use crate::stats::RunStats;
+use crate::windows::{Window, WindowClaim, WindowEntry, WindowRow, WindowStatus};
 
 use self::books::Heartbeat;
 use self::ddl::Table;
@@ -306,6 +308,49 @@ impl Books for MysqlDestination {
         books::rejects(&mut self.conn, pipeline, run_id, limit)
             .await
             .map_err(db(ctx))
+    }
+}
+
+#[async_trait]
+impl WindowBooks for MysqlDestination {
+    async fn add_windows(&mut self, pipeline: &str, list: &[Window]) -> Result<()> {
+        windows::add(&mut self.conn, &self.server, pipeline, list).await
+    }
+
+    async fn windows(
+        &mut self,
+        pipeline: &str,
+        range: Option<(i64, i64)>,
+    ) -> Result<Vec<WindowRow>> {
+        windows::list(&mut self.conn, pipeline, range).await
+    }
+
+    async fn claim_window(
+        &mut self,
+        claim: &WindowClaim,
+        window: &Window,
+        seen: &WindowRow,
+    ) -> Result<bool> {
+        windows::claim(&mut self.conn, claim, window, seen).await
+    }
+
+    async fn renew_windows(
+        &mut self,
+        pipeline: &str,
+        run_ids: &[String],
+        lease: Duration,
+    ) -> Result<()> {
+        windows::renew(&mut self.conn, pipeline, run_ids, lease).await
+    }
+
+    async fn release_window(
+        &mut self,
+        entry: &WindowEntry,
+        status: WindowStatus,
+        error: Option<&str>,
+        stats: Option<&RunStats>,
+    ) -> Result<()> {
+        windows::release(&mut self.conn, entry, status, error, stats).await
     }
 }
 

@@ -13,7 +13,7 @@ use mysql_async::Conn;
 
 use super::ddl::{add_columns, create_table, read_table, SqlColumn};
 use super::{Run, Server};
-use crate::destination::sql::quote_mysql as q;
+use crate::destination::sql::{quote_mysql as q, window_scope};
 use crate::mode::Mode;
 use crate::stats::RunStats;
 
@@ -22,8 +22,13 @@ type R<T> = std::result::Result<T, mysql_async::Error>;
 /// What the last batch's transaction applies.
 #[derive(Debug)]
 pub(super) enum Plan {
-    /// Nothing was staged: a replace empties an existing target.
-    Nothing { target_exists: bool },
+    /// Nothing was staged: a replace empties an existing target, a window
+    /// with bounds (a backfill's) empties them when the target has the
+    /// window field.
+    Nothing {
+        target_exists: bool,
+        has_window_field: bool,
+    },
     /// Apply the stage; both tables have these columns.
     Apply { columns: Vec<String> },
 }
@@ -32,8 +37,13 @@ pub(super) enum Plan {
 pub(super) async fn prepare(conn: &mut Conn, server: &Server, run: &Run, stage: &str) -> R<Plan> {
     let target = &run.target.table;
     let Some(staged) = read_table(conn, server, stage).await? else {
+        let stored = read_table(conn, server, target).await?;
+        let field = run.target.window_field.as_deref();
         return Ok(Plan::Nothing {
-            target_exists: read_table(conn, server, target).await?.is_some(),
+            target_exists: stored.is_some(),
+            has_window_field: stored
+                .zip(field)
+                .is_some_and(|(t, f)| t.position(f).is_some()),
         });
     };
     let existing = match read_table(conn, server, target).await? {
@@ -79,9 +89,20 @@ pub(super) async fn apply(conn: &mut Conn, run: &Run, stage: &str, plan: &Plan) 
     let mut stats = RunStats::default();
     let (t, s) = (q(&run.target.table), q(stage));
     let columns = match plan {
-        Plan::Nothing { target_exists } => {
-            if run.target.mode == Mode::Replace && *target_exists {
-                conn.query_drop(format!("DELETE FROM {t}")).await?;
+        Plan::Nothing {
+            target_exists,
+            has_window_field,
+        } => {
+            let scope = match (&run.target.window, &run.target.window_field) {
+                _ if run.target.mode == Mode::Replace && *target_exists => Some("TRUE".into()),
+                (Some(bounds), Some(w)) if run.target.mode == Mode::Window && *has_window_field => {
+                    Some(window_scope("", &q(w), Some(bounds), "", true))
+                }
+                _ => None,
+            };
+            if let Some(scope) = scope {
+                conn.query_drop(format!("DELETE FROM {t} WHERE {scope}"))
+                    .await?;
                 stats.removed = conn.affected_rows();
             }
             return Ok(stats);
@@ -97,10 +118,7 @@ pub(super) async fn apply(conn: &mut Conn, run: &Run, stage: &str, plan: &Plan) 
     let k0 = q(&keys[0]);
     let others: Vec<&String> = columns.iter().filter(|c| !keys.contains(c)).collect();
     let scope = match (&run.target.mode, &run.target.window_field) {
-        (Mode::Window, Some(w)) => {
-            let w = q(w);
-            format!("t.{w} BETWEEN (SELECT MIN({w}) FROM {s}) AND (SELECT MAX({w}) FROM {s})")
-        }
+        (Mode::Window, Some(w)) => window_scope("t", &q(w), run.target.window.as_ref(), &s, true),
         _ => "TRUE".to_string(),
     };
     let staged: Option<i64> = conn

@@ -571,6 +571,7 @@ async fn batches_load_the_same_without_local_infile() {
             cursor: None,
             mode: Mode::Merge,
             window_field: None,
+            window: None,
         };
         let info = RunInfo {
             pipeline: "p".into(),
@@ -584,6 +585,7 @@ async fn batches_load_the_same_without_local_infile() {
             key: KeySpec::Fields(vec!["id".into()]),
             cursor: None,
             low: None,
+            high: None,
             delete_field: None,
             window_field: None,
             max_value_bytes: usize::MAX,
@@ -605,6 +607,7 @@ async fn batches_load_the_same_without_local_infile() {
                     checkpoint: None,
                     finish: Some(finish),
                     request: None,
+                    window: None,
                 },
             )
             .await

@@ -34,6 +34,7 @@ use crate::mode::Mode;
 use crate::record::Reject;
 use crate::state::Resolution;
 use crate::stats::RunStats;
+use crate::windows::WindowEntry;
 use serde_json::Value;
 
 /// Row classes of a batch.
@@ -60,9 +61,18 @@ pub(super) async fn write_batch(
     let run = run
         .as_mut()
         .ok_or_else(|| Error::destination("mysql", "write before begin"))?;
-    let lock = lock
-        .clone()
-        .ok_or_else(|| Error::destination("mysql", "write without the run lock"))?;
+    // A backfill window's claim, not the run lock, fences it.
+    let lock = match &commit.window {
+        Some(w) => Lock {
+            pipeline: w.pipeline.clone(),
+            run_id: w.run_id.clone(),
+            name: String::new(),
+            lease: w.lease,
+        },
+        None => lock
+            .clone()
+            .ok_or_else(|| Error::destination("mysql", "write without the run lock"))?,
+    };
     let PlannedBatch {
         rows,
         mut rejects,
@@ -314,6 +324,14 @@ fn books_error(e: mysql_async::Error) -> Error {
 impl BatchTx for MysqlTx<'_> {
     async fn fence(&mut self) -> Result<()> {
         fence(self.conn, self.lock).await
+    }
+
+    async fn fence_window(&mut self, window: &WindowEntry) -> Result<()> {
+        super::windows::fence(self.conn, window).await
+    }
+
+    async fn finish_window(&mut self, window: &WindowEntry, stats: &RunStats) -> Result<()> {
+        super::windows::finish(self.conn, window, stats).await
     }
 
     async fn write_rows(

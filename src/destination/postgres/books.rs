@@ -495,7 +495,11 @@ pub(super) async fn begin(
     .await
     .map_err(pg_error(context.clone()))?;
     let stage = if target.mode.is_staged() {
-        let stage = stage_name(&target.table);
+        let stage = match &target.window {
+            // Workers stage their windows side by side.
+            Some(w) => identifier(&format!("_idemload_stage_{}_{}", target.table, w.position)),
+            None => stage_name(&target.table),
+        };
         tx.batch_execute(&format!(
             "DROP TABLE IF EXISTS {}",
             qualified(schema, &stage)

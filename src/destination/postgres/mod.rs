@@ -28,6 +28,7 @@ pub(crate) mod inspect;
 mod merge;
 mod requests;
 mod stage;
+mod windows;
 mod write;
 #[cfg(test)]
 mod write_tests;
@@ -41,12 +42,13 @@ use tokio_postgres::Client;
 use crate::connect::postgres::PgConfig;
 
 use super::sql::quote;
-use super::{Books, Commit, Destination, Lookahead, Target};
+use super::{Books, Commit, Destination, Lookahead, Target, WindowBooks};
 use crate::batch::PlannedBatch;
 use crate::error::{Error, Result};
 use crate::redact::redact;
 use crate::state::{LockHolder, RejectRecord, RunInfo, RunRecord};
 use crate::stats::RunStats;
+use crate::windows::{Window, WindowClaim, WindowEntry, WindowRow, WindowStatus};
 
 use self::ddl::PgSchema;
 
@@ -324,6 +326,49 @@ impl Books for PostgresDestination {
         limit: usize,
     ) -> Result<Vec<RejectRecord>> {
         books::rejects(&self.client, &self.schema, pipeline, run_id, limit).await
+    }
+}
+
+#[async_trait]
+impl WindowBooks for PostgresDestination {
+    async fn add_windows(&mut self, pipeline: &str, list: &[Window]) -> Result<()> {
+        windows::add(&mut self.client, &self.schema, pipeline, list).await
+    }
+
+    async fn windows(
+        &mut self,
+        pipeline: &str,
+        range: Option<(i64, i64)>,
+    ) -> Result<Vec<WindowRow>> {
+        windows::list(&self.client, &self.schema, pipeline, range).await
+    }
+
+    async fn claim_window(
+        &mut self,
+        claim: &WindowClaim,
+        window: &Window,
+        seen: &WindowRow,
+    ) -> Result<bool> {
+        windows::claim(&self.client, &self.schema, claim, window, seen).await
+    }
+
+    async fn renew_windows(
+        &mut self,
+        pipeline: &str,
+        run_ids: &[String],
+        lease: Duration,
+    ) -> Result<()> {
+        windows::renew(&self.client, &self.schema, pipeline, run_ids, lease).await
+    }
+
+    async fn release_window(
+        &mut self,
+        entry: &WindowEntry,
+        status: WindowStatus,
+        error: Option<&str>,
+        stats: Option<&RunStats>,
+    ) -> Result<()> {
+        windows::release(&self.client, &self.schema, entry, status, error, stats).await
     }
 }
 

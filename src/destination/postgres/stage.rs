@@ -5,7 +5,7 @@ use tokio_postgres::Transaction;
 
 use super::ddl::{add_columns, create_table, read_schema, PgColumn};
 use super::{pg_error, qualified, Run};
-use crate::destination::sql::{column_list, quote};
+use crate::destination::sql::{column_list, quote, window_scope};
 use crate::error::Result;
 use crate::mode::Mode;
 use crate::stats::RunStats;
@@ -24,10 +24,23 @@ pub(super) async fn apply_stage(
     let (t, s) = (qualified(schema, &target), qualified(schema, stage));
     let mut stats = RunStats::default();
     let Some(stage_schema) = read_schema(tx, schema, stage).await? else {
-        // Nothing was staged: a replace empties the table, a window touches nothing.
-        if run.target.mode == Mode::Replace && read_schema(tx, schema, &target).await?.is_some() {
+        // Nothing was staged: a replace empties the table, a window with
+        // bounds (a backfill's) empties them, a window guessed from the
+        // data touches nothing.
+        let stored = read_schema(tx, schema, &target).await?;
+        let scope = match (&run.target.window, &run.target.window_field) {
+            _ if run.target.mode == Mode::Replace => Some("true".to_string()),
+            (Some(bounds), Some(w))
+                if run.target.mode == Mode::Window
+                    && stored.as_ref().is_some_and(|t| t.position(w).is_some()) =>
+            {
+                Some(window_scope("", &quote(w), Some(bounds), "", false))
+            }
+            _ => None,
+        };
+        if let (Some(scope), Some(_)) = (scope, stored) {
             let removed = tx
-                .execute(&format!("DELETE FROM {t}"), &[])
+                .execute(&format!("DELETE FROM {t} WHERE {scope}"), &[])
                 .await
                 .map_err(pg_error(context))?;
             stats.removed = removed;
@@ -76,8 +89,7 @@ pub(super) async fn apply_stage(
         .join(" AND ");
     let scope = match (&run.target.mode, &run.target.window_field) {
         (Mode::Window, Some(w)) => {
-            let w = quote(w);
-            format!("t.{w} BETWEEN (SELECT min({w}) FROM {s}) AND (SELECT max({w}) FROM {s})")
+            window_scope("t", &quote(w), run.target.window.as_ref(), &s, false)
         }
         _ => "true".to_string(),
     };

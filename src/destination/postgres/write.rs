@@ -46,6 +46,7 @@ use crate::record::Reject;
 use crate::request::RequestEntry;
 use crate::state::Resolution;
 use crate::stats::RunStats;
+use crate::windows::WindowEntry;
 
 /// The temporary table a batch is copied into.
 pub(super) const BATCH: &str = "pg_temp._idemload_batch";
@@ -99,12 +100,16 @@ pub(super) async fn write_batch(
                 std::time::Duration::ZERO,
             )
         }
-        None => {
-            let (pipeline, run_id, lease, _) = lock
-                .clone()
-                .ok_or_else(|| Error::destination("postgres", "write without the run lock"))?;
-            (pipeline, run_id, lease)
-        }
+        // A backfill window's claim, not the run lock, fences it.
+        None => match &commit.window {
+            Some(w) => (w.pipeline.clone(), w.run_id.clone(), w.lease),
+            None => {
+                let (pipeline, run_id, lease, _) = lock
+                    .clone()
+                    .ok_or_else(|| Error::destination("postgres", "write without the run lock"))?;
+                (pipeline, run_id, lease)
+            }
+        },
     };
     let context = format!("table {:?}", run.target.table);
     let before = run.info.checkpoint_before.clone();
@@ -164,6 +169,14 @@ impl BatchTx for PgTx<'_> {
             self.lease,
         )
         .await
+    }
+
+    async fn fence_window(&mut self, window: &WindowEntry) -> Result<()> {
+        super::windows::fence(&self.tx, self.schema, window).await
+    }
+
+    async fn finish_window(&mut self, window: &WindowEntry, stats: &RunStats) -> Result<()> {
+        super::windows::finish(&self.tx, self.schema, window, stats).await
     }
 
     async fn write_rows(

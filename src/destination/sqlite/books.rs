@@ -418,21 +418,24 @@ pub(super) fn begin(
     )?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     // This run holds the lock, so a run of this pipeline still marked as
-    // running died without finishing: say so in its history.
-    tx.execute(
-        &format!(
-            "UPDATE {} SET status = ?2, finished_at = ?3,
+    // running died without finishing: say so in its history. (A backfill
+    // window's run holds no lock: other windows run meanwhile.)
+    if target.window.is_none() {
+        tx.execute(
+            &format!(
+                "UPDATE {} SET status = ?2, finished_at = ?3,
                  error = 'the process ended before the run finished'
              WHERE pipeline = ?1 AND status = ?4",
-            quote(RUNS_TABLE)
-        ),
-        params![
-            run.pipeline,
-            RunStatus::Died.as_str(),
-            format_time(Utc::now()),
-            RunStatus::Running.as_str()
-        ],
-    )?;
+                quote(RUNS_TABLE)
+            ),
+            params![
+                run.pipeline,
+                RunStatus::Died.as_str(),
+                format_time(Utc::now()),
+                RunStatus::Running.as_str()
+            ],
+        )?;
+    }
     tx.execute(
         &format!(
             "INSERT INTO {} (run_id, pipeline, table_name, status, started_at, checkpoint_before)
@@ -450,7 +453,11 @@ pub(super) fn begin(
     )?;
     let fills = super::ddl::existing_table(&tx, &target.table, &target.key_columns)?;
     let stage = if target.mode.is_staged() {
-        let stage = format!("_idemload_stage_{}", target.table);
+        let stage = match &target.window {
+            // Workers stage their windows side by side.
+            Some(w) => format!("_idemload_stage_{}_{}", target.table, w.position),
+            None => format!("_idemload_stage_{}", target.table),
+        };
         tx.execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&stage)))?;
         if let Some(schema) = super::read_schema(&tx, &target.table)? {
             super::ddl::create_table(&tx, &stage, &schema.columns, &target.key_columns)?;

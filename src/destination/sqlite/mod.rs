@@ -13,6 +13,7 @@ pub mod inspect;
 mod requests;
 mod run_keys;
 mod stage;
+mod windows;
 mod write;
 
 use std::path::PathBuf;
@@ -23,12 +24,13 @@ use rusqlite::Connection;
 use serde_json::Value;
 
 use super::schema::{Column, ColumnType, TableSchema};
-use super::{Books, Commit, Destination, Target};
+use super::{Books, Commit, Destination, Target, WindowBooks};
 use crate::batch::PlannedBatch;
 use crate::error::{Error, Result};
 use crate::files::LoadedFile;
 use crate::state::{LockHolder, RejectRecord, RunInfo, RunRecord};
 use crate::stats::{RunStats, RunStatus};
+use crate::windows::{Window, WindowClaim, WindowEntry, WindowRow, WindowStatus};
 
 use self::books::Heartbeat;
 
@@ -261,6 +263,61 @@ impl Books for SqliteDestination {
 }
 
 #[async_trait]
+impl WindowBooks for SqliteDestination {
+    async fn add_windows(&mut self, pipeline: &str, list: &[Window]) -> Result<()> {
+        let (p, list) = (pipeline.to_string(), list.to_vec());
+        self.blocking(move |inner| windows::add(&mut inner.conn, &p, &list))
+            .await
+    }
+
+    async fn windows(
+        &mut self,
+        pipeline: &str,
+        range: Option<(i64, i64)>,
+    ) -> Result<Vec<WindowRow>> {
+        let p = pipeline.to_string();
+        self.blocking(move |inner| windows::list(&inner.conn, &p, range))
+            .await
+    }
+
+    async fn claim_window(
+        &mut self,
+        claim: &WindowClaim,
+        window: &Window,
+        seen: &WindowRow,
+    ) -> Result<bool> {
+        let (c, w, s) = (claim.clone(), window.clone(), seen.clone());
+        self.blocking(move |inner| windows::claim(&mut inner.conn, &c, &w, &s))
+            .await
+    }
+
+    async fn renew_windows(
+        &mut self,
+        pipeline: &str,
+        run_ids: &[String],
+        lease: Duration,
+    ) -> Result<()> {
+        let (p, r) = (pipeline.to_string(), run_ids.to_vec());
+        self.blocking(move |inner| windows::renew(&inner.conn, &p, &r, lease))
+            .await
+    }
+
+    async fn release_window(
+        &mut self,
+        entry: &WindowEntry,
+        status: WindowStatus,
+        error: Option<&str>,
+        stats: Option<&RunStats>,
+    ) -> Result<()> {
+        let (e, er, st) = (entry.clone(), error.map(String::from), stats.copied());
+        self.blocking(move |inner| {
+            windows::release(&inner.conn, &e, status, er.as_deref(), st.as_ref())
+        })
+        .await
+    }
+}
+
+#[async_trait]
 impl Destination for SqliteDestination {
     async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()> {
         let (run, target) = (run.clone(), target.clone());
@@ -268,12 +325,13 @@ impl Destination for SqliteDestination {
             let (stage, fills) = books::begin(&mut inner.conn, &run, &target)?;
             inner.run = Some(Run {
                 info: run,
-                target,
                 stage,
                 fills,
                 schema: None,
-                fresh: None,
+                // Other workers of a backfill write the table too.
+                fresh: target.window.as_ref().map(|_| false),
                 keys: Default::default(),
+                target,
             });
             Ok(())
         })

@@ -5,7 +5,7 @@ use rusqlite::Connection;
 
 use super::ddl::create_table;
 use super::{declared_type, read_schema, Run};
-use crate::destination::sql::{column_list, key_match, quote};
+use crate::destination::sql::{column_list, key_match, quote, window_scope};
 use crate::error::Result;
 use crate::mode::Mode;
 use crate::stats::RunStats;
@@ -17,9 +17,26 @@ pub(super) fn apply_stage(conn: &Connection, run: &mut Run, stage: &str) -> Resu
     let keys = run.target.key_columns.clone();
     let mut stats = RunStats::default();
     let Some(stage_schema) = read_schema(conn, stage)? else {
-        // Nothing was staged: a replace empties the table, a window touches nothing.
-        if run.target.mode == Mode::Replace && read_schema(conn, &target)?.is_some() {
-            let removed = conn.execute(&format!("DELETE FROM {}", quote(&target)), [])? as u64;
+        // Nothing was staged: a replace empties the table, a window with
+        // bounds (a backfill's) empties them, a window guessed from the
+        // data touches nothing.
+        let stored = read_schema(conn, &target)?;
+        let scope = match (
+            &run.target.mode,
+            &run.target.window,
+            &run.target.window_field,
+        ) {
+            (Mode::Replace, ..) => Some("1".to_string()),
+            (Mode::Window, Some(bounds), Some(w))
+                if stored.as_ref().is_some_and(|t| t.position(w).is_some()) =>
+            {
+                Some(window_scope("", &quote(w), Some(bounds), "", false))
+            }
+            _ => None,
+        };
+        if let (Some(scope), Some(_)) = (scope, stored) {
+            let removed =
+                conn.execute(&format!("DELETE FROM {} WHERE {scope}", quote(&target)), [])? as u64;
             stats.removed = removed;
         }
         return Ok(stats);
@@ -68,8 +85,7 @@ pub(super) fn apply_stage(conn: &Connection, run: &mut Run, stage: &str) -> Resu
     let matched = key_match(&keys, &t, &s);
     let scope = match (&run.target.mode, &run.target.window_field) {
         (Mode::Window, Some(w)) => {
-            let w = quote(w);
-            format!("{t}.{w} BETWEEN (SELECT min({w}) FROM {s}) AND (SELECT max({w}) FROM {s})")
+            window_scope(&t, &quote(w), run.target.window.as_ref(), &s, false)
         }
         _ => "1".to_string(),
     };

@@ -31,6 +31,7 @@ use crate::record::Reject;
 use crate::request::RequestEntry;
 use crate::state::{format_time, Resolution, REJECTS_TABLE};
 use crate::stats::RunStats;
+use crate::windows::WindowEntry;
 
 /// Writes a planned batch through the one commit path; returns its full
 /// stats (the planner's and ours).
@@ -55,9 +56,13 @@ pub(super) fn write_batch(
                 std::time::Duration::ZERO,
             )
         }
-        None => lock
-            .clone()
-            .ok_or_else(|| Error::destination("sqlite", "write without the run lock"))?,
+        // A backfill window's claim, not the run lock, fences it.
+        None => match &commit.window {
+            Some(w) => (w.pipeline.clone(), w.run_id.clone(), w.lease),
+            None => lock
+                .clone()
+                .ok_or_else(|| Error::destination("sqlite", "write without the run lock"))?,
+        },
     };
     let before = run.info.checkpoint_before.clone();
     let tx = SqliteTx {
@@ -83,6 +88,14 @@ struct SqliteTx<'a> {
 impl BatchTx for SqliteTx<'_> {
     async fn fence(&mut self) -> Result<()> {
         fence(&self.tx, &self.pipeline, &self.run_id, self.lease)
+    }
+
+    async fn fence_window(&mut self, window: &WindowEntry) -> Result<()> {
+        super::windows::fence(&self.tx, window)
+    }
+
+    async fn finish_window(&mut self, window: &WindowEntry, stats: &RunStats) -> Result<()> {
+        super::windows::finish(&self.tx, window, stats)
     }
 
     async fn write_rows(
