@@ -766,6 +766,13 @@ fn four_workers_killed_and_restarted_leave_one_clean_load(env: &Env) {
     );
     let spans = spans(&asked);
     assert_eq!(spans.len(), KILL_WINDOWS as usize, "windows asked for");
+    // A kill inside a window leaves it to be read again by another worker.
+    let reread = spans.values().filter(|by| by.len() > 1).count();
+    eprintln!("{reread} windows read again after their reader was killed");
+    assert!(
+        reread > 0,
+        "no kill landed inside a window: taking a dead worker's window was not tried"
+    );
     let at = |d: &Duration| format!("{} ms", d.as_millis());
     for (window, by) in &spans {
         let mut readers: Vec<(&String, &(Duration, Duration))> = by.iter().collect();
@@ -789,12 +796,23 @@ fn four_workers_killed_and_restarted_leave_one_clean_load(env: &Env) {
             }
         }
         let (last, _) = readers.last().expect("a reader");
-        for (reader, (start, _)) in &readers[..readers.len() - 1] {
+        for (i, (reader, (start, _))) in readers[..readers.len() - 1].iter().enumerate() {
+            let Some(death) = killed.get(*reader) else {
+                panic!(
+                    "window {} was read by worker {reader} (from {}, never killed) and again by {last}",
+                    show(*window),
+                    at(start)
+                );
+            };
+            // Same host, dead pid: its window is taken at once, not after
+            // the 3 s lease.
+            let (next, (next_start, _)) = readers[i + 1];
             assert!(
-                killed.contains_key(*reader),
-                "window {} was read by worker {reader} (from {}, never killed) and again by {last}",
+                next_start.saturating_sub(*death) < Duration::from_secs(3),
+                "window {}: worker {reader} was killed at {} and {next} read it only from {}",
                 show(*window),
-                at(start)
+                at(death),
+                at(next_start)
             );
         }
     }
