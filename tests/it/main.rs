@@ -7,6 +7,7 @@
 mod common;
 
 mod audit;
+mod backfill;
 mod bad_input;
 mod books;
 mod check;
