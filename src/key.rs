@@ -253,6 +253,24 @@ impl Cursor {
         }
     }
 
+    /// The instant a cursor names: a timestamp's, or a date's
+    /// (`YYYY-MM-DD`) midnight UTC; `None` for integers and other text.
+    pub fn as_instant(&self) -> Option<i128> {
+        match self {
+            Cursor::Instant(nanos, _) => Some(*nanos),
+            Cursor::Text(t) => {
+                let day = chrono::NaiveDate::parse_from_str(t, "%Y-%m-%d").ok()?;
+                Some(day.and_hms_opt(0, 0, 0)?.and_utc().timestamp() as i128 * 1_000_000_000)
+            }
+            Cursor::Int(_) => None,
+        }
+    }
+
+    /// The instant `nanos` after the epoch, written in RFC 3339 UTC.
+    pub fn at_instant(nanos: i128) -> Cursor {
+        Cursor::Instant(nanos, format_instant(nanos))
+    }
+
     /// The value as JSON (for the state table and `--json`).
     pub fn to_json(&self) -> Value {
         match self {
@@ -268,7 +286,7 @@ impl Cursor {
             (Cursor::Int(i), Lookback::Number(n)) => Ok(Cursor::Int(i.saturating_sub(*n))),
             (Cursor::Instant(nanos, _), Lookback::Duration(d)) => {
                 let low = nanos - d.as_nanos() as i128;
-                Ok(Cursor::Instant(low, format_instant(low)))
+                Ok(Cursor::at_instant(low))
             }
             (Cursor::Int(_), Lookback::Duration(_)) => Err(Error::config(
                 "`lookback` is a duration but the cursor is an integer: give a number, e.g. lookback = 1000",

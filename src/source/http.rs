@@ -119,17 +119,7 @@ pub enum LowFormat {
 pub fn format_low(low: &Cursor, format: LowFormat) -> Result<String> {
     // A date bound (a backfill of whole days) is its midnight, UTC.
     let midnight = match low {
-        Cursor::Text(t) if format != LowFormat::Raw => {
-            chrono::NaiveDate::parse_from_str(t, "%Y-%m-%d")
-                .ok()
-                .and_then(|d| d.and_hms_opt(0, 0, 0))
-                .map(|t| {
-                    Cursor::from_text(
-                        &t.and_utc()
-                            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                    )
-                })
-        }
+        Cursor::Text(_) if format != LowFormat::Raw => low.as_instant().map(Cursor::at_instant),
         _ => None,
     };
     let low = midnight.as_ref().unwrap_or(low);

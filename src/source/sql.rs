@@ -324,18 +324,7 @@ fn quote_table(name: &str, dialect: Dialect) -> String {
 /// A high bound (a backfill window's end) is loosened the other way: two
 /// days after, which sorts above every spelling of any instant below it.
 fn loose_bound(bound: &Cursor, high: bool) -> LowParam {
-    let date = match bound {
-        Cursor::Text(t) => chrono::NaiveDate::parse_from_str(t, "%Y-%m-%d").ok(),
-        _ => None,
-    };
-    let nanos = date
-        .and_then(|d| d.and_hms_opt(0, 0, 0))
-        .map(|t| t.and_utc().timestamp() as i128 * 1_000_000_000);
-    let nanos = match bound {
-        Cursor::Instant(n, _) => Some(*n),
-        _ => nanos,
-    };
-    match (bound, nanos) {
+    match (bound, bound.as_instant()) {
         (Cursor::Int(i), _) => LowParam::Int(*i),
         (_, Some(nanos)) => {
             let shift = if high { 2 * 86_400 } else { -86_400 };
@@ -345,7 +334,7 @@ fn loose_bound(bound: &Cursor, high: bool) -> LowParam {
                 .unwrap_or_else(|| if high { "9999-12-31" } else { "0000-01-01" }.into());
             LowParam::Text(day)
         }
-        (Cursor::Text(t), None) | (Cursor::Instant(_, t), None) => LowParam::Text(t.clone()),
+        (other, None) => LowParam::Text(other.to_string()),
     }
 }
 

@@ -55,16 +55,25 @@ pub struct WindowRow {
     pub run_id: Option<String>,
     pub host: Option<String>,
     pub pid: Option<u32>,
-    /// Milliseconds since the epoch.
-    #[serde(skip)]
+    /// Milliseconds since the epoch; `--json` shows it as RFC 3339
+    /// (`lease_expires_at`).
+    #[serde(rename = "lease_expires_at", serialize_with = "lease_text")]
     pub lease_expires: Option<i64>,
-    pub lease_expires_at: Option<String>,
     pub stats: Option<Value>,
     pub error: Option<String>,
     pub finished_at: Option<String>,
 }
 
+fn lease_text<S: serde::Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+    ms.and_then(ms_text).serialize(s)
+}
+
 impl WindowRow {
+    /// When the claim's lease runs out, in RFC 3339.
+    pub fn lease_expires_at(&self) -> Option<String> {
+        self.lease_expires.and_then(ms_text)
+    }
+
     /// A running window whose worker is gone: its lease ran out, or it was
     /// a process of this host that no longer exists.
     pub fn abandoned(&self, now_ms: i64) -> bool {
@@ -123,17 +132,22 @@ impl WindowEntry {
         self.window.end_text()
     }
 
-    /// The error of a batch whose window was taken over.
-    pub fn lost(&self) -> crate::Error {
-        crate::Error::WindowLost {
+    /// Ok when the statement that fenced or finished the window touched
+    /// its row (`rows` = 1); else the window was taken over: the batch
+    /// fails with [`crate::Error::WindowLost`].
+    pub fn held(&self, rows: u64) -> crate::Result<()> {
+        if rows == 1 {
+            return Ok(());
+        }
+        Err(crate::Error::WindowLost {
             pipeline: self.pipeline.clone(),
             start: self.start(),
             end: self.end(),
-        }
+        })
     }
 }
 
 /// A lease expiry (milliseconds since the epoch) as RFC 3339.
-pub fn ms_text(ms: i64) -> Option<String> {
+fn ms_text(ms: i64) -> Option<String> {
     chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms).map(crate::state::format_time)
 }

@@ -10,7 +10,7 @@
 
 mod books;
 
-pub use self::books::{ms_text, WindowClaim, WindowEntry, WindowRow, WindowStatus, WINDOWS_TABLE};
+pub use self::books::{WindowClaim, WindowEntry, WindowRow, WindowStatus, WINDOWS_TABLE};
 
 use std::cmp::Ordering;
 use std::time::Duration;
@@ -50,23 +50,10 @@ impl Window {
 /// Compares a record's cursor with a bound: as instants when both are
 /// times (a date counts as its midnight UTC), else as cursors.
 pub fn compare(value: &Cursor, bound: &Cursor) -> Ordering {
-    match (nanos(value), nanos(bound)) {
+    match (value.as_instant(), bound.as_instant()) {
         (Some(a), Some(b)) => a.cmp(&b),
         _ => value.cmp(bound),
     }
-}
-
-fn nanos(c: &Cursor) -> Option<i128> {
-    match c {
-        Cursor::Instant(n, _) => Some(*n),
-        Cursor::Text(t) => date_nanos(t),
-        Cursor::Int(_) => None,
-    }
-}
-
-fn date_nanos(text: &str) -> Option<i128> {
-    let day = NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()?;
-    Some(day.and_hms_opt(0, 0, 0)?.and_utc().timestamp() as i128 * 1_000_000_000)
 }
 
 /// The span of one window: a duration for time cursors, a number for

@@ -114,7 +114,7 @@ async fn status(
                     w.run_id.as_deref().unwrap_or("?"),
                     w.host.as_deref().unwrap_or("?"),
                     w.pid.unwrap_or_default(),
-                    w.lease_expires_at.as_deref().unwrap_or("?")
+                    w.lease_expires_at().as_deref().unwrap_or("?")
                 ),
                 WindowStatus::Failed => w.error.clone().unwrap_or_default(),
                 WindowStatus::Pending => String::new(),

@@ -11,9 +11,7 @@ use crate::destination::sql::quote_mysql as q;
 use crate::error::{Error, Result};
 use crate::state::format_time;
 use crate::stats::RunStats;
-use crate::windows::{
-    ms_text, Window, WindowClaim, WindowEntry, WindowRow, WindowStatus, WINDOWS_TABLE,
-};
+use crate::windows::{Window, WindowClaim, WindowEntry, WindowRow, WindowStatus, WINDOWS_TABLE};
 
 type R<T> = std::result::Result<T, mysql_async::Error>;
 
@@ -123,7 +121,6 @@ pub(super) async fn list(
                     host: r.5,
                     pid: r.6.map(|p| p as u32),
                     lease_expires: r.7,
-                    lease_expires_at: r.7.and_then(ms_text),
                     stats: r.8.and_then(|s| serde_json::from_str(&s).ok()),
                     error: r.9,
                     finished_at: r.10,
@@ -239,11 +236,7 @@ pub(super) async fn fence(conn: &mut Conn, entry: &WindowEntry) -> Result<()> {
     .await
     .map_err(books_error)?;
     // The lease is renewed to a new value, so a held row always changes.
-    if conn.affected_rows() == 1 {
-        Ok(())
-    } else {
-        Err(entry.lost())
-    }
+    entry.held(conn.affected_rows())
 }
 
 pub(super) async fn finish(conn: &mut Conn, entry: &WindowEntry, stats: &RunStats) -> Result<()> {
@@ -265,9 +258,5 @@ pub(super) async fn finish(conn: &mut Conn, entry: &WindowEntry, stats: &RunStat
     )
     .await
     .map_err(books_error)?;
-    if conn.affected_rows() == 1 {
-        Ok(())
-    } else {
-        Err(entry.lost())
-    }
+    entry.held(conn.affected_rows())
 }

@@ -106,7 +106,6 @@ pub(super) async fn list(
                 host: r.get(5),
                 pid: r.get::<_, Option<i64>>(6).map(|p| p as u32),
                 lease_expires: lease,
-                lease_expires_at: lease.and_then(crate::windows::ms_text),
                 stats: r.get(8),
                 error: r.get(9),
                 finished_at: r
@@ -230,11 +229,7 @@ pub(super) async fn fence(
         )
         .await
         .map_err(pg_error("fencing a window"))?;
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(entry.lost())
-    }
+    entry.held(n as u64)
 }
 
 pub(super) async fn finish(
@@ -261,9 +256,5 @@ pub(super) async fn finish(
         )
         .await
         .map_err(pg_error("marking a window done"))?;
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(entry.lost())
-    }
+    entry.held(n as u64)
 }

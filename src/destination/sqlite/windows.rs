@@ -7,9 +7,7 @@ use crate::destination::sql::quote;
 use crate::error::Result;
 use crate::state::format_time;
 use crate::stats::RunStats;
-use crate::windows::{
-    ms_text, Window, WindowClaim, WindowEntry, WindowRow, WindowStatus, WINDOWS_TABLE,
-};
+use crate::windows::{Window, WindowClaim, WindowEntry, WindowRow, WindowStatus, WINDOWS_TABLE};
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -83,7 +81,6 @@ pub(super) fn list(
             host: r.get(5)?,
             pid: r.get::<_, Option<i64>>(6)?.map(|p| p as u32),
             lease_expires: lease,
-            lease_expires_at: lease.and_then(ms_text),
             stats: stats.and_then(|s| serde_json::from_str(&s).ok()),
             error: r.get(9)?,
             finished_at: r.get(10)?,
@@ -196,11 +193,7 @@ pub(super) fn fence(conn: &Connection, entry: &WindowEntry) -> Result<()> {
             now_ms() + entry.lease.as_millis() as i64
         ],
     )?;
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(entry.lost())
-    }
+    entry.held(n as u64)
 }
 
 /// In the window's last batch transaction: marks it done with its stats.
@@ -221,9 +214,5 @@ pub(super) fn finish(conn: &Connection, entry: &WindowEntry, stats: &RunStats) -
             format_time(chrono::Utc::now())
         ],
     )?;
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(entry.lost())
-    }
+    entry.held(n as u64)
 }
