@@ -171,7 +171,7 @@ pub async fn status(
     let rows = match pipeline.books().await? {
         Some(mut books) => {
             let positions = grid.as_ref().map(|g| positions(g));
-            let rows = books.windows(pipeline.name(), positions).await?;
+            let rows = books.windows(pipeline.name(), positions, false).await?;
             match &grid {
                 Some(g) => in_grid(rows, g).into_iter().map(|(_, r)| r).collect(),
                 None => rows,
@@ -273,7 +273,7 @@ pub async fn backfill(
     }
     let rows = {
         let mut books = shared.books.lock().await;
-        books.windows(&name, Some(positions(&grid))).await?
+        books.windows(&name, Some(positions(&grid)), false).await?
     };
     let rows = in_grid(rows, &grid);
     let done = rows
@@ -504,20 +504,19 @@ async fn claim_next(
     started_at: chrono::DateTime<Utc>,
 ) -> Result<(Option<Window>, BackfillProgress)> {
     let mut books = shared.books.lock().await;
+    // Without --redo a done window is never claimed again: only the open
+    // ones are read, and every window of the grid not among them is done.
     let rows = in_grid(
         books
-            .windows(&claim.pipeline, Some(positions(grid)))
+            .windows(&claim.pipeline, Some(positions(grid)), !redo)
             .await?,
         grid,
     );
     let now_ms = Utc::now().timestamp_millis();
-    let (failed_here, loaded_here) = (
-        shared.failed_here.lock().map_err(poisoned)?.clone(),
-        shared.loaded_here.lock().map_err(poisoned)?.clone(),
-    );
     let started = format_time(started_at);
     let mut progress = BackfillProgress {
         windows: grid.len(),
+        done: if redo { 0 } else { grid.len() - rows.len() },
         ..Default::default()
     };
     {
@@ -526,20 +525,24 @@ async fn claim_next(
         progress.loaded = totals.1;
     }
     let mut claimable = Vec::new();
-    for (window, row) in rows {
-        let bounds = (row.start.clone(), row.end.clone());
-        let redo_this = redo
-            && !loaded_here.contains(&bounds)
-            && row
-                .finished_at
-                .as_deref()
-                .is_some_and(|f| f < started.as_str());
-        match row.status {
-            WindowStatus::Done if redo_this => claimable.push((window, row)),
-            WindowStatus::Done => progress.done += 1,
-            WindowStatus::Failed if failed_here.contains(&bounds) => progress.failed += 1,
-            WindowStatus::Running if !row.abandoned(now_ms) => progress.running += 1,
-            _ => claimable.push((window, row)),
+    {
+        let failed_here = shared.failed_here.lock().map_err(poisoned)?;
+        let loaded_here = shared.loaded_here.lock().map_err(poisoned)?;
+        for (window, row) in rows {
+            let bounds = (row.start.clone(), row.end.clone());
+            let redo_this = redo
+                && !loaded_here.contains(&bounds)
+                && row
+                    .finished_at
+                    .as_deref()
+                    .is_some_and(|f| f < started.as_str());
+            match row.status {
+                WindowStatus::Done if redo_this => claimable.push((window, row)),
+                WindowStatus::Done => progress.done += 1,
+                WindowStatus::Failed if failed_here.contains(&bounds) => progress.failed += 1,
+                WindowStatus::Running if !row.abandoned(now_ms) => progress.running += 1,
+                _ => claimable.push((window, row)),
+            }
         }
     }
     for (window, row) in &claimable {

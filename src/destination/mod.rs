@@ -122,11 +122,13 @@ pub trait WindowBooks: Send {
     }
 
     /// The pipeline's windows whose position lies in `range` (all with
-    /// `None`), in order; none when no backfill ran here.
+    /// `None`), in order, leaving out the done ones when `open_only`; none
+    /// when no backfill ran here.
     async fn windows(
         &mut self,
         _pipeline: &str,
         _range: Option<(i64, i64)>,
+        _open_only: bool,
     ) -> Result<Vec<WindowRow>> {
         Ok(Vec::new())
     }

@@ -321,8 +321,9 @@ impl WindowBooks for MysqlDestination {
         &mut self,
         pipeline: &str,
         range: Option<(i64, i64)>,
+        open_only: bool,
     ) -> Result<Vec<WindowRow>> {
-        windows::list(&mut self.conn, pipeline, range).await
+        windows::list(&mut self.conn, pipeline, range, open_only).await
     }
 
     async fn claim_window(

@@ -72,6 +72,7 @@ pub(super) async fn list(
     conn: &mut Conn,
     pipeline: &str,
     range: Option<(i64, i64)>,
+    open_only: bool,
 ) -> Result<Vec<WindowRow>> {
     async {
         let present: Option<i64> = conn
@@ -104,10 +105,11 @@ pub(super) async fn list(
                     "SELECT window_start, window_end, position, status, run_id, host, pid,
                             lease_expires, stats, error, finished_at
                      FROM {} WHERE pipeline = ? AND position >= ? AND position < ?
+                       AND (? = 0 OR status <> 'done')
                      ORDER BY position, window_end",
                     q(WINDOWS_TABLE)
                 ),
-                (pipeline, low, high),
+                (pipeline, low, high, open_only),
             )
             .await?;
         R::Ok(

@@ -339,8 +339,9 @@ impl WindowBooks for PostgresDestination {
         &mut self,
         pipeline: &str,
         range: Option<(i64, i64)>,
+        open_only: bool,
     ) -> Result<Vec<WindowRow>> {
-        windows::list(&self.client, &self.schema, pipeline, range).await
+        windows::list(&self.client, &self.schema, pipeline, range, open_only).await
     }
 
     async fn claim_window(

@@ -66,6 +66,7 @@ pub(super) async fn list(
     schema: &str,
     pipeline: &str,
     range: Option<(i64, i64)>,
+    open_only: bool,
 ) -> Result<Vec<WindowRow>> {
     let present: bool = client
         .query_one(
@@ -86,10 +87,11 @@ pub(super) async fn list(
                 "SELECT window_start, window_end, position, status, run_id, host, pid,
                         lease_expires, stats, error, finished_at
                  FROM {} WHERE pipeline = $1 AND position >= $2 AND position < $3
+                   AND (NOT $4 OR status <> 'done')
                  ORDER BY position, window_end",
                 qualified(schema, WINDOWS_TABLE)
             ),
-            &[&pipeline, &low, &high],
+            &[&pipeline, &low, &high, &open_only],
         )
         .await
         .map_err(pg_error("reading the windows"))?;

@@ -274,9 +274,10 @@ impl WindowBooks for SqliteDestination {
         &mut self,
         pipeline: &str,
         range: Option<(i64, i64)>,
+        open_only: bool,
     ) -> Result<Vec<WindowRow>> {
         let p = pipeline.to_string();
-        self.blocking(move |inner| windows::list(&inner.conn, &p, range))
+        self.blocking(move |inner| windows::list(&inner.conn, &p, range, open_only))
             .await
     }
 

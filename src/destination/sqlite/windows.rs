@@ -50,6 +50,7 @@ pub(super) fn list(
     conn: &Connection,
     pipeline: &str,
     range: Option<(i64, i64)>,
+    open_only: bool,
 ) -> Result<Vec<WindowRow>> {
     let exists: Option<i64> = conn
         .query_row(
@@ -66,10 +67,11 @@ pub(super) fn list(
         "SELECT window_start, window_end, position, status, run_id, host, pid, lease_expires,
                 stats, error, finished_at
          FROM {} WHERE pipeline = ?1 AND position >= ?2 AND position < ?3
+           AND (?4 = 0 OR status <> 'done')
          ORDER BY position, window_end",
         table()
     ))?;
-    let rows = stmt.query_map(params![pipeline, low, high], |r| {
+    let rows = stmt.query_map(params![pipeline, low, high, open_only], |r| {
         let stats: Option<String> = r.get(8)?;
         let lease: Option<i64> = r.get(7)?;
         Ok(WindowRow {
