@@ -1320,3 +1320,76 @@ fn integer_windows_are_pushed_into_the_sql_query() {
         );
     });
 }
+
+// ---- a stop asked for by SIGTERM ----------------------------------------------
+
+/// SIGTERM stops a backfill after the batch being written: the done
+/// windows stay done, the window being loaded goes back to pending (no
+/// window is left `running` to wait out its lease), the process exits 143,
+/// and running again loads exactly the rest.
+#[test]
+fn sigterm_releases_the_window_being_loaded_and_a_rerun_finishes() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    crate::common::with_backend("backfill_term", BackendKind::Sqlite, |env| {
+        let t0 = Instant::now();
+        let data = events("2024-01-01T00:00:00Z", 20, DAY, 25);
+        let api = events_api(data.clone(), Duration::from_millis(30), t0);
+        let p = http_pipeline(env, "events", &api.server.base, true, "", "");
+        let reference = http_pipeline(env, "reference", &api.server.base, false, "", "");
+        env.run(&reference, &[]).code(0);
+        api.forget();
+        let args = [
+            "backfill",
+            p.as_str(),
+            "--json",
+            "--from",
+            "2024-01-01",
+            "--to",
+            "2024-01-21",
+            "--window",
+            "1d",
+        ];
+        let child = env
+            .command(&args)
+            .env("WORKER", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn idemload backfill");
+        assert!(
+            crate::common::wait_until(Duration::from_secs(20), || windows_in(
+                env, "events", "done"
+            ) >= 3),
+            "three windows were not done within 20 s"
+        );
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+        let out = finished(child.wait_with_output().expect("wait"));
+        assert_eq!(out.code, 143, "{}\n{}", out.stdout, out.stderr);
+        let stopped = summary(&out);
+        assert_eq!(stopped.status, "interrupted", "{}", stopped.raw);
+        let done = windows_in(env, "events", "done");
+        assert!((3..20).contains(&done), "done after the stop: {done}");
+        assert_eq!(
+            windows_in(env, "events", "running"),
+            0,
+            "a window was left running"
+        );
+        assert_eq!(windows_in(env, "events", "pending"), 20 - done);
+        assert_eq!(env.backend.checkpoint("events"), None);
+
+        let again = backfill_with(env, &p, &args[3..], &[("WORKER", "2")]);
+        again.code(0);
+        let s = summary(&again);
+        let (total, all_done, loaded, skipped, failed) = windows(&s);
+        assert_eq!((total, all_done, failed), (20, 20, 0), "{}", s.raw);
+        assert_eq!(
+            (loaded, skipped),
+            ((20 - done) as u64, done as u64),
+            "{}",
+            s.raw
+        );
+        assert_eq!(env.backend.doubled("events", &["id"]), 0);
+        assert_rows(&env.rows("events"), &env.rows("reference"));
+    });
+}
