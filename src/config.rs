@@ -125,6 +125,12 @@ pub struct LoadConfig {
     /// A value larger than this (bytes) is rejected with its record.
     #[serde(default = "default_max_value_bytes")]
     pub max_value_bytes: usize,
+    /// A column holding the time of the row's last real change.
+    pub loaded_at: Option<String>,
+    /// Numeric columns whose new value counts as unchanged within this
+    /// absolute distance of the stored one: `{ consumed_gb = 0.01 }`.
+    #[serde(default)]
+    pub tolerance: std::collections::BTreeMap<String, toml::Value>,
 }
 
 impl Default for LoadConfig {
@@ -143,6 +149,8 @@ impl Default for LoadConfig {
             window: None,
             lock_lease: default_lock_lease(),
             max_value_bytes: default_max_value_bytes(),
+            loaded_at: None,
+            tolerance: Default::default(),
         }
     }
 }
@@ -173,6 +181,8 @@ pub struct LoadSettings {
     pub window: Option<crate::windows::Span>,
     pub lock_lease: Duration,
     pub max_value_bytes: usize,
+    /// `loaded_at` and `tolerance`: when a stored row counts as unchanged.
+    pub compare: crate::destination::compare::Compare,
 }
 
 impl LoadConfig {
@@ -237,6 +247,9 @@ impl LoadConfig {
             None => None,
             Some(v) => Some(crate::windows::Span::from_toml(v).map_err(at("window"))?),
         };
+        let compare = self
+            .compare(&key)
+            .map_err(|(k, m)| (Some(k), Error::config(m)))?;
         Ok(LoadSettings {
             key,
             cursor: self.cursor.clone(),
@@ -250,6 +263,81 @@ impl LoadConfig {
             window,
             lock_lease,
             max_value_bytes: self.max_value_bytes,
+            compare,
+        })
+    }
+
+    /// `loaded_at` and `tolerance`, checked against the fields with other
+    /// roles: a key, cursor or window field is always compared exactly.
+    fn compare(
+        &self,
+        key: &KeySpec,
+    ) -> std::result::Result<crate::destination::compare::Compare, (&'static str, String)> {
+        let mut roles: Vec<(String, &str)> =
+            key.columns().into_iter().map(|c| (c, "a key")).collect();
+        roles.extend(self.cursor.iter().map(|c| (c.clone(), "the cursor")));
+        roles.extend(
+            self.window_field
+                .iter()
+                .map(|c| (c.clone(), "the window_field")),
+        );
+        roles.extend(
+            self.delete_field
+                .iter()
+                .map(|c| (c.clone(), "the delete_field")),
+        );
+        let role = |name: &str| roles.iter().find(|(c, _)| c == name).map(|(_, r)| *r);
+        if let Some(column) = &self.loaded_at {
+            if column.trim().is_empty() {
+                return Err(("loaded_at", "must name a column".into()));
+            }
+            if column.starts_with("_idemload") {
+                return Err((
+                    "loaded_at",
+                    "the _idemload prefix is reserved for bookkeeping".into(),
+                ));
+            }
+            if let Some(role) = role(column) {
+                return Err((
+                    "loaded_at",
+                    format!(
+                        "{column:?} is {role} field; the load-time column needs a name of its own"
+                    ),
+                ));
+            }
+        }
+        let mut tolerance = Vec::new();
+        for (column, value) in &self.tolerance {
+            let distance = match value {
+                toml::Value::Float(f) => *f,
+                toml::Value::Integer(i) => *i as f64,
+                other => {
+                    return Err((
+                        "tolerance",
+                        format!("{column}: {other} is not a number; write a distance such as {column} = 0.01"),
+                    ))
+                }
+            };
+            if !distance.is_finite() || distance < 0.0 {
+                return Err((
+                    "tolerance",
+                    format!("{column}: must be a distance of 0 or more"),
+                ));
+            }
+            if let Some(role) = role(column) {
+                return Err((
+                    "tolerance",
+                    format!("{column:?} is {role} field, which is always compared exactly"),
+                ));
+            }
+            if self.loaded_at.as_deref() == Some(column.as_str()) {
+                return Err(("tolerance", format!("{column:?} is the loaded_at column")));
+            }
+            tolerance.push((column.clone(), distance));
+        }
+        Ok(crate::destination::compare::Compare {
+            loaded_at: self.loaded_at.clone(),
+            tolerance,
         })
     }
 }
@@ -372,6 +460,20 @@ impl PipelineConfig {
             Some(key) => Mistake::new(&["load", key], e.to_string()),
             None => Mistake::new(&["load"], e.to_string()),
         })?;
+        if self.destination.kind.as_deref() == Some("http") {
+            if self.load.loaded_at.is_some() {
+                return Err(Mistake::new(
+                    &["load", "loaded_at"],
+                    "applies to a table destination; an API keeps its own times",
+                ));
+            }
+            if !self.load.tolerance.is_empty() {
+                return Err(Mistake::new(
+                    &["load", "tolerance"],
+                    "applies to a table destination; an http destination resends a record whenever its content changes",
+                ));
+            }
+        }
         Ok(())
     }
 }

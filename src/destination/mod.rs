@@ -8,6 +8,7 @@
 //! written once, in `commit.rs`, over each backend's transaction.
 
 pub(crate) mod commit;
+pub mod compare;
 pub(crate) mod fills;
 pub mod http;
 pub mod inspect;
@@ -43,6 +44,8 @@ pub struct Target {
     /// A backfill window: in `window` mode its bounds (not the data's
     /// range) say which stored rows the load replaces.
     pub window: Option<Window>,
+    /// When a stored row counts as unchanged (`loaded_at`, `tolerance`).
+    pub compare: compare::Compare,
 }
 
 /// What commits with a batch besides its rows and rejects.

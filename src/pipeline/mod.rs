@@ -115,6 +115,7 @@ impl Pipeline {
             mode: self.settings.mode,
             window_field: self.settings.window_field.clone(),
             window: None,
+            compare: self.settings.compare.clone(),
         }
     }
 
@@ -337,13 +338,9 @@ impl Pipeline {
             let mut source = source?;
             let ordered = source.ordered_by_cursor();
             let planner = Planner {
-                key: s.key.clone(),
-                cursor: s.cursor.clone(),
                 low,
                 high,
-                delete_field: s.delete_field.clone(),
-                window_field: s.window_field.clone(),
-                max_value_bytes: s.max_value_bytes,
+                ..Planner::of(s)
             };
             let before_cursor = before.as_ref().and_then(Cursor::from_json);
             let mut committed_max = before_cursor;

@@ -31,9 +31,27 @@ pub struct Planner {
     pub delete_field: Option<String>,
     pub window_field: Option<String>,
     pub max_value_bytes: usize,
+    /// `[load] loaded_at`: the load-time column, stamped on every row of a
+    /// batch (a store keeps it only where the row really changed).
+    pub loaded_at: Option<String>,
 }
 
 impl Planner {
+    /// The planner of a pipeline's `[load]` settings, reading everything
+    /// (no window).
+    pub fn of(settings: &crate::config::LoadSettings) -> Planner {
+        Planner {
+            key: settings.key.clone(),
+            cursor: settings.cursor.clone(),
+            low: None,
+            high: None,
+            delete_field: settings.delete_field.clone(),
+            window_field: settings.window_field.clone(),
+            max_value_bytes: settings.max_value_bytes,
+            loaded_at: settings.compare.loaded_at.clone(),
+        }
+    }
+
     /// Plans one batch.
     pub fn plan(&self, items: Vec<Item>) -> PlannedBatch {
         let mut batch = PlannedBatch {
@@ -143,6 +161,14 @@ impl Planner {
                 None => batch.rows.push(row),
             }
         }
+        if let Some(column) = &self.loaded_at {
+            let now = Value::String(
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            );
+            for row in &mut batch.rows {
+                row.fields.insert(column.clone(), now.clone());
+            }
+        }
         if let Some(present) = first_fields {
             batch.absent = wanted
                 .iter()
@@ -217,6 +243,18 @@ impl Planner {
                     &record,
                     Some(&key),
                     format!("missing window field {window:?}"),
+                ));
+            }
+        }
+        if let Some(column) = &self.loaded_at {
+            if record.fields.contains_key(column) {
+                return Err(reject(
+                    &record,
+                    Some(&key),
+                    format!(
+                        "field {column:?} is the load-time column ([load] loaded_at), which \
+                         idemload writes; rename the field or choose another loaded_at"
+                    ),
                 ));
             }
         }
@@ -323,6 +361,7 @@ mod tests {
             delete_field: None,
             window_field: None,
             max_value_bytes: 1 << 20,
+            loaded_at: None,
         }
     }
 

@@ -111,16 +111,7 @@ pub async fn serve(
     if pipeline.config.destination.kind.as_deref() == Some("http") {
         return Err(unsupported_destination());
     }
-    let s = &pipeline.settings;
-    let planner = Planner {
-        key: s.key.clone(),
-        cursor: s.cursor.clone(),
-        low: None,
-        high: None,
-        delete_field: s.delete_field.clone(),
-        window_field: s.window_field.clone(),
-        max_value_bytes: s.max_value_bytes,
-    };
+    let planner = Planner::of(&pipeline.settings);
     let name = pipeline.name().to_string();
     let pool = Pool {
         pipeline: pipeline.clone(),

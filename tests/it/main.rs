@@ -44,6 +44,7 @@ mod shapes;
 mod signals;
 mod sql_source;
 mod tls;
+mod tolerance;
 mod verify;
 mod watch;
 mod watch_maintenance;

@@ -1,7 +1,8 @@
 //! `[audit]` monitors (spec: "Shapes, tolerances and monitors", issue 18):
 //! a usage archive rebuilt end to end from a nested API over two
-//! overlapping billing-cycle pulls, with one missing day and one spike;
-//! `run --audit` and `audit` report exactly those and POST them with a
+//! overlapping billing-cycle pulls, with a correction within the tolerance
+//! and one beyond it, one missing day and one spike; `run --audit` and
+//! `audit` report exactly the day and the spike and POST them with a
 //! stable `Idempotency-Key`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,8 +24,20 @@ fn usage(line: &str, day: u32) -> Option<Value> {
     Some(json!({"usage_date": format!("2025-01-{day:02}"), "consumed_gb": gb}))
 }
 
+/// The second pull corrects SL-2: day 6 by 0.004 GB (within the 0.01
+/// tolerance: unchanged), day 7 by a whole GB (updated).
+fn corrected(line: &str, day: u32) -> Option<Value> {
+    let mut record = usage(line, day)?;
+    match (line, day) {
+        ("SL-2", 6) => record["consumed_gb"] = json!(20.004),
+        ("SL-2", 7) => record["consumed_gb"] = json!(21.0),
+        _ => {}
+    }
+    Some(record)
+}
+
 /// One billing cycle's answer, nested by service line.
-fn cycle(days: std::ops::RangeInclusive<u32>) -> Value {
+fn cycle(days: std::ops::RangeInclusive<u32>, usage: fn(&str, u32) -> Option<Value>) -> Value {
     let mut body = serde_json::Map::new();
     for line in ["SL-1", "SL-2"] {
         let rows: Vec<Value> = days.clone().filter_map(|d| usage(line, d)).collect();
@@ -52,7 +65,11 @@ idemtest!(
         let p = pulls.clone();
         let api = http_server(move |_| {
             let n = p.fetch_add(1, Ordering::SeqCst);
-            HttpResponse::json(if n == 0 { cycle(1..=8) } else { cycle(6..=12) })
+            HttpResponse::json(if n == 0 {
+                cycle(1..=8, usage)
+            } else {
+                cycle(6..=12, corrected)
+            })
         });
         let alerts = http_server(|_| HttpResponse::status(202));
         env.write(
@@ -69,6 +86,8 @@ url = "{}"
 table = "daily_usage"
 [load]
 key = ["service_line_id", "usage_date"]
+tolerance = {{ consumed_gb = 0.01 }}
+loaded_at = "_loaded_at"
 [audit]
 gaps = {{ field = "usage_date", by = ["service_line_id"], step = "1d" }}
 spikes = {{ field = "consumed_gb", by = ["service_line_id"], factor = 3, days = 30 }}
@@ -83,11 +102,32 @@ alert = {{ url = "{}/alerts" }}
         assert_eq!(first.inserted, 15, "days 1..=8 less SL-1's day 5");
         assert!(alerts.requests().is_empty(), "no audit without --audit");
 
-        // The second cycle overlaps days 6..=8: they are unchanged.
+        // The second cycle overlaps days 6..=8: unchanged, but for SL-2's
+        // day 7, corrected beyond the tolerance.
         let out = env.run("usage.toml", &["--audit"]);
         out.code(1);
         let report = out.report();
-        assert_eq!((report.inserted, report.unchanged), (8, 6));
+        assert_eq!(
+            (report.inserted, report.updated, report.unchanged),
+            (8, 1, 5),
+            "{}",
+            report.raw
+        );
+        // The load-time column moved for exactly the 9 rows written.
+        let count = |filter: &str| {
+            env.backend
+                .scalar_i64(&format!("SELECT count(*) FROM daily_usage WHERE {filter}"))
+                .unwrap_or(-1)
+        };
+        assert_eq!(
+            count("_loaded_at > (SELECT min(_loaded_at) FROM daily_usage)"),
+            9
+        );
+        assert_eq!(
+            count("service_line_id = 'SL-2' AND usage_date = '2025-01-06' AND consumed_gb = 20"),
+            1,
+            "a correction within the tolerance is not written"
+        );
         let audit = &out.json()["audit"];
         assert_eq!(
             audit["gaps"],
@@ -103,7 +143,7 @@ alert = {{ url = "{}/alerts" }}
 
         let sum = |line: &str| env.backend.scalar_i64(&sum_sql(env.backend.kind, line));
         assert_eq!(sum("SL-1"), Some(10 * 30 + 5000));
-        assert_eq!(sum("SL-2"), Some(12 * 20));
+        assert_eq!(sum("SL-2"), Some(11 * 20 + 21));
 
         let posted = alerts.requests();
         assert_eq!(posted.len(), 1, "one alert for one audit");

@@ -13,6 +13,8 @@ use mysql_async::Conn;
 
 use super::ddl::{add_columns, create_table, read_table, SqlColumn};
 use super::{Run, Server};
+use crate::destination::compare::Compared;
+use crate::destination::inspect::Dialect;
 use crate::destination::sql::{quote_mysql as q, window_scope};
 use crate::mode::Mode;
 use crate::stats::RunStats;
@@ -30,7 +32,7 @@ pub(super) enum Plan {
         has_window_field: bool,
     },
     /// Apply the stage; both tables have these columns.
-    Apply { columns: Vec<String> },
+    Apply { columns: Vec<SqlColumn> },
 }
 
 /// Makes target and stage ready for [`apply`] (before the transaction).
@@ -78,8 +80,8 @@ pub(super) async fn prepare(conn: &mut Conn, server: &Server, run: &Run, stage: 
         .collect();
     add_columns(conn, target, &to_target).await?;
     add_columns(conn, stage, &to_stage).await?;
-    let mut columns: Vec<String> = existing.columns.iter().map(|c| c.name.clone()).collect();
-    columns.extend(to_target.into_iter().map(|c| c.name));
+    let mut columns = existing.columns;
+    columns.extend(to_target);
     Ok(Plan::Apply { columns })
 }
 
@@ -116,7 +118,7 @@ pub(super) async fn apply(conn: &mut Conn, run: &Run, stage: &str, plan: &Plan) 
         .collect::<Vec<_>>()
         .join(" AND ");
     let k0 = q(&keys[0]);
-    let others: Vec<&String> = columns.iter().filter(|c| !keys.contains(c)).collect();
+    let others: Vec<&SqlColumn> = columns.iter().filter(|c| !keys.contains(&c.name)).collect();
     let scope = match (&run.target.mode, &run.target.window_field) {
         (Mode::Window, Some(w)) => window_scope("t", &q(w), run.target.window.as_ref(), &s, true),
         _ => "TRUE".to_string(),
@@ -135,24 +137,32 @@ pub(super) async fn apply(conn: &mut Conn, run: &Run, stage: &str, plan: &Plan) 
     } else {
         let set = others
             .iter()
-            .map(|c| format!("t.{0} = s.{0}", q(c)))
+            .map(|c| format!("t.{0} = s.{0}", q(&c.name)))
             .collect::<Vec<_>>()
             .join(", ");
-        let same = others
-            .iter()
-            .map(|c| format!("t.{0} <=> s.{0}", q(c)))
-            .collect::<Vec<_>>()
-            .join(" AND ");
+        let differs = run.target.compare.differs(
+            Dialect::Mysql,
+            others.iter().map(|c| Compared {
+                name: &c.name,
+                ty: c.ty,
+                stored: format!("t.{}", q(&c.name)),
+                new: format!("s.{}", q(&c.name)),
+            }),
+        );
         conn.query_drop(format!(
-            "UPDATE {t} t JOIN {s} s ON {matched} SET {set} WHERE NOT ({same})"
+            "UPDATE {t} t JOIN {s} s ON {matched} SET {set} WHERE {differs}"
         ))
         .await?;
         conn.affected_rows()
     };
-    let cols = columns.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
+    let cols = columns
+        .iter()
+        .map(|c| q(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
     let s_cols = columns
         .iter()
-        .map(|c| format!("s.{}", q(c)))
+        .map(|c| format!("s.{}", q(&c.name)))
         .collect::<Vec<_>>()
         .join(", ");
     conn.query_drop(format!(

@@ -572,6 +572,7 @@ async fn batches_load_the_same_without_local_infile() {
             mode: Mode::Merge,
             window_field: None,
             window: None,
+            compare: Default::default(),
         };
         let info = RunInfo {
             pipeline: "p".into(),
@@ -589,6 +590,7 @@ async fn batches_load_the_same_without_local_infile() {
             delete_field: None,
             window_field: None,
             max_value_bytes: usize::MAX,
+            loaded_at: None,
         };
         let items = Batches(vec![typed_rows(0..50)].into())
             .next_batch()

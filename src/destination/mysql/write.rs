@@ -24,6 +24,8 @@ use super::ddl::{add_columns, create_table, declare, read_table, unfit_name, Sql
 use super::{stage, Lock, MysqlDestination, Run, Server};
 use crate::batch::{PlannedBatch, Row};
 use crate::destination::commit::{commit_batch, BatchTx};
+use crate::destination::compare::Compared;
+use crate::destination::inspect::Dialect;
 use crate::destination::schema::{ColumnRules, ColumnType};
 use crate::destination::seen::SeenKeys;
 use crate::destination::sql::quote_mysql as q;
@@ -566,15 +568,19 @@ async fn merge(
         .into_iter()
         .filter(|n| !keys.iter().any(|k| k == n))
         .collect();
-    let same = if others.is_empty() {
-        "TRUE".to_string()
-    } else {
-        others
+    let differs = target.compare.differs(
+        Dialect::Mysql,
+        schema
+            .columns
             .iter()
-            .map(|c| format!("t.{0} <=> s.{0}", q(c)))
-            .collect::<Vec<_>>()
-            .join(" AND ")
-    };
+            .filter(|c| others.contains(&c.name.as_str()))
+            .map(|c| Compared {
+                name: &c.name,
+                ty: c.ty,
+                stored: format!("t.{}", q(&c.name)),
+                new: format!("s.{}", q(&c.name)),
+            }),
+    );
     // Never NULL: both sides are tested first.
     let stale = match target
         .cursor
@@ -612,7 +618,7 @@ async fn merge(
                  WHEN {insert_new} THEN {OP_UNCHANGED}
                  WHEN {stale} THEN {OP_STALE}
                  WHEN {del} THEN {OP_DELETE}
-                 WHEN {same} THEN {OP_UNCHANGED}
+                 WHEN NOT {differs} THEN {OP_UNCHANGED}
                  ELSE {OP_UPDATE} END AS op,
                {dup} AS dup, COUNT(*)
              FROM {b} s LEFT JOIN {t} t ON {matched}{run_keys}
@@ -667,7 +673,7 @@ async fn merge(
             .join(", ");
         conn.query_drop(format!(
             "UPDATE {t} t JOIN {b} s ON {matched} SET {set}
-             WHERE NOT {del} AND NOT {stale} AND NOT ({same})"
+             WHERE NOT {del} AND NOT {stale} AND {differs}"
         ))
         .await?;
     }

@@ -6,6 +6,8 @@
 use super::books::RUN_KEYS;
 use super::ddl::{PgColumn, PgSchema};
 use super::write::{BATCH, DEL, FRESH};
+use crate::destination::compare::{Compare, Compared};
+use crate::destination::inspect::Dialect;
 use crate::destination::schema::ColumnType;
 use crate::destination::sql::{column_list, quote};
 use crate::error::{Error, Result};
@@ -19,13 +21,14 @@ pub(super) struct Merge<'a> {
     pub(super) keys: Vec<&'a PgColumn>,
     others: Vec<&'a PgColumn>,
     cursor: Option<&'a PgColumn>,
+    compare: &'a Compare,
 }
 
 impl<'a> Merge<'a> {
     pub(super) fn new(
         table: &str,
         schema: &'a PgSchema,
-        target: &crate::destination::Target,
+        target: &'a crate::destination::Target,
         mode: Mode,
     ) -> Result<Merge<'a>> {
         let keys = target
@@ -59,6 +62,7 @@ impl<'a> Merge<'a> {
                 .map(|i| &schema.columns[i]),
             keys,
             others,
+            compare: &target.compare,
         })
     }
 
@@ -240,18 +244,15 @@ impl<'a> Merge<'a> {
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
-            let stored = self
-                .others
-                .iter()
-                .map(|c| c.comparable(&format!("t.{}", quote(&c.name))))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let new = self
-                .others
-                .iter()
-                .map(|c| c.comparable(&c.cast(&format!("s.{}", quote(&c.name)))))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let differs = self.compare.differs(
+                Dialect::Postgres,
+                self.others.iter().map(|c| Compared {
+                    name: &c.name,
+                    ty: c.ty,
+                    stored: c.comparable(&format!("t.{}", quote(&c.name))),
+                    new: c.comparable(&c.cast(&format!("s.{}", quote(&c.name)))),
+                }),
+            );
             let not_stale = match &stale {
                 Some(cond) => format!(" AND NOT {cond}"),
                 None => String::new(),
@@ -261,7 +262,7 @@ impl<'a> Merge<'a> {
                 ", upd AS (
                     UPDATE {t} t SET {set} FROM {BATCH} s
                     WHERE {match} AND NOT s.{del}
-                      AND ROW({stored}) IS DISTINCT FROM ROW({new}){not_stale}
+                      AND {differs}{not_stale}
                     RETURNING {returning}
                  )",
                 match = self.key_match("t", "s"),

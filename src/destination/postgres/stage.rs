@@ -5,6 +5,8 @@ use tokio_postgres::Transaction;
 
 use super::ddl::{add_columns, create_table, read_schema, PgColumn};
 use super::{pg_error, qualified, Run};
+use crate::destination::compare::Compared;
+use crate::destination::inspect::Dialect;
 use crate::destination::sql::{column_list, quote, window_scope};
 use crate::error::Result;
 use crate::mode::Mode;
@@ -114,19 +116,17 @@ pub(super) async fn apply_stage(
             .map(|c| format!("{q} = s.{q}", q = quote(&c.name)))
             .collect::<Vec<_>>()
             .join(", ");
-        let stored = others
-            .iter()
-            .map(|c| c.comparable(&format!("t.{}", quote(&c.name))))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let new = others
-            .iter()
-            .map(|c| c.comparable(&format!("s.{}", quote(&c.name))))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let differs = run.target.compare.differs(
+            Dialect::Postgres,
+            others.iter().map(|c| Compared {
+                name: &c.name,
+                ty: c.ty,
+                stored: c.comparable(&format!("t.{}", quote(&c.name))),
+                new: c.comparable(&format!("s.{}", quote(&c.name))),
+            }),
+        );
         run_sql(format!(
-            "UPDATE {t} t SET {set} FROM {s} s
-             WHERE {matched} AND ROW({stored}) IS DISTINCT FROM ROW({new})"
+            "UPDATE {t} t SET {set} FROM {s} s WHERE {matched} AND {differs}"
         ))
         .await?
     };

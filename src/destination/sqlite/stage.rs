@@ -5,6 +5,8 @@ use rusqlite::Connection;
 
 use super::ddl::create_table;
 use super::{declared_type, read_schema, Run};
+use crate::destination::compare::Compared;
+use crate::destination::inspect::Dialect;
 use crate::destination::sql::{column_list, key_match, quote, window_scope};
 use crate::error::Result;
 use crate::mode::Mode;
@@ -104,13 +106,21 @@ pub(super) fn apply_stage(conn: &Connection, run: &mut Run, stage: &str) -> Resu
             .map(|c| format!("{q} = {s}.{q}", q = quote(c)))
             .collect::<Vec<_>>()
             .join(", ");
-        let differs = others
-            .iter()
-            .map(|c| format!("{t}.{q} IS NOT {s}.{q}", q = quote(c)))
-            .collect::<Vec<_>>()
-            .join(" OR ");
+        let differs = run.target.compare.differs(
+            Dialect::Sqlite,
+            target_schema
+                .columns
+                .iter()
+                .filter(|c| others.contains(&c.name.as_str()))
+                .map(|c| Compared {
+                    name: &c.name,
+                    ty: c.ty,
+                    stored: format!("{t}.{}", quote(&c.name)),
+                    new: format!("{s}.{}", quote(&c.name)),
+                }),
+        );
         conn.execute(
-            &format!("UPDATE {t} SET {set} FROM {s} WHERE {matched} AND ({differs})"),
+            &format!("UPDATE {t} SET {set} FROM {s} WHERE {matched} AND {differs}"),
             [],
         )? as u64
     };

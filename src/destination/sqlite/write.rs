@@ -20,6 +20,7 @@ use super::stage::apply_stage;
 use super::{Inner, Run};
 use crate::batch::{PlannedBatch, Row};
 use crate::destination::commit::{commit_batch, BatchTx};
+use crate::destination::compare::{within, Rule};
 use crate::destination::schema::{Column, ColumnType, SqlValue, TableSchema};
 use crate::destination::sql::{column_list, quote};
 use crate::destination::Commit;
@@ -245,6 +246,8 @@ struct RowWriter<'c> {
     /// Positions of the key columns and of the others in `schema`.
     keys: Vec<usize>,
     others: Vec<usize>,
+    /// How each of `others` compares for "unchanged".
+    rules: Vec<Rule>,
     cursor: Option<usize>,
     /// Keys this run wrote.
     seen: &'c mut RunKeys,
@@ -288,6 +291,13 @@ impl<'c> RowWriter<'c> {
             .collect::<Result<Vec<_>>>()?;
         let others: Vec<usize> = (0..schema.columns.len())
             .filter(|i| !keys.contains(i))
+            .collect();
+        let rules = others
+            .iter()
+            .map(|&i| {
+                let c = &schema.columns[i];
+                target.compare.rule(&c.name, c.ty)
+            })
             .collect();
         let t = quote(table);
         let names: Vec<&str> = schema.columns.iter().map(|c| c.name.as_str()).collect();
@@ -346,6 +356,7 @@ impl<'c> RowWriter<'c> {
             delete_sql: format!("DELETE FROM {t} WHERE {key_where}"),
             keys,
             others,
+            rules,
         })
     }
 
@@ -407,8 +418,8 @@ impl<'c> RowWriter<'c> {
                         _ => false,
                     };
                     let mut unchanged = true;
-                    for &i in &self.others {
-                        if !same(stored.get_ref(i)?, value_ref(&values[i])) {
+                    for (&i, &rule) in self.others.iter().zip(&self.rules) {
+                        if !same(stored.get_ref(i)?, value_ref(&values[i]), rule) {
                             unchanged = false;
                             break;
                         }
@@ -513,8 +524,21 @@ fn to_sqlite(v: SqlValue) -> Sql {
 }
 
 /// Equal as stored: integers and reals compare by value (a column of a
-/// table idemload did not create may have stored one for the other).
-fn same(stored: ValueRef<'_>, new: ValueRef<'_>) -> bool {
+/// table idemload did not create may have stored one for the other), and
+/// by the column's rule (the load-time column is never compared, a
+/// tolerance lets numbers differ a little).
+fn same(stored: ValueRef<'_>, new: ValueRef<'_>, rule: Rule) -> bool {
+    match rule {
+        Rule::Skip => return true,
+        Rule::Within(distance) => {
+            if let (Some(a), Some(b)) = (number(stored), number(new)) {
+                if within(a, b, distance) {
+                    return true;
+                }
+            }
+        }
+        Rule::Exact => {}
+    }
     match (stored, new) {
         (ValueRef::Integer(a), ValueRef::Real(b)) | (ValueRef::Real(b), ValueRef::Integer(a)) => {
             a as f64 == b
@@ -523,6 +547,16 @@ fn same(stored: ValueRef<'_>, new: ValueRef<'_>) -> bool {
             a == b || String::from_utf8_lossy(a) == String::from_utf8_lossy(b)
         }
         (a, b) => a == b,
+    }
+}
+
+/// A stored or bound number; decimals are stored as their digits.
+fn number(v: ValueRef<'_>) -> Option<f64> {
+    match v {
+        ValueRef::Integer(i) => Some(i as f64),
+        ValueRef::Real(f) => Some(f),
+        ValueRef::Text(t) => std::str::from_utf8(t).ok()?.parse().ok(),
+        _ => None,
     }
 }
 
