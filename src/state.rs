@@ -136,7 +136,7 @@ pub struct Resolution {
 
 impl Finish {
     /// Decides the run's ending from its totals: too many rejects fail it and
-    /// keep the checkpoint where it was.
+    /// keep the checkpoint where it was, and so do deferred records.
     pub fn resolve(&self, batch: RunStats) -> Resolution {
         let stats = self.prior + batch;
         match self.max_rejects {
@@ -156,7 +156,9 @@ impl Finish {
                 } else {
                     RunStatus::Succeeded
                 },
-                checkpoint: self.checkpoint.clone(),
+                // A deferred record is not written yet: the checkpoint
+                // stays before it.
+                checkpoint: self.checkpoint.clone().filter(|_| stats.deferred == 0),
                 error: None,
             },
         }

@@ -1,8 +1,10 @@
 //! RunStats: what a run did, record by record.
 //!
-//! Guarantee 4 of the spec, nothing silently lost, is the identity
+//! Nothing is silently lost: every run keeps the identity
 //! `read = inserted + updated + unchanged + deleted + skipped + duplicates +
-//! rejected`, where `deleted` counts rows deleted by a record (`delete_field`).
+//! rejected + deferred`, where `deleted` counts rows deleted by a record
+//! (`delete_field`) and `deferred` the records an HTTP destination left for
+//! the next run because its daily request budget was spent.
 //! In `replace` and `window` modes rows that the load no longer contains are
 //! removed too: they are counted in `removed` only, which is not part of the
 //! identity because no record was read for them.
@@ -25,6 +27,10 @@ pub struct RunStats {
     pub skipped: u64,
     pub duplicates: u64,
     pub rejected: u64,
+    /// HTTP destinations: records not written because the day's request
+    /// budget (`requests_per_day`) is spent; the next run writes them.
+    #[serde(default)]
+    pub deferred: u64,
     /// Rejects an earlier run already recorded (same source reference, same
     /// raw record): counted in `rejected` too, but alone they give exit 0.
     #[serde(default)]
@@ -58,6 +64,7 @@ impl RunStats {
             + self.skipped
             + self.duplicates
             + self.rejected
+            + self.deferred
     }
 
     /// True when every record read is accounted for.
@@ -82,6 +89,7 @@ impl std::ops::AddAssign for RunStats {
         self.skipped += o.skipped;
         self.duplicates += o.duplicates;
         self.rejected += o.rejected;
+        self.deferred += o.deferred;
         self.known_rejects += o.known_rejects;
         self.files_skipped += o.files_skipped;
         self.looked_up_api += o.looked_up_api;
@@ -111,7 +119,11 @@ impl std::fmt::Display for RunStats {
             self.skipped,
             self.duplicates,
             self.rejected
-        )
+        )?;
+        if self.deferred > 0 {
+            write!(f, ", deferred {}", self.deferred)?;
+        }
+        Ok(())
     }
 }
 

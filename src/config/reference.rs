@@ -105,6 +105,10 @@ fn every_config_key_is_in_the_reference() {
     );
     assert_documented("Request templates", &keys_of::<RequestTemplate>(probe));
     assert_documented("`lookup_table`", &keys_of::<LookupTable>(probe));
+    assert_documented(
+        "`rate_limit` (HTTP destination)",
+        &keys_of::<crate::destination::http::config::RateLimit>(probe),
+    );
     assert_documented("`[load]`", &keys_of::<LoadConfig>(probe));
     assert_documented("`[load]`", &values_of::<LoadConfig>("mode = \"zz_probe\""));
     assert_documented("`[trigger]`", &keys_of::<TriggerConfig>(probe));

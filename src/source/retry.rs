@@ -121,17 +121,20 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(config: Option<&RateLimitConfig>) -> Result<RateLimiter, String> {
-        let inner = match config {
+        RateLimiter::per_second(config.map(|c| c.requests_per_second), "[source.rate_limit]")
+    }
+
+    /// At most `rate` requests started per second (none: no limit);
+    /// `setting` names where the rate was configured, for the error.
+    pub fn per_second(rate: Option<f64>, setting: &str) -> Result<RateLimiter, String> {
+        let inner = match rate {
             None => None,
-            Some(c) => {
-                let period = (c.requests_per_second.is_finite() && c.requests_per_second > 0.0)
-                    .then(|| Duration::from_secs_f64(1.0 / c.requests_per_second))
+            Some(rate) => {
+                let period = (rate.is_finite() && rate > 0.0)
+                    .then(|| Duration::from_secs_f64(1.0 / rate))
                     .and_then(governor::Quota::with_period)
                     .ok_or_else(|| {
-                        format!(
-                            "[source.rate_limit] requests_per_second = {} must be greater than 0",
-                            c.requests_per_second
-                        )
+                        format!("{setting} requests_per_second = {rate} must be greater than 0")
                     })?;
                 Some(governor::RateLimiter::direct(period))
             }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::common::{idemload_in as idemload, kill_after};
+use crate::common::{idemload_in as idemload, kill_after, with_backend, BackendKind, Env};
 
 /// How the fake CRM misbehaves.
 #[derive(Clone, Copy, Default)]
@@ -437,4 +437,226 @@ fn a_template_field_the_records_lack_stops_before_any_request() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(crm.lock().unwrap().requests, 0);
+}
+
+/// A synced copy as the warehouse holds it: contacts 1..=`known` with
+/// their CRM ids (`5000 + i`), plus stale rows for contacts
+/// `known+1..=known+stale` whose ids (`9000 + i`) the CRM deleted.
+fn synced_copy(env: &Env, crm: &Arc<Mutex<Crm>>, known: u64, stale: u64) {
+    env.backend.execute(
+        "CREATE TABLE crm_contacts (crm_id BIGINT PRIMARY KEY, email VARCHAR(200), person BIGINT)",
+    );
+    let mut c = crm.lock().unwrap();
+    let mut rows = Vec::new();
+    for i in 1..=known + stale {
+        let email = format!("person{i}+tag@example.com");
+        let id = if i <= known { 5000 + i } else { 9000 + i };
+        if i <= known {
+            c.contacts
+                .insert(id, json!({"id": id, "email": email, "name": "old"}));
+        }
+        rows.push(format!("({id}, '{email}', {i})"));
+    }
+    env.backend.execute(&format!(
+        "INSERT INTO crm_contacts (crm_id, email, person) VALUES {}",
+        rows.join(", ")
+    ));
+}
+
+fn lookup_table_on(env: &Env) {
+    let dir = env.root();
+    let (base, crm) = serve(Faults::default(), 6);
+    contacts(dir, 40, "v1");
+    // 20 contacts the copy knows, 10 it still lists but the CRM deleted,
+    // and one of those (person 21) the CRM holds again under a new id.
+    synced_copy(env, &crm, 20, 10);
+    crm.lock().unwrap().contacts.insert(
+        7021,
+        json!({"id": 7021, "email": "person21+tag@example.com", "name": "old"}),
+    );
+    let url = env.backend.url();
+    pipeline(
+        dir,
+        &base,
+        &format!("lookup_table = {{ url = \"{url}\", table = \"crm_contacts\", match = \"email\", id = \"crm_id\" }}"),
+    );
+    let out = idemload(dir, &["run", "crm.toml", "--json"]);
+    let r = report(&out);
+    assert_eq!(out.status.code(), Some(0), "{r}");
+    assert_eq!(
+        (r["updated"].as_u64(), r["inserted"].as_u64()),
+        (Some(21), Some(19)),
+        "20 found in the copy, person 21 found by the API after its stale id; 9 stale and 10 unknown created: {r}"
+    );
+    assert_eq!(r["looked_up_table"], 30, "{r}");
+    assert_eq!(
+        r["looked_up_api"], 20,
+        "the 10 stale and 10 unknown keys: {r}"
+    );
+    {
+        let c = crm.lock().unwrap();
+        assert_eq!(c.searches, 20);
+        assert_eq!(c.creates, 19);
+        assert_one_per_email(&c, 40, "v1");
+    }
+    // The ledger now knows every key: a re-run sends nothing, and a
+    // copy that still lists stale ids no longer matters.
+    let before = crm.lock().unwrap().requests;
+    let again = report(&idemload(dir, &["run", "crm.toml", "--json"]));
+    assert_eq!(again["unchanged"], 40, "{again}");
+    assert_eq!(crm.lock().unwrap().requests, before);
+
+    // Matching on an integer column binds the value in the column's type.
+    contacts(dir, 40, "v2");
+    std::fs::remove_file(dir.join("ledger.db")).unwrap();
+    let toml = std::fs::read_to_string(dir.join("crm.toml"))
+        .unwrap()
+        .replace("match = \"email\"", "match = \"id\"")
+        .replace("table = \"crm_contacts\"", "table = \"by_person\"");
+    std::fs::write(dir.join("crm.toml"), toml).unwrap();
+    env.backend
+        .execute("CREATE TABLE by_person (id BIGINT PRIMARY KEY, crm_id VARCHAR(20))");
+    let ids: Vec<String> = {
+        let c = crm.lock().unwrap();
+        (1..=40)
+            .map(|i| {
+                let id = c.by_email(&format!("person{i}+tag@example.com"))[0];
+                format!("({i}, '{id}')")
+            })
+            .collect()
+    };
+    env.backend.execute(&format!(
+        "INSERT INTO by_person (id, crm_id) VALUES {}",
+        ids.join(", ")
+    ));
+    let searches = crm.lock().unwrap().searches;
+    let third = report(&idemload(dir, &["run", "crm.toml", "--json"]));
+    assert_eq!(
+        (third["updated"].as_u64(), third["looked_up_table"].as_u64()),
+        (Some(40), Some(40)),
+        "{third}"
+    );
+    let c = crm.lock().unwrap();
+    assert_eq!(c.searches, searches, "no search: every id was in the copy");
+    assert_one_per_email(&c, 40, "v2");
+}
+
+mod lookup_table_in_any_database {
+    use super::*;
+
+    #[test]
+    fn sqlite() {
+        with_backend("lookup_table_sqlite", BackendKind::Sqlite, lookup_table_on);
+    }
+
+    #[test]
+    fn postgres() {
+        with_backend("lookup_table_pg", BackendKind::Postgres, lookup_table_on);
+    }
+
+    #[test]
+    fn mysql() {
+        with_backend("lookup_table_my", BackendKind::Mysql, lookup_table_on);
+    }
+}
+
+#[test]
+fn a_lookup_table_that_does_not_exist_stops_before_any_request() {
+    with_backend("lookup_table_missing", BackendKind::Postgres, |env| {
+        let (base, crm) = serve(Faults::default(), 7);
+        contacts(env.root(), 5, "v1");
+        env.backend
+            .execute("CREATE TABLE crm_contacts (crm_id BIGINT, email TEXT)");
+        let url = env.backend.url();
+        for (table, column) in [("crm_contact", "email"), ("crm_contacts", "e_mail")] {
+            pipeline(
+                env.root(),
+                &base,
+                &format!("lookup_table = {{ url = \"{url}\", table = \"{table}\", match = \"{column}\", id = \"crm_id\" }}"),
+            );
+            let out = idemload(env.root(), &["run", "crm.toml"]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{stderr}");
+            assert!(
+                stderr.contains("lookup_table")
+                    && stderr.contains(table)
+                    && stderr.contains(column),
+                "{stderr}"
+            );
+        }
+        assert_eq!(crm.lock().unwrap().requests, 0);
+    });
+}
+
+/// The ledger's budget row set back a day, as tomorrow would find it.
+fn next_day(dir: &Path) {
+    let ledger = rusqlite::Connection::open(dir.join("ledger.db")).unwrap();
+    let moved = ledger
+        .execute("UPDATE _idemload_budget SET day = '2000-01-01'", [])
+        .unwrap();
+    assert_eq!(moved, 1, "the budget is kept in the ledger");
+}
+
+#[test]
+fn a_spent_daily_budget_defers_the_rest_to_the_next_day() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let (base, crm) = serve(Faults::default(), 8);
+    contacts(dir, 30, "v1");
+    pipeline(dir, &base, "rate_limit = { requests_per_day = 25 }");
+    let toml = std::fs::read_to_string(dir.join("crm.toml"))
+        .unwrap()
+        .replace("key = [\"email\"]", "key = [\"email\"]\ncursor = \"id\"");
+    std::fs::write(dir.join("crm.toml"), toml).unwrap();
+
+    // Each new contact costs a search and a create: 12 fit in 25
+    // requests, the 13th's search spends the last one.
+    let out = idemload(dir, &["run", "crm.toml", "--json"]);
+    let first = crate::common::Report::parse(
+        &String::from_utf8_lossy(&out.stdout),
+        &String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", first.raw);
+    assert_eq!((first.inserted, first.deferred), (12, 18), "{}", first.raw);
+    assert_eq!(first.raw["api_requests"], 25);
+    assert_eq!(
+        first.checkpoint_after(),
+        Value::Null,
+        "the checkpoint stays before the deferred records"
+    );
+    assert_eq!(crm.lock().unwrap().requests, 25);
+
+    // The same day: nothing more is sent; the human summary says why.
+    let out = idemload(dir, &["run", "crm.toml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("18 deferred") && stderr.contains("requests_per_day"),
+        "{stderr}"
+    );
+    assert_eq!(crm.lock().unwrap().requests, 25);
+
+    // Each next day goes on where the last one stopped.
+    let mut days = 1;
+    loop {
+        next_day(dir);
+        days += 1;
+        let before = crm.lock().unwrap().requests;
+        let out = idemload(dir, &["run", "crm.toml", "--json"]);
+        let r = crate::common::Report::parse(
+            &String::from_utf8_lossy(&out.stdout),
+            &String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", r.raw);
+        assert!(crm.lock().unwrap().requests - before <= 25);
+        if r.deferred == 0 {
+            assert_eq!(r.checkpoint_after(), json!(30), "{}", r.raw);
+            break;
+        }
+        assert!(days < 5, "still deferring on day {days}: {}", r.raw);
+    }
+    assert_eq!(days, 3, "30 contacts × 2 requests fit in three days of 25");
+    let c = crm.lock().unwrap();
+    assert_eq!(c.creates, 30);
+    assert_one_per_email(&c, 30, "v1");
 }

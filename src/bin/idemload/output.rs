@@ -24,7 +24,7 @@ pub fn stdout_bytes(bytes: &[u8]) {
 
 /// Every field of the `load`/`run` report, so that the object has one shape
 /// whatever the run did (docs/reference.md lists them).
-const RUN_FIELDS: [&str; 24] = [
+const RUN_FIELDS: [&str; 25] = [
     "pipeline",
     "run_id",
     "status",
@@ -37,6 +37,7 @@ const RUN_FIELDS: [&str; 24] = [
     "skipped",
     "duplicates",
     "rejected",
+    "deferred",
     "known_rejects",
     "files_skipped",
     "looked_up_api",
@@ -167,6 +168,12 @@ pub fn summary(report: &RunReport, rejects: &str) -> String {
             s.files_skipped,
             if s.files_skipped == 1 { "" } else { "s" },
             if s.files_skipped == 1 { "it" } else { "them" },
+        ));
+    }
+    if s.deferred > 0 {
+        line.push_str(&format!(
+            "; {} deferred: the daily request budget (requests_per_day) is spent, the checkpoint stays, and the next run writes them",
+            s.deferred
         ));
     }
     if report.status == RunStatus::SucceededWithRejects {

@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::config::DestinationConfig;
 use crate::error::{Error, Result};
 use crate::record::Fields;
-use crate::source::retry::{RateLimitConfig, RetryConfig};
+use crate::source::retry::RetryConfig;
 
 /// The settings of an HTTP destination.
 #[derive(Debug, Clone, Deserialize)]
@@ -52,7 +52,18 @@ pub struct HttpDestinationConfig {
     pub timeout: String,
     #[serde(default)]
     pub retry: RetryConfig,
-    pub rate_limit: Option<RateLimitConfig>,
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// `rate_limit = { requests_per_second, requests_per_day }`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Most requests started per second (retries included); may be fractional.
+    pub requests_per_second: Option<f64>,
+    /// Most requests sent per UTC day, counted in the ledger across runs:
+    /// when it is spent, the records left are `deferred` to the next run.
+    pub requests_per_day: Option<u64>,
 }
 
 fn one() -> usize {
@@ -82,7 +93,8 @@ fn get() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LookupTable {
-    /// `sqlite://PATH` of the synced copy.
+    /// Where the synced copy lives: `sqlite://PATH`, `postgres://…` or
+    /// `mysql://…`.
     pub url: String,
     pub table: String,
     /// The record field (and column) to match on.
@@ -110,6 +122,15 @@ impl HttpDestinationConfig {
         if config.create.is_some() && config.lookup.is_none() {
             return Err(Error::config(
                 "[destination] `create` needs `lookup`: after a create whose answer was lost, idemload looks the record up before creating it again",
+            ));
+        }
+        if config
+            .rate_limit
+            .as_ref()
+            .is_some_and(|r| r.requests_per_day == Some(0))
+        {
+            return Err(Error::config(
+                "[destination] rate_limit: requests_per_day must be at least 1",
             ));
         }
         if config.concurrency == 0 {

@@ -33,7 +33,9 @@ impl Ledger {
             "CREATE TABLE IF NOT EXISTS _idemload_ledger (
                  pipeline TEXT NOT NULL, record_key TEXT NOT NULL, remote_id TEXT NOT NULL,
                  content_hash TEXT NOT NULL, written_at TEXT NOT NULL,
-                 PRIMARY KEY (pipeline, record_key)) WITHOUT ROWID;",
+                 PRIMARY KEY (pipeline, record_key)) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS _idemload_budget (
+                 pipeline TEXT PRIMARY KEY, day TEXT NOT NULL, used INTEGER NOT NULL);",
         )?;
         Ok(Ledger {
             conn: Arc::new(Mutex::new(conn)),
@@ -86,6 +88,31 @@ impl Ledger {
             )?
             .execute(params![p, key, id, hash, Utc::now().to_rfc3339()])
             .map(|_| ())
+        })
+        .await
+    }
+
+    /// Takes one request from today's budget of `per_day` (UTC days);
+    /// `false` when today's is spent. Counted before the request is sent,
+    /// so a crash can only make the count too high, never too low.
+    pub async fn spend(&self, per_day: u64) -> Result<bool> {
+        let today = Utc::now().date_naive().to_string();
+        self.with(move |c, p| {
+            let tx = c.unchecked_transaction()?;
+            tx.prepare_cached(
+                "INSERT INTO _idemload_budget (pipeline, day, used) VALUES (?1, ?2, 0)
+                 ON CONFLICT (pipeline) DO UPDATE SET
+                     used = CASE WHEN day = excluded.day THEN used ELSE 0 END,
+                     day = excluded.day",
+            )?
+            .execute(params![p, today])?;
+            let taken = tx
+                .prepare_cached(
+                    "UPDATE _idemload_budget SET used = used + 1 WHERE pipeline = ?1 AND used < ?2",
+                )?
+                .execute(params![p, per_day as i64])?;
+            tx.commit()?;
+            Ok(taken == 1)
         })
         .await
     }

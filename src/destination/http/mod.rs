@@ -11,11 +11,20 @@
 //! ignores idempotency keys. The ledger is committed after each confirmed
 //! write; the run's lock, checkpoint, history and rejects live in the
 //! ledger's file, through the SQLite bookkeeping.
+//!
+//! A `lookup_table` id the API answers 404 for is stale (deleted in the
+//! API): the record is looked up through the API, then created. With
+//! `rate_limit.requests_per_day`, each request is first taken from the
+//! day's budget in the ledger; once it is spent, the records left are
+//! counted `deferred`, the run commits what it wrote and keeps its
+//! checkpoint, and the next run goes on from there.
 
 pub mod config;
 mod ledger;
+mod lookup;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +39,7 @@ use tokio::sync::Mutex;
 pub use self::config::HttpDestinationConfig;
 use self::config::{fill_body, fill_path, id_at, RequestTemplate};
 use self::ledger::Ledger;
+use self::lookup::Table;
 use super::sqlite::SqliteDestination;
 use super::{Books, Commit, Destination, Target};
 use crate::batch::{PlannedBatch, Row};
@@ -47,6 +57,9 @@ pub struct HttpDestination {
     books: SqliteDestination,
     worker: Arc<Worker>,
     checked_templates: bool,
+    /// Some record of this run was deferred: the checkpoint and the files
+    /// log stay where they are.
+    deferred: bool,
 }
 
 /// What concurrent record writes share.
@@ -57,7 +70,11 @@ struct Worker {
     ledger: Ledger,
     limiter: Mutex<RateLimiter>,
     backoff: Duration,
-    lookup_table: Option<std::sync::Mutex<rusqlite::Connection>>,
+    lookup_table: Option<Table>,
+    /// `rate_limit.requests_per_day`.
+    per_day: Option<u64>,
+    /// Today's budget is spent: no more requests this run.
+    spent: AtomicBool,
 }
 
 /// Where the pipeline's ledger and bookkeeping live (`[destination] ledger`).
@@ -112,21 +129,14 @@ impl HttpDestination {
         .default_headers(headers)
         .build()
         .map_err(|e| Error::config(format!("[destination]: {e}")))?;
-        let limiter = RateLimiter::new(config.rate_limit.as_ref()).map_err(Error::config)?;
+        let limits = config.rate_limit.clone().unwrap_or_default();
+        let limiter =
+            RateLimiter::per_second(limits.requests_per_second, "[destination] rate_limit")
+                .map_err(Error::config)?;
         let backoff = parse_backoff(&config.retry).map_err(Error::config)?;
         let lookup_table = match &config.lookup_table {
             None => None,
-            Some(t) => {
-                let path = t.url.strip_prefix("sqlite://").ok_or_else(|| {
-                    Error::config("[destination] lookup_table url: use sqlite://PATH")
-                })?;
-                let conn = rusqlite::Connection::open_with_flags(
-                    path,
-                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-                )
-                .map_err(|e| Error::destination(format!("lookup_table {path}"), e))?;
-                Some(std::sync::Mutex::new(conn))
-            }
+            Some(t) => Some(Table::open(t).await?),
         };
         Ok(HttpDestination {
             books,
@@ -138,8 +148,11 @@ impl HttpDestination {
                 limiter: Mutex::new(limiter),
                 backoff,
                 lookup_table,
+                per_day: limits.requests_per_day,
+                spent: AtomicBool::new(false),
             }),
             checked_templates: false,
+            deferred: false,
         })
     }
 }
@@ -159,11 +172,42 @@ enum Answer {
     Refused(String),
 }
 
-/// A request that failed for good; `uncertain` when it may have been applied.
+/// A request that failed for good; `uncertain` when it may have been
+/// applied, `deferred` when it was not sent because the day's budget is
+/// spent.
 struct Failed {
     message: String,
     uncertain: bool,
+    deferred: bool,
 }
+
+impl Failed {
+    fn new(message: impl Into<String>, uncertain: bool) -> Failed {
+        Failed {
+            message: message.into(),
+            uncertain,
+            deferred: false,
+        }
+    }
+}
+
+/// Why a record was left unwritten.
+enum Halt {
+    /// The day's request budget is spent: the record waits for a next run.
+    Deferred,
+    /// The run stops (committed writes stay).
+    Stop(Error),
+}
+
+impl From<Error> for Halt {
+    fn from(e: Error) -> Halt {
+        Halt::Stop(e)
+    }
+}
+
+/// How many ids of one record may turn out stale (404) before it is
+/// created without looking it up again.
+const STALE_IDS: usize = 2;
 
 impl Worker {
     /// Sends one request, retrying what is safe to retry; a `POST` is tried
@@ -187,6 +231,7 @@ impl Worker {
         };
         let mut last = String::new();
         for attempt in 1..=attempts {
+            self.take_budget().await?;
             self.limiter.lock().await.wait().await;
             stats.api_requests += 1;
             let mut request = self.client.request(method.clone(), &url);
@@ -200,10 +245,7 @@ impl Worker {
                 Err(e) => {
                     last = format!("{} {shown}: {}", method, crate::source::origin::describe(e));
                     if method == Method::POST {
-                        return Err(Failed {
-                            message: last,
-                            uncertain: true,
-                        });
+                        return Err(Failed::new(last, true));
                     }
                     backoff_delay(self.backoff, attempt)
                 }
@@ -233,10 +275,7 @@ impl Worker {
                         // Refused for now, not applied: waiting is always safe.
                         after.unwrap_or_else(|| backoff_delay(self.backoff, attempt))
                     } else if method == Method::POST {
-                        return Err(Failed {
-                            message: last,
-                            uncertain: true,
-                        });
+                        return Err(Failed::new(last, true));
                     } else {
                         after.unwrap_or_else(|| backoff_delay(self.backoff, attempt))
                     }
@@ -247,32 +286,56 @@ impl Worker {
                 tokio::time::sleep(wait).await;
             }
         }
-        Err(Failed {
-            message: last,
+        Err(Failed::new(last, false))
+    }
+
+    /// Takes one request from the day's budget, if there is one.
+    async fn take_budget(&self) -> std::result::Result<(), Failed> {
+        let Some(per_day) = self.per_day else {
+            return Ok(());
+        };
+        let spent = || Failed {
+            message: format!("the daily request budget (requests_per_day = {per_day}) is spent"),
             uncertain: false,
-        })
+            deferred: true,
+        };
+        if self.spent.load(Ordering::Relaxed) {
+            return Err(spent());
+        }
+        match self.ledger.spend(per_day).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                if !self.spent.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        requests_per_day = per_day,
+                        "The daily request budget is spent: the records left are deferred to the next run (budgets renew at 00:00 UTC)."
+                    );
+                }
+                Err(spent())
+            }
+            Err(e) => Err(Failed::new(format!("ledger: {e}"), false)),
+        }
     }
 
     /// The remote id of a record the ledger does not know: the lookup table
-    /// first, then the API.
+    /// first, then the API. `stale` holds the ids the API answered 404 for:
+    /// they are passed over (a synced copy lags behind deletions).
     async fn find(
         &self,
         row: &Row,
+        stale: &[String],
         stats: &mut RunStats,
     ) -> std::result::Result<Option<String>, Failed> {
-        if let (Some(conn), Some(t)) = (&self.lookup_table, &self.config.lookup_table) {
+        if stale.len() >= STALE_IDS {
+            return Ok(None);
+        }
+        if let (Some(table), Some(t)) = (&self.lookup_table, &self.config.lookup_table) {
             if let Some(value) = row.fields.get(&t.match_field) {
-                let found = {
-                    let conn = conn.lock().map_err(|_| Failed {
-                        message: "lookup table poisoned".into(),
-                        uncertain: false,
-                    })?;
-                    lookup_in_table(&conn, t, value).map_err(|e| Failed {
-                        message: format!("lookup_table: {e}"),
-                        uncertain: false,
-                    })?
-                };
-                if let Some(id) = found {
+                let found = table
+                    .find(value)
+                    .await
+                    .map_err(|e| Failed::new(format!("lookup_table: {e}"), false))?;
+                if let Some(id) = found.filter(|id| !stale.contains(id)) {
                     stats.looked_up_table += 1;
                     return Ok(Some(id));
                 }
@@ -288,18 +351,28 @@ impl Worker {
             .as_ref()
             .map(|b| fill_body(Some(b), &row.fields, None));
         match self.send(lookup, &path, body, None, stats).await? {
-            Answer::Ok(v) => Ok(id_at(&v, lookup.id.as_deref().unwrap_or("id"))),
+            Answer::Ok(v) => Ok(
+                id_at(&v, lookup.id.as_deref().unwrap_or("id")).filter(|id| !stale.contains(id))
+            ),
             Answer::NotFound => Ok(None),
-            Answer::Refused(m) => Err(Failed {
-                message: format!("lookup refused: {m}"),
-                uncertain: false,
-            }),
+            Answer::Refused(m) => Err(Failed::new(format!("lookup refused: {m}"), false)),
         }
     }
 
     /// Writes one record; an `Err` stops the run (committed writes stay).
     async fn write(&self, row: Row) -> Result<Done> {
         let mut done = Done::default();
+        match self.write_record(row, &mut done).await {
+            Ok(()) => Ok(done),
+            Err(Halt::Deferred) => {
+                done.stats.deferred += 1;
+                Ok(done)
+            }
+            Err(Halt::Stop(e)) => Err(e),
+        }
+    }
+
+    async fn write_record(&self, row: Row, done: &mut Done) -> std::result::Result<(), Halt> {
         let key = row.key.canonical().to_string();
         let mut content = row.fields.clone();
         content.shift_remove(HASH_KEY_COLUMN);
@@ -313,7 +386,13 @@ impl Worker {
             reason,
             raw: serde_json::to_string(&row.fields).unwrap_or_default(),
         };
-        let fail = |f: Failed| Error::destination(format!("record {key}"), f.message);
+        let fail = |f: Failed| {
+            if f.deferred {
+                Halt::Deferred
+            } else {
+                Halt::Stop(Error::destination(format!("record {key}"), f.message))
+            }
+        };
 
         if row.delete {
             if let (Some(entry), Some(t)) = (&known, &self.config.delete) {
@@ -332,11 +411,11 @@ impl Worker {
             } else {
                 done.stats.unchanged += 1;
             }
-            return Ok(done);
+            return Ok(());
         }
         if known.as_ref().is_some_and(|e| e.content_hash == hash) {
             done.stats.unchanged += 1;
-            return Ok(done);
+            return Ok(());
         }
         if let Some(t) = &self.config.upsert {
             let path = fill_path(
@@ -369,20 +448,26 @@ impl Worker {
                 Answer::NotFound => done.reject = Some(reject("upsert answered 404".into())),
                 Answer::Refused(m) => done.reject = Some(reject(m)),
             }
-            return Ok(done);
+            return Ok(());
         }
         let attempts = self.config.retry.attempts.max(1);
         let mut remote = known.map(|e| e.remote_id);
-        for attempt in 1..=attempts {
+        // Ids the API answered 404 for (deleted there since).
+        let mut stale = Vec::new();
+        let mut attempt = 0;
+        loop {
             if remote.is_none() {
-                remote = self.find(&row, &mut done.stats).await.map_err(fail)?;
+                remote = self
+                    .find(&row, &stale, &mut done.stats)
+                    .await
+                    .map_err(fail)?;
             }
             if let Some(id) = &remote {
                 let Some(t) = &self.config.update else {
                     // Found, nothing to update with: remember the id.
                     self.ledger.put(&key, id, &hash).await?;
                     done.stats.unchanged += 1;
-                    return Ok(done);
+                    return Ok(());
                 };
                 let path = fill_path(&t.path, &content, Some(id));
                 let body = fill_body(t.body.as_ref(), &content, Some(id));
@@ -394,17 +479,19 @@ impl Worker {
                     Answer::Ok(_) => {
                         self.ledger.put(&key, id, &hash).await?;
                         done.stats.updated += 1;
-                        return Ok(done);
+                        return Ok(());
                     }
-                    // Deleted on the remote side: find or create it anew.
+                    // Deleted on the remote side: find or create it anew,
+                    // passing over this id wherever it is still listed.
                     Answer::NotFound => {
+                        tracing::info!(key = %key, remote_id = %id, "The API answered 404 for the remote id; looking the record up again.");
                         self.ledger.remove(&key).await?;
-                        remote = None;
+                        stale.extend(remote.take());
                         continue;
                     }
                     Answer::Refused(m) => {
                         done.reject = Some(reject(m));
-                        return Ok(done);
+                        return Ok(());
                     }
                 }
             }
@@ -437,17 +524,18 @@ impl Worker {
                     })?;
                     self.ledger.put(&key, &id, &hash).await?;
                     done.stats.inserted += 1;
-                    return Ok(done);
+                    return Ok(());
                 }
                 Ok(Answer::NotFound) => {
                     done.reject = Some(reject("create answered 404".into()));
-                    return Ok(done);
+                    return Ok(());
                 }
                 Ok(Answer::Refused(m)) => {
                     done.reject = Some(reject(m));
-                    return Ok(done);
+                    return Ok(());
                 }
-                Err(f) if f.uncertain && attempt < attempts => {
+                Err(f) if f.uncertain && attempt + 1 < attempts => {
+                    attempt += 1;
                     // The create may have been applied: look up before the next one.
                     tracing::warn!(key = %key, error = %f.message, "Create answer lost; looking the record up before trying again.");
                     tokio::time::sleep(backoff_delay(self.backoff, attempt)).await;
@@ -455,10 +543,6 @@ impl Worker {
                 Err(f) => return Err(fail(f)),
             }
         }
-        Err(Error::destination(
-            format!("record {key}"),
-            format!("gave up after {attempts} attempts"),
-        ))
     }
 
     fn idempotency_key(&self, key: &str, hash: &str) -> String {
@@ -469,38 +553,6 @@ impl Worker {
         }
         hex::encode(h.finalize())
     }
-}
-
-fn lookup_in_table(
-    conn: &rusqlite::Connection,
-    t: &config::LookupTable,
-    value: &Value,
-) -> rusqlite::Result<Option<String>> {
-    use rusqlite::OptionalExtension;
-    let q = super::sql::quote;
-    let param: rusqlite::types::Value = match value {
-        Value::Number(n) if n.is_i64() => {
-            rusqlite::types::Value::Integer(n.as_i64().unwrap_or_default())
-        }
-        Value::Number(n) => rusqlite::types::Value::Real(n.as_f64().unwrap_or_default()),
-        Value::String(s) => rusqlite::types::Value::Text(s.clone()),
-        Value::Bool(b) => rusqlite::types::Value::Integer(*b as i64),
-        _ => return Ok(None),
-    };
-    conn.prepare_cached(&format!(
-        "SELECT {} FROM {} WHERE {} = ?1 LIMIT 1",
-        q(&t.id),
-        q(&t.table),
-        q(&t.match_field)
-    ))?
-    .query_row([param], |r| r.get::<_, rusqlite::types::Value>(0))
-    .optional()
-    .map(|v| match v {
-        Some(rusqlite::types::Value::Integer(i)) => Some(i.to_string()),
-        Some(rusqlite::types::Value::Text(s)) => Some(s),
-        Some(rusqlite::types::Value::Real(f)) => Some(f.to_string()),
-        _ => None,
-    })
 }
 
 #[async_trait]
@@ -567,13 +619,13 @@ impl Destination for HttpDestination {
         self.books.begin(run, target).await
     }
 
-    async fn write(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats> {
+    async fn write(&mut self, batch: PlannedBatch, mut commit: Commit) -> Result<RunStats> {
         let PlannedBatch {
             rows,
             mut rejects,
             mut stats,
             max_cursor,
-            files,
+            mut files,
             ..
         } = batch;
         if !self.checked_templates && !rows.is_empty() {
@@ -612,6 +664,16 @@ impl Destination for HttpDestination {
         }
         if let Some(e) = first_error {
             return Err(e);
+        }
+        // A deferred record is not written: the checkpoint must not pass it,
+        // nor may its file count as loaded, so the next run reads it again.
+        self.deferred |= stats.deferred > 0;
+        if self.deferred {
+            commit.checkpoint = None;
+            if let Some(finish) = &mut commit.finish {
+                finish.checkpoint = None;
+            }
+            files.clear();
         }
         let bookkeeping = PlannedBatch {
             rows: Vec::new(),

@@ -129,6 +129,11 @@ fn parse_url(url: &str) -> Result<PgUrl> {
     Ok(PgUrl { config, schema })
 }
 
+/// The `?schema=NAME` of a `postgres://` URL, if it has one.
+pub(crate) fn url_schema(url: &str) -> Result<Option<String>> {
+    Ok(parse_url(url)?.schema)
+}
+
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());

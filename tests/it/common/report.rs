@@ -16,6 +16,8 @@ pub struct Report {
     pub skipped: u64,
     pub duplicates: u64,
     pub rejected: u64,
+    /// Records an HTTP destination left for the next run (daily budget).
+    pub deferred: u64,
     /// Files left unread because an earlier run loaded them and they have
     /// not changed.
     pub files_skipped: u64,
@@ -86,6 +88,7 @@ impl Report {
             skipped: n("skipped"),
             duplicates: n("duplicates"),
             rejected: n("rejected"),
+            deferred: n("deferred"),
             files_skipped: n("files_skipped"),
             raw,
         }
@@ -110,15 +113,21 @@ impl Report {
 }
 
 /// `read = inserted + updated + unchanged + deleted + skipped + duplicates
-/// + rejected`: every record read is accounted for, in every mode (rows a
+/// + rejected + deferred`: every record read is accounted for, in every mode (rows a
 /// replace or window load removes are in `removed`, outside it).
 #[track_caller]
 pub fn assert_balanced(r: &Report) {
-    let accounted =
-        r.inserted + r.updated + r.unchanged + r.deleted + r.skipped + r.duplicates + r.rejected;
+    let accounted = r.inserted
+        + r.updated
+        + r.unchanged
+        + r.deleted
+        + r.skipped
+        + r.duplicates
+        + r.rejected
+        + r.deferred;
     assert_eq!(
         r.read, accounted,
-        "accounting identity broken: read {} but inserted {} + updated {} + unchanged {} + deleted {} + skipped {} + duplicates {} + rejected {} = {}\n{}",
-        r.read, r.inserted, r.updated, r.unchanged, r.deleted, r.skipped, r.duplicates, r.rejected, accounted, r.raw
+        "accounting identity broken: read {} but inserted {} + updated {} + unchanged {} + deleted {} + skipped {} + duplicates {} + rejected {} + deferred {} = {}\n{}",
+        r.read, r.inserted, r.updated, r.unchanged, r.deleted, r.skipped, r.duplicates, r.rejected, r.deferred, accounted, r.raw
     );
 }
