@@ -72,11 +72,7 @@ impl Fills {
                 }
                 Some(Fill::Required) => {
                     if !carried(name, true) {
-                        return Err(Error::config(format!(
-                            "column {name:?} of table {table:?} is NOT NULL and has no default, \
-                             and no record carries a value for it: add the field to the records, \
-                             give the column a DEFAULT, or load into another table"
-                        )));
+                        return Err(unfilled(table, name));
                     }
                     required.push(name);
                     true
@@ -114,6 +110,46 @@ impl Fills {
         Ok((written, kept))
     }
 
+    /// Whether the table fills `column` in itself (a default, identity,
+    /// serial or generated value). A stage holds such a column like any
+    /// other, so whether the records carried it is whether a staged row
+    /// holds a value in it.
+    pub fn fills_in(&self, column: &str) -> bool {
+        matches!(self.of(column), Some(Fill::Default | Fill::Generated))
+    }
+
+    /// Which of the table's `columns` a `replace`/`window` swap writes from
+    /// its stage, where `staged` says whether the records carried a column.
+    /// A column the records lack is set to NULL (a snapshot without a field)
+    /// unless the table fills it in: a DEFAULT, identity, serial or
+    /// auto-increment column is then left to the table (inserted rows get
+    /// its value, updated rows keep theirs); a generated column is never
+    /// written (records carrying one stop the run); a NOT NULL column
+    /// without a default stops the run.
+    pub fn swapped(
+        &self,
+        table: &str,
+        columns: &[&str],
+        keys: &[String],
+        staged: impl Fn(&str) -> bool,
+    ) -> Result<Vec<bool>> {
+        columns
+            .iter()
+            .map(|&name| match self.of(name) {
+                _ if keys.iter().any(|k| k == name) => Ok(true),
+                None => Ok(true),
+                Some(Fill::Generated) if staged(name) => Err(Error::config(format!(
+                    "field {name:?} is a generated column of table {table:?}: the database \
+                     computes it, so the records' values cannot be stored; leave the field out"
+                ))),
+                Some(Fill::Generated) => Ok(false),
+                Some(Fill::Default) => Ok(staged(name)),
+                Some(Fill::Required) if staged(name) => Ok(true),
+                Some(Fill::Required) => Err(unfilled(table, name)),
+            })
+            .collect()
+    }
+
     /// [`Fills::plan`] for a backend's own columns: leaves in `columns`
     /// those the batch writes and returns the rows to write.
     #[allow(clippy::too_many_arguments)]
@@ -142,6 +178,16 @@ impl Fills {
     }
 }
 
+/// The error for a NOT NULL column without a default that no record of a
+/// batch carries.
+fn unfilled(table: &str, column: &str) -> Error {
+    Error::config(format!(
+        "column {column:?} of table {table:?} is NOT NULL and has no default, \
+         and no record carries a value for it: add the field to the records, \
+         give the column a DEFAULT, or load into another table"
+    ))
+}
+
 /// The error for an existing table no primary key or unique index covers
 /// the key of (`columns` are the table's): a merge into it could not keep a
 /// key to one row.
@@ -164,4 +210,39 @@ pub fn uncovered_key(table: &str, keys: &[String], columns: &[&str]) -> Error {
          `idemload audit` shows what is there and `idemload dedupe --apply` repairs it and adds one",
         keys.join(", ")
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_swap_leaves_to_the_table_what_the_records_lack() {
+        let fills = Fills(vec![
+            ("n".into(), Fill::Default),
+            ("twice".into(), Fill::Generated),
+            ("owner".into(), Fill::Required),
+            ("note".into(), Fill::Default),
+        ]);
+        let columns = ["n", "id", "v", "twice", "owner", "note"];
+        let keys = ["id".to_string()];
+        // The records carried id, v, owner and note; not n.
+        let carried = |c: &str| matches!(c, "id" | "v" | "owner" | "note");
+        assert_eq!(
+            fills.swapped("t", &columns, &keys, carried).unwrap(),
+            [false, true, true, false, true, true]
+        );
+        // A plain column the snapshot lacks is written (as NULL).
+        let no_v = |c: &str| matches!(c, "id" | "owner");
+        assert_eq!(
+            fills.swapped("t", &columns, &keys, no_v).unwrap(),
+            [false, true, true, false, true, false]
+        );
+        let no_owner = |c: &str| matches!(c, "id" | "v");
+        let e = fills.swapped("t", &columns, &keys, no_owner).unwrap_err();
+        assert!(e.to_string().contains("\"owner\""), "{e}");
+        let twice = |c: &str| matches!(c, "id" | "owner" | "twice");
+        let e = fills.swapped("t", &columns, &keys, twice).unwrap_err();
+        assert!(e.to_string().contains("generated"), "{e}");
+    }
 }

@@ -400,3 +400,89 @@ idemtest!(
         assert_eq!(env.backend.count("accounts"), all);
     }
 );
+
+// A `replace` or `window` load swaps its stage into a table idemload did
+// not create: the serial key and defaulted columns the records lack are the
+// table's own (new rows get them, kept rows keep theirs), a plain column
+// the snapshot lacks becomes NULL, and a NOT NULL column nobody fills stops
+// the run before anything is written.
+idemtest!(
+    replace_into_a_table_with_a_serial_key_keeps_its_defaults,
+    |env| {
+        ddl(
+            env,
+            "CREATE TABLE snap (n INTEGER PRIMARY KEY, id INTEGER NOT NULL UNIQUE, v INTEGER,
+         day TEXT, note TEXT NOT NULL DEFAULT 'none')",
+            "CREATE TABLE snap (n bigserial PRIMARY KEY, id bigint NOT NULL UNIQUE, v bigint,
+         day text, note text NOT NULL DEFAULT 'none',
+         v_twice bigint GENERATED ALWAYS AS (v * 2) STORED)",
+            "CREATE TABLE snap (n bigint AUTO_INCREMENT PRIMARY KEY, id bigint NOT NULL UNIQUE,
+         v bigint, day varchar(10), note varchar(20) NOT NULL DEFAULT 'none')",
+        );
+        let rows = |records: &[serde_json::Value]| {
+            env.write_jsonl("in.jsonl", records);
+        };
+        rows(&[
+            json!({"id": 1, "v": 10, "day": "d1"}),
+            json!({"id": 2, "v": 20, "day": "d1"}),
+        ]);
+        let first = env
+            .load("snap", &["in.jsonl"], &["--key", "id", "--mode", "replace"])
+            .code(0)
+            .report();
+        assert_eq!(first.inserted, 2, "{}", first.raw);
+        let n_of_1 = env.backend.scalar_i64("SELECT n FROM snap WHERE id = 1");
+        assert!(n_of_1.is_some());
+
+        // The next snapshot changes 1, drops 2, adds 3, and has no `day`.
+        rows(&[json!({"id": 1, "v": 11}), json!({"id": 3, "v": 30})]);
+        let second = env
+            .load("snap", &["in.jsonl"], &["--key", "id", "--mode", "replace"])
+            .code(0)
+            .report();
+        assert_eq!(
+            (second.inserted, second.updated, second.removed),
+            (1, 1, 1),
+            "{}",
+            second.raw
+        );
+        assert_eq!(
+            env.backend.scalar_i64("SELECT n FROM snap WHERE id = 1"),
+            n_of_1,
+            "a kept row keeps its serial number"
+        );
+        assert_eq!(
+            env.backend.scalar_i64(
+                "SELECT count(*) FROM snap WHERE n IS NOT NULL AND note = 'none' AND day IS NULL"
+            ),
+            Some(2),
+            "{:?}",
+            env.backend.rows("snap")
+        );
+        assert_eq!(env.backend.doubled("snap", &["n"]), 0);
+        if env.backend.kind == BackendKind::Postgres {
+            assert_eq!(
+                env.backend
+                    .scalar_i64("SELECT CAST(sum(v_twice) AS bigint) FROM snap"),
+                Some(82),
+                "the generated column is the database's"
+            );
+        }
+
+        // A NOT NULL column without a default that the snapshot lacks.
+        env.backend
+        .execute("CREATE TABLE strict_snap (id BIGINT NOT NULL PRIMARY KEY, v BIGINT, owner VARCHAR(20) NOT NULL)");
+        let out = env.load(
+            "strict_snap",
+            &["in.jsonl"],
+            &["--key", "id", "--mode", "replace"],
+        );
+        out.code(2);
+        assert!(
+            out.stderr.contains("owner") && out.stderr.contains("NOT NULL"),
+            "{}",
+            out.stderr
+        );
+        assert_eq!(env.backend.count("strict_snap"), 0);
+    }
+);

@@ -36,10 +36,18 @@ pub(super) enum Plan {
 }
 
 /// Makes target and stage ready for [`apply`] (before the transaction).
-pub(super) async fn prepare(conn: &mut Conn, server: &Server, run: &Run, stage: &str) -> R<Plan> {
+pub(super) async fn prepare(
+    conn: &mut Conn,
+    server: &Server,
+    run: &Run,
+    stage: &str,
+) -> crate::error::Result<Plan> {
+    let mysql = |e: mysql_async::Error| {
+        crate::error::Error::destination(format!("mysql table {stage:?}"), e)
+    };
     let target = &run.target.table;
-    let Some(staged) = read_table(conn, server, stage).await? else {
-        let stored = read_table(conn, server, target).await?;
+    let Some(staged) = read_table(conn, server, stage).await.map_err(mysql)? else {
+        let stored = read_table(conn, server, target).await.map_err(mysql)?;
         let field = run.target.window_field.as_deref();
         return Ok(Plan::Nothing {
             target_exists: stored.is_some(),
@@ -48,7 +56,7 @@ pub(super) async fn prepare(conn: &mut Conn, server: &Server, run: &Run, stage: 
                 .is_some_and(|(t, f)| t.position(f).is_some()),
         });
     };
-    let existing = match read_table(conn, server, target).await? {
+    let existing = match read_table(conn, server, target).await.map_err(mysql)? {
         Some(t) => t,
         None => {
             create_table(
@@ -58,9 +66,11 @@ pub(super) async fn prepare(conn: &mut Conn, server: &Server, run: &Run, stage: 
                 &staged.columns,
                 &run.target.key_columns,
             )
-            .await?;
+            .await
+            .map_err(mysql)?;
             read_table(conn, server, target)
-                .await?
+                .await
+                .map_err(mysql)?
                 .unwrap_or_else(|| staged.clone())
         }
     };
@@ -78,8 +88,8 @@ pub(super) async fn prepare(conn: &mut Conn, server: &Server, run: &Run, stage: 
         .filter(|c| staged.position(&c.name).is_none())
         .cloned()
         .collect();
-    add_columns(conn, target, &to_target).await?;
-    add_columns(conn, stage, &to_stage).await?;
+    add_columns(conn, target, &to_target).await.map_err(mysql)?;
+    add_columns(conn, stage, &to_stage).await.map_err(mysql)?;
     let mut columns = existing.columns;
     columns.extend(to_target);
     Ok(Plan::Apply { columns })
@@ -87,7 +97,44 @@ pub(super) async fn prepare(conn: &mut Conn, server: &Server, run: &Run, stage: 
 
 /// Applies the stage to the target inside the last batch's transaction;
 /// returns the logical change.
-pub(super) async fn apply(conn: &mut Conn, run: &Run, stage: &str, plan: &Plan) -> R<RunStats> {
+pub(super) async fn apply(
+    conn: &mut Conn,
+    run: &Run,
+    stage: &str,
+    plan: &Plan,
+) -> crate::error::Result<RunStats> {
+    let mysql = |e: mysql_async::Error| {
+        crate::error::Error::destination(format!("mysql table {stage:?}"), e)
+    };
+    let columns = match plan {
+        Plan::Apply { columns } => {
+            // The columns the swap writes (the stage holds this batch's
+            // rows by now): a column the table fills in itself is left to
+            // it when the records lack it.
+            let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+            let carried = carried(conn, run, stage, columns).await.map_err(mysql)?;
+            let keep =
+                run.fills
+                    .swapped(&run.target.table, &names, &run.target.key_columns, |n| {
+                        carried.iter().any(|c| c == n)
+                    })?;
+            let mut keep = keep.into_iter();
+            let mut written = columns.clone();
+            written.retain(|_| keep.next().unwrap_or(true));
+            Plan::Apply { columns: written }
+        }
+        Plan::Nothing {
+            target_exists,
+            has_window_field,
+        } => Plan::Nothing {
+            target_exists: *target_exists,
+            has_window_field: *has_window_field,
+        },
+    };
+    swap(conn, run, stage, &columns).await.map_err(mysql)
+}
+
+async fn swap(conn: &mut Conn, run: &Run, stage: &str, plan: &Plan) -> R<RunStats> {
     let mut stats = RunStats::default();
     let (t, s) = (q(&run.target.table), q(stage));
     let columns = match plan {
@@ -176,4 +223,25 @@ pub(super) async fn apply(conn: &mut Conn, run: &Run, stage: &str, plan: &Plan) 
     stats.unchanged = staged.saturating_sub(inserted + updated);
     stats.removed = removed;
     Ok(stats)
+}
+
+/// The stage's columns the records carried: all of them, but a column the
+/// table fills in only when some staged row holds a value in it.
+async fn carried(conn: &mut Conn, run: &Run, stage: &str, columns: &[SqlColumn]) -> R<Vec<String>> {
+    let mut out = Vec::new();
+    for c in columns {
+        let held = !run.fills.fills_in(&c.name)
+            || conn
+                .query_first::<i64, _>(format!(
+                    "SELECT EXISTS (SELECT 1 FROM {} WHERE {} IS NOT NULL)",
+                    q(stage),
+                    q(&c.name)
+                ))
+                .await?
+                == Some(1);
+        if held {
+            out.push(c.name.clone());
+        }
+    }
+    Ok(out)
 }

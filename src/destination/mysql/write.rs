@@ -203,9 +203,7 @@ pub(super) async fn write_batch(
     let finishing_stage = match (&commit.finish, &run.stage) {
         (Some(_), Some(stage)) => Some((
             stage.clone(),
-            stage::prepare(conn, server, run, stage)
-                .await
-                .map_err(|e| Error::destination(format!("mysql table {stage:?}"), e))?,
+            stage::prepare(conn, server, run, stage).await?,
         )),
         _ => None,
     };
@@ -411,9 +409,7 @@ impl BatchTx for MysqlTx<'_> {
 
     async fn apply_stage(&mut self) -> Result<RunStats> {
         match self.finishing_stage {
-            Some((stage, plan)) => stage::apply(self.conn, self.run, stage, plan)
-                .await
-                .map_err(|e| Error::destination(format!("mysql table {stage:?}"), e)),
+            Some((stage, plan)) => stage::apply(self.conn, self.run, stage, plan).await,
             None => Ok(RunStats::default()),
         }
     }

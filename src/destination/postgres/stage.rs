@@ -56,8 +56,32 @@ pub(super) async fn apply_stage(
             stage_schema.clone()
         }
     };
-    // Both tables get every column of the other, so a snapshot without a
-    // field sets it to null.
+    // The columns the swap writes: a column the table fills in itself is
+    // left to it when the records lack it.
+    let written: Vec<String> = {
+        let all: Vec<&str> = target_schema
+            .columns
+            .iter()
+            .chain(
+                stage_schema
+                    .columns
+                    .iter()
+                    .filter(|c| target_schema.position(&c.name).is_none()),
+            )
+            .map(|c| c.name.as_str())
+            .collect();
+        let carried = carried(tx, run, &s, &stage_schema).await?;
+        let keep = run
+            .fills
+            .swapped(&target, &all, &keys, |n| carried.iter().any(|c| c == n))?;
+        all.iter()
+            .zip(keep)
+            .filter(|(_, k)| *k)
+            .map(|(n, _)| n.to_string())
+            .collect()
+    };
+    // Both tables get every column of the other that the swap writes, so a
+    // snapshot without a field sets it to null.
     let to_target: Vec<PgColumn> = stage_schema
         .columns
         .iter()
@@ -69,10 +93,11 @@ pub(super) async fn apply_stage(
     let to_stage: Vec<PgColumn> = target_schema
         .columns
         .iter()
-        .filter(|c| stage_schema.position(&c.name).is_none())
+        .filter(|c| stage_schema.position(&c.name).is_none() && written.contains(&c.name))
         .cloned()
         .collect();
     add_columns(tx, schema, stage, &to_stage).await?;
+    target_schema.columns.retain(|c| written.contains(&c.name));
 
     let names: Vec<&str> = target_schema
         .columns
@@ -150,4 +175,33 @@ pub(super) async fn apply_stage(
     stats.unchanged = staged as u64 - inserted - updated;
     stats.removed = removed;
     Ok(stats)
+}
+
+/// The stage's columns the records carried: all of them, but a column the
+/// table fills in only when some staged row holds a value in it.
+async fn carried(
+    tx: &Transaction<'_>,
+    run: &Run,
+    stage: &str,
+    stage_schema: &super::ddl::PgSchema,
+) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for c in &stage_schema.columns {
+        let held = !run.fills.fills_in(&c.name)
+            || tx
+                .query_one(
+                    &format!(
+                        "SELECT EXISTS (SELECT 1 FROM {stage} WHERE {} IS NOT NULL)",
+                        quote(&c.name)
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(pg_error(format!("reading the stage {stage}")))?
+                .get::<_, bool>(0);
+        if held {
+            out.push(c.name.clone());
+        }
+    }
+    Ok(out)
 }

@@ -50,8 +50,33 @@ pub(super) fn apply_stage(conn: &Connection, run: &mut Run, stage: &str) -> Resu
             stage_schema.clone()
         }
     };
-    // Both tables get every column of the other, so a snapshot without a
-    // field sets it to null.
+    // The columns the swap writes: a column the table fills in itself is
+    // left to it when the records lack it.
+    let written: Vec<String> = {
+        let all: Vec<&str> = target_schema
+            .columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .chain(
+                stage_schema
+                    .columns
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .filter(|n| target_schema.position(n).is_none()),
+            )
+            .collect();
+        let carried = carried(conn, run, stage, &stage_schema)?;
+        let keep = run
+            .fills
+            .swapped(&target, &all, &keys, |n| carried.iter().any(|c| c == n))?;
+        all.iter()
+            .zip(keep)
+            .filter(|(_, k)| *k)
+            .map(|(n, _)| n.to_string())
+            .collect()
+    };
+    // Both tables get every column of the other that the swap writes, so a
+    // snapshot without a field sets it to null.
     for c in &stage_schema.columns {
         if target_schema.position(&c.name).is_none() {
             conn.execute_batch(&format!(
@@ -64,7 +89,7 @@ pub(super) fn apply_stage(conn: &Connection, run: &mut Run, stage: &str) -> Resu
         }
     }
     for c in &target_schema.columns {
-        if stage_schema.position(&c.name).is_none() {
+        if stage_schema.position(&c.name).is_none() && written.contains(&c.name) {
             conn.execute_batch(&format!(
                 "ALTER TABLE {} ADD COLUMN {} {}",
                 quote(stage),
@@ -78,6 +103,7 @@ pub(super) fn apply_stage(conn: &Connection, run: &mut Run, stage: &str) -> Resu
         .columns
         .iter()
         .map(|c| c.name.as_str())
+        .filter(|n| written.iter().any(|w| w == n))
         .collect();
     let others: Vec<&str> = names
         .iter()
@@ -138,4 +164,31 @@ pub(super) fn apply_stage(conn: &Connection, run: &mut Run, stage: &str) -> Resu
     stats.unchanged = staged - inserted - updated;
     stats.removed = removed;
     Ok(stats)
+}
+
+/// The stage's columns the records carried: all of them, but a column the
+/// table fills in only when some staged row holds a value in it.
+fn carried(
+    conn: &Connection,
+    run: &Run,
+    stage: &str,
+    stage_schema: &crate::destination::schema::TableSchema,
+) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for c in &stage_schema.columns {
+        let held = !run.fills.fills_in(&c.name)
+            || conn.query_row(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM {} WHERE {} IS NOT NULL)",
+                    quote(stage),
+                    quote(&c.name)
+                ),
+                [],
+                |r| r.get::<_, bool>(0),
+            )?;
+        if held {
+            out.push(c.name.clone());
+        }
+    }
+    Ok(out)
 }
