@@ -206,39 +206,67 @@ idemtest!(
         use std::time::Duration;
 
         const ROWS: u64 = 40_000;
-        ddl(
-            env,
-            "CREATE TABLE serial_t (n INTEGER PRIMARY KEY, id INTEGER NOT NULL UNIQUE, v INTEGER,
-             note TEXT NOT NULL DEFAULT 'none')",
-            "CREATE TABLE serial_t (n bigserial PRIMARY KEY, id bigint NOT NULL UNIQUE, v bigint,
-             note text NOT NULL DEFAULT 'none')",
-            "CREATE TABLE serial_t (n bigint AUTO_INCREMENT PRIMARY KEY, id bigint NOT NULL UNIQUE,
-             v bigint, note varchar(20) NOT NULL DEFAULT 'none')",
-        );
-        let lines: String = (0..ROWS)
-            .map(|i| format!("{{\"id\":{i},\"v\":{}}}\n", i * 7 % 1000))
-            .collect();
-        env.write("in.jsonl", lines);
+        for table in ["serial_t", "serial_calibration"] {
+            ddl(
+                env,
+                &format!("CREATE TABLE {table} (n INTEGER PRIMARY KEY, id INTEGER NOT NULL UNIQUE, v INTEGER,
+                 note TEXT NOT NULL DEFAULT 'none')"),
+                &format!("CREATE TABLE {table} (n bigserial PRIMARY KEY, id bigint NOT NULL UNIQUE, v bigint,
+                 note text NOT NULL DEFAULT 'none')"),
+                &format!("CREATE TABLE {table} (n bigint AUTO_INCREMENT PRIMARY KEY, id bigint NOT NULL UNIQUE,
+                 v bigint, note varchar(20) NOT NULL DEFAULT 'none')"),
+            );
+        }
+        // Version `r` of the input: every round changes every row, so each
+        // run has work to be stopped in.
+        let version = |r: u64| {
+            let lines: String = (0..ROWS)
+                .map(|i| format!("{{\"id\":{i},\"v\":{}}}\n", (i * 7 + r) % 1000))
+                .collect();
+            env.write("in.jsonl", lines);
+        };
+        version(0);
         let url = env.url();
-        let args = [
-            "load",
-            "in.jsonl",
-            "--into",
-            &url,
-            "--table",
-            "serial_t",
-            "--key",
-            "id",
-            "--batch-size",
-            "2000",
-        ];
-        // Kills fall anywhere in the first 1.5 s: before the table is touched,
-        // mid-batch, at commits, and (on a fast machine) after the load ended.
-        let range = Duration::from_millis(1500);
+        let args_for = |table: &'static str| {
+            [
+                "load".to_string(),
+                "in.jsonl".into(),
+                "--into".into(),
+                url.clone(),
+                "--table".into(),
+                table.into(),
+                "--key".into(),
+                "id".into(),
+                "--batch-size".into(),
+                "2000".into(),
+            ]
+        };
+        let owned = args_for("serial_t");
+        let args: Vec<&str> = owned.iter().map(String::as_str).collect();
+        // One uninterrupted load into a twin table: how long a load takes.
+        let calibration = args_for("serial_calibration");
+        let started = std::time::Instant::now();
+        let status = env
+            .command(&calibration.iter().map(String::as_str).collect::<Vec<_>>())
+            .stdout(Stdio::null())
+            .status()
+            .expect("run");
+        assert!(status.success());
+        // Signals fall anywhere in 1.5 load times: before the table is
+        // touched, mid-batch, at commits, and after the load ended.
+        let range = (started.elapsed() * 3 / 2).max(Duration::from_millis(100));
         let mut rng = rand::rngs::StdRng::seed_from_u64(crate::common::seed(
             "killed_loads_into_a_table_with_defaults_resume_exactly",
         ));
-        for round in 0..6 {
+        // 20 rounds of kill -9 and 20 of SIGTERM, interleaved.
+        let mut stopped = 0;
+        for round in 0..40u64 {
+            let signal = if round % 2 == 0 {
+                Signal::SIGKILL
+            } else {
+                Signal::SIGTERM
+            };
+            version(round);
             let delay = Duration::from_micros(rng.gen_range(0..range.as_micros() as u64));
             let mut child = env
                 .command(&args)
@@ -247,10 +275,32 @@ idemtest!(
                 .spawn()
                 .expect("spawn");
             std::thread::sleep(delay);
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
-            child.wait().expect("wait");
-            assert_eq!(env.backend.doubled("serial_t", &["id"]), 0, "round {round}");
+            let _ = kill(Pid::from_raw(child.id() as i32), signal);
+            let status = child.wait().expect("wait");
+            assert_eq!(
+                env.backend.doubled("serial_t", &["id"]),
+                0,
+                "round {round} ({signal} after {delay:?})"
+            );
+            if signal == Signal::SIGTERM {
+                // Stopped cleanly (143), finished first (0), or signalled
+                // before it had set up its handler (no exit code).
+                assert!(
+                    matches!(status.code(), Some(143) | Some(0) | None),
+                    "round {round}: SIGTERM after {delay:?} gave {status}"
+                );
+                if status.code() == Some(143) {
+                    stopped += 1;
+                    assert_eq!(
+                        env.backend.count("_idemload_locks"),
+                        0,
+                        "round {round}: a stopped load releases its lock"
+                    );
+                }
+            }
         }
+        eprintln!("{stopped} of 20 SIGTERMs stopped a running load (range {range:?})");
+        assert!(stopped > 0, "no SIGTERM found a load running");
         env.command(&args)
             .stdout(Stdio::null())
             .status()
@@ -269,8 +319,9 @@ idemtest!(
         assert_eq!(env.backend.doubled("serial_t", &["n"]), 0);
         assert_eq!(
         env.backend
-            .scalar_i64("SELECT count(*) FROM serial_t WHERE n IS NOT NULL AND note = 'none' AND v = (id * 7) % 1000"),
-        Some(ROWS as i64)
+            .scalar_i64("SELECT count(*) FROM serial_t WHERE n IS NOT NULL AND note = 'none' AND v = (id * 7 + 39) % 1000"),
+        Some(ROWS as i64),
+        "every row holds the last version, with the table's defaults"
     );
     }
 );

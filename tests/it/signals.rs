@@ -131,13 +131,16 @@ idemtest!(signals_stop_a_run_cleanly_and_the_next_run_resumes, |env| {
     let mut rng = StdRng::seed_from_u64(crate::common::seed(
         "signals_stop_a_run_cleanly_and_the_next_run_resumes",
     ));
-    let signals = [
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-    ];
+    // 20 rounds at random moments, a third of them SIGINT.
+    let signals: Vec<Signal> = (0..20)
+        .map(|i| {
+            if i % 3 == 1 {
+                Signal::SIGINT
+            } else {
+                Signal::SIGTERM
+            }
+        })
+        .collect();
     let mut interrupted = 0;
     for (round, &signal) in signals.iter().enumerate() {
         // Round 1 has no --json: the one-line summary goes to stderr.
