@@ -374,6 +374,18 @@ impl PipelineConfig {
                 _ => m,
             })
         })?;
+        if config.destination.kind.as_deref() == Some("http") {
+            // `[destination]` is read as a map first: read it again as an
+            // HTTP destination to reach the key inside it.
+            let http = parse::typed_at::<crate::destination::http::HttpDestinationConfig>(
+                &root,
+                &["destination"],
+                &["type"],
+            );
+            if let Some(m) = http {
+                return Err(located(m));
+            }
+        }
         config.validate().map_err(located)?;
         Ok(config)
     }

@@ -143,3 +143,28 @@ fn a_single_key_field_may_be_written_alone() {
         );
     });
 }
+
+#[test]
+fn a_mistake_inside_an_http_destination_is_located() {
+    with_backend("cfg_http_dest", BackendKind::Sqlite, |env| {
+        env.write("in.jsonl", "{\"email\": \"a@x.io\"}\n");
+        let head = "name = \"crm\"\n[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[load]\nkey = [\"email\"]\n[destination]\ntype = \"http\"\nbase_url = \"http://127.0.0.1:1\"\nlookup = { path = \"/s?e={email}\", id = \"results.0.id\" }\ncreate = { method = \"POST\", path = \"/c\" }\n";
+        for (line, expected) in [
+            (
+                "concurency = 4",
+                "p.toml:12:1: [destination]: unknown key `concurency`; did you mean `concurrency`?",
+            ),
+            (
+                "concurrency = \"4\"",
+                "p.toml:12:15: [destination].concurrency: invalid type: string \"4\"",
+            ),
+            (
+                "rate_limit = { requests_per_dya = 5 }",
+                "p.toml:12:16: [destination.rate_limit]: unknown key `requests_per_dya`; did you mean `requests_per_day`?",
+            ),
+        ] {
+            env.write("p.toml", format!("{head}{line}\n"));
+            assert_mentions(&env.idemload(&["run", "p.toml"]), &[expected]);
+        }
+    });
+}
