@@ -118,36 +118,44 @@ impl Fills {
         matches!(self.of(column), Some(Fill::Default | Fill::Generated))
     }
 
-    /// Which of the table's `columns` a `replace`/`window` swap writes from
-    /// its stage, where `staged` says whether the records carried a column.
-    /// A column the records lack is set to NULL (a snapshot without a field)
-    /// unless the table fills it in: a DEFAULT, identity, serial or
-    /// auto-increment column is then left to the table (inserted rows get
-    /// its value, updated rows keep theirs); a generated column is never
-    /// written (records carrying one stop the run); a NOT NULL column
-    /// without a default stops the run.
+    /// The columns a `replace`/`window` swap writes from its stage: of the
+    /// table's columns and the stage's new ones, in that order. `carried`
+    /// says whether the records carried a column. A column they lack is set
+    /// to NULL (a snapshot without a field) unless the table fills it in: a
+    /// DEFAULT, identity, serial or auto-increment column is then left to
+    /// the table (inserted rows get its value, updated rows keep theirs); a
+    /// generated column is never written (records carrying one stop the
+    /// run); a NOT NULL column without a default stops the run.
     pub fn swapped(
         &self,
         table: &str,
-        columns: &[&str],
+        target: &[&str],
+        stage: &[&str],
         keys: &[String],
-        staged: impl Fn(&str) -> bool,
-    ) -> Result<Vec<bool>> {
-        columns
-            .iter()
-            .map(|&name| match self.of(name) {
-                _ if keys.iter().any(|k| k == name) => Ok(true),
-                None => Ok(true),
-                Some(Fill::Generated) if staged(name) => Err(Error::config(format!(
-                    "field {name:?} is a generated column of table {table:?}: the database \
-                     computes it, so the records' values cannot be stored; leave the field out"
-                ))),
-                Some(Fill::Generated) => Ok(false),
-                Some(Fill::Default) => Ok(staged(name)),
-                Some(Fill::Required) if staged(name) => Ok(true),
-                Some(Fill::Required) => Err(unfilled(table, name)),
-            })
-            .collect()
+        carried: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>> {
+        let mut written = Vec::new();
+        let new = stage.iter().filter(|c| !target.contains(c));
+        for &name in target.iter().chain(new) {
+            let write = match self.of(name) {
+                _ if keys.iter().any(|k| k == name) => true,
+                None => true,
+                Some(Fill::Generated) if carried(name) => {
+                    return Err(Error::config(format!(
+                        "field {name:?} is a generated column of table {table:?}: the database \
+                         computes it, so the records' values cannot be stored; leave the field out"
+                    )))
+                }
+                Some(Fill::Generated) => false,
+                Some(Fill::Default) => carried(name),
+                Some(Fill::Required) if carried(name) => true,
+                Some(Fill::Required) => return Err(unfilled(table, name)),
+            };
+            if write {
+                written.push(name.to_string());
+            }
+        }
+        Ok(written)
     }
 
     /// [`Fills::plan`] for a backend's own columns: leaves in `columns`
@@ -224,25 +232,19 @@ mod tests {
             ("owner".into(), Fill::Required),
             ("note".into(), Fill::Default),
         ]);
-        let columns = ["n", "id", "v", "twice", "owner", "note"];
+        let target = ["n", "id", "v", "twice", "owner"];
+        let stage = ["id", "v", "owner", "note"];
         let keys = ["id".to_string()];
-        // The records carried id, v, owner and note; not n.
+        let swap = |carried: fn(&str) -> bool| fills.swapped("t", &target, &stage, &keys, carried);
+        // The records carried id, v, owner and the new note; not n.
         let carried = |c: &str| matches!(c, "id" | "v" | "owner" | "note");
-        assert_eq!(
-            fills.swapped("t", &columns, &keys, carried).unwrap(),
-            [false, true, true, false, true, true]
-        );
+        assert_eq!(swap(carried).unwrap(), ["id", "v", "owner", "note"]);
         // A plain column the snapshot lacks is written (as NULL).
         let no_v = |c: &str| matches!(c, "id" | "owner");
-        assert_eq!(
-            fills.swapped("t", &columns, &keys, no_v).unwrap(),
-            [false, true, true, false, true, false]
-        );
-        let no_owner = |c: &str| matches!(c, "id" | "v");
-        let e = fills.swapped("t", &columns, &keys, no_owner).unwrap_err();
+        assert_eq!(swap(no_v).unwrap(), ["id", "v", "owner"]);
+        let e = swap(|c| matches!(c, "id" | "v")).unwrap_err();
         assert!(e.to_string().contains("\"owner\""), "{e}");
-        let twice = |c: &str| matches!(c, "id" | "owner" | "twice");
-        let e = fills.swapped("t", &columns, &keys, twice).unwrap_err();
+        let e = swap(|c| matches!(c, "id" | "owner" | "twice")).unwrap_err();
         assert!(e.to_string().contains("generated"), "{e}");
     }
 }

@@ -160,6 +160,11 @@ impl TableSchema {
         self.columns.iter().position(|c| c.name == name)
     }
 
+    /// The column names, in order.
+    pub fn names(&self) -> Vec<&str> {
+        self.columns.iter().map(|c| c.name.as_str()).collect()
+    }
+
     /// Columns the rows need that the table lacks, typed by their first
     /// non-null value. Fields that are null everywhere get no column yet.
     pub fn missing<'a>(

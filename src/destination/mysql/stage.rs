@@ -113,14 +113,15 @@ pub(super) async fn apply(
             // it when the records lack it.
             let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
             let carried = carried(conn, run, stage, columns).await.map_err(mysql)?;
-            let keep =
-                run.fills
-                    .swapped(&run.target.table, &names, &run.target.key_columns, |n| {
-                        carried.iter().any(|c| c == n)
-                    })?;
-            let mut keep = keep.into_iter();
+            let keep = run.fills.swapped(
+                &run.target.table,
+                &names,
+                &[],
+                &run.target.key_columns,
+                |n| carried.iter().any(|c| c == n),
+            )?;
             let mut written = columns.clone();
-            written.retain(|_| keep.next().unwrap_or(true));
+            written.retain(|c| keep.contains(&c.name));
             Plan::Apply { columns: written }
         }
         Plan::Nothing {

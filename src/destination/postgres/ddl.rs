@@ -218,6 +218,11 @@ impl PgSchema {
         self.columns.iter().position(|c| c.name == name)
     }
 
+    /// The column names, in order.
+    pub(super) fn names(&self) -> Vec<&str> {
+        self.columns.iter().map(|c| c.name.as_str()).collect()
+    }
+
     /// Columns the rows need that the table lacks (the shared inference of
     /// [`TableSchema::missing`], with `numeric` for integers beyond 64 bits).
     pub(super) fn missing<'a>(

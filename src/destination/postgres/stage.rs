@@ -58,27 +58,15 @@ pub(super) async fn apply_stage(
     };
     // The columns the swap writes: a column the table fills in itself is
     // left to it when the records lack it.
-    let written: Vec<String> = {
-        let all: Vec<&str> = target_schema
-            .columns
-            .iter()
-            .chain(
-                stage_schema
-                    .columns
-                    .iter()
-                    .filter(|c| target_schema.position(&c.name).is_none()),
-            )
-            .map(|c| c.name.as_str())
-            .collect();
+    let written = {
         let carried = carried(tx, run, &s, &stage_schema).await?;
-        let keep = run
-            .fills
-            .swapped(&target, &all, &keys, |n| carried.iter().any(|c| c == n))?;
-        all.iter()
-            .zip(keep)
-            .filter(|(_, k)| *k)
-            .map(|(n, _)| n.to_string())
-            .collect()
+        run.fills.swapped(
+            &target,
+            &target_schema.names(),
+            &stage_schema.names(),
+            &keys,
+            |n| carried.iter().any(|c| c == n),
+        )?
     };
     // Both tables get every column of the other that the swap writes, so a
     // snapshot without a field sets it to null.

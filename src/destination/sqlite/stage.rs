@@ -52,28 +52,15 @@ pub(super) fn apply_stage(conn: &Connection, run: &mut Run, stage: &str) -> Resu
     };
     // The columns the swap writes: a column the table fills in itself is
     // left to it when the records lack it.
-    let written: Vec<String> = {
-        let all: Vec<&str> = target_schema
-            .columns
-            .iter()
-            .map(|c| c.name.as_str())
-            .chain(
-                stage_schema
-                    .columns
-                    .iter()
-                    .map(|c| c.name.as_str())
-                    .filter(|n| target_schema.position(n).is_none()),
-            )
-            .collect();
+    let written = {
         let carried = carried(conn, run, stage, &stage_schema)?;
-        let keep = run
-            .fills
-            .swapped(&target, &all, &keys, |n| carried.iter().any(|c| c == n))?;
-        all.iter()
-            .zip(keep)
-            .filter(|(_, k)| *k)
-            .map(|(n, _)| n.to_string())
-            .collect()
+        run.fills.swapped(
+            &target,
+            &target_schema.names(),
+            &stage_schema.names(),
+            &keys,
+            |n| carried.iter().any(|c| c == n),
+        )?
     };
     // Both tables get every column of the other that the swap writes, so a
     // snapshot without a field sets it to null.
