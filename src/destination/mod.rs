@@ -257,7 +257,7 @@ pub trait Destination: Books + WindowBooks {
 
 fn not_serving() -> Error {
     Error::config(
-        "idemload serve writes into SQLite and PostgreSQL destinations; this destination is not supported",
+        "idemload serve writes into SQLite, PostgreSQL and MySQL/MariaDB destinations; this destination is not supported",
     )
 }
 

@@ -105,7 +105,7 @@ pub async fn serve(
     }
     let connections = match Backend::of_url(&pipeline.config.destination.url) {
         Ok(Backend::Sqlite) => 1,
-        Ok(Backend::Postgres) => settings.connections,
+        Ok(Backend::Postgres | Backend::Mysql) => settings.connections,
         _ => return Err(unsupported_destination()),
     };
     if pipeline.config.destination.kind.as_deref() == Some("http") {
@@ -166,7 +166,7 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
 
 fn unsupported_destination() -> Error {
     Error::config(
-        "idemload serve writes into SQLite (sqlite://) and PostgreSQL (postgres://) destinations",
+        "idemload serve writes into SQLite (sqlite://), PostgreSQL (postgres://) and MySQL/MariaDB (mysql://) destinations",
     )
 }
 

@@ -1,6 +1,6 @@
 //! `idemload serve`: each request lands exactly once (SPEC "Ingest endpoint
-//! (`serve`)"), against the real binary on 127.0.0.1 and a real SQLite file
-//! or PostgreSQL schema.
+//! (`serve`)"), against the real binary on 127.0.0.1 and a real SQLite file,
+//! PostgreSQL schema or MySQL/MariaDB database.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -12,36 +12,6 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::common::{BackendKind, Env};
-
-/// `name` as a module with a `sqlite` and a `postgres` test.
-macro_rules! servetest {
-    ($name:ident, |$env:ident| $body:block) => {
-        mod $name {
-            #[allow(unused_imports)]
-            use super::*;
-
-            fn body($env: &$crate::common::Env) $body
-
-            #[test]
-            fn sqlite() {
-                $crate::common::with_backend(
-                    stringify!($name),
-                    $crate::common::BackendKind::Sqlite,
-                    body,
-                );
-            }
-
-            #[test]
-            fn postgres() {
-                $crate::common::with_backend(
-                    stringify!($name),
-                    $crate::common::BackendKind::Postgres,
-                    body,
-                );
-            }
-        }
-    };
-}
 
 /// A running `idemload serve`, killed when dropped.
 struct Server {
@@ -208,7 +178,7 @@ fn ndjson(records: &[Value]) -> String {
     records.iter().map(|r| format!("{r}\n")).collect()
 }
 
-servetest!(each_status_code_means_what_the_spec_says, |env| {
+idemtest!(each_status_code_means_what_the_spec_says, |env| {
     const TOKEN: &str = "tok-5ecret-value";
     let p = pipeline(
         env,
@@ -364,7 +334,7 @@ servetest!(each_status_code_means_what_the_spec_says, |env| {
     );
 });
 
-servetest!(
+idemtest!(
     a_key_claimed_elsewhere_answers_409_until_its_holder_is_gone,
     |env| {
         let p = pipeline(env, "claims", "key = \"id\"", "claim_lease = \"30s\"");
@@ -393,8 +363,12 @@ servetest!(
         } else {
             "'2024-01-01T00:00:00Z'"
         };
+        let key = match env.backend.kind {
+            BackendKind::Mysql => "`key`",
+            _ => "key",
+        };
         env.backend.execute(&format!(
-        "INSERT INTO _idemload_requests (pipeline, key, digest, status, claim, host, pid, created_at, expires_at)
+        "INSERT INTO _idemload_requests (pipeline, {key}, digest, status, claim, host, pid, created_at, expires_at)
          VALUES ('claims', 'k', '{digest}', 'processing', 'other-claim', 'another-host', 1, {created}, {far})"
     ));
         let a = rt
@@ -403,8 +377,9 @@ servetest!(
         assert_eq!(a.status, 409, "{a:?}");
         assert_eq!(env.backend.count("claims"), 1);
         // Its lease runs out (the holder died): the next attempt takes it over.
-        env.backend
-            .execute("UPDATE _idemload_requests SET expires_at = 0 WHERE key = 'k'");
+        env.backend.execute(&format!(
+            "UPDATE _idemload_requests SET expires_at = 0 WHERE {key} = 'k'"
+        ));
         let a = rt
             .block_on(post(&c, &url, Some("k"), None, body.clone()))
             .unwrap();
@@ -548,7 +523,7 @@ fn assert_exactly_once(env: &Env, table: &str, answers: &[(Request, Answer)], ev
     );
 }
 
-servetest!(
+idemtest!(
     fifty_clients_with_retries_and_a_kill_land_each_event_once,
     |env| {
         const EVENTS: usize = 2000;
@@ -595,73 +570,84 @@ servetest!(
     }
 );
 
-/// Two serve processes on one PostgreSQL, each request's attempts
+/// Two serve processes on one server database, each request's attempts
 /// alternating between them: the same holds.
+fn two_servers_land_each_event_once(env: &Env) {
+    const EVENTS: usize = 2000;
+    let p = pipeline(env, "shared", "key = \"id\"", "connections = 4");
+    let a = Server::start(env, &p, "127.0.0.1:0", &[]);
+    let b = Server::start(env, &p, "127.0.0.1:0", &[]);
+    let urls = vec![a.url("/v1/records"), b.url("/v1/records")];
+    let answers = send_all(
+        &runtime(),
+        urls.clone(),
+        50,
+        EVENTS,
+        Arc::new(AtomicUsize::new(0)),
+    );
+    assert_exactly_once(env, "shared", &answers, EVENTS);
+
+    // Requests with different keys writing the same records at the
+    // same moment, through both processes: every one commits (a
+    // conflict is retried, never a 500), and each record is stored
+    // once with one of the versions sent.
+    let rt = runtime();
+    let answers: Vec<Answer> = rt.block_on(async {
+        let http = client();
+        let mut tasks = Vec::new();
+        for n in 0..24 {
+            let http = http.clone();
+            let url = urls[n % 2].clone();
+            let body = ndjson(
+                &(0..50)
+                    .map(|i| json!({"id": 10_000 + i, "v": n}))
+                    .collect::<Vec<_>>(),
+            );
+            tasks.push(tokio::spawn(async move {
+                post(&http, &url, Some(&format!("overlap-{n}")), None, body)
+                    .await
+                    .expect("answer")
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    for a in &answers {
+        assert_eq!(a.status, 200, "{a:?}");
+    }
+    let written: u64 = answers
+        .iter()
+        .map(|a| {
+            let v = a.json();
+            v["inserted"].as_u64().unwrap()
+        })
+        .sum();
+    assert_eq!(
+        written, 50,
+        "each overlapping record inserted by exactly one request"
+    );
+    assert_eq!(env.backend.count("shared"), EVENTS as u64 + 50);
+    drop((a, b));
+}
+
 #[test]
 fn two_servers_on_one_postgres_land_each_event_once() {
     crate::common::with_backend(
         "two_servers_on_one_postgres",
         BackendKind::Postgres,
-        |env| {
-            const EVENTS: usize = 2000;
-            let p = pipeline(env, "shared", "key = \"id\"", "connections = 4");
-            let a = Server::start(env, &p, "127.0.0.1:0", &[]);
-            let b = Server::start(env, &p, "127.0.0.1:0", &[]);
-            let urls = vec![a.url("/v1/records"), b.url("/v1/records")];
-            let answers = send_all(
-                &runtime(),
-                urls.clone(),
-                50,
-                EVENTS,
-                Arc::new(AtomicUsize::new(0)),
-            );
-            assert_exactly_once(env, "shared", &answers, EVENTS);
+        two_servers_land_each_event_once,
+    );
+}
 
-            // Requests with different keys writing the same records at the
-            // same moment, through both processes: every one commits (a
-            // conflict is retried, never a 500), and each record is stored
-            // once with one of the versions sent.
-            let rt = runtime();
-            let answers: Vec<Answer> = rt.block_on(async {
-                let http = client();
-                let mut tasks = Vec::new();
-                for n in 0..24 {
-                    let http = http.clone();
-                    let url = urls[n % 2].clone();
-                    let body = ndjson(
-                        &(0..50)
-                            .map(|i| json!({"id": 10_000 + i, "v": n}))
-                            .collect::<Vec<_>>(),
-                    );
-                    tasks.push(tokio::spawn(async move {
-                        post(&http, &url, Some(&format!("overlap-{n}")), None, body)
-                            .await
-                            .expect("answer")
-                    }));
-                }
-                let mut out = Vec::new();
-                for t in tasks {
-                    out.push(t.await.unwrap());
-                }
-                out
-            });
-            for a in &answers {
-                assert_eq!(a.status, 200, "{a:?}");
-            }
-            let written: u64 = answers
-                .iter()
-                .map(|a| {
-                    let v = a.json();
-                    v["inserted"].as_u64().unwrap()
-                })
-                .sum();
-            assert_eq!(
-                written, 50,
-                "each overlapping record inserted by exactly one request"
-            );
-            assert_eq!(env.backend.count("shared"), EVENTS as u64 + 50);
-            drop((a, b));
-        },
+#[test]
+fn two_servers_on_one_mysql_land_each_event_once() {
+    crate::common::with_backend(
+        "two_servers_on_one_mysql",
+        BackendKind::Mysql,
+        two_servers_land_each_event_once,
     );
 }
 
@@ -791,7 +777,7 @@ fn a_serve_only_pipeline_has_no_source_to_run() {
     });
 }
 
-servetest!(
+idemtest!(
     expired_keys_are_deleted_in_the_background_and_free_again,
     |env| {
         let p = pipeline(env, "retained", "key = \"id\"", "key_retention = \"1s\"");

@@ -394,6 +394,17 @@ pub(super) async fn write_checkpoint(
     .await
 }
 
+/// Makes the run's key set (a temporary table of this connection) empty.
+pub(super) async fn empty_run_keys(conn: &mut Conn) -> R<()> {
+    conn.query_drop(format!(
+        "CREATE TEMPORARY TABLE IF NOT EXISTS {} (k BINARY(16) NOT NULL PRIMARY KEY) ENGINE = InnoDB",
+        q(RUN_KEYS)
+    ))
+    .await?;
+    conn.query_drop(format!("DELETE FROM {}", q(RUN_KEYS)))
+        .await
+}
+
 /// Records the run, empties the run's key set and, for staged modes,
 /// prepares a fresh staging table (all outside any batch transaction).
 pub(super) async fn begin(
@@ -402,13 +413,7 @@ pub(super) async fn begin(
     run: &RunInfo,
     target: &Target,
 ) -> R<Option<String>> {
-    conn.query_drop(format!(
-        "CREATE TEMPORARY TABLE IF NOT EXISTS {} (k BINARY(16) NOT NULL PRIMARY KEY) ENGINE = InnoDB",
-        q(RUN_KEYS)
-    ))
-    .await?;
-    conn.query_drop(format!("DELETE FROM {}", q(RUN_KEYS)))
-        .await?;
+    empty_run_keys(conn).await?;
     conn.exec_drop(
         format!(
             "INSERT INTO {} (run_id, pipeline, table_name, status, started_at, checkpoint_before)

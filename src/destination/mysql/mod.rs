@@ -22,6 +22,7 @@ mod batch;
 mod books;
 mod ddl;
 pub(crate) mod inspect;
+mod requests;
 mod stage;
 mod windows;
 mod write;
@@ -387,6 +388,58 @@ impl Destination for MysqlDestination {
         books::loaded_files(&mut self.conn, &run.info.pipeline, &run.target.table)
             .await
             .map_err(|e| Error::destination("mysql bookkeeping", e))
+    }
+
+    async fn serve(&mut self, pipeline: &str, target: &Target) -> Result<()> {
+        requests::create_table(&mut self.conn, &self.server).await?;
+        let fills = ddl::existing_table(&mut self.conn, &target.table, &target.key_columns).await?;
+        self.run = Some(Run {
+            info: RunInfo {
+                pipeline: pipeline.to_string(),
+                run_id: String::new(),
+                started_at: chrono::Utc::now(),
+                checkpoint_before: None,
+                lease: Duration::ZERO,
+            },
+            target: target.clone(),
+            stage: None,
+            fills,
+            schema: None,
+            seen: None,
+            // Other processes write the table at the same time: never
+            // load rows straight in on the belief that it was empty.
+            empty_at_start: Some(false),
+        });
+        Ok(())
+    }
+
+    async fn stored_request(
+        &mut self,
+        pipeline: &str,
+        key: &str,
+    ) -> Result<Option<crate::request::StoredRequest>> {
+        requests::stored(&mut self.conn, pipeline, key).await
+    }
+
+    async fn insert_claim(&mut self, claim: &crate::request::Claim) -> Result<bool> {
+        requests::insert_claim(&mut self.conn, claim).await
+    }
+
+    async fn take_over_claim(
+        &mut self,
+        claim: &crate::request::Claim,
+        from: &str,
+        status: &str,
+    ) -> Result<bool> {
+        requests::take_over(&mut self.conn, claim, from, status).await
+    }
+
+    async fn release_claim(&mut self, pipeline: &str, key: &str, claim: &str) -> Result<()> {
+        requests::release(&mut self.conn, pipeline, key, claim).await
+    }
+
+    async fn expire_requests(&mut self, pipeline: &str, now_ms: i64) -> Result<u64> {
+        requests::expire(&mut self.conn, pipeline, now_ms).await
     }
 }
 

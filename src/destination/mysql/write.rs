@@ -63,15 +63,30 @@ pub(super) async fn write_batch(
     let run = run
         .as_mut()
         .ok_or_else(|| Error::destination("mysql", "write before begin"))?;
-    // A backfill window's claim, not the run lock, fences it.
-    let lock = match &commit.window {
-        Some(w) => Lock {
+    // A backfill window's claim or an ingest request's claim, not the run
+    // lock, fences it.
+    let lock = match (&commit.window, &commit.request) {
+        (Some(w), _) => Lock {
             pipeline: w.pipeline.clone(),
             run_id: w.run_id.clone(),
             name: String::new(),
             lease: w.lease,
         },
-        None => lock
+        (None, Some(r)) => {
+            // An ingest request is a run of its own: its duplicates are
+            // counted within it.
+            run.seen = None;
+            books::empty_run_keys(conn)
+                .await
+                .map_err(|e| Error::destination("mysql run keys", e))?;
+            Lock {
+                pipeline: r.pipeline.clone(),
+                run_id: r.claim.clone(),
+                name: String::new(),
+                lease: std::time::Duration::ZERO,
+            }
+        }
+        (None, None) => lock
             .clone()
             .ok_or_else(|| Error::destination("mysql", "write without the run lock"))?,
     };
@@ -427,21 +442,16 @@ impl BatchTx for MysqlTx<'_> {
         .map_err(books_error)
     }
 
-    async fn fence_request(&mut self, _request: &crate::request::RequestEntry) -> Result<()> {
-        // `serve` does not open MySQL destinations (see `Destination::serve`).
-        Err(Error::config(
-            "idemload serve writes to SQLite and PostgreSQL",
-        ))
+    async fn fence_request(&mut self, request: &crate::request::RequestEntry) -> Result<()> {
+        super::requests::fence(self.conn, request).await
     }
 
     async fn finish_request(
         &mut self,
-        _request: &crate::request::RequestEntry,
-        _response: &str,
+        request: &crate::request::RequestEntry,
+        response: &str,
     ) -> Result<()> {
-        Err(Error::config(
-            "idemload serve writes to SQLite and PostgreSQL",
-        ))
+        super::requests::finish(self.conn, request, response).await
     }
 
     async fn commit(self, _changed: bool) -> Result<()> {
