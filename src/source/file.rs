@@ -911,9 +911,12 @@ impl From<Stopped> for ReadError {
 /// Counts bytes read, for progress.
 /// An object as the files log knows it: its URL, size, last-modified and
 /// `etag:` (or `version:`) digest; `None` when the store gives neither.
+///
+/// The ETag is kept without its quotes (and weak `W/` mark): Azure lists it
+/// bare and answers a read with it quoted, and the two must compare equal.
 fn object_entry(object: &ObjectInfo) -> Option<(FileId, String)> {
     let digest = match (&object.e_tag, &object.version) {
-        (Some(tag), _) => format!("etag:{tag}"),
+        (Some(tag), _) => format!("etag:{}", tag.trim_start_matches("W/").trim_matches('"')),
         (None, Some(version)) => format!("version:{version}"),
         (None, None) => return None,
     };

@@ -794,3 +794,145 @@ fn an_unchanged_object_is_skipped_and_a_changed_one_reloaded() {
         assert_eq!(changed.changes(), (0, 1, 3, 0), "{}", changed.raw);
     });
 }
+
+/// `az://` against a real Azure Blob emulator (`IDEMLOAD_TEST_AZURE`, e.g.
+/// Azurite's `http://127.0.0.1:10000`), configured as a user would:
+/// `AZURE_STORAGE_USE_EMULATOR=true`.
+#[test]
+fn azure_blobs_load_once_with_their_rejects_named() {
+    if crate::common::server_url("IDEMLOAD_TEST_AZURE").is_none() {
+        return;
+    }
+    with_backend("azure_blobs", BackendKind::Sqlite, |env| {
+        let azurite = std::env::var("IDEMLOAD_TEST_AZURE").unwrap_or_default();
+        let container = format!("idemload-{}", rand::random::<u32>());
+        let emulator = [
+            ("AZURE_STORAGE_USE_EMULATOR", "true"),
+            ("AZURITE_BLOB_STORAGE_URL", azurite.as_str()),
+        ];
+        // The container, through Azure's own Python client (object_store
+        // writes blobs but makes no containers).
+        let made = Command::new("python3")
+            .args([
+                "-c",
+                "import sys\nfrom azure.storage.blob import BlobServiceClient\n\
+                 url = sys.argv[1].rstrip('/') + '/devstoreaccount1'\n\
+                 key = 'Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=='\n\
+                 s = BlobServiceClient.from_connection_string(\n\
+                     f'DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={key};BlobEndpoint={url};')\n\
+                 s.create_container(sys.argv[2])\n",
+                &azurite,
+                &container,
+            ])
+            .output()
+            .expect("run python3");
+        assert!(
+            made.status.success(),
+            "creating the container (pip install azure-storage-blob): {}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = object_store::azure::MicrosoftAzureBuilder::new()
+            .with_use_emulator(true)
+            .with_endpoint(format!(
+                "{}/devstoreaccount1",
+                azurite.trim_end_matches('/')
+            ))
+            .with_allow_http(true)
+            .with_container_name(&container)
+            .build()
+            .expect("azure client");
+        let put = |key: &str, bytes: Vec<u8>| {
+            rt.block_on(store.put(&ObjectPath::from(key), PutPayload::from(bytes)))
+                .unwrap_or_else(|e| panic!("put {key}: {e}"));
+        };
+        put(
+            "exports/day1.jsonl.gz",
+            gzip("{\"id\":1,\"v\":\"a\"}\n{\"id\":2,\"v\":\"b\"}\n"),
+        );
+        put(
+            "exports/day2.jsonl",
+            b"{\"id\":3,\"v\":\"c\"}\nnot json\n".to_vec(),
+        );
+        put("other/skip.jsonl", b"{\"id\":9}\n".to_vec());
+        let glob = format!("az://{container}/exports/*");
+        let load = |env: &Env| {
+            let out = env
+                .command(&[
+                    "load",
+                    &glob,
+                    "--into",
+                    &env.url(),
+                    "--table",
+                    "blobs",
+                    "--key",
+                    "id",
+                    "--json",
+                ])
+                .envs(emulator)
+                .output()
+                .expect("run");
+            Output {
+                code: out.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        };
+        let first = load(env).code(4).report();
+        assert_eq!(
+            (first.read, first.inserted, first.rejected),
+            (4, 3, 1),
+            "{}",
+            first.raw
+        );
+        let rejects = env.backend.raw_rows("_idemload_rejects");
+        assert_eq!(
+            rejects[0]["source_ref"],
+            format!("az://{container}/exports/day2.jsonl:2"),
+            "{rejects:?}"
+        );
+        assert_rows(
+            &env.rows("blobs"),
+            &[
+                json!({"id": 1, "v": "a"}),
+                json!({"id": 2, "v": "b"}),
+                json!({"id": 3, "v": "c"}),
+            ],
+        );
+        // A pipeline of the same name (`load` names its run after the
+        // table) reads only what changed since.
+        let pipeline = format!(
+            "name = \"blobs\"\n[source]\ntype = \"file\"\npath = \"{glob}\"\n[load]\nkey = \"id\"\n[destination]\nurl = \"{}\"\ntable = \"blobs\"\n",
+            env.url()
+        );
+        env.write("blobs.toml", pipeline);
+        let run = |env: &Env| {
+            let out = env
+                .command(&["run", "blobs.toml", "--json"])
+                .envs(emulator)
+                .output()
+                .expect("run");
+            Output {
+                code: out.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        };
+        let again = run(env).code(0).report();
+        assert_eq!((again.read, again.files_skipped), (0, 2), "{}", again.raw);
+        put(
+            "exports/day1.jsonl.gz",
+            gzip("{\"id\":1,\"v\":\"a2\"}\n{\"id\":2,\"v\":\"b\"}\n"),
+        );
+        let changed = run(env).code(0).report();
+        assert_eq!(
+            (changed.read, changed.updated, changed.files_skipped),
+            (2, 1, 1),
+            "{}",
+            changed.raw
+        );
+    });
+}
