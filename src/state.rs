@@ -114,6 +114,20 @@ pub struct RunInfo {
     pub lease: Duration,
 }
 
+impl RunInfo {
+    /// The standing "run" of `idemload serve` on one connection: no run id,
+    /// no lease, no checkpoint (each request carries its own claim).
+    pub fn serving(pipeline: &str) -> RunInfo {
+        RunInfo {
+            pipeline: pipeline.to_string(),
+            run_id: String::new(),
+            started_at: Utc::now(),
+            checkpoint_before: None,
+            lease: Duration::ZERO,
+        }
+    }
+}
+
 /// What to do at the end of the run's last batch, in its transaction.
 #[derive(Debug, Clone)]
 pub struct Finish {

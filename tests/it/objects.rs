@@ -859,27 +859,20 @@ fn azure_blobs_load_once_with_their_rejects_named() {
         );
         put("other/skip.jsonl", b"{\"id\":9}\n".to_vec());
         let glob = format!("az://{container}/exports/*");
-        let load = |env: &Env| {
-            let out = env
-                .command(&[
-                    "load",
-                    &glob,
-                    "--into",
-                    &env.url(),
-                    "--table",
-                    "blobs",
-                    "--key",
-                    "id",
-                    "--json",
-                ])
-                .envs(emulator)
-                .output()
-                .expect("run");
+        // The binary with the emulator's settings, as a user would run it.
+        let emulated = |args: &[&str]| {
+            let out = env.command(args).envs(emulator).output().expect("run");
             Output {
                 code: out.status.code().unwrap_or(-1),
                 stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
                 stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
             }
+        };
+        let url = env.url();
+        let load = |_: &Env| {
+            emulated(&[
+                "load", &glob, "--into", &url, "--table", "blobs", "--key", "id", "--json",
+            ])
         };
         let first = load(env).code(4).report();
         assert_eq!(
@@ -909,18 +902,7 @@ fn azure_blobs_load_once_with_their_rejects_named() {
             env.url()
         );
         env.write("blobs.toml", pipeline);
-        let run = |env: &Env| {
-            let out = env
-                .command(&["run", "blobs.toml", "--json"])
-                .envs(emulator)
-                .output()
-                .expect("run");
-            Output {
-                code: out.status.code().unwrap_or(-1),
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            }
-        };
+        let run = |_: &Env| emulated(&["run", "blobs.toml", "--json"]);
         let again = run(env).code(0).report();
         assert_eq!((again.read, again.files_skipped), (0, 2), "{}", again.raw);
         put(

@@ -394,13 +394,7 @@ impl Destination for MysqlDestination {
         requests::create_table(&mut self.conn, &self.server).await?;
         let fills = ddl::existing_table(&mut self.conn, &target.table, &target.key_columns).await?;
         self.run = Some(Run {
-            info: RunInfo {
-                pipeline: pipeline.to_string(),
-                run_id: String::new(),
-                started_at: chrono::Utc::now(),
-                checkpoint_before: None,
-                lease: Duration::ZERO,
-            },
+            info: RunInfo::serving(pipeline),
             target: target.clone(),
             stage: None,
             fills,

@@ -453,13 +453,7 @@ impl Destination for PostgresDestination {
         .await?;
         self.ahead = None;
         self.run = Some(Run {
-            info: RunInfo {
-                pipeline: pipeline.to_string(),
-                run_id: String::new(),
-                started_at: chrono::Utc::now(),
-                checkpoint_before: None,
-                lease: Duration::ZERO,
-            },
+            info: RunInfo::serving(pipeline),
             target: target.clone(),
             stage: None,
             fills,

@@ -359,13 +359,7 @@ impl Destination for SqliteDestination {
             requests::create_table(&inner.conn)?;
             let fills = ddl::existing_table(&inner.conn, &target.table, &target.key_columns)?;
             inner.run = Some(Run {
-                info: RunInfo {
-                    pipeline,
-                    run_id: String::new(),
-                    started_at: chrono::Utc::now(),
-                    checkpoint_before: None,
-                    lease: Duration::ZERO,
-                },
+                info: RunInfo::serving(&pipeline),
                 target,
                 stage: None,
                 fills,
