@@ -42,6 +42,26 @@ pub struct Compared<'a> {
     pub new: String,
 }
 
+impl<'a> Compared<'a> {
+    /// Column `name` of the rows aliased `stored` and `new`, quoted for
+    /// the dialect (`t."gb"` against `s."gb"`).
+    pub fn between(
+        dialect: Dialect,
+        name: &'a str,
+        ty: ColumnType,
+        stored: &str,
+        new: &str,
+    ) -> Compared<'a> {
+        let column = dialect.quote(name);
+        Compared {
+            name,
+            ty,
+            stored: format!("{stored}.{column}"),
+            new: format!("{new}.{column}"),
+        }
+    }
+}
+
 impl Compare {
     /// The column's rule. A tolerance applies to numeric columns only
     /// (a column of text is compared exactly whatever its contents).
@@ -57,11 +77,6 @@ impl Compare {
             Some(&(_, distance)) if numeric => Rule::Within(with_slack(distance)),
             _ => Rule::Exact,
         }
-    }
-
-    /// Whether this compares anything but equal values.
-    pub fn is_exact(&self) -> bool {
-        self.loaded_at.is_none() && self.tolerance.is_empty()
     }
 
     /// An SQL condition, true when the stored row differs from the new one
@@ -167,8 +182,6 @@ mod tests {
         assert!(matches!(c.rule("gb", ColumnType::Float), Rule::Within(d) if d > 0.01));
         assert_eq!(c.rule("gb", ColumnType::Text), Rule::Exact);
         assert_eq!(c.rule("name", ColumnType::Float), Rule::Exact);
-        assert!(Compare::default().is_exact());
-        assert!(!c.is_exact());
     }
 
     #[test]

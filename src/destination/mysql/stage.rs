@@ -106,7 +106,8 @@ pub(super) async fn apply(
     let mysql = |e: mysql_async::Error| {
         crate::error::Error::destination(format!("mysql table {stage:?}"), e)
     };
-    let columns = match plan {
+    let written;
+    let plan = match plan {
         Plan::Apply { columns } => {
             // The columns the swap writes (the stage holds this batch's
             // rows by now): a column the table fills in itself is left to
@@ -120,19 +121,14 @@ pub(super) async fn apply(
                 &run.target.key_columns,
                 |n| carried.iter().any(|c| c == n),
             )?;
-            let mut written = columns.clone();
-            written.retain(|c| keep.contains(&c.name));
-            Plan::Apply { columns: written }
+            let mut columns = columns.clone();
+            columns.retain(|c| keep.contains(&c.name));
+            written = Plan::Apply { columns };
+            &written
         }
-        Plan::Nothing {
-            target_exists,
-            has_window_field,
-        } => Plan::Nothing {
-            target_exists: *target_exists,
-            has_window_field: *has_window_field,
-        },
+        nothing => nothing,
     };
-    swap(conn, run, stage, &columns).await.map_err(mysql)
+    swap(conn, run, stage, plan).await.map_err(mysql)
 }
 
 async fn swap(conn: &mut Conn, run: &Run, stage: &str, plan: &Plan) -> R<RunStats> {
@@ -190,12 +186,9 @@ async fn swap(conn: &mut Conn, run: &Run, stage: &str, plan: &Plan) -> R<RunStat
             .join(", ");
         let differs = run.target.compare.differs(
             Dialect::Mysql,
-            others.iter().map(|c| Compared {
-                name: &c.name,
-                ty: c.ty,
-                stored: format!("t.{}", q(&c.name)),
-                new: format!("s.{}", q(&c.name)),
-            }),
+            others
+                .iter()
+                .map(|c| Compared::between(Dialect::Mysql, &c.name, c.ty, "t", "s")),
         );
         conn.query_drop(format!(
             "UPDATE {t} t JOIN {s} s ON {matched} SET {set} WHERE {differs}"

@@ -580,12 +580,7 @@ async fn merge(
             .columns
             .iter()
             .filter(|c| others.contains(&c.name.as_str()))
-            .map(|c| Compared {
-                name: &c.name,
-                ty: c.ty,
-                stored: format!("t.{}", q(&c.name)),
-                new: format!("s.{}", q(&c.name)),
-            }),
+            .map(|c| Compared::between(Dialect::Mysql, &c.name, c.ty, "t", "s")),
     );
     // Never NULL: both sides are tested first.
     let stale = match target

@@ -125,12 +125,7 @@ pub(super) fn apply_stage(conn: &Connection, run: &mut Run, stage: &str) -> Resu
                 .columns
                 .iter()
                 .filter(|c| others.contains(&c.name.as_str()))
-                .map(|c| Compared {
-                    name: &c.name,
-                    ty: c.ty,
-                    stored: format!("{t}.{}", quote(&c.name)),
-                    new: format!("{s}.{}", quote(&c.name)),
-                }),
+                .map(|c| Compared::between(Dialect::Sqlite, &c.name, c.ty, &t, &s)),
         );
         conn.execute(
             &format!("UPDATE {t} SET {set} FROM {s} WHERE {matched} AND {differs}"),
