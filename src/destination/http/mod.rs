@@ -616,6 +616,10 @@ impl Destination for HttpDestination {
                 "an http destination writes in mode = \"merge\" only",
             ));
         }
+        // A new run: nothing deferred yet, and the day's budget is read
+        // again from the ledger (a long-lived process may see a new day).
+        self.deferred = false;
+        self.worker.spent.store(false, Ordering::Relaxed);
         self.books.begin(run, target).await
     }
 
@@ -667,12 +671,10 @@ impl Destination for HttpDestination {
         }
         // A deferred record is not written: the checkpoint must not pass it,
         // nor may its file count as loaded, so the next run reads it again.
+        // (The run's ending keeps it too: `Finish::resolve` sees `deferred`.)
         self.deferred |= stats.deferred > 0;
         if self.deferred {
             commit.checkpoint = None;
-            if let Some(finish) = &mut commit.finish {
-                finish.checkpoint = None;
-            }
             files.clear();
         }
         let bookkeeping = PlannedBatch {
