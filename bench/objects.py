@@ -81,7 +81,9 @@ if big_mb > 0:
             while written < big_mb << 20:
                 with open(plain) as src:
                     for line in src:
-                        line = line.replace('{"id":', '{"id":%d' % copy, 1) if copy else line
+                        if copy:  # a new id for every copy: id + copy * 10^8
+                            head, rest = line[len('{"id":'):].split(",", 1)
+                            line = '{"id":%d,%s' % (int(head) + copy * 100_000_000, rest)
                         dst.write(line)
                         written += len(line)
                 copy += 1
@@ -101,4 +103,7 @@ if big_mb > 0:
     print()
     print(f"| one object | compressed MB | JSONL MB | records | wall s | peak RSS MB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| s3://…/big.jsonl.gz into SQLite | {os.path.getsize(big) / 2**20:.0f} | {big_mb} | {r['read']:,} | {wall:.1f} | {int(out.stderr.strip().splitlines()[-1]) // 1024} |")
+    with open(big, "rb") as f:  # the gzip trailer: uncompressed size mod 2^32 (one member)
+        f.seek(-4, 2)
+        plain_mb = int.from_bytes(f.read(4), "little") / 2**20
+    print(f"| s3://…/big.jsonl.gz into SQLite | {os.path.getsize(big) / 2**20:.0f} | {plain_mb:.0f} | {r['read']:,} | {wall:.1f} | {int(out.stderr.strip().splitlines()[-1]) // 1024} |")
