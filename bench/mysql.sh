@@ -23,10 +23,16 @@ OUT=${OUT:-bench/RESULTS-mysql.md}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
+# DATA=DIR keeps the generated CSVs there between runs (for runs that
+# alternate two builds); without it they live in a temporary directory.
+CSV_DIR=${DATA:-$WORK}
+
 mysql=(mysql --local-infile=1 -h"$HOST" -P"$PORT" -u"$USER" -N -B)
 [ -x "$BIN" ] || cargo build --release --quiet
-python3 bench/contacts.py "$N" "$WORK/contacts.csv"
-python3 bench/contacts.py "$N" "$WORK/changed.csv" --changed 0.10 --new 0.05
+CONTACTS=$CSV_DIR/mysql_contacts_$N.csv
+CHANGED=$CSV_DIR/mysql_changed_$N.csv
+[ -s "$CONTACTS" ] || python3 bench/contacts.py "$N" "$CONTACTS"
+[ -s "$CHANGED" ] || python3 bench/contacts.py "$N" "$CHANGED" --changed 0.10 --new 0.05
 
 status() { # InnoDB redo log bytes written so far (the analog of PostgreSQL's WAL)
     "${mysql[@]}" -e "SHOW GLOBAL STATUS LIKE 'Innodb_os_log_written'" | cut -f2
@@ -60,17 +66,17 @@ measure() { # name rows table command...
     first_name LONGTEXT, last_name LONGTEXT, company LONGTEXT, city LONGTEXT, score DOUBLE,
     active TINYINT(1), created_at DATETIME(6), updated_at DATETIME(6)) CHARACTER SET utf8mb4"
 measure "LOAD DATA LOCAL INFILE (ceiling)" "$N" ceiling "${mysql[@]}" -D "$DB" -e \
-    "LOAD DATA LOCAL INFILE '$WORK/contacts.csv' INTO TABLE ceiling CHARACTER SET utf8mb4
+    "LOAD DATA LOCAL INFILE '$CONTACTS' INTO TABLE ceiling CHARACTER SET utf8mb4
      FIELDS TERMINATED BY ',' LINES TERMINATED BY '\n' IGNORE 1 LINES
      (id, email, first_name, last_name, company, city, score, @active, @created, @updated)
      SET active = (@active = 'true'),
          created_at = STR_TO_DATE(@created, '%Y-%m-%dT%H:%i:%sZ'),
          updated_at = STR_TO_DATE(@updated, '%Y-%m-%dT%H:%i:%sZ')"
 load=("$BIN" load --into "$URL" --table contacts --key id --json)
-measure "idemload, first load (empty table)" "$N" contacts "${load[@]}" "$WORK/contacts.csv"
-measure "idemload, identical re-run" "$N" contacts "${load[@]}" "$WORK/contacts.csv"
-changed_n=$(( $(wc -l <"$WORK/changed.csv") - 1 ))
-measure "idemload, 10% changed + 5% new" "$changed_n" contacts "${load[@]}" "$WORK/changed.csv"
+measure "idemload, first load (empty table)" "$N" contacts "${load[@]}" "$CONTACTS"
+measure "idemload, identical re-run" "$N" contacts "${load[@]}" "$CONTACTS"
+changed_n=$(( $(wc -l <"$CHANGED") - 1 ))
+measure "idemload, 10% changed + 5% new" "$changed_n" contacts "${load[@]}" "$CHANGED"
 
 {
     echo "# MySQL/MariaDB benchmark"
