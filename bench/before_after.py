@@ -8,18 +8,29 @@ machine's load falls on both. Each scenario's ratio is to the ceiling measured
 in the same script run, just before it.
 
 Usage: bench/before_after.py DATA_DIR BEFORE_BIN AFTER_BIN [ROUNDS] [ROWS]
-Env: PGURL (default postgres://root@127.0.0.1:5432/test), MySQL as bench/mysql.sh.
+       bench/before_after.py DATA_DIR LABEL=BIN LABEL=BIN ... [ROUNDS] [ROWS]
+(more than two builds: the order is reversed every other round; ratios of
+each build are also given against the first build's).
+Env: PGURL (default postgres://root@127.0.0.1:5432/test), MySQL as bench/mysql.sh;
+BACKENDS=PostgreSQL,MariaDB (the default) or one of them.
 Prints Markdown: the median wall and ratio of each scenario per build, and every
 round's ratios.
 """
 import os, re, statistics, subprocess, sys, tempfile
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
-data, before, after = sys.argv[1:4]
-rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 3
-rows = int(sys.argv[5]) if len(sys.argv) > 5 else 1_000_000
+data, args = sys.argv[1], sys.argv[2:]
+bins = [a for a in args if not a.isdigit()]
+nums = [int(a) for a in args if a.isdigit()]
+rounds = nums[0] if nums else 3
+rows = nums[1] if len(nums) > 1 else 1_000_000
+if all("=" in b for b in bins):
+    builds = dict(b.split("=", 1) for b in bins)
+else:
+    builds = {"before": bins[0], "after": bins[1]}
+labels = list(builds)
+backends = os.environ.get("BACKENDS", "PostgreSQL,MariaDB").split(",")
 pgurl = os.environ.get("PGURL", "postgres://root@127.0.0.1:5432/test")
-builds = {"before": before, "after": after}
 
 
 def log(msg):
@@ -35,8 +46,8 @@ def pg(binary):
     found = []
     for line in out.stdout.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 7 and re.fullmatch(r"[\d.]+", cells[1]):
-            found.append((cells[0], float(cells[1]), float(cells[3])))
+        if len(cells) == 8 and re.fullmatch(r"[\d.]+", cells[1]):
+            found.append((cells[0], float(cells[1]), float(cells[3]), float(cells[7])))
     return found
 
 
@@ -49,36 +60,42 @@ def mysql(binary):
         text = tf.read()
     found = []
     for line in text.splitlines():
-        m = re.match(r"\| ([^|]+) \| ([\d.]+) s \| \d+ \| ([\d.]+)x \|", line)
+        m = re.match(r"\| ([^|]+) \| ([\d.]+) s \| \d+ \| ([\d.]+)x \|.* ([\d.]+) s \|$", line)
         if m:
-            found.append((m.group(1).strip(), float(m.group(2)), float(m.group(3))))
+            found.append((m.group(1).strip(), float(m.group(2)), float(m.group(3)), float(m.group(4))))
     return found
 
 
 results = {}  # (backend, scenario) -> build -> [(wall, ratio)]
 order = []
 for r in range(rounds):
-    names = ["before", "after"] if r % 2 == 0 else ["after", "before"]
+    names = labels if r % 2 == 0 else labels[::-1]
     for backend, fn in [("PostgreSQL", pg), ("MariaDB", mysql)]:
+        if backend not in backends:
+            continue
         for name in names:
             log(f"round {r + 1}: {backend}, {name}")
-            for scenario, wall, ratio in fn(builds[name]):
+            for scenario, wall, ratio, cpu in fn(builds[name]):
                 key = (backend, scenario)
                 if key not in results:
                     order.append(key)
-                results.setdefault(key, {}).setdefault(name, []).append((wall, ratio))
-                log(f"  {scenario}: {wall:.2f} s, {ratio:.2f}x")
+                results.setdefault(key, {}).setdefault(name, []).append((wall, ratio, cpu))
+                log(f"  {scenario}: {wall:.2f} s, {ratio:.2f}x, CPU {cpu:.2f} s")
 
-print(f"| backend | scenario | before wall s | before vs ceiling | after wall s | after vs ceiling | after / before (ratio) |")
-print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+med = lambda xs, i: statistics.median(x[i] for x in xs)
+head = " | ".join(f"{n} wall s | {n} vs ceiling | {n} CPU s" for n in labels)
+rel = " | ".join(f"{n} / {labels[0]}: ratio, CPU" for n in labels[1:])
+print(f"| backend | scenario | {head} | {rel} |")
+print("| --- | --- | " + " | ".join(["---:"] * (4 * len(labels) - 1)) + " |")
 for key in order:
-    b, a = results[key]["before"], results[key]["after"]
-    bw, br = statistics.median(x[0] for x in b), statistics.median(x[1] for x in b)
-    aw, ar = statistics.median(x[0] for x in a), statistics.median(x[1] for x in a)
-    print(f"| {key[0]} | {key[1]} | {bw:.2f} | {br:.2f}x | {aw:.2f} | {ar:.2f}x | {ar / br:.2f} |")
+    cells = [f"{med(results[key][n], 0):.2f} | {med(results[key][n], 1):.2f}x | {med(results[key][n], 2):.2f}" for n in labels]
+    b = results[key][labels[0]]
+    rels = [f"{med(results[key][n], 1) / med(b, 1):.2f}, {med(results[key][n], 2) / max(med(b, 2), 0.01):.2f}"
+            for n in labels[1:]]
+    print(f"| {key[0]} | {key[1]} | {' | '.join(cells)} | {' | '.join(rels)} |")
 print()
-print("| backend | scenario | before: ratio each round | after: ratio each round |")
-print("| --- | --- | --- | --- |")
+print("| backend | scenario | " + " | ".join(f"{n}: wall s / ratio / CPU s each round" for n in labels) + " |")
+print("| --- | --- | " + " | ".join(["---"] * len(labels)) + " |")
 for key in order:
-    b, a = results[key]["before"], results[key]["after"]
-    print(f"| {key[0]} | {key[1]} | {', '.join(f'{x[1]:.2f}' for x in b)} | {', '.join(f'{x[1]:.2f}' for x in a)} |")
+    each = ["; ".join(f"{x[0]:.2f} / {x[1]:.2f} / {x[2]:.2f}" for x in results[key][n]) for n in labels]
+    print(f"| {key[0]} | {key[1]} | {' | '.join(each)} |")

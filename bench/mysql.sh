@@ -44,10 +44,12 @@ measure() { # name rows table command...
     local name=$1 n=$2 table=$3; shift 3
     local b0 b1
     b0=$(status)
-    /usr/bin/time -f "%e %M" -o "$WORK/time" "$@" >"$WORK/out" 2>"$WORK/err" || {
+    /usr/bin/time -f "%e %M %U %S" -o "$WORK/time" "$@" >"$WORK/out" 2>"$WORK/err" || {
         code=$?; [ $code -eq 4 ] || { cat "$WORK/err"; exit $code; }; }
     b1=$(status)
-    read -r secs rss <<<"$(cat "$WORK/time")"
+    read -r secs rss user sys <<<"$(cat "$WORK/time")"
+    local cpu
+    cpu=$(python3 -c "print(f'{$user + $sys:.2f}')")
     local rps count distinct ratio
     rps=$(python3 -c "print(round($n / max($secs, 0.001)))")
     [ -n "$CEILING_RPS" ] || CEILING_RPS=$rps
@@ -57,7 +59,7 @@ measure() { # name rows table command...
     if [ -s "$WORK/out" ]; then
         summary=$(python3 -c "import json,sys; r=json.load(open('$WORK/out')); print(f\"ins {r['inserted']} upd {r['updated']} unch {r['unchanged']}\")")
     fi
-    rows+=("| $name | $secs s | $rps | $ratio | $((rss / 1024)) MB | $(((b1 - b0) / 1048576)) MB | $count / $distinct | $summary |")
+    rows+=("| $name | $secs s | $rps | $ratio | $((rss / 1024)) MB | $(((b1 - b0) / 1048576)) MB | $count / $distinct | $summary | $cpu s |")
     echo "${rows[-1]}" >&2
 }
 
@@ -85,8 +87,8 @@ measure "idemload, 10% changed + 5% new" "$changed_n" contacts "${load[@]}" "$CH
     echo "Ratio = rows/s against LOAD DATA LOCAL INFILE into a table with a primary key."
     echo "Load average when the run ended: $(cut -d' ' -f1-3 /proc/loadavg) (other work shares the machine)."
     echo
-    echo "| scenario | wall | rows/s | ratio | peak RSS | redo log written | rows / distinct ids | idemload stats |"
-    echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    echo "| scenario | wall | rows/s | ratio | peak RSS | redo log written | rows / distinct ids | idemload stats | CPU (user + system) |"
+    echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     printf '%s\n' "${rows[@]}"
 } >"$OUT"
 cat "$OUT"

@@ -25,17 +25,18 @@ def measure(name, cmd, n):
     psql("CHECKPOINT")
     lsn = psql("SELECT pg_current_wal_lsn()")
     start = time.time()
-    out = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, capture_output=True, text=True)
+    out = subprocess.run(["/usr/bin/time", "-f", "%M %U %S"] + cmd, capture_output=True, text=True)
     wall = time.time() - start
     wal = int(float(psql(f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{lsn}')")))
-    rss = int(out.stderr.strip().splitlines()[-1]) // 1024
+    rss, user, system = out.stderr.strip().splitlines()[-1].split()
+    rss, cpu = int(rss) // 1024, float(user) + float(system)
     if out.returncode not in (0, 4):
         sys.exit(f"{name} failed: {out.stderr}")
     stats = ""
     if out.stdout.strip().startswith("{"):
         r = json.loads(out.stdout)
         stats = f"ins {r['inserted']} upd {r['updated']} unch {r['unchanged']}"
-    return name, wall, n / wall, rss, wal, stats
+    return name, wall, n / wall, rss, wal, stats, cpu
 
 psql("DROP SCHEMA IF EXISTS bench_copy CASCADE; DROP SCHEMA IF EXISTS bench_idem CASCADE; CREATE SCHEMA bench_copy")
 psql("""CREATE TABLE bench_copy.contacts (id bigint PRIMARY KEY, email text, first_name text,
@@ -50,8 +51,8 @@ results.append(measure("idemload identical re-run", load[:2] + [source] + load[2
 results.append(measure("idemload 10% changed, 5% new", load[:2] + [changed] + load[2:], rows * 21 // 20))
 count = psql("SELECT count(*) || ' rows, ' || count(DISTINCT id) || ' distinct ids' FROM bench_idem.contacts")
 ceiling = results[0][2]
-print(f"| run | wall s | rows/s | x ceiling | peak RSS MB | WAL MB | stats |")
-print(f"| --- | ---: | ---: | ---: | ---: | ---: | --- |")
-for name, wall, rate, rss, wal, stats in results:
-    print(f"| {name} | {wall:.2f} | {rate:,.0f} | {rate / ceiling:.2f} | {rss} | {wal / 1e6:.1f} | {stats} |")
+print(f"| run | wall s | rows/s | x ceiling | peak RSS MB | WAL MB | stats | CPU s |")
+print(f"| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+for name, wall, rate, rss, wal, stats, cpu in results:
+    print(f"| {name} | {wall:.2f} | {rate:,.0f} | {rate / ceiling:.2f} | {rss} | {wal / 1e6:.1f} | {stats} | {cpu:.2f} |")
 print(f"final table: {count}")
