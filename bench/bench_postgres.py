@@ -28,10 +28,10 @@ city text, country text, score double precision, active boolean,
 created_at timestamptz, updated_at timestamptz"""
 
 
-def dlt_url():
+def dlt_url(url=URL):
     """dlt insists on a password; a trust-auth server ignores it."""
     from urllib.parse import urlsplit, urlunsplit
-    u = urlsplit(URL)
+    u = urlsplit(url)
     if u.password is None and u.username:
         u = u._replace(netloc=f"{u.username}:unused@{u.hostname}" + (f":{u.port}" if u.port else ""))
     return urlunsplit(u)
@@ -72,14 +72,16 @@ def timed(cmd, env=None):
     return m
 
 
-def venv_ready():
+def venv_ready(dlt="dlt[postgres]", imports="dlt"):
+    """bench/.venv with `dlt` (the pip requirement; `imports` proves it is
+    there) and Sling."""
     if not os.path.exists(VPY):
         R.log("creating bench/.venv")
         subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
-    ok = subprocess.run([VPY, "-c", "import dlt"], capture_output=True).returncode == 0
+    ok = subprocess.run([VPY, "-c", f"import {imports}"], capture_output=True).returncode == 0
     if not ok or not sling_binary():
-        R.log('installing "dlt[postgres]" and sling-linux-amd64 into bench/.venv (pip)')
-        subprocess.run([VPY, "-m", "pip", "install", "-q", "dlt[postgres]", "sling-linux-amd64"], check=True)
+        R.log(f'installing "{dlt}" and sling-linux-amd64 into bench/.venv (pip)')
+        subprocess.run([VPY, "-m", "pip", "install", "-q", dlt, "sling-linux-amd64"], check=True)
 
 
 def sling_binary():

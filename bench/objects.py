@@ -18,7 +18,7 @@ Env: PGURL (default the local socket, database test), IDEMLOAD (binary),
      PEERS, PEER_ROWS (above).
 Prints Markdown tables for bench/RESULTS.md.
 """
-import glob, gzip, json, os, shutil, subprocess, sys, time
+import gzip, json, os, shutil, subprocess, sys, time
 
 import boto3
 import pyarrow.json as pajson
@@ -138,22 +138,14 @@ results = [
 ]
 schemas = ["bench_obj_local", "bench_obj_lparquet", "bench_obj_s3gz", "bench_obj_s3pq"]
 if peers:
-    venv = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".venv")
-    vpy = os.path.join(venv, "bin", "python")
-    if subprocess.run([vpy, "-c", "import dlt, s3fs, pyarrow"], capture_output=True).returncode != 0:
-        if not os.path.exists(vpy):
-            subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-        subprocess.run([vpy, "-m", "pip", "install", "-q", "dlt[filesystem,postgres,parquet]", "sling-linux-amd64"], check=True)
-    sling = [f for f in glob.glob(os.path.join(venv, "lib", "python*", "site-packages", "sling*", "**", "sling*"), recursive=True)
-             if os.path.isfile(f) and os.access(f, os.X_OK) and not f.endswith(".py")]
+    import bench_postgres as BP
+    BP.venv_ready("dlt[filesystem,postgres,parquet]", "dlt, s3fs, pyarrow")
+    vpy, sling = BP.VPY, BP.sling_binary()
     if peer_rows != rows:
         results.append(measure(f"local plain JSONL, {peer_rows:,} rows (reference for the peers)",
                                peer_plain, "bench_obj_peerref", n=peer_rows))
         schemas.append("bench_obj_peerref")
-    # dlt insists on a password; a trust-auth server ignores it.
-    from urllib.parse import urlsplit, urlunsplit
-    u = urlsplit(url)
-    dlt_pg = urlunsplit(u._replace(netloc=f"{u.username}:unused@{u.hostname}" + (f":{u.port}" if u.port else "")))
+    dlt_pg = BP.dlt_url(url)
     dlt_script = os.path.join(data, "dlt_objects.py")
     with open(dlt_script, "w") as f:
         f.write(DLT_SCRIPT)
@@ -178,7 +170,7 @@ if peers:
         for label, key, fmt, schema in [("JSONL.gz", peer_objects[0], "{format: jsonlines, compression: gzip, flatten: true}", "bench_obj_sling_gz")]:
             psql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
             results.append(timed(f"Sling, S3 {label}, incremental", [
-                sling[0], "run", "--src-conn", "MOTO_S3", "--src-stream", f"s3://{bucket}/{key}", "--src-options", fmt,
+                sling, "run", "--src-conn", "MOTO_S3", "--src-stream", f"s3://{bucket}/{key}", "--src-options", fmt,
                 "--tgt-conn", "BENCH_PG", "--tgt-object", f"{schema}.contacts",
                 "--mode", "incremental", "--primary-key", "id", "--update-key", "updated_at"], schema, peer_rows, s_env))
             schemas.append(schema)

@@ -28,10 +28,10 @@ def measure(name, cmd, n):
     out = subprocess.run(["/usr/bin/time", "-f", "%M %U %S"] + cmd, capture_output=True, text=True)
     wall = time.time() - start
     wal = int(float(psql(f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{lsn}')")))
-    rss, user, system = out.stderr.strip().splitlines()[-1].split()
-    rss, cpu = int(rss) // 1024, float(user) + float(system)
     if out.returncode not in (0, 4):
         sys.exit(f"{name} failed: {out.stderr}")
+    rss, user, system = out.stderr.strip().splitlines()[-1].split()
+    rss, cpu = int(rss) // 1024, float(user) + float(system)
     stats = ""
     if out.stdout.strip().startswith("{"):
         r = json.loads(out.stdout)
