@@ -805,8 +805,12 @@ idemtest!(
         assert_eq!(b.status, 200, "{b:?}");
         assert!(!b.replayed);
         assert_eq!(env.backend.count("retained"), 2);
+        // The cleaner logs once its delete has returned, a moment after the
+        // rows are gone.
         assert!(
-            server.log().contains("Expired request keys deleted."),
+            crate::common::wait_until(Duration::from_secs(10), || server
+                .log()
+                .contains("Expired request keys deleted.")),
             "{}",
             server.log()
         );
