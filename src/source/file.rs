@@ -413,7 +413,7 @@ impl Reader {
         let items = self.items;
         let file = File::open(path).map_err(io_error)?;
         let result = if format == FileFormat::Parquet {
-            super::parquet::read_parquet(self, name.clone(), || file.try_clone())
+            super::parquet::read_parquet(self, name.clone(), |_| file.try_clone())
         } else {
             let len = file.metadata().map(|m| m.len()).ok();
             self.read_one(name.clone(), format, compression, Box::new(file), len)
@@ -465,7 +465,7 @@ impl Reader {
             self.object = Some(listed);
             let result = if format == FileFormat::Parquet {
                 let chunks = ObjectChunks::new(bucket.clone(), meta.clone(), rt.clone());
-                super::parquet::read_parquet(self, name, || Ok(chunks.clone()))
+                super::parquet::read_parquet(self, name, |ranges| chunks.prefetch(ranges))
             } else {
                 match bucket.open(&meta, &rt) {
                     Ok(read) => {

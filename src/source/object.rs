@@ -289,18 +289,39 @@ impl Bucket {
         }
     }
 
-    /// The bytes `range` of an object (for Parquet's footer and column
-    /// chunks), retried as a streamed read is.
+    /// The bytes `range` of an object (for Parquet's footer), retried as a
+    /// streamed read is.
     pub fn get_range(
         &self,
         path: &ObjectPath,
         range: std::ops::Range<u64>,
         rt: &Handle,
     ) -> io::Result<Bytes> {
+        self.retrying(path, rt, || self.store.get_range(path, range.clone()))
+    }
+
+    /// The bytes of several ranges of an object (a Parquet row group's
+    /// column chunks): ranges close to each other are fetched by one GET,
+    /// and the GETs run side by side.
+    pub fn get_ranges(
+        &self,
+        path: &ObjectPath,
+        ranges: &[std::ops::Range<u64>],
+        rt: &Handle,
+    ) -> io::Result<Vec<Bytes>> {
+        self.retrying(path, rt, || self.store.get_ranges(path, ranges))
+    }
+
+    /// Runs a request, again after a transient failure.
+    fn retrying<T, F, Fut>(&self, path: &ObjectPath, rt: &Handle, request: F) -> io::Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = object_store::Result<T>>,
+    {
         let mut attempt = 0;
         loop {
-            match rt.block_on(self.store.get_range(path, range.clone())) {
-                Ok(bytes) => return Ok(bytes),
+            match rt.block_on(request()) {
+                Ok(value) => return Ok(value),
                 Err(e) if attempt < RESUMES && is_transient(&e) => {
                     attempt += 1;
                     tracing::warn!(object = %self.url.object_url(path.as_ref()), attempt, error = %e, "Ranged read failed; retrying.");
@@ -532,18 +553,50 @@ impl Read for ObjectRead {
     }
 }
 
-/// An object as Parquet reads it: the footer and column chunks by ranged
-/// GETs, on the reader thread.
+/// An object as Parquet reads it: the footer by ranged GETs, and each row
+/// group's column chunks fetched together before the row group is read
+/// (`prefetch`), so that a row group costs a few GETs, not one per page.
 #[derive(Clone)]
 pub struct ObjectChunks {
     bucket: Bucket,
     meta: ObjectMeta,
     rt: Handle,
+    /// The fetched ranges: where each starts, and its bytes.
+    fetched: Arc<Vec<(u64, Bytes)>>,
 }
 
 impl ObjectChunks {
     pub fn new(bucket: Bucket, meta: ObjectMeta, rt: Handle) -> ObjectChunks {
-        ObjectChunks { bucket, meta, rt }
+        ObjectChunks {
+            bucket,
+            meta,
+            rt,
+            fetched: Arc::default(),
+        }
+    }
+
+    /// The same object with `ranges` in memory (replacing any fetched
+    /// before): one row group's column chunks at a time.
+    pub fn prefetch(&self, ranges: &[std::ops::Range<u64>]) -> io::Result<ObjectChunks> {
+        if ranges.is_empty() {
+            return Ok(self.clone());
+        }
+        let bytes = self
+            .bucket
+            .get_ranges(&self.meta.location, ranges, &self.rt)?;
+        let fetched = ranges.iter().map(|r| r.start).zip(bytes).collect();
+        Ok(ObjectChunks {
+            fetched: Arc::new(fetched),
+            ..self.clone()
+        })
+    }
+
+    /// The fetched bytes from `start` to the end of the range holding it.
+    fn fetched_from(&self, start: u64) -> Option<Bytes> {
+        self.fetched.iter().find_map(|(begin, bytes)| {
+            let skip = usize::try_from(start.checked_sub(*begin)?).ok()?;
+            (skip < bytes.len()).then(|| bytes.slice(skip..))
+        })
     }
 }
 
@@ -554,15 +607,22 @@ impl parquet::file::reader::Length for ObjectChunks {
 }
 
 impl parquet::file::reader::ChunkReader for ObjectChunks {
-    type T = ObjectRead;
+    type T = Box<dyn Read + Send>;
 
-    fn get_read(&self, start: u64) -> parquet::errors::Result<ObjectRead> {
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        if let Some(bytes) = self.fetched_from(start) {
+            return Ok(Box::new(bytes::Buf::reader(bytes)));
+        }
         self.bucket
             .open_at(&self.meta, start, &self.rt)
+            .map(|read| Box::new(read) as Self::T)
             .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
     }
 
     fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        if let Some(bytes) = self.fetched_from(start).filter(|b| b.len() >= length) {
+            return Ok(bytes.slice(..length));
+        }
         self.bucket
             .get_range(&self.meta.location, start..start + length as u64, &self.rt)
             .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))

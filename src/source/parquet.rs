@@ -10,6 +10,7 @@
 //! date-time; dates `YYYY-MM-DD`.
 
 use std::io;
+use std::ops::Range;
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
@@ -27,7 +28,9 @@ use super::file::{ReadError, Reader};
 use crate::record::{Fields, Item, Name, Record, SourceRef};
 
 /// Reads every row group of a Parquet file; `open` gives a fresh handle on
-/// the same bytes for each row group.
+/// the same bytes for the footer (no ranges) and for each row group, with
+/// the byte ranges of that row group's column chunks (which an object
+/// fetches in one go).
 pub(super) fn read_parquet<R, F>(
     reader: &mut Reader,
     name: Arc<str>,
@@ -35,12 +38,13 @@ pub(super) fn read_parquet<R, F>(
 ) -> Result<(), ReadError>
 where
     R: ChunkReader + 'static,
-    F: Fn() -> io::Result<R>,
+    F: Fn(&[Range<u64>]) -> io::Result<R>,
 {
     let bad = |e: parquet::errors::ParquetError| {
         io::Error::other(format!("not a readable Parquet file: {e}"))
     };
-    let metadata = ArrowReaderMetadata::load(&open()?, ArrowReaderOptions::new()).map_err(bad)?;
+    let metadata =
+        ArrowReaderMetadata::load(&open(&[])?, ArrowReaderOptions::new()).map_err(bad)?;
     let names: Vec<Name> = metadata
         .schema()
         .fields()
@@ -51,11 +55,22 @@ where
     let batch_size = reader.chunk_size().max(1);
     for group in 0..groups {
         let path: Arc<str> = format!("{name}:{group}").into();
-        let batches = ParquetRecordBatchReaderBuilder::new_with_metadata(open()?, metadata.clone())
-            .with_row_groups(vec![group])
-            .with_batch_size(batch_size)
-            .build()
-            .map_err(bad)?;
+        let ranges: Vec<Range<u64>> = metadata
+            .metadata()
+            .row_group(group)
+            .columns()
+            .iter()
+            .map(|column| {
+                let (start, len) = column.byte_range();
+                start..start + len
+            })
+            .collect();
+        let batches =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(open(&ranges)?, metadata.clone())
+                .with_row_groups(vec![group])
+                .with_batch_size(batch_size)
+                .build()
+                .map_err(bad)?;
         let mut row = 0u64;
         for batch in batches {
             let batch = batch.map_err(|e| io::Error::other(format!("row group {group}: {e}")))?;

@@ -438,10 +438,12 @@ fn aws_endpoint_url_and_a_profile_reach_the_store() {
 }
 
 /// A TCP proxy to the S3 server that cuts the first GET of `key` after
-/// `limit` bytes of its response; every other exchange passes whole.
+/// `limit` bytes of its response (never, for `u64::MAX`); every other
+/// exchange passes whole. It counts the GETs of `key`.
 struct CuttingProxy {
     port: u16,
     cut: Arc<AtomicBool>,
+    gets: Arc<AtomicU64>,
 }
 
 impl CuttingProxy {
@@ -453,8 +455,10 @@ impl CuttingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
+        let gets = Arc::new(AtomicU64::new(0));
         let request_line = format!("GET /{key} ");
         let cut_flag = cut.clone();
+        let get_count = gets.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
@@ -467,8 +471,12 @@ impl CuttingProxy {
                 {
                     let (mut from, mut to) =
                         (client.try_clone().unwrap(), server.try_clone().unwrap());
-                    let (armed, cut, line) =
-                        (armed.clone(), cut_flag.clone(), request_line.clone());
+                    let (armed, cut, line, gets) = (
+                        armed.clone(),
+                        cut_flag.clone(),
+                        request_line.clone(),
+                        get_count.clone(),
+                    );
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 64 << 10];
                         while let Ok(n) = from.read(&mut buf) {
@@ -476,6 +484,7 @@ impl CuttingProxy {
                                 break;
                             }
                             let text = String::from_utf8_lossy(&buf[..n]);
+                            gets.fetch_add(text.matches(&line).count() as u64, Ordering::SeqCst);
                             if !cut.load(Ordering::SeqCst)
                                 && text.contains(&line)
                                 && !text.to_ascii_lowercase().contains("range:")
@@ -517,7 +526,7 @@ impl CuttingProxy {
                 });
             }
         });
-        CuttingProxy { port, cut }
+        CuttingProxy { port, cut, gets }
     }
 }
 
@@ -563,6 +572,50 @@ fn a_connection_dropped_mid_object_resumes_from_its_offset() {
         assert_eq!(
             env.backend.scalar_i64("SELECT sum(n) FROM t"),
             Some(49_999 * 50_000 / 2)
+        );
+    });
+}
+
+#[test]
+fn a_parquet_object_is_read_in_a_few_gets_not_one_per_page() {
+    s3_test("s3_parquet_gets", BackendKind::Sqlite, |env, s3| {
+        // Two row groups of 100,000 rows in pages of 4 KiB: hundreds of
+        // pages, each of which a reader going page by page would GET.
+        let path = env.path("pages.parquet");
+        let script = format!(
+            "import pyarrow as pa, pyarrow.parquet as pq\n\
+             n = 200000\n\
+             t = pa.table({{'id': pa.array(range(n), pa.int64()), 'name': pa.array(['contact-%d' % i for i in range(n)]), 'n': pa.array([i % 97 for i in range(n)], pa.int32())}})\n\
+             pq.write_table(t, {:?}, row_group_size=100000, data_page_size=4096)",
+            path.display().to_string()
+        );
+        if !pyarrow(&script) {
+            return;
+        }
+        s3.put("pages.parquet", std::fs::read(&path).unwrap());
+        let proxy = CuttingProxy::start(
+            &s3.endpoint,
+            &format!("{}/pages.parquet", s3.bucket),
+            u64::MAX,
+        );
+        let endpoint = format!("http://127.0.0.1:{}", proxy.port);
+        let into = env.url();
+        let url = s3.url("pages.parquet");
+        let args = ["load", &url, "--endpoint", &endpoint, "--into", &into];
+        let out = output(s3.command(env, &[&args[..], &["--table", "t", "--json"]].concat()));
+        let r = out.code(0).report();
+        assert_eq!((r.read, r.inserted), (200_000, 200_000), "{}", r.raw);
+        assert_eq!(
+            env.backend.scalar_i64("SELECT sum(id) FROM t"),
+            Some(199_999 * 200_000 / 2)
+        );
+        // The footer (two ranged GETs at most) and one coalesced GET per
+        // row group; a page-by-page reader makes over 400.
+        let gets = proxy.gets.load(Ordering::SeqCst);
+        eprintln!("{gets} GETs of the object");
+        assert!(
+            gets <= 6,
+            "{gets} GETs of one Parquet object of 2 row groups"
         );
     });
 }
