@@ -13,6 +13,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::{CopyOutStream, Transaction};
 
 use super::pg_error;
+use super::statements::Statements;
 use serde_json::Value;
 
 use super::ddl::{PgColumn, Stage};
@@ -71,16 +72,22 @@ impl CopyBuffer {
     pub(super) async fn send(
         mut self,
         tx: &Transaction<'_>,
+        statements: &Statements,
         table: &str,
         columns: &str,
     ) -> Result<u64> {
         self.buf.put_i16(-1);
         self.chunks.push(self.buf.split().freeze());
         let context = format!("copy into {table}");
+        let statement = statements
+            .prepare(
+                tx,
+                &format!("COPY {table} ({columns}) FROM STDIN (FORMAT binary)"),
+            )
+            .await
+            .map_err(pg_error(context.clone()))?;
         let sink = tx
-            .copy_in::<_, Bytes>(&format!(
-                "COPY {table} ({columns}) FROM STDIN (FORMAT binary)"
-            ))
+            .copy_in::<_, Bytes>(&statement)
             .await
             .map_err(pg_error(context.clone()))?;
         futures_util::pin_mut!(sink);

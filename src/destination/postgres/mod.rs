@@ -28,6 +28,7 @@ pub(crate) mod inspect;
 mod merge;
 mod requests;
 mod stage;
+mod statements;
 mod windows;
 mod write;
 #[cfg(test)]
@@ -68,6 +69,8 @@ pub struct PostgresDestination {
     config: PgConfig,
     /// The run's reads ahead, once the run asked for them.
     ahead: Option<std::sync::Arc<ahead::Ahead>>,
+    /// What this connection has prepared.
+    statements: statements::Statements,
 }
 
 /// The run in progress on this connection.
@@ -231,6 +234,7 @@ impl PostgresDestination {
             batch_table: None,
             config,
             ahead: None,
+            statements: Default::default(),
         };
         Ok((dest, books))
     }
@@ -444,6 +448,16 @@ impl Destination for PostgresDestination {
             )));
         }
         requests::create_table(&self.client, &self.schema).await?;
+        // Requests run the same prepared statements over a table that grows
+        // from empty: a plan made once for all would be made for the empty
+        // table (a scan). Each execution is planned for the table as it is.
+        self.client
+            .batch_execute(
+                "SELECT set_config('plan_cache_mode', 'force_custom_plan', false)
+                 WHERE current_setting('server_version_num')::int >= 120000",
+            )
+            .await
+            .map_err(pg_error("preparing the connection for requests"))?;
         let fills = ddl::existing_table(
             &self.client,
             &self.schema,
@@ -473,11 +487,11 @@ impl Destination for PostgresDestination {
         pipeline: &str,
         key: &str,
     ) -> Result<Option<crate::request::StoredRequest>> {
-        requests::stored(&self.client, &self.schema, pipeline, key).await
+        requests::stored(&self.client, &self.statements, &self.schema, pipeline, key).await
     }
 
     async fn insert_claim(&mut self, claim: &crate::request::Claim) -> Result<bool> {
-        requests::insert_claim(&self.client, &self.schema, claim).await
+        requests::insert_claim(&self.client, &self.statements, &self.schema, claim).await
     }
 
     async fn take_over_claim(
@@ -486,11 +500,27 @@ impl Destination for PostgresDestination {
         from: &str,
         status: &str,
     ) -> Result<bool> {
-        requests::take_over(&self.client, &self.schema, claim, from, status).await
+        requests::take_over(
+            &self.client,
+            &self.statements,
+            &self.schema,
+            claim,
+            from,
+            status,
+        )
+        .await
     }
 
     async fn release_claim(&mut self, pipeline: &str, key: &str, claim: &str) -> Result<()> {
-        requests::release(&self.client, &self.schema, pipeline, key, claim).await
+        requests::release(
+            &self.client,
+            &self.statements,
+            &self.schema,
+            pipeline,
+            key,
+            claim,
+        )
+        .await
     }
 
     async fn expire_requests(&mut self, pipeline: &str, now_ms: i64) -> Result<u64> {

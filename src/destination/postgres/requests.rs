@@ -13,6 +13,7 @@
 use tokio_postgres::{Client, GenericClient};
 
 use super::books::advisory_key;
+use super::statements::Statements;
 use super::{pg_error, qualified};
 use crate::destination::sql::quote;
 use crate::error::{Error, Result};
@@ -56,19 +57,22 @@ pub(super) async fn create_table(client: &Client, schema: &str) -> Result<()> {
 
 pub(super) async fn stored(
     client: &Client,
+    statements: &Statements,
     schema: &str,
     pipeline: &str,
     key: &str,
 ) -> Result<Option<StoredRequest>> {
+    let sql = format!(
+        "SELECT digest, status, response, claim, host, pid, expires_at
+         FROM {} WHERE pipeline = $1 AND key = $2",
+        qualified(schema, REQUESTS_TABLE)
+    );
+    let statement = statements
+        .prepare(client, &sql)
+        .await
+        .map_err(pg_error("reading a request"))?;
     let row = client
-        .query_opt(
-            &format!(
-                "SELECT digest, status, response, claim, host, pid, expires_at
-                 FROM {} WHERE pipeline = $1 AND key = $2",
-                qualified(schema, REQUESTS_TABLE)
-            ),
-            &[&pipeline, &key],
-        )
+        .query_opt(&statement, &[&pipeline, &key])
         .await
         .map_err(pg_error("reading a request"))?;
     Ok(row.map(|r| StoredRequest {
@@ -82,15 +86,25 @@ pub(super) async fn stored(
     }))
 }
 
-pub(super) async fn insert_claim(client: &Client, schema: &str, c: &Claim) -> Result<bool> {
+pub(super) async fn insert_claim(
+    client: &Client,
+    statements: &Statements,
+    schema: &str,
+    c: &Claim,
+) -> Result<bool> {
+    let sql = format!(
+        "INSERT INTO {} (pipeline, key, digest, status, claim, host, pid, created_at, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8)
+         ON CONFLICT (pipeline, key) DO NOTHING",
+        qualified(schema, REQUESTS_TABLE)
+    );
+    let statement = statements
+        .prepare(client, &sql)
+        .await
+        .map_err(pg_error("claiming a request"))?;
     let n = client
         .execute(
-            &format!(
-                "INSERT INTO {} (pipeline, key, digest, status, claim, host, pid, created_at, expires_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8)
-                 ON CONFLICT (pipeline, key) DO NOTHING",
-                qualified(schema, REQUESTS_TABLE)
-            ),
+            &statement,
             &[
                 &c.pipeline,
                 &c.key,
@@ -109,19 +123,25 @@ pub(super) async fn insert_claim(client: &Client, schema: &str, c: &Claim) -> Re
 
 pub(super) async fn take_over(
     client: &Client,
+    statements: &Statements,
     schema: &str,
     c: &Claim,
     from: &str,
     status: &str,
 ) -> Result<bool> {
+    let sql = format!(
+        "UPDATE {} SET digest = $3, status = $4, response = NULL, claim = $5, host = $6,
+             pid = $7, created_at = now(), expires_at = $8
+         WHERE pipeline = $1 AND key = $2 AND claim = $9 AND status = $10",
+        qualified(schema, REQUESTS_TABLE)
+    );
+    let statement = statements
+        .prepare(client, &sql)
+        .await
+        .map_err(pg_error("taking over a request"))?;
     let n = client
         .execute(
-            &format!(
-                "UPDATE {} SET digest = $3, status = $4, response = NULL, claim = $5, host = $6,
-                     pid = $7, created_at = now(), expires_at = $8
-                 WHERE pipeline = $1 AND key = $2 AND claim = $9 AND status = $10",
-                qualified(schema, REQUESTS_TABLE)
-            ),
+            &statement,
             &[
                 &c.pipeline,
                 &c.key,
@@ -142,19 +162,22 @@ pub(super) async fn take_over(
 
 pub(super) async fn release(
     client: &Client,
+    statements: &Statements,
     schema: &str,
     pipeline: &str,
     key: &str,
     claim: &str,
 ) -> Result<()> {
+    let sql = format!(
+        "DELETE FROM {} WHERE pipeline = $1 AND key = $2 AND claim = $3 AND status = $4",
+        qualified(schema, REQUESTS_TABLE)
+    );
+    let statement = statements
+        .prepare(client, &sql)
+        .await
+        .map_err(pg_error("releasing a request"))?;
     client
-        .execute(
-            &format!(
-                "DELETE FROM {} WHERE pipeline = $1 AND key = $2 AND claim = $3 AND status = $4",
-                qualified(schema, REQUESTS_TABLE)
-            ),
-            &[&pipeline, &key, &claim, &PROCESSING],
-        )
+        .execute(&statement, &[&pipeline, &key, &claim, &PROCESSING])
         .await
         .map_err(pg_error("releasing a request"))?;
     Ok(())
@@ -177,17 +200,24 @@ pub(super) async fn expire(client: &Client, schema: &str, pipeline: &str, now: i
 /// row is locked, not written: a takeover waits for this transaction, while
 /// a claim of the same key by another request (`INSERT … ON CONFLICT`)
 /// still sees the row at once and answers 409 rather than wait behind it.
-pub(super) async fn fence(tx: &impl GenericClient, schema: &str, r: &RequestEntry) -> Result<()> {
+pub(super) async fn fence(
+    tx: &impl GenericClient,
+    statements: &Statements,
+    schema: &str,
+    r: &RequestEntry,
+) -> Result<()> {
+    let sql = format!(
+        "SELECT 1 FROM {}
+         WHERE pipeline = $1 AND key = $2 AND claim = $3 AND status = $4
+         FOR UPDATE",
+        qualified(schema, REQUESTS_TABLE)
+    );
+    let statement = statements
+        .prepare(tx, &sql)
+        .await
+        .map_err(pg_error("fencing a request"))?;
     let n = tx
-        .query(
-            &format!(
-                "SELECT 1 FROM {}
-                 WHERE pipeline = $1 AND key = $2 AND claim = $3 AND status = $4
-                 FOR UPDATE",
-                qualified(schema, REQUESTS_TABLE)
-            ),
-            &[&r.pipeline, &r.key, &r.claim, &PROCESSING],
-        )
+        .query(&statement, &[&r.pipeline, &r.key, &r.claim, &PROCESSING])
         .await
         .map_err(pg_error("fencing a request"))?
         .len();
@@ -201,17 +231,23 @@ pub(super) async fn fence(tx: &impl GenericClient, schema: &str, r: &RequestEntr
 /// Inside the batch transaction: the request is done, with its response.
 pub(super) async fn finish(
     tx: &impl GenericClient,
+    statements: &Statements,
     schema: &str,
     r: &RequestEntry,
     response: &str,
 ) -> Result<()> {
+    let sql = format!(
+        "UPDATE {} SET status = $4, response = $5, expires_at = $6
+         WHERE pipeline = $1 AND key = $2 AND claim = $3",
+        qualified(schema, REQUESTS_TABLE)
+    );
+    let statement = statements
+        .prepare(tx, &sql)
+        .await
+        .map_err(pg_error("finishing a request"))?;
     let n = tx
         .execute(
-            &format!(
-                "UPDATE {} SET status = $4, response = $5, expires_at = $6
-                 WHERE pipeline = $1 AND key = $2 AND claim = $3",
-                qualified(schema, REQUESTS_TABLE)
-            ),
+            &statement,
             &[
                 &r.pipeline,
                 &r.key,

@@ -69,6 +69,7 @@ pub(super) async fn write_batch(
         lock,
         batch_table,
         ahead,
+        statements,
         ..
     } = dest;
     // The stored rows read ahead for this batch, collected before the
@@ -119,6 +120,7 @@ pub(super) async fn write_batch(
             .await
             .map_err(pg_error(context.clone()))?,
         schema: schema.as_str(),
+        statements,
         run: &mut *run,
         batch_table,
         ahead: ahead.as_deref(),
@@ -145,6 +147,7 @@ pub(super) async fn write_batch(
 struct PgTx<'a> {
     tx: Transaction<'a>,
     schema: &'a str,
+    statements: &'a super::statements::Statements,
     run: &'a mut Run,
     /// The shape of the temporary batch table this connection holds.
     batch_table: &'a mut Option<String>,
@@ -191,6 +194,7 @@ impl BatchTx for PgTx<'_> {
         let PgTx {
             tx,
             schema,
+            statements,
             run,
             batch_table,
             ahead,
@@ -379,7 +383,12 @@ impl BatchTx for PgTx<'_> {
                 .await
                 .map_err(pg_error(context.clone()))?;
             let copied = direct_copy
-                .send(tx, &qualified(schema, &table), &merge.table_columns())
+                .send(
+                    tx,
+                    statements,
+                    &qualified(schema, &table),
+                    &merge.table_columns(),
+                )
                 .await;
             match copied {
                 Ok(copied) => {
@@ -415,7 +424,8 @@ impl BatchTx for PgTx<'_> {
                     .map_err(pg_error(context.clone()))?;
                 *made_run_keys = true;
             }
-            copy.send(tx, BATCH, &merge.copy_columns()).await?;
+            copy.send(tx, statements, BATCH, &merge.copy_columns())
+                .await?;
             // A batch is small against its table: every row is looked up
             // through the key's index, never by scanning the table.
             tx.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
@@ -486,11 +496,11 @@ impl BatchTx for PgTx<'_> {
     }
 
     async fn fence_request(&mut self, request: &RequestEntry) -> Result<()> {
-        super::requests::fence(&self.tx, self.schema, request).await
+        super::requests::fence(&self.tx, self.statements, self.schema, request).await
     }
 
     async fn finish_request(&mut self, request: &RequestEntry, response: &str) -> Result<()> {
-        super::requests::finish(&self.tx, self.schema, request, response).await
+        super::requests::finish(&self.tx, self.statements, self.schema, request, response).await
     }
 
     async fn finish_run(&mut self, end: &Resolution, after: Option<&Value>) -> Result<()> {
