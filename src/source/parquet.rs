@@ -296,18 +296,14 @@ fn float64(v: f64) -> Value {
 fn date(millis: i64) -> Value {
     DateTime::from_timestamp_millis(millis)
         .map(|t| t.date_naive())
-        .map_or(Value::Null, |d: NaiveDate| {
-            Value::String(d.format("%Y-%m-%d").to_string())
-        })
+        .map_or(Value::Null, |d: NaiveDate| Value::String(d.to_string()))
 }
 
 fn time(nanos: i64) -> Value {
     let secs = nanos.div_euclid(1_000_000_000);
     let frac = nanos.rem_euclid(1_000_000_000);
     NaiveTime::from_num_seconds_from_midnight_opt(secs as u32, frac as u32)
-        .map_or(Value::Null, |t| {
-            Value::String(t.format("%H:%M:%S%.f").to_string())
-        })
+        .map_or(Value::Null, |t| Value::String(t.to_string()))
 }
 
 /// A timestamp in nanoseconds since the epoch: with a zone an RFC 3339
@@ -324,7 +320,10 @@ fn timestamp(nanos: i128, zoned: bool) -> Value {
     Value::String(if zoned {
         at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
     } else {
-        at.naive_utc().format("%Y-%m-%dT%H:%M:%S%.f").to_string()
+        // `%Y-%m-%dT%H:%M:%S%.f`, by the types' own Display (a format
+        // string is parsed again for every value: a sixth of a load's time).
+        let at = at.naive_utc();
+        format!("{}T{}", at.date(), at.time())
     })
 }
 
@@ -378,6 +377,16 @@ mod tests {
             timestamp(1_714_521_600_000_000_000, false),
             "2024-05-01T00:00:00"
         );
+        assert_eq!(
+            timestamp(1_714_521_600_120_000_000, false),
+            "2024-05-01T00:00:00.120"
+        );
+        assert_eq!(
+            timestamp(1_714_521_600_000_001_000, false),
+            "2024-05-01T00:00:00.000001"
+        );
+        assert_eq!(time(3_723_000_000_007), "01:02:03.000000007");
+        assert_eq!(date(0), "1970-01-01");
         assert_eq!(timestamp(-1_000_000_000, true), "1969-12-31T23:59:59Z");
     }
 }
