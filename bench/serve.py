@@ -10,7 +10,8 @@ hundred-record requests, each with its own Idempotency-Key, and reports
 requests/s, records/s and p50/p99 latency. The hundred-record records are
 also written to a JSONL file and loaded with `idemload load` into another
 table of the same schema, for the records/s of a file load of the same
-records. Results go into bench/RESULTS.md (section `serve`).
+records. Results go into bench/RESULTS.md (section `serve`). SERVE_LOAD names
+another serve_load binary (default target/release/examples/serve_load).
 """
 
 import argparse
@@ -26,7 +27,7 @@ import run as R  # noqa: E402
 
 URL = os.environ.get("IDEMLOAD_BENCH_POSTGRES", "postgres://root@127.0.0.1:5432/test")
 SCHEMA = "bench_serve"
-LOAD = os.path.join(R.ROOT, "target", "release", "examples", "serve_load")
+LOAD = os.environ.get("SERVE_LOAD", os.path.join(R.ROOT, "target", "release", "examples", "serve_load"))
 
 
 def psql(sql):
