@@ -62,17 +62,16 @@ pub(super) async fn stored(
     pipeline: &str,
     key: &str,
 ) -> Result<Option<StoredRequest>> {
-    let sql = format!(
-        "SELECT digest, status, response, claim, host, pid, expires_at
-         FROM {} WHERE pipeline = $1 AND key = $2",
-        qualified(schema, REQUESTS_TABLE)
-    );
-    let statement = statements
-        .prepare(client, &sql)
-        .await
-        .map_err(pg_error("reading a request"))?;
-    let row = client
-        .query_opt(&statement, &[&pipeline, &key])
+    let row = statements
+        .query_opt(
+            client,
+            &format!(
+                "SELECT digest, status, response, claim, host, pid, expires_at
+                 FROM {} WHERE pipeline = $1 AND key = $2",
+                qualified(schema, REQUESTS_TABLE)
+            ),
+            &[&pipeline, &key],
+        )
         .await
         .map_err(pg_error("reading a request"))?;
     Ok(row.map(|r| StoredRequest {
@@ -92,19 +91,15 @@ pub(super) async fn insert_claim(
     schema: &str,
     c: &Claim,
 ) -> Result<bool> {
-    let sql = format!(
-        "INSERT INTO {} (pipeline, key, digest, status, claim, host, pid, created_at, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8)
-         ON CONFLICT (pipeline, key) DO NOTHING",
-        qualified(schema, REQUESTS_TABLE)
-    );
-    let statement = statements
-        .prepare(client, &sql)
-        .await
-        .map_err(pg_error("claiming a request"))?;
-    let n = client
+    let n = statements
         .execute(
-            &statement,
+            client,
+            &format!(
+                "INSERT INTO {} (pipeline, key, digest, status, claim, host, pid, created_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8)
+                 ON CONFLICT (pipeline, key) DO NOTHING",
+                qualified(schema, REQUESTS_TABLE)
+            ),
             &[
                 &c.pipeline,
                 &c.key,
@@ -129,19 +124,15 @@ pub(super) async fn take_over(
     from: &str,
     status: &str,
 ) -> Result<bool> {
-    let sql = format!(
-        "UPDATE {} SET digest = $3, status = $4, response = NULL, claim = $5, host = $6,
-             pid = $7, created_at = now(), expires_at = $8
-         WHERE pipeline = $1 AND key = $2 AND claim = $9 AND status = $10",
-        qualified(schema, REQUESTS_TABLE)
-    );
-    let statement = statements
-        .prepare(client, &sql)
-        .await
-        .map_err(pg_error("taking over a request"))?;
-    let n = client
+    let n = statements
         .execute(
-            &statement,
+            client,
+            &format!(
+                "UPDATE {} SET digest = $3, status = $4, response = NULL, claim = $5, host = $6,
+                     pid = $7, created_at = now(), expires_at = $8
+                 WHERE pipeline = $1 AND key = $2 AND claim = $9 AND status = $10",
+                qualified(schema, REQUESTS_TABLE)
+            ),
             &[
                 &c.pipeline,
                 &c.key,
@@ -168,16 +159,15 @@ pub(super) async fn release(
     key: &str,
     claim: &str,
 ) -> Result<()> {
-    let sql = format!(
-        "DELETE FROM {} WHERE pipeline = $1 AND key = $2 AND claim = $3 AND status = $4",
-        qualified(schema, REQUESTS_TABLE)
-    );
-    let statement = statements
-        .prepare(client, &sql)
-        .await
-        .map_err(pg_error("releasing a request"))?;
-    client
-        .execute(&statement, &[&pipeline, &key, &claim, &PROCESSING])
+    statements
+        .execute(
+            client,
+            &format!(
+                "DELETE FROM {} WHERE pipeline = $1 AND key = $2 AND claim = $3 AND status = $4",
+                qualified(schema, REQUESTS_TABLE)
+            ),
+            &[&pipeline, &key, &claim, &PROCESSING],
+        )
         .await
         .map_err(pg_error("releasing a request"))?;
     Ok(())
@@ -206,18 +196,17 @@ pub(super) async fn fence(
     schema: &str,
     r: &RequestEntry,
 ) -> Result<()> {
-    let sql = format!(
-        "SELECT 1 FROM {}
-         WHERE pipeline = $1 AND key = $2 AND claim = $3 AND status = $4
-         FOR UPDATE",
-        qualified(schema, REQUESTS_TABLE)
-    );
-    let statement = statements
-        .prepare(tx, &sql)
-        .await
-        .map_err(pg_error("fencing a request"))?;
-    let n = tx
-        .query(&statement, &[&r.pipeline, &r.key, &r.claim, &PROCESSING])
+    let n = statements
+        .query(
+            tx,
+            &format!(
+                "SELECT 1 FROM {}
+                 WHERE pipeline = $1 AND key = $2 AND claim = $3 AND status = $4
+                 FOR UPDATE",
+                qualified(schema, REQUESTS_TABLE)
+            ),
+            &[&r.pipeline, &r.key, &r.claim, &PROCESSING],
+        )
         .await
         .map_err(pg_error("fencing a request"))?
         .len();
@@ -236,18 +225,14 @@ pub(super) async fn finish(
     r: &RequestEntry,
     response: &str,
 ) -> Result<()> {
-    let sql = format!(
-        "UPDATE {} SET status = $4, response = $5, expires_at = $6
-         WHERE pipeline = $1 AND key = $2 AND claim = $3",
-        qualified(schema, REQUESTS_TABLE)
-    );
-    let statement = statements
-        .prepare(tx, &sql)
-        .await
-        .map_err(pg_error("finishing a request"))?;
-    let n = tx
+    let n = statements
         .execute(
-            &statement,
+            tx,
+            &format!(
+                "UPDATE {} SET status = $4, response = $5, expires_at = $6
+                 WHERE pipeline = $1 AND key = $2 AND claim = $3",
+                qualified(schema, REQUESTS_TABLE)
+            ),
             &[
                 &r.pipeline,
                 &r.key,

@@ -11,7 +11,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use tokio_postgres::{GenericClient, Statement};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Error, GenericClient, Row, Statement};
 
 /// More texts than this (a table whose columns keep changing gives a new
 /// COPY each time) and the cache starts again.
@@ -26,7 +27,7 @@ impl Statements {
         &self,
         client: &impl GenericClient,
         sql: &str,
-    ) -> Result<Statement, tokio_postgres::Error> {
+    ) -> Result<Statement, Error> {
         if let Some(statement) = self.lock().get(sql) {
             return Ok(statement.clone());
         }
@@ -37,6 +38,39 @@ impl Statements {
         }
         cache.insert(sql.to_string(), statement.clone());
         Ok(statement)
+    }
+
+    /// `client.execute(sql, params)` through the prepared statement.
+    pub(super) async fn execute(
+        &self,
+        client: &impl GenericClient,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Error> {
+        let statement = self.prepare(client, sql).await?;
+        client.execute(&statement, params).await
+    }
+
+    /// `client.query(sql, params)` through the prepared statement.
+    pub(super) async fn query(
+        &self,
+        client: &impl GenericClient,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error> {
+        let statement = self.prepare(client, sql).await?;
+        client.query(&statement, params).await
+    }
+
+    /// `client.query_opt(sql, params)` through the prepared statement.
+    pub(super) async fn query_opt(
+        &self,
+        client: &impl GenericClient,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error> {
+        let statement = self.prepare(client, sql).await?;
+        client.query_opt(&statement, params).await
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Statement>> {
