@@ -11,6 +11,7 @@ use chrono::Utc;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::destination::sqlite::books::connect;
+use crate::destination::sqlite::worker::blocking;
 use crate::error::{Error, Result};
 
 /// What the ledger knows of a record.
@@ -48,14 +49,13 @@ impl Ledger {
         f: impl FnOnce(&Connection, &str) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T> {
         let (conn, pipeline) = (self.conn.clone(), self.pipeline.clone());
-        tokio::task::spawn_blocking(move || {
+        blocking(move || {
             let conn = conn
                 .lock()
                 .map_err(|_| Error::destination("ledger", "poisoned"))?;
             f(&conn, &pipeline).map_err(|e| Error::destination("ledger", e))
         })
         .await
-        .map_err(|e| Error::destination("ledger", e))?
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Entry>> {

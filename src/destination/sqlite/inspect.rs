@@ -13,6 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde_json::Value;
 
 use super::books::connect;
+use super::worker::Worker;
 use crate::destination::inspect::{DedupeApply, DedupeDone, Dialect, Inspect};
 use crate::destination::sql::{column_list, quote};
 use crate::error::{Error, Result};
@@ -20,7 +21,7 @@ use crate::state::{format_time, QUARANTINE_TABLE};
 
 /// A SQLite file opened for inspection.
 pub struct SqliteInspect {
-    conn: Option<Connection>,
+    conn: Worker<Connection>,
 }
 
 impl SqliteInspect {
@@ -28,7 +29,8 @@ impl SqliteInspect {
     /// only an existing file, read-only.
     pub async fn open(url: &str, write: bool) -> Result<SqliteInspect> {
         let path: PathBuf = super::path_of(url)?;
-        let conn = tokio::task::spawn_blocking(move || {
+        let name = path.display().to_string();
+        let conn = Worker::open(name, move || {
             if write {
                 return connect(&path);
             }
@@ -39,26 +41,8 @@ impl SqliteInspect {
                 ))
             })
         })
-        .await
-        .map_err(super::join_error)??;
-        Ok(SqliteInspect { conn: Some(conn) })
-    }
-
-    async fn blocking<T: Send + 'static>(
-        &mut self,
-        f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let mut conn = self.conn.take().ok_or_else(|| {
-            Error::destination("sqlite", "connection lost after an earlier failure")
-        })?;
-        let (conn, result) = tokio::task::spawn_blocking(move || {
-            let r = f(&mut conn);
-            (conn, r)
-        })
-        .await
-        .map_err(super::join_error)?;
-        self.conn = Some(conn);
-        result
+        .await?;
+        Ok(SqliteInspect { conn })
     }
 }
 
@@ -105,51 +89,55 @@ impl Inspect for SqliteInspect {
 
     async fn query(&mut self, sql: &str) -> Result<Vec<Vec<Value>>> {
         let sql = sql.to_string();
-        self.blocking(move |conn| {
-            let mut stmt = conn.prepare(&sql)?;
-            let n = stmt.column_count();
-            let rows = stmt
-                .query_map([], |r| {
-                    (0..n).map(|i| r.get::<_, Sql>(i).map(to_json)).collect()
-                })?
-                .collect::<rusqlite::Result<Vec<Vec<Value>>>>()?;
-            Ok(rows)
-        })
-        .await
+        self.conn
+            .run(move |conn| {
+                let mut stmt = conn.prepare(&sql)?;
+                let n = stmt.column_count();
+                let rows = stmt
+                    .query_map([], |r| {
+                        (0..n).map(|i| r.get::<_, Sql>(i).map(to_json)).collect()
+                    })?
+                    .collect::<rusqlite::Result<Vec<Vec<Value>>>>()?;
+                Ok(rows)
+            })
+            .await
     }
 
     async fn execute(&mut self, sql: &str) -> Result<()> {
         let sql = sql.to_string();
-        self.blocking(move |conn| Ok(conn.execute_batch(&sql)?))
+        self.conn
+            .run(move |conn| Ok(conn.execute_batch(&sql)?))
             .await
     }
 
     async fn columns(&mut self, table: &str) -> Result<Vec<String>> {
         let table = table.to_string();
-        self.blocking(move |conn| {
-            let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1)")?;
-            let names = stmt
-                .query_map([table], |r| r.get(0))?
-                .collect::<rusqlite::Result<Vec<String>>>()?;
-            Ok(names)
-        })
-        .await
+        self.conn
+            .run(move |conn| {
+                let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1)")?;
+                let names = stmt
+                    .query_map([table], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<String>>>()?;
+                Ok(names)
+            })
+            .await
     }
 
     async fn unique_covering(&mut self, table: &str, key: &[String]) -> Result<Option<String>> {
         let (table, key) = (table.to_string(), key.to_vec());
-        self.blocking(move |conn| unique_covering(conn, &table, &key))
+        self.conn
+            .run(move |conn| unique_covering(conn, &table, &key))
             .await
     }
 
     async fn dedupe_apply(&mut self, plan: &DedupeApply) -> Result<DedupeDone> {
         let plan = plan.clone();
-        self.blocking(move |conn| dedupe_apply(conn, &plan)).await
+        self.conn.run(move |conn| dedupe_apply(conn, &plan)).await
     }
 
     async fn restore(&mut self, run_id: &str) -> Result<u64> {
         let run_id = run_id.to_string();
-        self.blocking(move |conn| restore(conn, &run_id)).await
+        self.conn.run(move |conn| restore(conn, &run_id)).await
     }
 }
 

@@ -14,6 +14,7 @@ mod requests;
 mod run_keys;
 mod stage;
 mod windows;
+pub(crate) mod worker;
 mod write;
 
 use std::path::PathBuf;
@@ -33,11 +34,12 @@ use crate::stats::{RunStats, RunStatus};
 use crate::windows::{Window, WindowClaim, WindowEntry, WindowRow, WindowStatus};
 
 use self::books::Heartbeat;
+use self::worker::{blocking, Worker};
 
 /// A SQLite database file.
 pub struct SqliteDestination {
     path: PathBuf,
-    inner: Option<Inner>,
+    inner: Worker<Inner>,
     heartbeat: Option<Heartbeat>,
 }
 
@@ -71,18 +73,8 @@ impl SqliteDestination {
     pub async fn open(url: &str) -> Result<SqliteDestination> {
         let path = path_of(url)?;
         let open_path = path.clone();
-        let conn = tokio::task::spawn_blocking(move || books::connect(&open_path))
-            .await
-            .map_err(join_error)??;
-        Ok(SqliteDestination {
-            path,
-            inner: Some(Inner {
-                conn,
-                run: None,
-                lock: None,
-            }),
-            heartbeat: None,
-        })
+        let conn = blocking(move || books::connect(&open_path)).await?;
+        Ok(SqliteDestination::with(path, conn))
     }
 
     /// Opens the database of a `sqlite://` URL for reading only: `None` when
@@ -90,49 +82,31 @@ impl SqliteDestination {
     pub async fn open_existing(url: &str) -> Result<Option<SqliteDestination>> {
         let path = path_of(url)?;
         let open_path = path.clone();
-        let conn = tokio::task::spawn_blocking(move || {
+        let conn = blocking(move || {
             let Some(conn) = books::connect_read_only(&open_path)? else {
                 return Ok(None);
             };
-            Ok::<_, Error>(books::has_books(&conn)?.then_some(conn))
+            Ok(books::has_books(&conn)?.then_some(conn))
         })
-        .await
-        .map_err(join_error)??;
-        Ok(conn.map(|conn| SqliteDestination {
-            path,
-            inner: Some(Inner {
-                conn,
-                run: None,
-                lock: None,
-            }),
-            heartbeat: None,
-        }))
+        .await?;
+        Ok(conn.map(|conn| SqliteDestination::with(path, conn)))
     }
 
-    /// Runs `f` on the blocking pool with the connection.
-    async fn blocking<T, F>(&mut self, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Inner) -> Result<T> + Send + 'static,
-    {
-        let mut inner = self.inner.take().ok_or_else(|| {
-            Error::destination(
-                self.path.display().to_string(),
-                "connection lost after an earlier failure",
-            )
-        })?;
-        let (inner, result) = tokio::task::spawn_blocking(move || {
-            let result = f(&mut inner);
-            (inner, result)
-        })
-        .await
-        .map_err(join_error)?;
-        self.inner = Some(inner);
-        result
+    fn with(path: PathBuf, conn: Connection) -> SqliteDestination {
+        let inner = Inner {
+            conn,
+            run: None,
+            lock: None,
+        };
+        SqliteDestination {
+            inner: Worker::new(path.display().to_string(), inner),
+            path,
+            heartbeat: None,
+        }
     }
 
     fn check_heartbeat(&self) -> Result<()> {
-        match (&self.heartbeat, &self.inner) {
+        match (&self.heartbeat, self.inner.state()) {
             (Some(hb), Some(inner)) if hb.lost() => Err(Error::LockLost {
                 pipeline: inner.lock.as_ref().map(|l| l.0.clone()).unwrap_or_default(),
             }),
@@ -156,10 +130,6 @@ pub(crate) fn path_of(url: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(rest))
 }
 
-pub(crate) fn join_error(e: tokio::task::JoinError) -> Error {
-    Error::destination("sqlite", format!("worker thread failed: {e}"))
-}
-
 #[async_trait]
 impl Books for SqliteDestination {
     async fn lock(
@@ -170,7 +140,8 @@ impl Books for SqliteDestination {
     ) -> Result<Option<LockHolder>> {
         let (p, h) = (pipeline.to_string(), holder.clone());
         let held = self
-            .blocking(move |inner| {
+            .inner
+            .run(move |inner| {
                 let held = books::try_lock(&mut inner.conn, &p, &h, lease)?;
                 if held.is_none() {
                     inner.lock = Some((p, h.run_id.clone(), lease));
@@ -193,34 +164,38 @@ impl Books for SqliteDestination {
         if let Some(hb) = self.heartbeat.take() {
             hb.stop();
         }
-        self.blocking(|inner| match inner.lock.take() {
-            Some((pipeline, run_id, _)) => books::unlock(&inner.conn, &pipeline, &run_id),
-            None => Ok(()),
-        })
-        .await
+        self.inner
+            .run(|inner| match inner.lock.take() {
+                Some((pipeline, run_id, _)) => books::unlock(&inner.conn, &pipeline, &run_id),
+                None => Ok(()),
+            })
+            .await
     }
 
     async fn checkpoint(&mut self, pipeline: &str) -> Result<Option<Value>> {
         let p = pipeline.to_string();
-        self.blocking(move |inner| books::checkpoint(&inner.conn, &p))
+        self.inner
+            .run(move |inner| books::checkpoint(&inner.conn, &p))
             .await
     }
 
     async fn set_checkpoint(&mut self, pipeline: &str, value: Option<Value>) -> Result<()> {
         let p = pipeline.to_string();
-        self.blocking(move |inner| {
-            let tx = inner.conn.transaction()?;
-            books::write_checkpoint(&tx, &p, value.as_ref(), "manual")?;
-            books::forget_files(&tx, &p)?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await
+        self.inner
+            .run(move |inner| {
+                let tx = inner.conn.transaction()?;
+                books::write_checkpoint(&tx, &p, value.as_ref(), "manual")?;
+                books::forget_files(&tx, &p)?;
+                tx.commit()?;
+                Ok(())
+            })
+            .await
     }
 
     async fn fail(&mut self, run_id: &str, stats: &RunStats, error: &str) -> Result<()> {
         let (r, s, e) = (run_id.to_string(), *stats, error.to_string());
-        self.blocking(move |inner| books::fail(&inner.conn, &r, &s, &e))
+        self.inner
+            .run(move |inner| books::fail(&inner.conn, &r, &s, &e))
             .await
     }
 
@@ -231,22 +206,24 @@ impl Books for SqliteDestination {
         checkpoint: Option<&Value>,
     ) -> Result<()> {
         let (r, s, c) = (run_id.to_string(), *stats, checkpoint.cloned());
-        self.blocking(move |inner| {
-            books::finish(
-                &inner.conn,
-                &r,
-                RunStatus::Interrupted,
-                &s,
-                c.as_ref(),
-                None,
-            )
-        })
-        .await
+        self.inner
+            .run(move |inner| {
+                books::finish(
+                    &inner.conn,
+                    &r,
+                    RunStatus::Interrupted,
+                    &s,
+                    c.as_ref(),
+                    None,
+                )
+            })
+            .await
     }
 
     async fn history(&mut self, pipeline: &str, limit: usize) -> Result<Vec<RunRecord>> {
         let p = pipeline.to_string();
-        self.blocking(move |inner| books::history(&inner.conn, &p, limit))
+        self.inner
+            .run(move |inner| books::history(&inner.conn, &p, limit))
             .await
     }
 
@@ -257,7 +234,8 @@ impl Books for SqliteDestination {
         limit: usize,
     ) -> Result<Vec<RejectRecord>> {
         let (p, r) = (pipeline.to_string(), run_id.map(String::from));
-        self.blocking(move |inner| books::rejects(&inner.conn, &p, r.as_deref(), limit))
+        self.inner
+            .run(move |inner| books::rejects(&inner.conn, &p, r.as_deref(), limit))
             .await
     }
 }
@@ -266,7 +244,8 @@ impl Books for SqliteDestination {
 impl WindowBooks for SqliteDestination {
     async fn add_windows(&mut self, pipeline: &str, list: &[Window]) -> Result<()> {
         let (p, list) = (pipeline.to_string(), list.to_vec());
-        self.blocking(move |inner| windows::add(&mut inner.conn, &p, &list))
+        self.inner
+            .run(move |inner| windows::add(&mut inner.conn, &p, &list))
             .await
     }
 
@@ -277,7 +256,8 @@ impl WindowBooks for SqliteDestination {
         open_only: bool,
     ) -> Result<Vec<WindowRow>> {
         let p = pipeline.to_string();
-        self.blocking(move |inner| windows::list(&inner.conn, &p, range, open_only))
+        self.inner
+            .run(move |inner| windows::list(&inner.conn, &p, range, open_only))
             .await
     }
 
@@ -288,7 +268,8 @@ impl WindowBooks for SqliteDestination {
         seen: &WindowRow,
     ) -> Result<bool> {
         let (c, w, s) = (claim.clone(), window.clone(), seen.clone());
-        self.blocking(move |inner| windows::claim(&mut inner.conn, &c, &w, &s))
+        self.inner
+            .run(move |inner| windows::claim(&mut inner.conn, &c, &w, &s))
             .await
     }
 
@@ -299,7 +280,8 @@ impl WindowBooks for SqliteDestination {
         lease: Duration,
     ) -> Result<()> {
         let (p, r) = (pipeline.to_string(), run_ids.to_vec());
-        self.blocking(move |inner| windows::renew(&inner.conn, &p, &r, lease))
+        self.inner
+            .run(move |inner| windows::renew(&inner.conn, &p, &r, lease))
             .await
     }
 
@@ -311,10 +293,9 @@ impl WindowBooks for SqliteDestination {
         stats: Option<&RunStats>,
     ) -> Result<()> {
         let (e, er, st) = (entry.clone(), error.map(String::from), stats.copied());
-        self.blocking(move |inner| {
-            windows::release(&inner.conn, &e, status, er.as_deref(), st.as_ref())
-        })
-        .await
+        self.inner
+            .run(move |inner| windows::release(&inner.conn, &e, status, er.as_deref(), st.as_ref()))
+            .await
     }
 }
 
@@ -322,55 +303,61 @@ impl WindowBooks for SqliteDestination {
 impl Destination for SqliteDestination {
     async fn begin(&mut self, run: &RunInfo, target: &Target) -> Result<()> {
         let (run, target) = (run.clone(), target.clone());
-        self.blocking(move |inner| {
-            let (stage, fills) = books::begin(&mut inner.conn, &run, &target)?;
-            inner.run = Some(Run {
-                info: run,
-                stage,
-                fills,
-                schema: None,
-                // Other workers of a backfill write the table too.
-                fresh: target.window.as_ref().map(|_| false),
-                keys: Default::default(),
-                target,
-            });
-            Ok(())
-        })
-        .await
+        self.inner
+            .run(move |inner| {
+                let (stage, fills) = books::begin(&mut inner.conn, &run, &target)?;
+                inner.run = Some(Run {
+                    info: run,
+                    stage,
+                    fills,
+                    schema: None,
+                    // Other workers of a backfill write the table too.
+                    fresh: target.window.as_ref().map(|_| false),
+                    keys: Default::default(),
+                    target,
+                });
+                Ok(())
+            })
+            .await
     }
 
     async fn loaded_files(&mut self) -> Result<Vec<LoadedFile>> {
-        self.blocking(move |inner| match &inner.run {
-            Some(run) => books::loaded_files(&inner.conn, &run.info.pipeline, &run.target.table),
-            None => Ok(Vec::new()),
-        })
-        .await
+        self.inner
+            .run(move |inner| match &inner.run {
+                Some(run) => {
+                    books::loaded_files(&inner.conn, &run.info.pipeline, &run.target.table)
+                }
+                None => Ok(Vec::new()),
+            })
+            .await
     }
 
     async fn write(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats> {
         self.check_heartbeat()?;
-        self.blocking(move |inner| write::write_batch(inner, batch, commit))
+        self.inner
+            .run(move |inner| write::write_batch(inner, batch, commit))
             .await
     }
 
     async fn serve(&mut self, pipeline: &str, target: &Target) -> Result<()> {
         let (pipeline, target) = (pipeline.to_string(), target.clone());
-        self.blocking(move |inner| {
-            requests::create_table(&inner.conn)?;
-            let fills = ddl::existing_table(&inner.conn, &target.table, &target.key_columns)?;
-            inner.run = Some(Run {
-                info: RunInfo::serving(&pipeline),
-                target,
-                stage: None,
-                fills,
-                schema: None,
-                // Other processes may write the file too.
-                fresh: Some(false),
-                keys: Default::default(),
-            });
-            Ok(())
-        })
-        .await
+        self.inner
+            .run(move |inner| {
+                requests::create_table(&inner.conn)?;
+                let fills = ddl::existing_table(&inner.conn, &target.table, &target.key_columns)?;
+                inner.run = Some(Run {
+                    info: RunInfo::serving(&pipeline),
+                    target,
+                    stage: None,
+                    fills,
+                    schema: None,
+                    // Other processes may write the file too.
+                    fresh: Some(false),
+                    keys: Default::default(),
+                });
+                Ok(())
+            })
+            .await
     }
 
     async fn stored_request(
@@ -379,13 +366,15 @@ impl Destination for SqliteDestination {
         key: &str,
     ) -> Result<Option<crate::request::StoredRequest>> {
         let (p, k) = (pipeline.to_string(), key.to_string());
-        self.blocking(move |inner| requests::stored(&inner.conn, &p, &k))
+        self.inner
+            .run(move |inner| requests::stored(&inner.conn, &p, &k))
             .await
     }
 
     async fn insert_claim(&mut self, claim: &crate::request::Claim) -> Result<bool> {
         let c = claim.clone();
-        self.blocking(move |inner| requests::insert_claim(&inner.conn, &c))
+        self.inner
+            .run(move |inner| requests::insert_claim(&inner.conn, &c))
             .await
     }
 
@@ -396,19 +385,22 @@ impl Destination for SqliteDestination {
         status: &str,
     ) -> Result<bool> {
         let (c, f, s) = (claim.clone(), from.to_string(), status.to_string());
-        self.blocking(move |inner| requests::take_over(&inner.conn, &c, &f, &s))
+        self.inner
+            .run(move |inner| requests::take_over(&inner.conn, &c, &f, &s))
             .await
     }
 
     async fn release_claim(&mut self, pipeline: &str, key: &str, claim: &str) -> Result<()> {
         let (p, k, c) = (pipeline.to_string(), key.to_string(), claim.to_string());
-        self.blocking(move |inner| requests::release(&inner.conn, &p, &k, &c))
+        self.inner
+            .run(move |inner| requests::release(&inner.conn, &p, &k, &c))
             .await
     }
 
     async fn expire_requests(&mut self, pipeline: &str, now_ms: i64) -> Result<u64> {
         let p = pipeline.to_string();
-        self.blocking(move |inner| requests::expire(&inner.conn, &p, now_ms))
+        self.inner
+            .run(move |inner| requests::expire(&inner.conn, &p, now_ms))
             .await
     }
 }

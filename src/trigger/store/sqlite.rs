@@ -12,13 +12,14 @@ use serde_json::Value;
 
 use super::{DeadLetter, SeenStore};
 use crate::destination::sqlite::books::{self, Heartbeat};
-use crate::destination::sqlite::{join_error, path_of};
-use crate::error::{Error, Result};
+use crate::destination::sqlite::path_of;
+use crate::destination::sqlite::worker::Worker;
+use crate::error::Result;
 use crate::state::LockHolder;
 
 pub struct SqliteStore {
     path: PathBuf,
-    conn: Option<Connection>,
+    conn: Worker<Connection>,
     heartbeat: Option<Heartbeat>,
     lock: Option<(String, String)>,
 }
@@ -27,7 +28,7 @@ impl SqliteStore {
     pub async fn open(url: &str) -> Result<SqliteStore> {
         let path = path_of(url)?;
         let p = path.clone();
-        let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
+        let conn = Worker::open("seen store", move || -> Result<Connection> {
             let conn = books::connect(&p)?;
             conn.execute_batch(
                 "CREATE TABLE IF NOT EXISTS _idemload_seen (
@@ -41,31 +42,13 @@ impl SqliteStore {
             )?;
             Ok(conn)
         })
-        .await
-        .map_err(join_error)??;
+        .await?;
         Ok(SqliteStore {
             path,
-            conn: Some(conn),
+            conn,
             heartbeat: None,
             lock: None,
         })
-    }
-
-    async fn blocking<T: Send + 'static>(
-        &mut self,
-        f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let mut conn = self.conn.take().ok_or_else(|| {
-            Error::destination("seen store", "connection lost after an earlier failure")
-        })?;
-        let (conn, result) = tokio::task::spawn_blocking(move || {
-            let r = f(&mut conn);
-            (conn, r)
-        })
-        .await
-        .map_err(join_error)?;
-        self.conn = Some(conn);
-        result
     }
 }
 
@@ -79,7 +62,8 @@ impl SeenStore for SqliteStore {
     ) -> Result<Option<LockHolder>> {
         let (t, m) = (trigger.to_string(), me.clone());
         let held = self
-            .blocking(move |c| books::try_lock(c, &t, &m, lease))
+            .conn
+            .run(move |c| books::try_lock(c, &t, &m, lease))
             .await?;
         if held.is_none() {
             self.heartbeat = Some(Heartbeat::start(&self.path, trigger, &me.run_id, lease)?);
@@ -97,70 +81,74 @@ impl SeenStore for SqliteStore {
             hb.stop();
         }
         match self.lock.take() {
-            Some((t, r)) => self.blocking(move |c| books::unlock(c, &t, &r)).await,
+            Some((t, r)) => self.conn.run(move |c| books::unlock(c, &t, &r)).await,
             None => Ok(()),
         }
     }
 
     async fn is_primed(&mut self, trigger: &str) -> Result<bool> {
         let t = trigger.to_string();
-        self.blocking(move |c| {
-            Ok(c.query_row(
-                "SELECT count(*) FROM _idemload_triggers WHERE trigger = ?1",
-                [t],
-                |r| r.get::<_, i64>(0),
-            )? > 0)
-        })
-        .await
+        self.conn
+            .run(move |c| {
+                Ok(c.query_row(
+                    "SELECT count(*) FROM _idemload_triggers WHERE trigger = ?1",
+                    [t],
+                    |r| r.get::<_, i64>(0),
+                )? > 0)
+            })
+            .await
     }
 
     async fn set_primed(&mut self, trigger: &str) -> Result<()> {
         let t = trigger.to_string();
-        self.blocking(move |c| {
-            c.execute(
-                "INSERT OR IGNORE INTO _idemload_triggers (trigger, primed_at) VALUES (?1, ?2)",
-                params![t, Utc::now().to_rfc3339()],
-            )?;
-            Ok(())
-        })
-        .await
+        self.conn
+            .run(move |c| {
+                c.execute(
+                    "INSERT OR IGNORE INTO _idemload_triggers (trigger, primed_at) VALUES (?1, ?2)",
+                    params![t, Utc::now().to_rfc3339()],
+                )?;
+                Ok(())
+            })
+            .await
     }
 
     async fn known(&mut self, trigger: &str, keys: &[String]) -> Result<HashSet<String>> {
         let (t, keys) = (trigger.to_string(), keys.to_vec());
-        self.blocking(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT 1 FROM _idemload_seen WHERE trigger = ?1 AND key_hash = ?2",
-            )?;
-            let mut found = HashSet::new();
-            for k in keys {
-                if stmt.exists(params![t, k])? {
-                    found.insert(k);
+        self.conn
+            .run(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT 1 FROM _idemload_seen WHERE trigger = ?1 AND key_hash = ?2",
+                )?;
+                let mut found = HashSet::new();
+                for k in keys {
+                    if stmt.exists(params![t, k])? {
+                        found.insert(k);
+                    }
                 }
-            }
-            Ok(found)
-        })
-        .await
+                Ok(found)
+            })
+            .await
     }
 
     async fn mark_seen(&mut self, trigger: &str, keys: &[String]) -> Result<()> {
         let (t, keys) = (trigger.to_string(), keys.to_vec());
-        self.blocking(move |c| {
-            let tx = c.transaction()?;
-            {
-                let now = Utc::now().timestamp_millis();
-                let mut stmt = tx.prepare_cached(
+        self.conn
+            .run(move |c| {
+                let tx = c.transaction()?;
+                {
+                    let now = Utc::now().timestamp_millis();
+                    let mut stmt = tx.prepare_cached(
                     "INSERT INTO _idemload_seen (trigger, key_hash, seen_at) VALUES (?1, ?2, ?3)
                      ON CONFLICT (trigger, key_hash) DO UPDATE SET seen_at = excluded.seen_at",
                 )?;
-                for k in keys {
-                    stmt.execute(params![t, k, now])?;
+                    for k in keys {
+                        stmt.execute(params![t, k, now])?;
+                    }
                 }
-            }
-            tx.commit()?;
-            Ok(())
-        })
-        .await
+                tx.commit()?;
+                Ok(())
+            })
+            .await
     }
 
     async fn park(
@@ -177,7 +165,7 @@ impl SeenStore for SqliteStore {
             item.to_string(),
             error.to_string(),
         );
-        self.blocking(move |c| {
+        self.conn.run(move |c| {
             let tx = c.transaction()?;
             let now = Utc::now();
             tx.execute(
@@ -197,63 +185,67 @@ impl SeenStore for SqliteStore {
 
     async fn forget_before(&mut self, trigger: &str, cutoff_ms: i64) -> Result<u64> {
         let t = trigger.to_string();
-        self.blocking(move |c| {
-            Ok(c.execute(
-                "DELETE FROM _idemload_seen WHERE trigger = ?1 AND seen_at < ?2",
-                params![t, cutoff_ms],
-            )? as u64)
-        })
-        .await
+        self.conn
+            .run(move |c| {
+                Ok(c.execute(
+                    "DELETE FROM _idemload_seen WHERE trigger = ?1 AND seen_at < ?2",
+                    params![t, cutoff_ms],
+                )? as u64)
+            })
+            .await
     }
 
     async fn reset(&mut self, trigger: &str) -> Result<u64> {
         let t = trigger.to_string();
-        self.blocking(move |c| {
-            let tx = c.transaction()?;
-            let n = tx.execute("DELETE FROM _idemload_seen WHERE trigger = ?1", [&t])?;
-            tx.execute("DELETE FROM _idemload_triggers WHERE trigger = ?1", [&t])?;
-            tx.execute(
-                "DELETE FROM _idemload_dead_letters WHERE trigger = ?1",
-                [&t],
-            )?;
-            tx.commit()?;
-            Ok(n as u64)
-        })
-        .await
+        self.conn
+            .run(move |c| {
+                let tx = c.transaction()?;
+                let n = tx.execute("DELETE FROM _idemload_seen WHERE trigger = ?1", [&t])?;
+                tx.execute("DELETE FROM _idemload_triggers WHERE trigger = ?1", [&t])?;
+                tx.execute(
+                    "DELETE FROM _idemload_dead_letters WHERE trigger = ?1",
+                    [&t],
+                )?;
+                tx.commit()?;
+                Ok(n as u64)
+            })
+            .await
     }
 
     async fn dead_letters(&mut self, trigger: &str) -> Result<Vec<DeadLetter>> {
         let t = trigger.to_string();
-        self.blocking(move |c| {
-            let mut stmt = c.prepare(
+        self.conn
+            .run(move |c| {
+                let mut stmt = c.prepare(
                 "SELECT id, key_hash, item, error, attempts, parked_at FROM _idemload_dead_letters
                  WHERE trigger = ?1 ORDER BY id",
             )?;
-            let rows = stmt.query_map([t], |r| {
-                Ok(DeadLetter {
-                    handle: r.get::<_, i64>(0)?.to_string(),
-                    key_hash: r.get(1)?,
-                    item: serde_json::from_str(&r.get::<_, String>(2)?).unwrap_or(Value::Null),
-                    error: r.get(3)?,
-                    attempts: r.get(4)?,
-                    parked_at: r.get(5)?,
-                })
-            })?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-        })
-        .await
+                let rows = stmt.query_map([t], |r| {
+                    Ok(DeadLetter {
+                        handle: r.get::<_, i64>(0)?.to_string(),
+                        key_hash: r.get(1)?,
+                        item: serde_json::from_str(&r.get::<_, String>(2)?).unwrap_or(Value::Null),
+                        error: r.get(3)?,
+                        attempts: r.get(4)?,
+                        parked_at: r.get(5)?,
+                    })
+                })?;
+                Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            })
+            .await
     }
 
     async fn remove_dead_letter(&mut self, trigger: &str, letter: &DeadLetter) -> Result<()> {
         let (t, id) = (trigger.to_string(), letter.handle.clone());
-        self.blocking(move |c| {
-            c.execute(
-                "DELETE FROM _idemload_dead_letters WHERE trigger = ?1 AND id = ?2",
-                params![t, id.parse::<i64>().unwrap_or(-1)],
-            )?;
-            Ok(())
-        })
-        .await
+        self.conn
+            .run(move |c| {
+                c.execute(
+                    "DELETE FROM _idemload_dead_letters WHERE trigger = ?1 AND id = ?2",
+                    params![t, id.parse::<i64>().unwrap_or(-1)],
+                )?;
+                Ok(())
+            })
+            .await
     }
 }
 
