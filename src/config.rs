@@ -15,6 +15,7 @@ mod parse;
 mod reference;
 
 use self::parse::{Mistake, PathPart};
+use crate::destination::http::HttpDestinationConfig;
 use crate::error::{Error, Result};
 use crate::key::{parse_duration, Cursor, KeySpec, Lookback};
 pub use crate::mode::Mode;
@@ -46,9 +47,24 @@ pub struct PipelineConfig {
     pub serve: Option<crate::serve::ServeConfig>,
 }
 
-/// `[destination]`.
+/// `[destination]`: a database table, which the URL names, or an API
+/// written back to (`type = "http"`).
+#[derive(Debug, Clone, Default)]
+pub enum DestinationConfig {
+    /// No `[destination]` (or an empty one): a pipeline used only by
+    /// `watch`, or a mistake [`PipelineConfig::require_destination`] names.
+    #[default]
+    Absent,
+    /// A table of SQLite, PostgreSQL or MySQL/MariaDB.
+    Table(TableDestination),
+    /// `type = "http"`: records written back to an API through templates.
+    Http(Box<HttpDestinationConfig>),
+}
+
+/// A database `[destination]`.
 #[derive(Debug, Clone, Default, Deserialize)]
-pub struct DestinationConfig {
+#[serde(deny_unknown_fields)]
+pub struct TableDestination {
     /// `sqlite://PATH`, `postgres://…`, `mysql://…`.
     #[serde(default)]
     pub url: String,
@@ -58,19 +74,72 @@ pub struct DestinationConfig {
     /// Schema (PostgreSQL) the table and bookkeeping live in.
     #[serde(default)]
     pub schema: Option<String>,
-    /// `"http"` writes records back to an API (see
-    /// [`crate::destination::http::HttpDestinationConfig`]); omitted for
-    /// databases, which the URL names.
-    #[serde(default, rename = "type")]
-    pub kind: Option<String>,
-    /// The `type = "http"` settings, kept as written and checked by the
-    /// HTTP destination.
-    #[serde(flatten)]
-    pub http: std::collections::BTreeMap<String, toml::Value>,
 }
 
-/// The keys of a database `[destination]` (the rest belong to `type = "http"`).
-pub(crate) const DATABASE_DESTINATION_KEYS: [&str; 4] = ["url", "table", "schema", "type"];
+impl TableDestination {
+    /// The table `table` of the database at `url`.
+    pub fn new(url: impl Into<String>, table: impl Into<String>) -> TableDestination {
+        TableDestination {
+            url: url.into(),
+            table: table.into(),
+            schema: None,
+        }
+    }
+}
+
+impl DestinationConfig {
+    /// The database destination, if this is one.
+    pub fn database(&self) -> Option<&TableDestination> {
+        match self {
+            DestinationConfig::Table(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The HTTP destination, if this is one.
+    pub fn http(&self) -> Option<&HttpDestinationConfig> {
+        match self {
+            DestinationConfig::Http(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// The table rows land in (empty for an API or no destination).
+    pub fn table(&self) -> &str {
+        self.database().map_or("", |t| t.table.as_str())
+    }
+}
+
+/// `type` picks the variant; without it, a database. The keys of each are
+/// checked by their own type ([`PipelineConfig::from_toml`] reads the
+/// section again as that type to locate a mistake).
+impl<'de> Deserialize<'de> for DestinationConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let mut table = toml::Table::deserialize(d)?;
+        let kind = table.remove("type");
+        let settings = toml::Value::Table(table);
+        match kind {
+            None if settings.as_table().is_some_and(|t| t.is_empty()) => {
+                Ok(DestinationConfig::Absent)
+            }
+            None => settings
+                .try_into()
+                .map(DestinationConfig::Table)
+                .map_err(|e: toml::de::Error| D::Error::custom(e.message())),
+            Some(toml::Value::String(kind)) if kind == "http" => settings
+                .try_into()
+                .map(|h| DestinationConfig::Http(Box::new(h)))
+                .map_err(|e: toml::de::Error| D::Error::custom(e.message())),
+            Some(kind) => Err(D::Error::custom(format!(
+                "{UNKNOWN_DESTINATION_TYPE}{kind}: use \"http\" for an API, or leave type out and give a database url"
+            ))),
+        }
+    }
+}
+
+/// How an unknown `[destination] type` is named, to place it at the key.
+const UNKNOWN_DESTINATION_TYPE: &str = "unknown destination type ";
 
 /// A list of field names, or one name alone (`"id"` is `["id"]`).
 fn one_or_many<'de, D: serde::Deserializer<'de>>(
@@ -371,21 +440,10 @@ impl PipelineConfig {
                 // `[source]` is read whole to find its `type`: read it again
                 // as that type to reach the key inside it.
                 [PathPart::Key(k)] if k == "source" => source_mistake(&root, m),
+                [PathPart::Key(k)] if k == "destination" => destination_mistake(&root, m),
                 _ => m,
             })
         })?;
-        if config.destination.kind.as_deref() == Some("http") {
-            // `[destination]` is read as a map first: read it again as an
-            // HTTP destination to reach the key inside it.
-            let http = parse::typed_at::<crate::destination::http::HttpDestinationConfig>(
-                &root,
-                &["destination"],
-                &["type"],
-            );
-            if let Some(m) = http {
-                return Err(located(m));
-            }
-        }
         config.validate().map_err(located)?;
         Ok(config)
     }
@@ -396,48 +454,25 @@ impl PipelineConfig {
     }
 
     fn check_destination(&self) -> std::result::Result<(), Mistake> {
-        if self.destination.kind.as_deref() == Some("http") {
-            return crate::destination::http::HttpDestinationConfig::from_destination(
-                &self.destination,
-            )
-            .map(|_| ())
-            .map_err(|e| {
-                // Its messages name `[destination]` already.
-                let message = e.to_string();
-                let message = message.strip_prefix("[destination] ").unwrap_or(&message);
-                Mistake::new(&["destination"], message)
-            });
-        }
-        if let Some(kind) = &self.destination.kind {
-            return Err(Mistake::new(
-                &["destination", "type"],
-                format!(
-                    "{kind:?}: use \"http\" for an API, or leave type out and give a database url"
-                ),
-            ));
-        }
-        if let Some(unknown) = self.destination.http.keys().next() {
-            let known = DATABASE_DESTINATION_KEYS;
-            let hint = match known
-                .iter()
-                .map(|k| (strsim::jaro_winkler(unknown, k), k))
-                .max_by(|a, b| a.0.total_cmp(&b.0))
-            {
-                Some((score, k)) if score >= 0.8 => format!("did you mean `{k}`?"),
-                _ => "expected url, table, schema, or type = \"http\" with its settings".into(),
-            };
-            return Err(Mistake::new(
-                &["destination", unknown],
-                format!("unknown key `{unknown}`; {hint}"),
-            ));
-        }
-        if self.destination.url.trim().is_empty() {
+        let table = match &self.destination {
+            DestinationConfig::Http(http) => {
+                return http.check().map_err(|e| {
+                    // Its messages name `[destination]` already.
+                    let message = e.to_string();
+                    let message = message.strip_prefix("[destination] ").unwrap_or(&message);
+                    Mistake::new(&["destination"], message)
+                });
+            }
+            DestinationConfig::Table(table) => table,
+            DestinationConfig::Absent => &TableDestination::default(),
+        };
+        if table.url.trim().is_empty() {
             return Err(Mistake::new(
                 &["destination"],
                 "missing key `url` (where records land: sqlite://PATH, postgres://…, mysql://…)",
             ));
         }
-        if self.destination.table.trim().is_empty() {
+        if table.table.trim().is_empty() {
             return Err(Mistake::new(&["destination"], "missing key `table`"));
         }
         Ok(())
@@ -462,7 +497,7 @@ impl PipelineConfig {
         if self.trigger.is_none() {
             self.check_destination()?;
         }
-        if self.destination.table.starts_with("_idemload") {
+        if self.destination.table().starts_with("_idemload") {
             return Err(Mistake::new(
                 &["destination", "table"],
                 "the _idemload prefix is reserved for bookkeeping",
@@ -472,7 +507,7 @@ impl PipelineConfig {
             Some(key) => Mistake::new(&["load", key], e.to_string()),
             None => Mistake::new(&["load"], e.to_string()),
         })?;
-        if self.destination.kind.as_deref() == Some("http") {
+        if self.destination.http().is_some() {
             if self.load.loaded_at.is_some() {
                 return Err(Mistake::new(
                     &["load", "loaded_at"],
@@ -501,17 +536,7 @@ fn source_mistake(root: &toml::Spanned<toml::de::DeTable<'_>>, mistake: Mistake)
         }
         return m;
     }
-    let kind = root
-        .get_ref()
-        .iter()
-        .find(|(k, _)| k.get_ref() == "source")
-        .and_then(|(_, v)| match v.get_ref() {
-            toml::de::DeValue::Table(t) => t
-                .iter()
-                .find(|(k, _)| k.get_ref() == "type")
-                .and_then(|(_, v)| v.get_ref().as_str().map(str::to_string)),
-            _ => None,
-        });
+    let kind = table_type(root, "source");
     let at = ["source"];
     let skip = ["type"];
     let refined = match kind.as_deref() {
@@ -521,6 +546,35 @@ fn source_mistake(root: &toml::Spanned<toml::de::DeTable<'_>>, mistake: Mistake)
         _ => None,
     };
     refined.unwrap_or(mistake)
+}
+
+/// Locates a mistake serde found somewhere in `[destination]`, read whole
+/// to find its `type`: reads it again as that type.
+fn destination_mistake(root: &toml::Spanned<toml::de::DeTable<'_>>, mistake: Mistake) -> Mistake {
+    if let Some(kind) = mistake.message.strip_prefix(UNKNOWN_DESTINATION_TYPE) {
+        return Mistake::new(&["destination", "type"], kind);
+    }
+    let at = ["destination"];
+    let skip = ["type"];
+    let refined = match table_type(root, "destination").as_deref() {
+        Some("http") => parse::typed_at::<HttpDestinationConfig>(root, &at, &skip),
+        _ => parse::typed_at::<TableDestination>(root, &at, &skip),
+    };
+    refined.unwrap_or(mistake)
+}
+
+/// The `type` of a top-level table, when it is a string.
+fn table_type(root: &toml::Spanned<toml::de::DeTable<'_>>, section: &str) -> Option<String> {
+    root.get_ref()
+        .iter()
+        .find(|(k, _)| k.get_ref() == section)
+        .and_then(|(_, v)| match v.get_ref() {
+            toml::de::DeValue::Table(t) => t
+                .iter()
+                .find(|(k, _)| k.get_ref() == "type")
+                .and_then(|(_, v)| v.get_ref().as_str().map(str::to_string)),
+            _ => None,
+        })
 }
 
 /// Expands `${VAR}` and `${VAR:-default}` (the default when `VAR` is unset

@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::config::{DestinationConfig, TableDestination};
 use crate::destination::inspect::{self, Dialect, Inspect};
 use crate::error::{Error, Result};
 use crate::key::{canonical_json, KeySpec, HASH_KEY_COLUMN};
@@ -53,13 +54,18 @@ where
     F: Fn(SourceQuery) -> Fut,
     Fut: std::future::Future<Output = Result<Box<dyn Source>>>,
 {
-    if pipeline.config.destination.kind.is_some() {
-        return Err(Error::config(format!(
+    let database = match &pipeline.config.destination {
+        DestinationConfig::Table(database) => database,
+        DestinationConfig::Http(_) => return Err(Error::config(format!(
             "pipeline {:?}: verify runs the pipeline twice into a scratch copy of a database destination; an HTTP destination has no scratch copy and verify sends nothing to the API (check idempotence on a staging API instead)",
             pipeline.name()
-        )));
-    }
-    let scratch_db = Scratch::create(&pipeline.config.destination.url).await?;
+        ))),
+        DestinationConfig::Absent => return Err(Error::config(format!(
+            "pipeline {:?} has no [destination] to verify (a watch-only pipeline)",
+            pipeline.name()
+        ))),
+    };
+    let scratch_db = Scratch::create(&database.url).await?;
     let result = verify_in(pipeline, &scratch_db, open_source).await;
     let dropped = scratch_db.remove().await;
     let report = result?;
@@ -175,9 +181,8 @@ where
 {
     let url = scratch_db.url().to_string();
     let mut scratch = pipeline.clone();
-    scratch.config.destination.url = url.clone();
-    scratch.config.destination.schema = None;
-    let table = scratch.config.destination.table.clone();
+    let table = scratch.config.destination.table().to_string();
+    scratch.config.destination = DestinationConfig::Table(TableDestination::new(&url, &table));
     let options = RunOptions::default();
 
     let _first = scratch

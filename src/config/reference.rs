@@ -64,7 +64,7 @@ fn assert_documented(heading: &str, keys: &[String]) {
 
 #[test]
 fn every_config_key_is_in_the_reference() {
-    use crate::config::{LoadConfig, PipelineConfig, DATABASE_DESTINATION_KEYS};
+    use crate::config::{LoadConfig, PipelineConfig, TableDestination};
     use crate::destination::http::config::{LookupTable, RequestTemplate};
     use crate::destination::http::HttpDestinationConfig;
     use crate::source::http::IncrementalConfig;
@@ -97,7 +97,7 @@ fn every_config_key_is_in_the_reference() {
     assert_documented("`[source.rate_limit]`", &keys_of::<RateLimitConfig>(probe));
     assert_documented(
         "`[destination]` (a database)",
-        &DATABASE_DESTINATION_KEYS.map(String::from),
+        &keys_of::<TableDestination>(probe),
     );
     assert_documented(
         "`[destination]` type = \"http\"",

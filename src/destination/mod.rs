@@ -116,6 +116,32 @@ pub trait Books: Send {
 /// The windows of backfills (`_idemload_windows`, see [`crate::windows`]):
 /// claimed with a lease, renewed while loaded, marked done by the window's
 /// last batch ([`Commit::window`]).
+/// The books of runs whose rows go elsewhere (an API): each run's record,
+/// its rejects, the files it finished, its checkpoint and its ending,
+/// committed through the one commit path. Every SQL destination keeps
+/// them; the HTTP destination holds nothing more of its ledger database.
+#[async_trait]
+pub trait RunBooks: Books {
+    /// Records the start of a run (the ledger keeps no table of rows).
+    async fn begin_run(&mut self, run: &RunInfo, target: &Target) -> Result<()>;
+
+    /// Commits a batch's bookkeeping; `batch` carries no rows (they were
+    /// written elsewhere), only rejects, stats, cursor and files.
+    async fn commit_books(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats>;
+}
+
+#[async_trait]
+impl<D: Destination> RunBooks for D {
+    async fn begin_run(&mut self, run: &RunInfo, target: &Target) -> Result<()> {
+        self.begin(run, target).await
+    }
+
+    async fn commit_books(&mut self, batch: PlannedBatch, commit: Commit) -> Result<RunStats> {
+        debug_assert!(batch.rows.is_empty(), "bookkeeping carries no rows");
+        self.write(batch, commit).await
+    }
+}
+
 #[async_trait]
 pub trait WindowBooks: Send {
     /// Makes `_idemload_windows` when missing and adds the windows it lacks
@@ -272,11 +298,20 @@ pub async fn open_config(
     pipeline: &str,
     config: &crate::config::DestinationConfig,
 ) -> Result<Box<dyn Destination>> {
-    if config.kind.as_deref() == Some("http") {
-        let http = http::HttpDestinationConfig::from_destination(config)?;
-        return Ok(Box::new(http::HttpDestination::open(pipeline, http).await?));
+    use crate::config::DestinationConfig;
+    match config {
+        DestinationConfig::Http(http) => {
+            http.check()?;
+            let http = http::HttpDestination::open(pipeline, (**http).clone()).await?;
+            Ok(Box::new(http))
+        }
+        DestinationConfig::Table(table) => open_in(&table.url, table.schema.as_deref()).await,
+        DestinationConfig::Absent => Err(no_destination()),
     }
-    open_in(&config.url, config.schema.as_deref()).await
+}
+
+fn no_destination() -> Error {
+    Error::config("[destination]: missing key `url` (where records land: sqlite://PATH, postgres://…, mysql://…)")
 }
 
 /// Opens a pipeline's bookkeeping for reading only: `None` when no run has
@@ -290,19 +325,24 @@ pub async fn open_existing(
     fn boxed<D: Destination + 'static>(d: Option<D>) -> Option<Box<dyn Destination>> {
         d.map(|d| Box::new(d) as Box<dyn Destination>)
     }
-    if config.kind.as_deref() == Some("http") {
-        let http = http::HttpDestinationConfig::from_destination(config)?;
-        let ledger = http::ledger_url(pipeline, &http);
-        return Ok(boxed(
-            sqlite::SqliteDestination::open_existing(&ledger).await?,
-        ));
-    }
-    let url = config.url.as_str();
+    use crate::config::DestinationConfig;
+    let table = match config {
+        DestinationConfig::Http(http) => {
+            http.check()?;
+            let ledger = http::ledger_url(pipeline, http);
+            return Ok(boxed(
+                sqlite::SqliteDestination::open_existing(&ledger).await?,
+            ));
+        }
+        DestinationConfig::Table(table) => table,
+        DestinationConfig::Absent => return Err(no_destination()),
+    };
+    let url = table.url.as_str();
     match Backend::of_url(url) {
         Ok(Backend::Sqlite) => Ok(boxed(sqlite::SqliteDestination::open_existing(url).await?)),
         Ok(Backend::Mysql) => Ok(boxed(mysql::MysqlDestination::open_existing(url).await?)),
         Ok(Backend::Postgres) => Ok(boxed(
-            postgres::PostgresDestination::open_existing(url, config.schema.as_deref()).await?,
+            postgres::PostgresDestination::open_existing(url, table.schema.as_deref()).await?,
         )),
         _ => Err(unsupported(url)),
     }

@@ -109,7 +109,7 @@ impl Pipeline {
     /// The destination table and how it is written.
     pub fn target(&self) -> Target {
         Target {
-            table: self.config.destination.table.clone(),
+            table: self.config.destination.table().to_string(),
             key_columns: self.settings.key.columns(),
             cursor: self.settings.cursor.clone(),
             mode: self.settings.mode,

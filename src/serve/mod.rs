@@ -103,14 +103,14 @@ pub async fn serve(
             pipeline.settings.mode.as_str()
         )));
     }
-    let connections = match Backend::of_url(&pipeline.config.destination.url) {
+    let Some(database) = pipeline.config.destination.database() else {
+        return Err(unsupported_destination());
+    };
+    let connections = match Backend::of_url(&database.url) {
         Ok(Backend::Sqlite) => 1,
         Ok(Backend::Postgres | Backend::Mysql) => settings.connections,
         _ => return Err(unsupported_destination()),
     };
-    if pipeline.config.destination.kind.as_deref() == Some("http") {
-        return Err(unsupported_destination());
-    }
     let planner = Planner::of(&pipeline.settings);
     let name = pipeline.name().to_string();
     let pool = Pool {

@@ -168,3 +168,40 @@ fn a_mistake_inside_an_http_destination_is_located() {
         }
     });
 }
+
+#[test]
+fn a_mistake_inside_a_database_destination_is_located() {
+    with_backend("cfg_db_dest", BackendKind::Sqlite, |env| {
+        env.write("in.jsonl", "{\"id\": 1}\n");
+        let head = "name = \"x\"\n[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[destination]\n";
+        for (lines, expected) in [
+            (
+                "url = \"sqlite://w.db\"\ntabel = \"x\"",
+                "p.toml:7:1: [destination]: unknown key `tabel`; did you mean `table`?",
+            ),
+            (
+                "url = \"sqlite://w.db\"\ntable = 5",
+                "p.toml:7:9: [destination].table: invalid type: integer `5`, expected a string",
+            ),
+            (
+                "type = \"sqlite\"\nurl = \"sqlite://w.db\"\ntable = \"x\"",
+                "p.toml:6:8: [destination].type: \"sqlite\": use \"http\" for an API, or leave type out and give a database url",
+            ),
+            (
+                "",
+                "p.toml:5:1: [destination]: missing key `url`",
+            ),
+            // An API destination has no table: a database key there is a
+            // mistake, not a setting silently ignored.
+            (
+                "type = \"http\"\nbase_url = \"http://127.0.0.1:1\"\nupsert = { method = \"PUT\", path = \"/c/{id}\" }\ntable = \"x\"",
+                "p.toml:9:1: [destination]: unknown key `table`; known keys: `base_url`",
+            ),
+        ] {
+            env.write("p.toml", format!("{head}{lines}\n"));
+            let out = env.idemload(&["run", "p.toml"]);
+            assert_mentions(&out, &[expected]);
+            assert!(!env.path("w.db").exists(), "nothing is created");
+        }
+    });
+}

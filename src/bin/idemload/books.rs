@@ -1,7 +1,7 @@
 //! `state`, `history` and `rejects`: a pipeline's bookkeeping, found by its
 //! pipeline file or, for `idemload load`, by the destination URL and table.
 
-use idemload::config::{DestinationConfig, PipelineConfig};
+use idemload::config::{DestinationConfig, PipelineConfig, TableDestination};
 use idemload::key::Cursor;
 use idemload::source::{FileSourceConfig, SourceConfig};
 use idemload::{Error, Pipeline};
@@ -19,11 +19,7 @@ pub fn pipeline(args: &BooksArgs) -> anyhow::Result<Pipeline> {
             name: args.name.clone().unwrap_or_else(|| table.clone()),
             // Never read: these commands only open the destination.
             source: SourceConfig::File(toml::from_str::<FileSourceConfig>("path = \"-\"")?),
-            destination: DestinationConfig {
-                url: url.clone(),
-                table: table.clone(),
-                ..Default::default()
-            },
+            destination: DestinationConfig::Table(TableDestination::new(url, table)),
             load: Default::default(),
             trigger: None,
             audit: None,

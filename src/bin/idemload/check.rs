@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use idemload::config::redact;
+use idemload::config::{redact, DestinationConfig, TableDestination};
 use idemload::source::{self, SourceConfig, SourceQuery};
 use idemload::{Item, Pipeline, PipelineConfig};
 
@@ -213,51 +213,55 @@ async fn encryption(url: &str) -> String {
 
 /// Opens the destination (and for an HTTP destination, reaches its API).
 async fn check_destination(pipeline: &Pipeline) -> bool {
-    let d = &pipeline.config.destination;
-    if pipeline.config.trigger.is_some() && d.url.is_empty() && d.kind.is_none() {
-        step("ok", "destination", "none (a watch-only pipeline)");
-        return true;
-    }
-    let what = if d.kind.as_deref() == Some("http") {
-        match idemload::destination::http::HttpDestinationConfig::from_destination(d) {
-            Ok(h) => {
-                if let Err(e) = reach(&h.base_url).await {
-                    step(
-                        "fail",
-                        "destination",
-                        format!("{}: {e}", redact(&h.base_url)),
-                    );
-                    return false;
-                }
-                format!("API {} answers", redact(&h.base_url))
-            }
-            Err(e) => {
+    let d = match &pipeline.config.destination {
+        DestinationConfig::Absent if pipeline.config.trigger.is_some() => {
+            step("ok", "destination", "none (a watch-only pipeline)");
+            return true;
+        }
+        DestinationConfig::Absent => &TableDestination::default(),
+        DestinationConfig::Http(h) => {
+            if let Err(e) = h.check() {
                 step("fail", "destination", e.to_string());
                 return false;
             }
+            if let Err(e) = reach(&h.base_url).await {
+                step(
+                    "fail",
+                    "destination",
+                    format!("{}: {e}", redact(&h.base_url)),
+                );
+                return false;
+            }
+            return open_books(pipeline, format!("API {} answers", redact(&h.base_url))).await;
         }
-    } else {
-        // check never creates anything: a SQLite file that is not there yet
-        // is the first run's to create.
-        if let Some(file) = missing_sqlite_file(&d.url) {
-            step(
-                "ok",
-                "destination",
-                format!(
-                    "{file} does not exist yet; the first run creates it with table {:?}",
-                    d.table
-                ),
-            );
-            step("ok", "plan", plan(None, &pipeline.settings));
-            return true;
-        }
-        format!(
-            "connected to {}{}, table {:?}",
-            redact(&d.url),
-            encryption(&d.url).await,
-            d.table
-        )
+        DestinationConfig::Table(d) => d,
     };
+    // check never creates anything: a SQLite file that is not there yet
+    // is the first run's to create.
+    if let Some(file) = missing_sqlite_file(&d.url) {
+        step(
+            "ok",
+            "destination",
+            format!(
+                "{file} does not exist yet; the first run creates it with table {:?}",
+                d.table
+            ),
+        );
+        step("ok", "plan", plan(None, &pipeline.settings));
+        return true;
+    }
+    let what = format!(
+        "connected to {}{}, table {:?}",
+        redact(&d.url),
+        encryption(&d.url).await,
+        d.table
+    );
+    open_books(pipeline, what).await
+}
+
+/// Opens the pipeline's bookkeeping (creating nothing) and says what it
+/// holds after `what`.
+async fn open_books(pipeline: &Pipeline, what: String) -> bool {
     // Connects and reads; creates nothing (a pipeline that never ran has
     // no bookkeeping yet).
     let books = match pipeline.books().await {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use idemload::config::{DestinationConfig, LoadConfig, PipelineConfig};
+use idemload::config::{DestinationConfig, LoadConfig, PipelineConfig, TableDestination};
 use idemload::key::parse_duration;
 use idemload::source::{FileFormat, FileSourceConfig, SourceConfig};
 use idemload::{Error, Pipeline, RunOptions, RunStatus, StopToken};
@@ -279,11 +279,7 @@ fn load_config(args: &LoadArgs) -> anyhow::Result<PipelineConfig> {
             format,
             endpoint: args.endpoint.clone(),
         }),
-        destination: DestinationConfig {
-            url: args.into.clone(),
-            table: args.table.clone(),
-            ..Default::default()
-        },
+        destination: DestinationConfig::Table(TableDestination::new(&args.into, &args.table)),
         load,
         trigger: None,
         audit: None,

@@ -1,6 +1,7 @@
 //! `audit`, `dedupe` and `verify`: print what the library found.
 
 use idemload::audit::{AuditReport, AuditTarget};
+use idemload::config::TableDestination;
 use idemload::dedupe::{DedupeOptions, DedupeReport};
 use idemload::destination::inspect;
 use idemload::{Error, Pipeline, PipelineConfig};
@@ -23,12 +24,10 @@ fn target(args: &AuditArgs) -> anyhow::Result<Target> {
     match (&args.pipeline, &args.url, &args.table, &args.key) {
         (Some(path), _, _, _) => {
             let pipeline = Pipeline::new(PipelineConfig::from_file(path)?)?;
+            let database = database_of(&pipeline)?;
             Ok(Target {
-                url: pipeline.config.destination.url.clone(),
-                table: args
-                    .table
-                    .clone()
-                    .unwrap_or_else(|| pipeline.config.destination.table.clone()),
+                url: database.url.clone(),
+                table: args.table.clone().unwrap_or_else(|| database.table.clone()),
                 key: args
                     .key
                     .clone()
@@ -48,6 +47,17 @@ fn target(args: &AuditArgs) -> anyhow::Result<Target> {
         }),
         _ => Err(Error::config("give a pipeline file, or --url, --table and --key").into()),
     }
+}
+
+/// The database table a pipeline writes: audit and dedupe read tables.
+fn database_of(pipeline: &Pipeline) -> anyhow::Result<&TableDestination> {
+    pipeline.config.destination.database().ok_or_else(|| {
+        Error::config(format!(
+            "pipeline {:?} writes to an API (type = \"http\"): audit and dedupe read a database table",
+            pipeline.name()
+        ))
+        .into()
+    })
 }
 
 fn show(v: &[Value]) -> String {
@@ -81,9 +91,10 @@ async fn audit_target(t: Target) -> anyhow::Result<AuditReport> {
 
 /// `run --audit`: audits the pipeline's table after its run.
 pub async fn audit_after_run(pipeline: &Pipeline) -> anyhow::Result<AuditReport> {
+    let database = database_of(pipeline)?;
     audit_target(Target {
-        url: pipeline.config.destination.url.clone(),
-        table: pipeline.config.destination.table.clone(),
+        url: database.url.clone(),
+        table: database.table.clone(),
         key: pipeline.settings.key.columns(),
         cursor: pipeline.settings.cursor.clone(),
         pipeline: Some(pipeline.name().to_string()),

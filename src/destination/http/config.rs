@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::DestinationConfig;
 use crate::error::{Error, Result};
 use crate::record::Fields;
 use crate::source::retry::RetryConfig;
@@ -105,15 +104,9 @@ pub struct LookupTable {
 }
 
 impl HttpDestinationConfig {
-    /// Reads the settings from `[destination]` and checks them.
-    pub fn from_destination(d: &DestinationConfig) -> Result<HttpDestinationConfig> {
-        let table: toml::Table = d.http.clone().into_iter().collect();
-        let config: HttpDestinationConfig =
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| {
-                    Error::config(format!("[destination] type = \"http\": {}", e.message()))
-                })?;
+    /// Checks what serde cannot: which requests go together, limits, methods.
+    pub fn check(&self) -> Result<()> {
+        let config = self;
         if config.create.is_none() && config.upsert.is_none() {
             return Err(Error::config(
                 "[destination] type = \"http\" needs `create` (with `lookup`) or `upsert`",
@@ -157,7 +150,7 @@ impl HttpDestinationConfig {
                 },
             )?;
         }
-        Ok(config)
+        Ok(())
     }
 
     /// Every record field a template names (`remote_id` aside).

@@ -40,8 +40,9 @@ pub use self::config::HttpDestinationConfig;
 use self::config::{fill_body, fill_path, id_at, RequestTemplate};
 use self::ledger::Ledger;
 use self::lookup::Table;
+use super::sqlite::worker::blocking;
 use super::sqlite::SqliteDestination;
-use super::{Books, Commit, Destination, Target};
+use super::{Books, Commit, Destination, RunBooks, Target};
 use crate::batch::{PlannedBatch, Row};
 use crate::error::{Error, Result};
 use crate::key::{canonical_json, parse_duration, HASH_KEY_COLUMN};
@@ -54,7 +55,8 @@ use crate::stats::RunStats;
 
 /// An API written through templates, with its ledger.
 pub struct HttpDestination {
-    books: SqliteDestination,
+    /// The runs, rejects and checkpoint, in the ledger's database.
+    books: Box<dyn RunBooks>,
     worker: Arc<Worker>,
     checked_templates: bool,
     /// Some record of this run was deferred: the checkpoint and the files
@@ -94,12 +96,10 @@ impl HttpDestination {
                 redact(&ledger_url)
             )));
         }
-        let books = SqliteDestination::open(&ledger_url).await?;
+        let books = Box::new(SqliteDestination::open(&ledger_url).await?);
         let path = PathBuf::from(ledger_url.trim_start_matches("sqlite://"));
         let p = pipeline.to_string();
-        let ledger = tokio::task::spawn_blocking(move || Ledger::open(&path, &p))
-            .await
-            .map_err(|e| Error::destination("ledger", e))??;
+        let ledger = blocking(move || Ledger::open(&path, &p)).await?;
         let timeout = parse_duration(&config.timeout)
             .map_err(|e| Error::config(format!("[destination] timeout: {e}")))?;
         let mut headers = HeaderMap::new();
@@ -620,7 +620,7 @@ impl Destination for HttpDestination {
         // again from the ledger (a long-lived process may see a new day).
         self.deferred = false;
         self.worker.spent.store(false, Ordering::Relaxed);
-        self.books.begin(run, target).await
+        self.books.begin_run(run, target).await
     }
 
     async fn write(&mut self, batch: PlannedBatch, mut commit: Commit) -> Result<RunStats> {
@@ -685,6 +685,6 @@ impl Destination for HttpDestination {
             absent: None,
             files,
         };
-        self.books.write(bookkeeping, commit).await
+        self.books.commit_books(bookkeeping, commit).await
     }
 }
