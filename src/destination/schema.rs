@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use serde_json::Value;
 
 use crate::batch::Row;
+use crate::error::{Error, Result};
 use crate::key::parse_instant;
 use crate::number::{canonical, exact_f64, exact_i64, exact_json};
 use crate::record::{Name, Reject};
@@ -83,15 +84,7 @@ impl ColumnType {
     /// Converts a value for this column, or says why it does not fit.
     pub fn convert(self, column: &str, value: &Value) -> Result<SqlValue, String> {
         let mismatch = |what: &str| {
-            let mut shown = value.to_string();
-            if shown.len() > 60 {
-                let mut cut = 57;
-                while !shown.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                shown.truncate(cut);
-                shown.push_str("...");
-            }
+            let shown = shorten(value);
             Err(format!(
                 "value {shown} of field {column:?} is {what}, but the column is {}",
                 self.name()
@@ -153,6 +146,47 @@ pub struct Column {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TableSchema {
     pub columns: Vec<Column>,
+}
+
+/// A value as JSON text, cut to 60 bytes for a message.
+pub(crate) fn shorten(value: &Value) -> String {
+    let mut shown = value.to_string();
+    if shown.len() > 60 {
+        let mut cut = 57;
+        while !shown.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        shown.truncate(cut);
+        shown.push_str("...");
+    }
+    shown
+}
+
+/// The logical view of a backend's columns, which the type rules work on.
+pub(crate) fn logical<'a>(columns: impl Iterator<Item = (&'a str, ColumnType)>) -> TableSchema {
+    TableSchema {
+        columns: columns
+            .map(|(name, ty)| Column {
+                name: name.to_string(),
+                ty,
+            })
+            .collect(),
+    }
+}
+
+/// Where each key column sits among `names` (a table's columns, in
+/// order); an error names the key column the table lacks.
+pub(crate) fn key_positions(table: &str, names: &[&str], keys: &[String]) -> Result<Vec<usize>> {
+    keys.iter()
+        .map(|k| {
+            names.iter().position(|n| n == k).ok_or_else(|| {
+                Error::destination(
+                    format!("table {table:?}"),
+                    format!("has no key column {k:?}"),
+                )
+            })
+        })
+        .collect()
 }
 
 impl TableSchema {

@@ -40,6 +40,35 @@ pub fn column_list<S: AsRef<str>>(names: &[S]) -> String {
         .join(", ")
 }
 
+/// The column definitions of a `CREATE TABLE`: `"a" TEXT NOT NULL, "b"
+/// BIGINT`, each `(name, declared type)` quoted by `quote`, the key
+/// columns NOT NULL.
+pub(crate) fn column_definitions<'a>(
+    columns: impl Iterator<Item = (&'a str, &'a str)>,
+    keys: &[String],
+    quote: fn(&str) -> String,
+) -> String {
+    columns
+        .map(|(name, ty)| {
+            let not_null = if keys.iter().any(|k| k == name) {
+                " NOT NULL"
+            } else {
+                ""
+            };
+            format!("{} {ty}{not_null}", quote(name))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `"a" IS NOT NULL AND "b" IS NOT NULL`, each name quoted by `quote`.
+pub(crate) fn all_not_null<S: AsRef<str>>(keys: &[S], quote: fn(&str) -> String) -> String {
+    keys.iter()
+        .map(|k| format!("{} IS NOT NULL", quote(k.as_ref())))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
 /// `"a" = ? AND "b" = ?` with `alias.` prefixes when given.
 pub fn key_match<S: AsRef<str>>(keys: &[S], left: &str, right: &str) -> String {
     keys.iter()

@@ -17,11 +17,11 @@ use sha2::{Digest, Sha256};
 
 use super::ddl::{Limit, SqlColumn, Table};
 use crate::batch::Row;
-use crate::destination::schema::{ColumnType, SqlValue};
+use crate::destination::schema::{key_positions, ColumnType, SqlValue};
 use crate::destination::seen::KeyFilter;
 use crate::destination::sql::quote_mysql as q;
 use crate::destination::Target;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::key::Cursor;
 use crate::record::Reject;
 use crate::stats::RunStats;
@@ -76,18 +76,7 @@ pub(super) fn prepare(
     rejects: &mut Vec<Reject>,
     stats: &mut RunStats,
 ) -> Result<Vec<Prepared>> {
-    let keys = target
-        .key_columns
-        .iter()
-        .map(|k| {
-            schema.position(k).ok_or_else(|| {
-                Error::destination(
-                    format!("mysql table {table:?}"),
-                    format!("has no key column {k:?}"),
-                )
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let keys = key_positions(table, &schema.names(), &target.key_columns)?;
     let mut out: Vec<Prepared> = Vec::with_capacity(rows.len());
     let mut index: HashMap<[u8; 16], usize> = HashMap::with_capacity(rows.len());
     for row in rows {

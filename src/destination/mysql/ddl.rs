@@ -13,8 +13,8 @@ use mysql_async::Conn;
 
 use super::Server;
 use crate::destination::fills::{uncovered_key, Fill, Fills};
-use crate::destination::schema::{Column, ColumnType, TableSchema};
-use crate::destination::sql::quote_mysql as q;
+use crate::destination::schema::{logical, Column, ColumnType, TableSchema};
+use crate::destination::sql::{column_definitions, quote_mysql, quote_mysql as q};
 
 /// The longest text a key column holds: keys need a bounded `VARCHAR`.
 pub(super) const KEY_TEXT_CHARS: usize = 255;
@@ -64,16 +64,7 @@ impl Table {
 
     /// The logical view the engine's type rules work on.
     pub fn logical(&self) -> TableSchema {
-        TableSchema {
-            columns: self
-                .columns
-                .iter()
-                .map(|c| Column {
-                    name: c.name.clone(),
-                    ty: c.ty,
-                })
-                .collect(),
-        }
+        logical(self.columns.iter().map(|c| (c.name.as_str(), c.ty)))
     }
 }
 
@@ -206,18 +197,13 @@ pub(super) async fn create_table(
     columns: &[SqlColumn],
     keys: &[String],
 ) -> Result<(), mysql_async::Error> {
-    let defs = columns
-        .iter()
-        .map(|c| {
-            let not_null = if keys.contains(&c.name) {
-                " NOT NULL"
-            } else {
-                ""
-            };
-            format!("{} {}{not_null}", q(&c.name), c.definition)
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let defs = column_definitions(
+        columns
+            .iter()
+            .map(|c| (c.name.as_str(), c.definition.as_str())),
+        keys,
+        quote_mysql,
+    );
     let keys = keys.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
     conn.query_drop(format!(
         "CREATE TABLE IF NOT EXISTS {} ({defs}, PRIMARY KEY ({keys}))

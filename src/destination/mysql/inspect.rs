@@ -21,7 +21,7 @@ use mysql_async::{Conn, TxOpts};
 
 use super::MysqlDestination;
 use crate::destination::inspect::{DedupeApply, DedupeDone, Dialect, Inspect};
-use crate::destination::sql::quote_mysql as q;
+use crate::destination::sql::{all_not_null, quote_mysql, quote_mysql as q};
 use crate::error::{Error, Result};
 use crate::state::{format_time, QUARANTINE_TABLE};
 
@@ -189,12 +189,7 @@ async fn dedupe_apply(conn: &mut Conn, plan: &DedupeApply) -> Result<DedupeDone>
     let t = q(&plan.table);
     let cols = columns.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
     let keys = plan.key.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
-    let not_null = plan
-        .key
-        .iter()
-        .map(|k| format!("{} IS NOT NULL", q(k)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
+    let not_null = all_not_null(&plan.key, quote_mysql);
     let matches = identity
         .iter()
         .map(|&i| format!("{} <=> ?", q(&columns[i])))

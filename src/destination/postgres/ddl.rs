@@ -16,8 +16,8 @@ use tokio_postgres::{GenericClient, Transaction};
 use super::{pg_error, qualified, Run};
 use crate::batch::Row;
 use crate::destination::fills::{uncovered_key, Fill, Fills};
-use crate::destination::schema::{Column, ColumnRules, ColumnType, SqlValue, TableSchema};
-use crate::destination::sql::{column_list, quote};
+use crate::destination::schema::{logical, shorten, ColumnRules, ColumnType, SqlValue};
+use crate::destination::sql::{column_definitions, column_list, quote};
 use crate::error::Result;
 use crate::record::{Fields, Reject};
 use crate::stats::RunStats;
@@ -185,19 +185,6 @@ impl PgColumn {
     }
 }
 
-fn shorten(value: &Value) -> String {
-    let mut shown = value.to_string();
-    if shown.len() > 60 {
-        let mut cut = 57;
-        while !shown.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        shown.truncate(cut);
-        shown.push_str("...");
-    }
-    shown
-}
-
 fn has_nul(value: &Value) -> bool {
     match value {
         Value::String(s) => s.contains('\0'),
@@ -229,16 +216,7 @@ impl PgSchema {
         &self,
         rows: impl Iterator<Item = &'a Fields> + Clone,
     ) -> Vec<PgColumn> {
-        let logical = TableSchema {
-            columns: self
-                .columns
-                .iter()
-                .map(|c| Column {
-                    name: c.name.clone(),
-                    ty: c.ty,
-                })
-                .collect(),
-        };
+        let logical = logical(self.columns.iter().map(|c| (c.name.as_str(), c.ty)));
         logical
             .missing(rows.clone())
             .into_iter()
@@ -366,18 +344,11 @@ pub(super) async fn create_table(
     keys: &[String],
     unlogged: bool,
 ) -> Result<()> {
-    let defs = columns
-        .iter()
-        .map(|c| {
-            let not_null = if keys.contains(&c.name) {
-                " NOT NULL"
-            } else {
-                ""
-            };
-            format!("{} {}{not_null}", quote(&c.name), c.sql)
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let defs = column_definitions(
+        columns.iter().map(|c| (c.name.as_str(), c.sql.as_str())),
+        keys,
+        quote,
+    );
     let kind = if unlogged { "UNLOGGED " } else { "" };
     tx.batch_execute(&format!(
         "CREATE {kind}TABLE {} ({defs}, PRIMARY KEY ({}))",

@@ -11,7 +11,7 @@ use tokio_postgres::GenericClient;
 
 use super::{pg_error, qualified, PostgresDestination};
 use crate::destination::inspect::{DedupeApply, DedupeDone, Dialect, Inspect};
-use crate::destination::sql::{column_list, quote};
+use crate::destination::sql::{all_not_null, column_list, quote};
 use crate::error::{Error, Result};
 use crate::state::QUARANTINE_TABLE;
 
@@ -105,12 +105,7 @@ impl Inspect for PostgresInspect {
         let covered = self.unique_covering(&plan.table, &plan.key).await?;
         let t = qualified(&self.dest.schema, &plan.table);
         let keys = column_list(&plan.key);
-        let not_null = plan
-            .key
-            .iter()
-            .map(|k| format!("{} IS NOT NULL", quote(k)))
-            .collect::<Vec<_>>()
-            .join(" AND ");
+        let not_null = all_not_null(&plan.key, quote);
         let key_json = plan
             .key
             .iter()

@@ -8,9 +8,9 @@ use super::ddl::{PgColumn, PgSchema};
 use super::write::{BATCH, DEL, FRESH};
 use crate::destination::compare::{Compare, Compared};
 use crate::destination::inspect::Dialect;
-use crate::destination::schema::ColumnType;
+use crate::destination::schema::{key_positions, ColumnType};
 use crate::destination::sql::{column_list, quote};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::mode::Mode;
 
 /// The SQL of one batch's merge into one table.
@@ -31,21 +31,10 @@ impl<'a> Merge<'a> {
         target: &'a crate::destination::Target,
         mode: Mode,
     ) -> Result<Merge<'a>> {
-        let keys = target
-            .key_columns
-            .iter()
-            .map(|k| {
-                schema
-                    .position(k)
-                    .map(|i| &schema.columns[i])
-                    .ok_or_else(|| {
-                        Error::destination(
-                            format!("table {table}"),
-                            format!("has no key column {k:?}"),
-                        )
-                    })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let keys = key_positions(table, &schema.names(), &target.key_columns)?
+            .into_iter()
+            .map(|i| &schema.columns[i])
+            .collect();
         let others = schema
             .columns
             .iter()

@@ -7,7 +7,7 @@ use super::{declared_type, read_schema, Run};
 use crate::batch::Row;
 use crate::destination::fills::{uncovered_key, Fill, Fills};
 use crate::destination::schema::{Column, ColumnRules, TableSchema};
-use crate::destination::sql::{column_list, quote};
+use crate::destination::sql::{column_definitions, column_list, quote};
 use crate::error::Result;
 use crate::record::Reject;
 use crate::stats::RunStats;
@@ -66,18 +66,13 @@ pub(super) fn create_table(
     columns: &[Column],
     keys: &[String],
 ) -> Result<()> {
-    let defs = columns
-        .iter()
-        .map(|c| {
-            let not_null = if keys.contains(&c.name) {
-                " NOT NULL"
-            } else {
-                ""
-            };
-            format!("{} {}{not_null}", quote(&c.name), declared_type(c.ty))
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let defs = column_definitions(
+        columns
+            .iter()
+            .map(|c| (c.name.as_str(), declared_type(c.ty))),
+        keys,
+        quote,
+    );
     conn.execute_batch(&format!(
         "CREATE TABLE {} ({defs}, PRIMARY KEY ({}))",
         quote(table),

@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::books::connect;
 use super::worker::Worker;
 use crate::destination::inspect::{DedupeApply, DedupeDone, Dialect, Inspect};
-use crate::destination::sql::{column_list, quote};
+use crate::destination::sql::{all_not_null, column_list, quote};
 use crate::error::{Error, Result};
 use crate::state::{format_time, QUARANTINE_TABLE};
 
@@ -194,12 +194,7 @@ fn dedupe_apply(conn: &mut Connection, plan: &DedupeApply) -> Result<DedupeDone>
     ensure_quarantine(&tx)?;
     let t = quote(&plan.table);
     let keys = column_list(&plan.key);
-    let not_null = plan
-        .key
-        .iter()
-        .map(|k| format!("{} IS NOT NULL", quote(k)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
+    let not_null = all_not_null(&plan.key, quote);
     tx.execute_batch(&format!(
         "DROP TABLE IF EXISTS temp._idemload_dedupe;
          CREATE TEMP TABLE _idemload_dedupe AS

@@ -21,7 +21,7 @@ use super::{Inner, Run};
 use crate::batch::{PlannedBatch, Row};
 use crate::destination::commit::{commit_batch, BatchTx};
 use crate::destination::compare::{within, Rule};
-use crate::destination::schema::{Column, ColumnType, SqlValue, TableSchema};
+use crate::destination::schema::{key_positions, Column, ColumnType, SqlValue, TableSchema};
 use crate::destination::sql::{column_list, quote};
 use crate::destination::Commit;
 use crate::error::{Error, Result};
@@ -277,18 +277,7 @@ impl<'c> RowWriter<'c> {
         mode: Mode,
     ) -> Result<Self> {
         let target = &run.target;
-        let keys = target
-            .key_columns
-            .iter()
-            .map(|k| {
-                schema.position(k).ok_or_else(|| {
-                    Error::destination(
-                        format!("table {table:?}"),
-                        format!("has no key column {k:?}"),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let keys = key_positions(table, &schema.names(), &target.key_columns)?;
         let others: Vec<usize> = (0..schema.columns.len())
             .filter(|i| !keys.contains(i))
             .collect();
