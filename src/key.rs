@@ -14,6 +14,7 @@
 //! A [`Cursor`] orders versions of a record: integers as integers, RFC 3339
 //! timestamps as instants (offsets normalised), anything else as text.
 
+pub use crate::number::canonical_json;
 use std::cmp::Ordering;
 use std::fmt;
 use std::time::Duration;
@@ -125,13 +126,6 @@ pub fn hash_fields(fields: &Fields, names: &[String], ignore: Option<&str>) -> S
     }
     let canonical = canonical_json(&object.into());
     hex::encode(Sha256::digest(canonical.as_bytes()))
-}
-
-/// RFC 8785 canonical JSON of a value.
-pub fn canonical_json(value: &Value) -> String {
-    // Serializing a serde_json::Value cannot fail: its numbers are finite
-    // and its keys are strings.
-    serde_jcs::to_string(value).unwrap_or_default()
 }
 
 /// A number becomes its canonical form (`7.0` -> `7`, `1.50` -> `1.5`), so

@@ -14,7 +14,12 @@
 
 use serde_json::{Number, Value};
 
-use crate::key::canonical_json;
+/// RFC 8785 canonical JSON of a value.
+pub fn canonical_json(value: &Value) -> String {
+    // Serializing a serde_json::Value cannot fail: its numbers are finite
+    // and its keys are strings.
+    serde_jcs::to_string(value).unwrap_or_default()
+}
 
 /// A finite decimal: `0.digits × 10^point`, digits without leading or
 /// trailing zeros (none at all for zero).

@@ -14,7 +14,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::config::{DestinationConfig, TableDestination};
-use crate::destination::inspect::{self, Dialect, Inspect};
+use crate::destination::inspect::{Dialect, Inspect};
 use crate::error::{Error, Result};
 use crate::key::{canonical_json, KeySpec, HASH_KEY_COLUMN};
 use crate::pipeline::{NoProgress, Pipeline, RunOptions, RunReport};
@@ -104,7 +104,7 @@ impl Scratch {
                 let schema_param = format!("schema={name}");
                 params.push(&schema_param);
                 let scratch = format!("{base}?{}", params.join("&"));
-                let mut admin = inspect::connect(url, false).await?;
+                let mut admin = crate::destination::open_inspect(url, false).await?;
                 admin
                     .execute(&format!("CREATE SCHEMA {}", admin.dialect().quote(&name)))
                     .await?;
@@ -118,7 +118,7 @@ impl Scratch {
                 let mut parsed = url::Url::parse(url)
                     .map_err(|e| Error::config(format!("{}: {e}", crate::redact::redact(url))))?;
                 parsed.set_path(&format!("/{name}"));
-                let mut admin = inspect::connect(url, false).await?;
+                let mut admin = crate::destination::open_inspect(url, false).await?;
                 admin
                     .execute(&format!("CREATE DATABASE {}", admin.dialect().quote(&name)))
                     .await?;
@@ -165,7 +165,7 @@ impl Scratch {
                 format!("DROP DATABASE IF EXISTS {}", Dialect::Mysql.quote(database)),
             ),
         };
-        let mut conn = inspect::connect(admin, false).await?;
+        let mut conn = crate::destination::open_inspect(admin, false).await?;
         conn.execute(&sql).await
     }
 }
@@ -188,7 +188,7 @@ where
     let _first = scratch
         .run_with(&options, &NoProgress, &open_source)
         .await?;
-    let mut conn = inspect::connect(&url, true).await?;
+    let mut conn = crate::destination::open_inspect(&url, true).await?;
     let columns = conn.columns(&table).await?;
     let d = conn.dialect();
     let (t, f) = (d.quote(&table), d.quote(FIRST));

@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::config::redact;
 use crate::error::{Error, Result};
 use crate::key::parse_duration;
+use crate::redact::redact;
 use crate::source::origin::{credentialed_client, describe, CrossOrigin};
 use crate::source::retry::backoff_delay;
 

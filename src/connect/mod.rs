@@ -14,8 +14,8 @@ pub mod postgres;
 pub mod redis;
 mod tls;
 
-use crate::config::redact;
 use crate::error::{Error, Result};
+use crate::redact::redact;
 
 /// The database an URL names, by its scheme.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

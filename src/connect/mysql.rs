@@ -17,8 +17,8 @@ use mysql_async::{Conn, DriverError, Opts, OptsBuilder, SslOpts};
 
 use super::tls;
 use super::{query_pairs, without_params, Encrypted};
-use crate::config::redact;
 use crate::error::{Error, Result};
+use crate::redact::redact;
 
 /// The mysql client's `--ssl-mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -25,8 +25,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::tls::{self, Verify};
 use super::{query_pairs, without_params, Encrypted};
-use crate::config::redact;
 use crate::error::{Error, Result};
+use crate::redact::redact;
 
 /// libpq's `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -5,8 +5,8 @@
 use redis::aio::MultiplexedConnection;
 
 use super::{tls, Encrypted};
-use crate::config::redact;
 use crate::error::{Error, Result};
+use crate::redact::redact;
 
 /// Connects to the Redis server of an URL.
 pub async fn connect(url: &str) -> Result<(MultiplexedConnection, Encrypted)> {

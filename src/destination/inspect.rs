@@ -10,8 +10,7 @@
 use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::error::{Error, Result};
-use crate::redact::redact;
+use crate::error::Result;
 
 /// SQL differences that matter to the audit queries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,25 +94,4 @@ pub trait Inspect: Send {
     /// Puts back the rows a dedupe run quarantined (dropping the index it
     /// added), in one transaction; returns how many.
     async fn restore(&mut self, run_id: &str) -> Result<u64>;
-}
-
-/// Connects to the database an URL names. With `write` false (`audit`) it
-/// creates nothing: no database file, schema or bookkeeping table.
-pub async fn connect(url: &str, write: bool) -> Result<Box<dyn Inspect>> {
-    use crate::connect::Backend;
-    match crate::connect::Backend::of_url(url) {
-        Ok(Backend::Sqlite) => Ok(Box::new(
-            super::sqlite::inspect::SqliteInspect::open(url, write).await?,
-        )),
-        Ok(Backend::Postgres) => Ok(Box::new(
-            super::postgres::inspect::PostgresInspect::open(url, write).await?,
-        )),
-        Ok(Backend::Mysql) => Ok(Box::new(
-            super::mysql::inspect::MysqlInspect::open(url, write).await?,
-        )),
-        _ => Err(Error::config(format!(
-            "audit, dedupe and verify do not support {}: use sqlite://, postgres:// or mysql://",
-            redact(url)
-        ))),
-    }
 }

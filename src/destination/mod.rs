@@ -9,6 +9,7 @@
 
 pub(crate) mod commit;
 pub mod compare;
+pub mod config;
 pub(crate) mod fills;
 pub mod http;
 pub mod inspect;
@@ -24,6 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 
+use self::config::DestinationConfig;
 use crate::batch::PlannedBatch;
 use crate::connect::Backend;
 use crate::error::{Error, Result};
@@ -296,9 +298,8 @@ pub trait Lookahead: Send + Sync {
 /// Opens the destination a pipeline's `[destination]` describes.
 pub async fn open_config(
     pipeline: &str,
-    config: &crate::config::DestinationConfig,
+    config: &DestinationConfig,
 ) -> Result<Box<dyn Destination>> {
-    use crate::config::DestinationConfig;
     match config {
         DestinationConfig::Http(http) => {
             http.check()?;
@@ -320,12 +321,11 @@ fn no_destination() -> Error {
 /// ran leaves no database file, schema or table behind.
 pub async fn open_existing(
     pipeline: &str,
-    config: &crate::config::DestinationConfig,
+    config: &DestinationConfig,
 ) -> Result<Option<Box<dyn Destination>>> {
     fn boxed<D: Destination + 'static>(d: Option<D>) -> Option<Box<dyn Destination>> {
         d.map(|d| Box::new(d) as Box<dyn Destination>)
     }
-    use crate::config::DestinationConfig;
     let table = match config {
         DestinationConfig::Http(http) => {
             http.check()?;
@@ -370,5 +370,25 @@ pub async fn open_in(url: &str, schema: Option<&str>) -> Result<Box<dyn Destinat
             postgres::PostgresDestination::open(url, schema).await?,
         )),
         _ => Err(unsupported(url)),
+    }
+}
+
+/// Connects to the database an URL names. With `write` false (`audit`) it
+/// creates nothing: no database file, schema or bookkeeping table.
+pub async fn open_inspect(url: &str, write: bool) -> Result<Box<dyn inspect::Inspect>> {
+    match Backend::of_url(url) {
+        Ok(Backend::Sqlite) => Ok(Box::new(
+            sqlite::inspect::SqliteInspect::open(url, write).await?,
+        )),
+        Ok(Backend::Postgres) => Ok(Box::new(
+            postgres::inspect::PostgresInspect::open(url, write).await?,
+        )),
+        Ok(Backend::Mysql) => Ok(Box::new(
+            mysql::inspect::MysqlInspect::open(url, write).await?,
+        )),
+        _ => Err(Error::config(format!(
+            "audit, dedupe and verify do not support {}: use sqlite://, postgres:// or mysql://",
+            redact(url)
+        ))),
     }
 }

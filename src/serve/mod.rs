@@ -46,7 +46,7 @@
 
 mod answer;
 mod body;
-mod config;
+pub mod config;
 mod metrics;
 mod pool;
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::file::{ReadError, Reader};
+use super::sink::{ReadError, Sink};
 use crate::record::{stored_raw, value_too_large, Fields, Item, Name, Record, Reject, SourceRef};
 
 /// Rows read before column types are decided.
@@ -131,7 +131,7 @@ fn json_number(cell: &str, as_float: bool) -> Option<Value> {
 
 /// Reads a whole CSV file into the reader's batches.
 pub(super) fn read_csv(
-    reader: &mut Reader,
+    reader: &mut impl Sink,
     name: Arc<str>,
     input: impl BufRead,
 ) -> Result<(), ReadError> {
@@ -219,7 +219,7 @@ pub(super) fn read_csv(
         if !more {
             return Ok(());
         }
-        let item = to_item(&row, &names, &types, &at, reader.max_value_bytes);
+        let item = to_item(&row, &names, &types, &at, reader.max_value_bytes());
         reader.push(item)?;
     }
 }
@@ -288,13 +288,13 @@ fn correct_line<R: Read>(csv: &mut csv::Reader<CrlfEnds<R>>, row: &mut csv::Byte
 }
 
 fn flush_sample(
-    reader: &mut Reader,
+    reader: &mut impl Sink,
     names: &[Name],
     types: &[CellType],
     sample: &mut Vec<csv::ByteRecord>,
     at: &impl Fn(u64) -> SourceRef,
 ) -> Result<(), ReadError> {
-    let max_value = reader.max_value_bytes;
+    let max_value = reader.max_value_bytes();
     for row in sample.drain(..) {
         reader.push(to_item(&row, names, types, at, max_value))?;
     }
@@ -370,7 +370,7 @@ fn trim_newline(b: &[u8]) -> &[u8] {
     b.strip_suffix(b"\n").unwrap_or(b)
 }
 
-fn reject_file(reader: &mut Reader, at: SourceRef, reason: String) -> Result<(), ReadError> {
+fn reject_file(reader: &mut impl Sink, at: SourceRef, reason: String) -> Result<(), ReadError> {
     reader.push(Item::Reject(Reject::new(
         at,
         format!("{reason}; the file was not read"),

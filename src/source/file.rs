@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 
 use super::compression::Compression;
 use super::object::{is_object_url, Bucket, Listing, ObjectChunks, ObjectInfo, ObjectUrl};
+use super::sink::{ReadError, Sink, Stopped};
 use super::{Source, SourceProgress, SourceQuery};
 use crate::error::{Error, Result};
 use crate::fields::ShapedFields;
@@ -343,15 +344,21 @@ pub(super) struct Reader {
     items: u64,
 }
 
-/// The receiver went away (the run stopped): stop reading.
-pub(super) struct Stopped;
+impl Sink for Reader {
+    fn push(&mut self, item: Item) -> std::result::Result<(), Stopped> {
+        Reader::push(self, item)
+    }
 
-impl Reader {
-    /// Records sent at a time.
-    pub(super) fn chunk_size(&self) -> usize {
+    fn chunk_size(&self) -> usize {
         self.chunk_size
     }
 
+    fn max_value_bytes(&self) -> Option<usize> {
+        self.max_value_bytes
+    }
+}
+
+impl Reader {
     fn read_all(&mut self, inputs: Vec<Input>) {
         for input in inputs {
             let result = match input {
@@ -889,23 +896,6 @@ fn trim_line_end(line: &[u8]) -> &[u8] {
         end -= 1;
     }
     &line[..end]
-}
-
-pub(super) enum ReadError {
-    Stopped,
-    Io(io::Error),
-}
-
-impl From<io::Error> for ReadError {
-    fn from(e: io::Error) -> Self {
-        ReadError::Io(e)
-    }
-}
-
-impl From<Stopped> for ReadError {
-    fn from(_: Stopped) -> Self {
-        ReadError::Stopped
-    }
 }
 
 /// Counts bytes read, for progress.

@@ -29,10 +29,10 @@ use super::retry::{
 };
 use super::shape::{add_fields, constants, RecordsPath, ShapeError};
 use super::{AscendingCheck, Source, SourceProgress, SourceQuery};
-use crate::config::redact;
 use crate::error::{Error, Result};
 use crate::key::{parse_duration, Cursor};
 use crate::record::{Fields, Item, Record, Reject, SourceRef};
+use crate::redact::redact;
 
 /// `[source] type = "http"`.
 #[derive(Debug, Clone, Deserialize)]

@@ -19,6 +19,7 @@ pub mod pagination;
 mod parquet;
 pub mod retry;
 pub mod shape;
+mod sink;
 pub mod sql;
 
 use async_trait::async_trait;

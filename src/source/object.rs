@@ -151,7 +151,7 @@ impl Bucket {
             Error::config(format!(
                 "{}: cannot set up the client: {}",
                 url.url(),
-                crate::config::redact(&e.to_string())
+                crate::redact::redact(&e.to_string())
             ))
         };
         let store: Arc<dyn ObjectStore> = match url.cloud {
@@ -438,7 +438,7 @@ fn backoff(attempt: u32) -> Duration {
 /// An error's text, redacted: the store's messages carry URLs, never
 /// credentials, but a user-info part of an endpoint is cut all the same.
 fn message(e: &object_store::Error) -> String {
-    crate::config::redact(&e.to_string())
+    crate::redact::redact(&e.to_string())
 }
 
 fn source_error(url: &str, e: &object_store::Error) -> Error {

@@ -24,7 +24,7 @@ use parquet::arrow::arrow_reader::{
 use parquet::file::reader::ChunkReader;
 use serde_json::{Map, Number, Value};
 
-use super::file::{ReadError, Reader};
+use super::sink::{ReadError, Sink};
 use crate::record::{Fields, Item, Name, Record, SourceRef};
 
 /// Reads every row group of a Parquet file; `open` gives a fresh handle on
@@ -32,7 +32,7 @@ use crate::record::{Fields, Item, Name, Record, SourceRef};
 /// the byte ranges of that row group's column chunks (which an object
 /// fetches in one go).
 pub(super) fn read_parquet<R, F>(
-    reader: &mut Reader,
+    reader: &mut impl Sink,
     name: Arc<str>,
     open: F,
 ) -> Result<(), ReadError>

@@ -30,12 +30,12 @@ use tokio::sync::mpsc;
 use super::pagination::kind;
 use super::shape::{add_fields, constants, RecordsPath};
 use super::{AscendingCheck, Source, SourceQuery};
-use crate::config::redact;
 use crate::connect::Backend;
 use crate::destination::sql::quote;
 use crate::error::{Error, Result};
 use crate::key::Cursor;
 use crate::record::{Fields, Item, Name, Record, Reject, SourceRef};
+use crate::redact::redact;
 
 /// `[source] type = "sql"`.
 #[derive(Debug, Clone, Deserialize)]

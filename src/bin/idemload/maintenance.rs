@@ -3,7 +3,6 @@
 use idemload::audit::{AuditReport, AuditTarget};
 use idemload::config::TableDestination;
 use idemload::dedupe::{DedupeOptions, DedupeReport};
-use idemload::destination::inspect;
 use idemload::{Error, Pipeline, PipelineConfig};
 use serde_json::Value;
 
@@ -76,7 +75,7 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<u8> {
 }
 
 async fn audit_target(t: Target) -> anyhow::Result<AuditReport> {
-    let mut conn = inspect::connect(&t.url, false).await?;
+    let mut conn = idemload::destination::open_inspect(&t.url, false).await?;
     Ok(idemload::audit::audit(
         conn.as_mut(),
         &AuditTarget {
@@ -192,7 +191,7 @@ pub async fn dedupe(args: DedupeArgs) -> anyhow::Result<u8> {
     let t = target(&args.target)?;
     // A dry run only reads.
     let write = args.apply || args.restore.is_some();
-    let mut conn = inspect::connect(&t.url, write).await?;
+    let mut conn = idemload::destination::open_inspect(&t.url, write).await?;
     if let Some(run_id) = &args.restore {
         let restored = conn.restore(run_id).await?;
         if args.target.json {

@@ -15,14 +15,14 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
+use serde_json::Value;
 use tokio::sync::{oneshot, OnceCell};
 use tokio_postgres::Client;
 
 use crate::connect::postgres::PgConfig;
 
 use super::copy::StoredRows;
-use super::write::stored_keys;
-use crate::batch::PlannedBatch;
+use crate::batch::{PlannedBatch, Row};
 use crate::destination::seen::KeyFilter;
 use crate::destination::sql::{column_list, quote};
 use crate::destination::Lookahead;
@@ -172,4 +172,16 @@ impl Lookahead for ReadAhead {
             result,
         });
     }
+}
+
+/// The keys whose stored rows a batch compares with: the single integer
+/// keys of the rows that do not delete.
+pub(super) fn stored_keys(rows: &[Row]) -> impl Iterator<Item = i64> + '_ {
+    rows.iter().filter(|r| !r.delete).filter_map(int_key)
+}
+
+/// A single integer key as its `bigint` column holds it (7.0 is 7; a key
+/// that does not fit the column has none, and is rejected with its row).
+pub(super) fn int_key(row: &Row) -> Option<i64> {
+    row.key.values().first().and_then(Value::as_i64)
 }

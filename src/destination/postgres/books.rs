@@ -12,10 +12,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use tokio_postgres::{Client, GenericClient};
 
-use super::ddl::read_schema;
+use super::ddl::{advisory_key, read_schema};
 use super::{identifier, pg_error, qualified};
 use crate::destination::sql::{column_list, quote};
 use crate::destination::Target;
@@ -250,15 +249,6 @@ async fn add_rows_after(client: &Client, schema: &str) -> Result<()> {
             .map_err(pg_error("adding rows_after to the runs table"))?;
     }
     Ok(())
-}
-
-/// A stable 64-bit advisory lock key: the first 8 bytes of the SHA-256 of
-/// schema and pipeline. The same on every machine and every version.
-pub(super) fn advisory_key(schema: &str, pipeline: &str) -> i64 {
-    let digest = Sha256::digest(format!("idemload\0{schema}\0{pipeline}").as_bytes());
-    let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&digest[..8]);
-    i64::from_be_bytes(bytes)
 }
 
 /// Takes the advisory lock and writes the lease row, or returns the holder.

@@ -11,6 +11,7 @@
 //! failed batch.
 
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use tokio_postgres::{GenericClient, Transaction};
 
 use super::{pg_error, qualified, Run};
@@ -416,10 +417,7 @@ pub(super) async fn ensure_table(
         // held to the end of the batch, and look again.
         tx.execute(
             "SELECT pg_advisory_xact_lock($1)",
-            &[&super::books::advisory_key(
-                schema,
-                &format!("ddl\0{table}"),
-            )],
+            &[&advisory_key(schema, &format!("ddl\0{table}"))],
         )
         .await
         .map_err(pg_error(format!("locking table {table:?} for DDL")))?;
@@ -460,4 +458,13 @@ pub(super) enum Ddl {
     None,
     Created,
     Altered,
+}
+
+/// A stable 64-bit advisory lock key: the first 8 bytes of the SHA-256 of
+/// schema and pipeline. The same on every machine and every version.
+pub(super) fn advisory_key(schema: &str, pipeline: &str) -> i64 {
+    let digest = Sha256::digest(format!("idemload\0{schema}\0{pipeline}").as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(bytes)
 }

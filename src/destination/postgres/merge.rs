@@ -5,13 +5,19 @@
 
 use super::books::RUN_KEYS;
 use super::ddl::{PgColumn, PgSchema};
-use super::write::{BATCH, DEL, FRESH};
 use crate::destination::compare::{Compare, Compared};
 use crate::destination::inspect::Dialect;
 use crate::destination::schema::{key_positions, ColumnType};
 use crate::destination::sql::{column_list, quote};
 use crate::error::Result;
 use crate::mode::Mode;
+
+/// The temporary table a batch is copied into.
+pub(super) const BATCH: &str = "pg_temp._idemload_batch";
+/// Its bookkeeping columns: the row deletes (`delete_field`); its key is
+/// new to the run (when the run's key set is kept in memory).
+pub(super) const DEL: &str = "_idemload_del";
+pub(super) const FRESH: &str = "_idemload_fresh";
 
 /// The SQL of one batch's merge into one table.
 pub(super) struct Merge<'a> {

@@ -267,7 +267,7 @@ impl Books for PostgresDestination {
                 return Ok(None);
             }
         }
-        let key = books::advisory_key(&self.schema, pipeline);
+        let key = ddl::advisory_key(&self.schema, pipeline);
         let held =
             books::try_lock(&mut self.client, &self.schema, pipeline, holder, lease, key).await?;
         if held.is_none() {

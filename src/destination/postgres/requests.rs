@@ -12,7 +12,7 @@
 
 use tokio_postgres::{Client, GenericClient};
 
-use super::books::advisory_key;
+use super::ddl::advisory_key;
 use super::statements::Statements;
 use super::{pg_error, qualified};
 use crate::destination::sql::quote;

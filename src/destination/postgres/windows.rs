@@ -6,7 +6,7 @@
 
 use tokio_postgres::{Client, GenericClient};
 
-use super::books::advisory_key;
+use super::ddl::advisory_key;
 use super::{pg_error, qualified};
 use crate::error::Result;
 use crate::state::format_time;

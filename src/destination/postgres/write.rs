@@ -28,11 +28,11 @@ use bytes::BytesMut;
 use serde_json::Value;
 use tokio_postgres::Transaction;
 
-use super::ahead::Shape;
+use super::ahead::{int_key, stored_keys, Shape};
 use super::books::{self, fence, insert_rejects, write_checkpoint};
 use super::copy::{encode_columns, ColumnOrder, CopyBuffer, StoredRows};
 use super::ddl::{ensure_table, Ddl, PgSchema, Stage};
-use super::merge::Merge;
+use super::merge::{Merge, BATCH};
 use super::stage::apply_stage;
 use super::{pg_error, qualified, PostgresDestination, Run};
 use crate::batch::{PlannedBatch, Row};
@@ -47,13 +47,6 @@ use crate::request::RequestEntry;
 use crate::state::Resolution;
 use crate::stats::RunStats;
 use crate::windows::WindowEntry;
-
-/// The temporary table a batch is copied into.
-pub(super) const BATCH: &str = "pg_temp._idemload_batch";
-/// Its bookkeeping columns: the row deletes (`delete_field`); its key is
-/// new to the run (when the run's key set is kept in memory).
-pub(super) const DEL: &str = "_idemload_del";
-pub(super) const FRESH: &str = "_idemload_fresh";
 
 /// Writes a planned batch through the one commit path; returns its full
 /// stats (the planner's and ours).
@@ -639,16 +632,4 @@ fn drop_later<T: Send + 'static>(value: T) {
         }
         None => drop(value),
     }
-}
-
-/// The keys whose stored rows a batch compares with: the single integer
-/// keys of the rows that do not delete.
-pub(super) fn stored_keys(rows: &[Row]) -> impl Iterator<Item = i64> + '_ {
-    rows.iter().filter(|r| !r.delete).filter_map(int_key)
-}
-
-/// A single integer key as its `bigint` column holds it (7.0 is 7; a key
-/// that does not fit the column has none, and is rejected with its row).
-pub(super) fn int_key(row: &Row) -> Option<i64> {
-    row.key.values().first().and_then(Value::as_i64)
 }

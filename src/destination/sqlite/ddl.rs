@@ -1,7 +1,7 @@
 //! SQLite tables: created with a primary key on the key columns, widened
 //! with the columns new fields need, read back as a schema.
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 use super::{declared_type, read_schema, Run};
 use crate::batch::Row;
@@ -18,7 +18,7 @@ pub(super) fn existing_table(conn: &Connection, table: &str, keys: &[String]) ->
     let Some(schema) = read_schema(conn, table)? else {
         return Ok(Fills::default());
     };
-    if super::inspect::unique_covering(conn, table, keys)?.is_none() {
+    if unique_covering(conn, table, keys)?.is_none() {
         let columns: Vec<&str> = schema.columns.iter().map(|c| c.name.as_str()).collect();
         return Err(uncovered_key(table, keys, &columns));
     }
@@ -172,4 +172,54 @@ pub(super) fn is_empty(conn: &Connection, table: &str) -> Result<bool> {
         |r| r.get(0),
     )?;
     Ok(!any)
+}
+
+/// The primary key, unique constraint or unique index whose columns are
+/// exactly `key`, named; `None` when there is none.
+pub(crate) fn unique_covering(
+    conn: &Connection,
+    table: &str,
+    key: &[String],
+) -> Result<Option<String>> {
+    let mut wanted: Vec<&str> = key.iter().map(String::as_str).collect();
+    wanted.sort_unstable();
+    let mut indexes =
+        conn.prepare("SELECT name, origin FROM pragma_index_list(?1) WHERE \"unique\" = 1")?;
+    let list = indexes
+        .query_map([table], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    for (name, origin) in list {
+        let mut cols = conn.prepare("SELECT name FROM pragma_index_info(?1)")?;
+        let mut names = cols
+            .query_map([&name], |r| r.get::<_, Option<String>>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>();
+        names.sort_unstable();
+        if names == wanted {
+            let kind = match origin.as_str() {
+                "pk" => "primary key",
+                "u" => "unique constraint",
+                _ => "unique index",
+            };
+            return Ok(Some(format!("{kind} {name}")));
+        }
+    }
+    // An INTEGER PRIMARY KEY is the rowid and has no index of its own.
+    if wanted.len() == 1 {
+        let pk: Option<String> = conn
+            .query_row(
+                "SELECT name FROM pragma_table_info(?1) WHERE pk = 1 AND (SELECT count(*) FROM pragma_table_info(?1) WHERE pk > 0) = 1",
+                [table],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if pk.as_deref() == Some(wanted[0]) {
+            return Ok(Some(format!("primary key ({})", wanted[0])));
+        }
+    }
+    Ok(None)
 }

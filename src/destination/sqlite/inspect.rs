@@ -9,10 +9,11 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use chrono::Utc;
 use rusqlite::types::Value as Sql;
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, TransactionBehavior};
 use serde_json::Value;
 
 use super::books::connect;
+use super::ddl::unique_covering;
 use super::worker::Worker;
 use crate::destination::inspect::{DedupeApply, DedupeDone, Dialect, Inspect};
 use crate::destination::sql::{all_not_null, column_list, quote};
@@ -139,54 +140,6 @@ impl Inspect for SqliteInspect {
         let run_id = run_id.to_string();
         self.conn.run(move |conn| restore(conn, &run_id)).await
     }
-}
-
-pub(crate) fn unique_covering(
-    conn: &Connection,
-    table: &str,
-    key: &[String],
-) -> Result<Option<String>> {
-    let mut wanted: Vec<&str> = key.iter().map(String::as_str).collect();
-    wanted.sort_unstable();
-    let mut indexes =
-        conn.prepare("SELECT name, origin FROM pragma_index_list(?1) WHERE \"unique\" = 1")?;
-    let list = indexes
-        .query_map([table], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    for (name, origin) in list {
-        let mut cols = conn.prepare("SELECT name FROM pragma_index_info(?1)")?;
-        let mut names = cols
-            .query_map([&name], |r| r.get::<_, Option<String>>(0))?
-            .collect::<rusqlite::Result<Vec<_>>>()?
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>();
-        names.sort_unstable();
-        if names == wanted {
-            let kind = match origin.as_str() {
-                "pk" => "primary key",
-                "u" => "unique constraint",
-                _ => "unique index",
-            };
-            return Ok(Some(format!("{kind} {name}")));
-        }
-    }
-    // An INTEGER PRIMARY KEY is the rowid and has no index of its own.
-    if wanted.len() == 1 {
-        let pk: Option<String> = conn
-            .query_row(
-                "SELECT name FROM pragma_table_info(?1) WHERE pk = 1 AND (SELECT count(*) FROM pragma_table_info(?1) WHERE pk > 0) = 1",
-                [table],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if pk.as_deref() == Some(wanted[0]) {
-            return Ok(Some(format!("primary key ({})", wanted[0])));
-        }
-    }
-    Ok(None)
 }
 
 fn dedupe_apply(conn: &mut Connection, plan: &DedupeApply) -> Result<DedupeDone> {

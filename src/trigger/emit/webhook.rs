@@ -7,9 +7,9 @@ use async_trait::async_trait;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{EmitError, Emitter, Event};
-use crate::config::redact;
 use crate::error::{Error, Result};
 use crate::key::parse_duration;
+use crate::redact::redact;
 use crate::source::origin::{describe, redirect_policy, CrossOrigin};
 
 pub struct Webhook {

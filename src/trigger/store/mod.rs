@@ -17,9 +17,9 @@ use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::redact;
 use crate::connect::Backend;
 use crate::error::{Error, Result};
+use crate::redact::redact;
 use crate::state::LockHolder;
 
 /// Where a trigger remembers what it fired.

@@ -15,8 +15,8 @@ use redis::aio::MultiplexedConnection;
 use serde_json::Value;
 
 use super::{DeadLetter, SeenStore};
-use crate::config::redact;
 use crate::error::{Error, Result};
+use crate::redact::redact;
 use crate::state::LockHolder;
 
 pub struct RedisStore {
