@@ -21,7 +21,9 @@
 mod batch;
 mod books;
 mod ddl;
+mod files;
 pub(crate) mod inspect;
+mod lock;
 mod requests;
 mod stage;
 mod windows;
@@ -45,8 +47,8 @@ use crate::state::{LockHolder, RejectRecord, RunInfo, RunRecord};
 use crate::stats::RunStats;
 use crate::windows::{Window, WindowClaim, WindowEntry, WindowRow, WindowStatus};
 
-use self::books::Heartbeat;
 use self::ddl::Table;
+use self::lock::Heartbeat;
 
 /// A MySQL or MariaDB database.
 pub struct MysqlDestination {
@@ -205,8 +207,8 @@ impl Books for MysqlDestination {
         lease: Duration,
     ) -> Result<Option<LockHolder>> {
         let ctx = self.context();
-        let name = books::lock_name(self.opts.db_name().unwrap_or_default(), pipeline);
-        let held = books::try_lock(&mut self.conn, &name, pipeline, holder, lease)
+        let name = lock::lock_name(self.opts.db_name().unwrap_or_default(), pipeline);
+        let held = lock::try_lock(&mut self.conn, &name, pipeline, holder, lease)
             .await
             .map_err(db(ctx))?;
         if held.is_none() {
@@ -232,7 +234,7 @@ impl Books for MysqlDestination {
         }
         let ctx = self.context();
         match self.lock.take() {
-            Some(lock) => books::unlock(&mut self.conn, &lock).await.map_err(db(ctx)),
+            Some(lock) => lock::unlock(&mut self.conn, &lock).await.map_err(db(ctx)),
             None => Ok(()),
         }
     }
@@ -249,7 +251,7 @@ impl Books for MysqlDestination {
         books::write_checkpoint(&mut self.conn, pipeline, value.as_ref(), "manual")
             .await
             .map_err(db(ctx.clone()))?;
-        books::forget_files(&mut self.conn, pipeline)
+        files::forget_files(&mut self.conn, pipeline)
             .await
             .map_err(db(ctx))
     }
@@ -385,7 +387,7 @@ impl Destination for MysqlDestination {
         let Some(run) = &self.run else {
             return Ok(Vec::new());
         };
-        books::loaded_files(&mut self.conn, &run.info.pipeline, &run.target.table)
+        files::loaded_files(&mut self.conn, &run.info.pipeline, &run.target.table)
             .await
             .map_err(|e| Error::destination("mysql bookkeeping", e))
     }

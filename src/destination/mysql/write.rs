@@ -19,8 +19,10 @@ use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
 use super::batch::{load, load_into, prepare, stored_rows, Prepared, BATCH};
-use super::books::{self, fence, write_checkpoint, RUN_KEYS};
+use super::books::{self, write_checkpoint, RUN_KEYS};
 use super::ddl::{add_columns, create_table, declare, read_table, unfit_name, SqlColumn, Table};
+use super::files;
+use super::lock::fence;
 use super::{stage, Lock, MysqlDestination, Run, Server};
 use crate::batch::{PlannedBatch, Row};
 use crate::destination::commit::{commit_batch, BatchTx};
@@ -406,7 +408,7 @@ impl BatchTx for MysqlTx<'_> {
 
     async fn log_files(&mut self, files: &[LoadedFile]) -> Result<()> {
         let (lock, table) = (self.lock, &self.run.target.table);
-        books::log_files(self.conn, &lock.pipeline, table, &lock.run_id, files)
+        files::log_files(self.conn, &lock.pipeline, table, &lock.run_id, files)
             .await
             .map_err(books_error)
     }

@@ -24,7 +24,9 @@ mod ahead;
 mod books;
 mod copy;
 mod ddl;
+mod files;
 pub(crate) mod inspect;
+mod lock;
 mod merge;
 mod requests;
 mod stage;
@@ -269,7 +271,7 @@ impl Books for PostgresDestination {
         }
         let key = ddl::advisory_key(&self.schema, pipeline);
         let held =
-            books::try_lock(&mut self.client, &self.schema, pipeline, holder, lease, key).await?;
+            lock::try_lock(&mut self.client, &self.schema, pipeline, holder, lease, key).await?;
         if held.is_none() {
             self.lock = Some((pipeline.to_string(), holder.run_id.clone(), lease, key));
         }
@@ -279,7 +281,7 @@ impl Books for PostgresDestination {
     async fn unlock(&mut self) -> Result<()> {
         match self.lock.take() {
             Some((pipeline, run_id, _, key)) => {
-                books::unlock(&self.client, &self.schema, &pipeline, &run_id, key).await
+                lock::unlock(&self.client, &self.schema, &pipeline, &run_id, key).await
             }
             None => Ok(()),
         }
@@ -297,7 +299,7 @@ impl Books for PostgresDestination {
             .await
             .map_err(pg_error("set checkpoint"))?;
         books::write_checkpoint(&tx, &schema, pipeline, value.as_ref(), "manual").await?;
-        books::forget_files(&tx, &schema, pipeline).await?;
+        files::forget_files(&tx, &schema, pipeline).await?;
         tx.commit().await.map_err(pg_error("set checkpoint"))?;
         Ok(())
     }
@@ -422,7 +424,7 @@ impl Destination for PostgresDestination {
     async fn loaded_files(&mut self) -> Result<Vec<crate::files::LoadedFile>> {
         match &self.run {
             Some(run) => {
-                books::loaded_files(
+                files::loaded_files(
                     &self.client,
                     &self.schema,
                     &run.info.pipeline,

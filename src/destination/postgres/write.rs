@@ -29,9 +29,11 @@ use serde_json::Value;
 use tokio_postgres::Transaction;
 
 use super::ahead::{int_key, stored_keys, Shape};
-use super::books::{self, fence, insert_rejects, write_checkpoint};
+use super::books::{self, insert_rejects, write_checkpoint};
 use super::copy::{encode_columns, ColumnOrder, CopyBuffer, StoredRows};
 use super::ddl::{ensure_table, Ddl, PgSchema, Stage};
+use super::files;
+use super::lock::fence;
 use super::merge::{Merge, BATCH};
 use super::stage::apply_stage;
 use super::{pg_error, qualified, PostgresDestination, Run};
@@ -459,7 +461,7 @@ impl BatchTx for PgTx<'_> {
 
     async fn log_files(&mut self, files: &[LoadedFile]) -> Result<()> {
         let table = &self.run.target.table;
-        books::log_files(
+        files::log_files(
             &self.tx,
             self.schema,
             &self.pipeline,

@@ -1,18 +1,11 @@
-//! SQLite bookkeeping: connection set-up, the `_idemload_*` tables, the run
-//! lock lease and its heartbeat.
-//!
-//! The lock is a lease row in `_idemload_locks`, taken in a `BEGIN
-//! IMMEDIATE` transaction (SQLite's write lock makes the check-and-take
-//! atomic across processes), renewed by a heartbeat thread, and checked
-//! again in every batch transaction: a run whose lease was taken over can
-//! never commit another batch.
+//! SQLite bookkeeping: connection set-up, the `_idemload_*` tables,
+//! checkpoint, runs and rejects. The run lock lease and its heartbeat are
+//! in `lock.rs`, the files log in `files.rs`.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde_json::Value;
 
@@ -20,10 +13,10 @@ use crate::destination::fills::Fills;
 use crate::destination::sql::quote;
 use crate::destination::Target;
 use crate::error::{Error, Result};
-use crate::files::{LoadedFile, FILES_TABLE};
+use crate::files::FILES_TABLE;
 use crate::state::{
-    died_error, format_time, status_shown, LockHolder, RejectRecord, RunInfo, RunRecord,
-    LOCKS_TABLE, REJECTS_TABLE, RUNS_TABLE, STATE_TABLE,
+    format_time, status_shown, RejectRecord, RunInfo, RunRecord, LOCKS_TABLE, REJECTS_TABLE,
+    RUNS_TABLE, STATE_TABLE,
 };
 use crate::stats::{RunStats, RunStatus};
 
@@ -95,87 +88,6 @@ pub(crate) fn connect(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-/// Logs files as loaded into `table` by `run_id` (see [`crate::files`]).
-pub(crate) fn log_files(
-    conn: &Connection,
-    pipeline: &str,
-    table: &str,
-    run_id: &str,
-    files: &[LoadedFile],
-) -> Result<()> {
-    let now = format_time(Utc::now());
-    let mut stmt = conn.prepare_cached(&format!(
-        "INSERT INTO {} (pipeline, path, table_name, size, modified, digest, run_id, rows, loaded_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-         ON CONFLICT (pipeline, path) DO UPDATE SET table_name = excluded.table_name,
-             size = excluded.size, modified = excluded.modified, digest = excluded.digest,
-             run_id = excluded.run_id, rows = excluded.rows, loaded_at = excluded.loaded_at",
-        quote(FILES_TABLE)
-    ))?;
-    for f in files {
-        stmt.execute(params![
-            pipeline,
-            f.path,
-            table,
-            f.size as i64,
-            f.modified,
-            f.digest,
-            run_id,
-            f.rows as i64,
-            now
-        ])?;
-    }
-    Ok(())
-}
-
-/// Empties the pipeline's files log: `state --set`/`--reset` mean "read
-/// again from there", whatever file holds it.
-pub(crate) fn forget_files(conn: &Connection, pipeline: &str) -> Result<()> {
-    conn.execute(
-        &format!("DELETE FROM {} WHERE pipeline = ?1", quote(FILES_TABLE)),
-        [pipeline],
-    )?;
-    Ok(())
-}
-
-/// The files earlier runs of `pipeline` loaded into `table`; none when the
-/// table is missing or empty (dropped or emptied since: read them again).
-pub(crate) fn loaded_files(
-    conn: &Connection,
-    pipeline: &str,
-    table: &str,
-) -> Result<Vec<LoadedFile>> {
-    let holds_rows = conn
-        .query_row(
-            &format!("SELECT 1 FROM {} LIMIT 1", quote(table)),
-            [],
-            |_| Ok(()),
-        )
-        .optional()
-        .unwrap_or(None)
-        .is_some();
-    if !holds_rows {
-        return Ok(Vec::new());
-    }
-    let mut stmt = conn.prepare(&format!(
-        "SELECT path, size, modified, digest, rows FROM {}
-         WHERE pipeline = ?1 AND table_name = ?2",
-        quote(FILES_TABLE)
-    ))?;
-    let files = stmt
-        .query_map(params![pipeline, table], |r| {
-            Ok(LoadedFile {
-                path: r.get(0)?,
-                size: r.get::<_, i64>(1)? as u64,
-                modified: r.get(2)?,
-                digest: r.get(3)?,
-                rows: r.get::<_, i64>(4)? as u64,
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(files)
-}
-
 /// Opens an existing database file without writing to it: `None` when the
 /// file does not exist. Read-only commands use it, so that a mistyped path
 /// never leaves a new database behind.
@@ -206,167 +118,6 @@ fn is_busy(e: &rusqlite::Error) -> bool {
         e.sqlite_error_code(),
         Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
     )
-}
-
-fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
-
-/// Takes the lock, or returns its living holder.
-pub(crate) fn try_lock(
-    conn: &mut Connection,
-    pipeline: &str,
-    me: &LockHolder,
-    lease: Duration,
-) -> Result<Option<LockHolder>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let current = tx
-        .query_row(
-            &format!(
-                "SELECT run_id, host, pid, since, expires_at FROM {} WHERE pipeline = ?1",
-                quote(LOCKS_TABLE)
-            ),
-            [pipeline],
-            |r| {
-                Ok((
-                    LockHolder {
-                        run_id: r.get(0)?,
-                        host: r.get(1)?,
-                        pid: r.get(2)?,
-                        since: r
-                            .get::<_, String>(3)?
-                            .parse::<DateTime<Utc>>()
-                            .unwrap_or_else(|_| Utc::now()),
-                    },
-                    r.get::<_, i64>(4)?,
-                ))
-            },
-        )
-        .optional()?;
-    if let Some((holder, expires_at)) = current {
-        let alive = expires_at > now_ms() && !holder.is_dead_local_process();
-        if alive && holder.run_id != me.run_id {
-            return Ok(Some(holder));
-        }
-        if !alive && holder.run_id != me.run_id {
-            tracing::warn!(pipeline, holder = %holder, "Taking over the lock of a run that died.");
-            // Its run ends here, in the takeover's transaction: `died`.
-            tx.execute(
-                &format!(
-                    "UPDATE {} SET status = ?2, finished_at = ?3, error = ?4
-                     WHERE run_id = ?1 AND status = ?5",
-                    quote(RUNS_TABLE)
-                ),
-                params![
-                    holder.run_id,
-                    RunStatus::Died.as_str(),
-                    format_time(Utc::now()),
-                    died_error(&holder, &me.run_id),
-                    RunStatus::Running.as_str()
-                ],
-            )?;
-        }
-    }
-    tx.execute(
-        &format!(
-            "INSERT OR REPLACE INTO {} (pipeline, run_id, host, pid, since, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            quote(LOCKS_TABLE)
-        ),
-        params![pipeline, me.run_id, me.host, me.pid, format_time(me.since), now_ms() + lease.as_millis() as i64],
-    )?;
-    tx.commit()?;
-    Ok(None)
-}
-
-/// Renews the lease inside a batch transaction; fails when another run took
-/// the lock, so the batch rolls back.
-pub(super) fn fence(
-    conn: &Connection,
-    pipeline: &str,
-    run_id: &str,
-    lease: Duration,
-) -> Result<()> {
-    let renewed = conn.execute(
-        &format!(
-            "UPDATE {} SET expires_at = ?3 WHERE pipeline = ?1 AND run_id = ?2",
-            quote(LOCKS_TABLE)
-        ),
-        params![pipeline, run_id, now_ms() + lease.as_millis() as i64],
-    )?;
-    if renewed == 1 {
-        Ok(())
-    } else {
-        Err(Error::LockLost {
-            pipeline: pipeline.to_string(),
-        })
-    }
-}
-
-pub(crate) fn unlock(conn: &Connection, pipeline: &str, run_id: &str) -> Result<()> {
-    conn.execute(
-        &format!(
-            "DELETE FROM {} WHERE pipeline = ?1 AND run_id = ?2",
-            quote(LOCKS_TABLE)
-        ),
-        params![pipeline, run_id],
-    )?;
-    Ok(())
-}
-
-/// Renews a lock lease from a thread of its own while the run lives.
-pub(crate) struct Heartbeat {
-    stop: mpsc::Sender<()>,
-    lost: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Heartbeat {
-    pub(crate) fn start(
-        path: &Path,
-        pipeline: &str,
-        run_id: &str,
-        lease: Duration,
-    ) -> Result<Heartbeat> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(lease / 3)?;
-        let (stop, stopped) = mpsc::channel::<()>();
-        let lost = Arc::new(AtomicBool::new(false));
-        let (pipeline, run_id, flag) = (pipeline.to_string(), run_id.to_string(), lost.clone());
-        let thread = std::thread::Builder::new()
-            .name("idemload-heartbeat".into())
-            .spawn(move || loop {
-                match stopped.recv_timeout(lease / 3) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    _ => return,
-                }
-                match fence(&conn, &pipeline, &run_id, lease) {
-                    Ok(()) => {}
-                    Err(Error::LockLost { .. }) => {
-                        flag.store(true, Ordering::SeqCst);
-                        return;
-                    }
-                    // Busy behind a long batch: that batch renews the lease itself.
-                    Err(e) => tracing::debug!(error = %e, "Lease renewal deferred."),
-                }
-            })
-            .map_err(|e| Error::destination("sqlite", format!("cannot start heartbeat: {e}")))?;
-        Ok(Heartbeat {
-            stop,
-            lost,
-            thread: Some(thread),
-        })
-    }
-
-    pub(crate) fn lost(&self) -> bool {
-        self.lost.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn stop(mut self) {
-        let _ = self.stop.send(());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 pub(super) fn checkpoint(conn: &Connection, pipeline: &str) -> Result<Option<Value>> {

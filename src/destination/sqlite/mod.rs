@@ -9,7 +9,9 @@
 
 pub(crate) mod books;
 mod ddl;
+mod files;
 pub mod inspect;
+pub(crate) mod lock;
 mod requests;
 mod run_keys;
 mod stage;
@@ -33,7 +35,7 @@ use crate::state::{LockHolder, RejectRecord, RunInfo, RunRecord};
 use crate::stats::{RunStats, RunStatus};
 use crate::windows::{Window, WindowClaim, WindowEntry, WindowRow, WindowStatus};
 
-use self::books::Heartbeat;
+use self::lock::Heartbeat;
 use self::worker::{blocking, Worker};
 
 /// A SQLite database file.
@@ -142,7 +144,7 @@ impl Books for SqliteDestination {
         let held = self
             .inner
             .run(move |inner| {
-                let held = books::try_lock(&mut inner.conn, &p, &h, lease)?;
+                let held = lock::try_lock(&mut inner.conn, &p, &h, lease)?;
                 if held.is_none() {
                     inner.lock = Some((p, h.run_id.clone(), lease));
                 }
@@ -166,7 +168,7 @@ impl Books for SqliteDestination {
         }
         self.inner
             .run(|inner| match inner.lock.take() {
-                Some((pipeline, run_id, _)) => books::unlock(&inner.conn, &pipeline, &run_id),
+                Some((pipeline, run_id, _)) => lock::unlock(&inner.conn, &pipeline, &run_id),
                 None => Ok(()),
             })
             .await
@@ -185,7 +187,7 @@ impl Books for SqliteDestination {
             .run(move |inner| {
                 let tx = inner.conn.transaction()?;
                 books::write_checkpoint(&tx, &p, value.as_ref(), "manual")?;
-                books::forget_files(&tx, &p)?;
+                files::forget_files(&tx, &p)?;
                 tx.commit()?;
                 Ok(())
             })
@@ -325,7 +327,7 @@ impl Destination for SqliteDestination {
         self.inner
             .run(move |inner| match &inner.run {
                 Some(run) => {
-                    books::loaded_files(&inner.conn, &run.info.pipeline, &run.target.table)
+                    files::loaded_files(&inner.conn, &run.info.pipeline, &run.target.table)
                 }
                 None => Ok(Vec::new()),
             })

@@ -13,8 +13,10 @@ use rusqlite::types::{ToSqlOutput, Value as Sql, ValueRef};
 use rusqlite::{params, params_from_iter, CachedStatement, Connection, TransactionBehavior};
 use serde_json::Value;
 
-use super::books::{self, fence, write_checkpoint};
+use super::books::{self, write_checkpoint};
 use super::ddl::{ensure_table, is_empty, same_name};
+use super::files;
+use super::lock::fence;
 use super::run_keys::RunKeys;
 use super::stage::apply_stage;
 use super::{Inner, Run};
@@ -170,7 +172,7 @@ impl BatchTx for SqliteTx<'_> {
 
     async fn log_files(&mut self, files: &[LoadedFile]) -> Result<()> {
         let table = &self.run.target.table;
-        books::log_files(&self.tx, &self.pipeline, table, &self.run_id, files)
+        files::log_files(&self.tx, &self.pipeline, table, &self.run_id, files)
     }
 
     async fn write_checkpoint(&mut self, checkpoint: &Value) -> Result<()> {

@@ -11,7 +11,8 @@ use rusqlite::{params, Connection};
 use serde_json::Value;
 
 use super::{DeadLetter, SeenStore};
-use crate::destination::sqlite::books::{self, Heartbeat};
+use crate::destination::sqlite::books;
+use crate::destination::sqlite::lock::{self, Heartbeat};
 use crate::destination::sqlite::path_of;
 use crate::destination::sqlite::worker::Worker;
 use crate::error::Result;
@@ -63,7 +64,7 @@ impl SeenStore for SqliteStore {
         let (t, m) = (trigger.to_string(), me.clone());
         let held = self
             .conn
-            .run(move |c| books::try_lock(c, &t, &m, lease))
+            .run(move |c| lock::try_lock(c, &t, &m, lease))
             .await?;
         if held.is_none() {
             self.heartbeat = Some(Heartbeat::start(&self.path, trigger, &me.run_id, lease)?);
@@ -81,7 +82,7 @@ impl SeenStore for SqliteStore {
             hb.stop();
         }
         match self.lock.take() {
-            Some((t, r)) => self.conn.run(move |c| books::unlock(c, &t, &r)).await,
+            Some((t, r)) => self.conn.run(move |c| lock::unlock(c, &t, &r)).await,
             None => Ok(()),
         }
     }
