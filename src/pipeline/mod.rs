@@ -89,9 +89,13 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Checks the configuration.
+    /// Checks the configuration. A pipeline with a `[trigger]` may have no
+    /// `[destination]` (it is only watched); running it then fails when the
+    /// destination is opened, with the same message.
     pub fn new(config: PipelineConfig) -> Result<Pipeline> {
-        config.require_destination()?;
+        if config.trigger.is_none() {
+            config.require_destination()?;
+        }
         let settings = config.load.settings()?;
         if settings.delete_field.is_some() && settings.mode != crate::mode::Mode::Merge {
             return Err(Error::config(

@@ -104,3 +104,30 @@ fn check_creates_no_sqlite_file() {
         );
     });
 }
+
+/// A watch-only pipeline has a `[trigger]` and no `[destination]`: `check`
+/// reads its source and says there is no destination, instead of failing
+/// the file for a missing `url`.
+#[test]
+fn check_accepts_a_watch_only_pipeline() {
+    with_backend("check_watch_only", BackendKind::Sqlite, |env| {
+        env.write("in.jsonl", "{\"id\": 1}\n");
+        env.write(
+            "w.toml",
+            "name = \"w\"\n[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[trigger]\nstore = \"sqlite://seen.db\"\n",
+        );
+        let out = env.idemload(&["check", "w.toml"]);
+        out.code(0);
+        assert!(
+            out.stdout
+                .lines()
+                .any(|l| l.starts_with("ok") && l.contains("none (a watch-only pipeline)")),
+            "{}",
+            out.stdout
+        );
+        // A run needs a destination all the same.
+        let run = env.idemload(&["run", "w.toml"]);
+        run.code(2);
+        assert!(run.stderr.contains("missing key `url`"), "{}", run.stderr);
+    });
+}
