@@ -15,8 +15,8 @@ mod parse;
 mod reference;
 
 use self::parse::{Mistake, PathPart};
-use crate::destination::config::UNKNOWN_DESTINATION_TYPE;
 pub use crate::destination::config::{DestinationConfig, TableDestination};
+use crate::destination::config::{MISSING_URL, UNKNOWN_DESTINATION_TYPE};
 use crate::destination::http::config::HttpDestinationConfig;
 use crate::error::{Error, Result};
 use crate::key::{parse_duration, Cursor, KeySpec, Lookback};
@@ -372,13 +372,10 @@ impl PipelineConfig {
                 });
             }
             DestinationConfig::Table(table) => table,
-            DestinationConfig::Absent => &TableDestination::default(),
+            DestinationConfig::Absent => return Err(Mistake::new(&["destination"], MISSING_URL)),
         };
         if table.url.trim().is_empty() {
-            return Err(Mistake::new(
-                &["destination"],
-                "missing key `url` (where records land: sqlite://PATH, postgres://…, mysql://…)",
-            ));
+            return Err(Mistake::new(&["destination"], MISSING_URL));
         }
         if table.table.trim().is_empty() {
             return Err(Mistake::new(&["destination"], "missing key `table`"));

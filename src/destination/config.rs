@@ -4,6 +4,10 @@ use serde::Deserialize;
 
 use super::http::config::HttpDestinationConfig;
 
+/// What a pipeline without a destination is told (config check and open).
+pub(crate) const MISSING_URL: &str =
+    "missing key `url` (where records land: sqlite://PATH, postgres://…, mysql://…)";
+
 /// `[destination]`: a database table, which the URL names, or an API
 /// written back to (`type = "http"`).
 #[derive(Debug, Clone, Default)]

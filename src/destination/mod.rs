@@ -312,7 +312,7 @@ pub async fn open_config(
 }
 
 fn no_destination() -> Error {
-    Error::config("[destination]: missing key `url` (where records land: sqlite://PATH, postgres://…, mysql://…)")
+    Error::config(format!("[destination]: {}", config::MISSING_URL))
 }
 
 /// Opens a pipeline's bookkeeping for reading only: `None` when no run has

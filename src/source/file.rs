@@ -325,7 +325,7 @@ pub(super) struct Reader {
     pub(super) max_record_bytes: usize,
     /// Records with a value larger than this are rejected while reading,
     /// before the value is built (see [`super::oversize`]).
-    pub(super) max_value_bytes: Option<usize>,
+    max_value_bytes: Option<usize>,
     bytes_read: Arc<AtomicU64>,
     /// The cursor field and the run's low bound: JSON records below it are
     /// recognised from that one field and skipped without being built.

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use idemload::config::{redact, DestinationConfig, TableDestination};
+use idemload::config::{redact, DestinationConfig};
 use idemload::source::{self, SourceConfig, SourceQuery};
 use idemload::{Item, Pipeline, PipelineConfig};
 
@@ -214,11 +214,12 @@ async fn encryption(url: &str) -> String {
 /// Opens the destination (and for an HTTP destination, reaches its API).
 async fn check_destination(pipeline: &Pipeline) -> bool {
     let d = match &pipeline.config.destination {
-        DestinationConfig::Absent if pipeline.config.trigger.is_some() => {
+        // `Pipeline::new` lets a pipeline without one through only when it
+        // has a `[trigger]`.
+        DestinationConfig::Absent => {
             step("ok", "destination", "none (a watch-only pipeline)");
             return true;
         }
-        DestinationConfig::Absent => &TableDestination::default(),
         DestinationConfig::Http(h) => {
             if let Err(e) = h.check() {
                 step("fail", "destination", e.to_string());
