@@ -29,6 +29,15 @@
 //! request's claim instead of the run lock (step 1), and, after its rejects,
 //! marks the request done with the response it answers: the rows and the
 //! stored response commit together or not at all.
+//!
+//! A group of ingest requests ([`commit_requests`]) shares one transaction:
+//! every request's claim is fenced first (step 1), then each request's rows
+//! and rejects are written in arrival order as their own run (steps 2-3),
+//! then every request is marked done (step 5), and the group commits once.
+//! Each request sees the rows of the requests before it in the same
+//! transaction, so the rows and answers are those of the same requests
+//! committed one after another; an error in any step rolls the whole group
+//! back, and the caller writes its requests again one by one.
 
 use serde_json::Value;
 
@@ -93,6 +102,29 @@ pub(crate) trait BatchTx {
     /// ends.
     async fn finish_request(&mut self, request: &RequestEntry, response: &str) -> Result<()>;
 
+    /// [`BatchTx::fence_request`] for each request of a group (a backend
+    /// may fence them all in one statement).
+    async fn fence_requests(&mut self, requests: &[&RequestEntry]) -> Result<()> {
+        for request in requests {
+            self.fence_request(request).await?;
+        }
+        Ok(())
+    }
+
+    /// The rows and rejects that follow are `request`'s (a group's requests
+    /// are written one after another in one transaction): its claim is the
+    /// run id its rejects carry, and its duplicates are counted within it.
+    fn begin_request(&mut self, request: &RequestEntry);
+
+    /// [`BatchTx::finish_request`] for each request of a group, with its
+    /// response (a backend may finish them all in one statement).
+    async fn finish_requests(&mut self, done: &[(&RequestEntry, String)]) -> Result<()> {
+        for (request, response) in done {
+            self.finish_request(request, response).await?;
+        }
+        Ok(())
+    }
+
     /// Fails ([`crate::Error::WindowLost`]) unless the run still holds its
     /// backfill window; renews the window's lease.
     async fn fence_window(&mut self, window: &WindowEntry) -> Result<()>;
@@ -132,13 +164,7 @@ pub(crate) async fn commit_batch<T: BatchTx>(
             (None, None) => tx.fence().await?,
         }
         let mut changed = tx.write_rows(rows, &mut stats, &mut rejects).await?;
-        for r in &mut rejects {
-            r.raw = stored_raw(&r.raw);
-        }
-        if !rejects.is_empty() {
-            stats.known_rejects += tx.known_rejects(&rejects).await?;
-        }
-        tx.insert_rejects(&rejects).await?;
+        record_rejects(&mut tx, &mut rejects, &mut stats).await?;
         let logs_files = !files.is_empty();
         if logs_files {
             tx.log_files(&last_per_path(files)).await?;
@@ -186,6 +212,66 @@ pub(crate) async fn commit_batch<T: BatchTx>(
             Err(e)
         }
     }
+}
+
+/// Writes a group of ingest requests in one transaction, in the order of
+/// the module doc; returns each request's stats, in the group's order. Each
+/// request's response is set once the group committed.
+pub(crate) async fn commit_requests<T: BatchTx>(
+    mut tx: T,
+    group: Vec<(PlannedBatch, &RequestEntry)>,
+) -> Result<Vec<RunStats>> {
+    let steps = async {
+        let requests: Vec<&RequestEntry> = group.iter().map(|(_, r)| *r).collect();
+        tx.fence_requests(&requests).await?;
+        let mut done = Vec::with_capacity(group.len());
+        let mut all_stats = Vec::with_capacity(group.len());
+        for (batch, request) in group {
+            let PlannedBatch {
+                rows,
+                mut rejects,
+                mut stats,
+                ..
+            } = batch;
+            tx.begin_request(request);
+            tx.write_rows(rows, &mut stats, &mut rejects).await?;
+            record_rejects(&mut tx, &mut rejects, &mut stats).await?;
+            done.push((request, request.response(&stats, &rejects)));
+            all_stats.push(stats);
+        }
+        tx.finish_requests(&done).await?;
+        Ok::<_, crate::error::Error>((done, all_stats))
+    }
+    .await;
+    match steps {
+        Ok((done, all_stats)) => {
+            tx.commit(true).await?;
+            for (request, response) in done {
+                let _ = request.answered.set(response);
+            }
+            Ok(all_stats)
+        }
+        Err(e) => {
+            tx.rollback().await;
+            Err(e)
+        }
+    }
+}
+
+/// Step 3: the batch's rejects, their raw text bounded, counting those an
+/// earlier run recorded already.
+async fn record_rejects<T: BatchTx>(
+    tx: &mut T,
+    rejects: &mut [Reject],
+    stats: &mut RunStats,
+) -> Result<()> {
+    for r in rejects.iter_mut() {
+        r.raw = stored_raw(&r.raw);
+    }
+    if !rejects.is_empty() {
+        stats.known_rejects += tx.known_rejects(rejects).await?;
+    }
+    tx.insert_rejects(rejects).await
 }
 
 /// One entry per path, the last one (a file named twice in a source is read

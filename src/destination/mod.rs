@@ -243,6 +243,37 @@ pub trait Destination: Books + WindowBooks {
         Err(not_serving())
     }
 
+    /// How many ingest requests [`Destination::write_requests`] commits in
+    /// one transaction (1: each request commits alone).
+    fn max_group(&self) -> usize {
+        1
+    }
+
+    /// Writes a group of ingest requests (at most
+    /// [`Destination::max_group`]) in one transaction, as if committed one
+    /// after another in order (see `commit.rs`): all or none. Each
+    /// request's stats, in order; each request's answer is set once the
+    /// group committed.
+    async fn write_requests(
+        &mut self,
+        group: Vec<(PlannedBatch, &crate::request::RequestEntry)>,
+    ) -> Result<Vec<RunStats>> {
+        let mut group = group;
+        match (group.pop(), group.is_empty()) {
+            (Some((batch, request)), true) => {
+                let commit = Commit {
+                    request: Some(request.clone()),
+                    ..Default::default()
+                };
+                Ok(vec![self.write(batch, commit).await?])
+            }
+            (None, _) => Ok(Vec::new()),
+            _ => Err(Error::config(
+                "this destination commits one ingest request per transaction",
+            )),
+        }
+    }
+
     /// The stored request with `key`, if any.
     async fn stored_request(
         &mut self,

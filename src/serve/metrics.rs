@@ -11,6 +11,7 @@ pub struct Metrics {
     requests: IntCounterVec,
     records: IntCounterVec,
     latency: Histogram,
+    group: Histogram,
 }
 
 impl Metrics {
@@ -45,19 +46,30 @@ impl Metrics {
             ]),
         )
         .expect("valid metric");
+        let group = Histogram::with_opts(
+            HistogramOpts::new(
+                "commit_group_requests",
+                "Requests committed together in one transaction (group commit).",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0]),
+        )
+        .expect("valid metric");
         for c in [&requests, &records] {
             registry
                 .register(Box::new(c.clone()))
                 .expect("registered once");
         }
-        registry
-            .register(Box::new(latency.clone()))
-            .expect("registered once");
+        for h in [&latency, &group] {
+            registry
+                .register(Box::new(h.clone()))
+                .expect("registered once");
+        }
         Metrics {
             registry,
             requests,
             records,
             latency,
+            group,
         }
     }
 
@@ -82,6 +94,11 @@ impl Metrics {
         ] {
             self.records.with_label_values(&[outcome]).inc_by(n);
         }
+    }
+
+    /// A transaction committed `n` requests together.
+    pub fn grouped(&self, n: usize) {
+        self.group.observe(n as f64);
     }
 
     /// The Prometheus text exposition.

@@ -47,6 +47,7 @@
 mod answer;
 mod body;
 pub mod config;
+mod group;
 mod metrics;
 mod pool;
 
@@ -69,6 +70,7 @@ pub use self::config::{parse_size, ServeConfig, ServeSettings, DEFAULT_MAX_BODY}
 pub use self::metrics::Metrics;
 
 use self::answer::{failed, mismatch, Answer};
+use self::group::Written;
 use self::pool::Pool;
 use crate::connect::Backend;
 use crate::destination::Commit;
@@ -121,6 +123,7 @@ pub async fn serve(
     // One connection now: a wrong URL or password fails at start, not at
     // the first request.
     let first = pool.open().await?;
+    let max_group = first.max_group();
     pool.idle
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -132,8 +135,15 @@ pub async fn serve(
         pool,
         metrics: Metrics::new(&name),
         this: LockHolder::this_process(""),
+        queue: (max_group > 1).then(group::Queue::new),
     });
     let cleaner = tokio::spawn(clean_expired(shared.clone(), stop.clone()));
+    let writers: Vec<_> = match shared.queue {
+        Some(_) => (0..writers(connections))
+            .map(|_| tokio::spawn(group::writer(shared.clone(), max_group)))
+            .collect(),
+        None => Vec::new(),
+    };
     let app = Router::new()
         .route("/v1/records", post(ingest))
         .route("/healthz", get(healthz))
@@ -152,6 +162,10 @@ pub async fn serve(
         .with_graceful_shutdown(signal)
         .await;
     cleaner.abort();
+    // Every request was answered: no group is waiting.
+    for writer in writers {
+        writer.abort();
+    }
     served.map_err(|e| Error::config(format!("serving on {addr}: {e}")))?;
     tracing::info!(pipeline = %name, "Stopped: every request in flight was answered.");
     Ok(())
@@ -179,6 +193,16 @@ struct Shared {
     metrics: Metrics,
     /// This process (host, pid), as claims record it.
     this: LockHolder,
+    /// Where planned requests wait for a writer, when the destination
+    /// commits several in one transaction (see `group`).
+    queue: Option<group::Queue>,
+}
+
+/// The group writers for `connections` database connections: fewer
+/// writers than connections, so claims (which answer 409s and replays at
+/// once) always find a connection, and requests queue into larger groups.
+fn writers(connections: usize) -> usize {
+    (connections / 2).max(1)
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -410,24 +434,35 @@ impl Shared {
                 request: Some(entry.clone()),
                 ..Default::default()
             };
-            let mut conn = self.pool.get().await?;
-            match conn.dest().write(batch, commit).await {
-                Ok(stats) => {
+            // First in a group when the destination groups requests; a
+            // retry, or a request whose group failed, alone.
+            let written = match &self.queue {
+                Some(queue) if attempt == 1 => queue.write(batch, entry.clone()).await,
+                _ => {
+                    let mut conn = self.pool.get().await?;
+                    match conn.dest().write(batch, commit).await {
+                        Ok(stats) => Written::Done(stats),
+                        Err(e) => {
+                            conn.discard();
+                            Written::Failed(e)
+                        }
+                    }
+                }
+            };
+            match written {
+                Written::Done(stats) => {
                     let body = entry.answered.get().cloned().unwrap_or_default();
                     return Ok((Answer::json(StatusCode::OK, body), Some(stats)));
                 }
-                Err(e @ Error::RequestLost { .. }) => return Err(e),
-                Err(e) if attempt < ATTEMPTS && conflicts(&e) => {
+                Written::Alone => {}
+                Written::Failed(e @ Error::RequestLost { .. }) => return Err(e),
+                Written::Failed(e) if attempt < ATTEMPTS && conflicts(&e) => {
                     tracing::info!(pipeline = %self.name, key = %claim.key, attempt, error = %e, "Request transaction conflicted; trying again.");
-                    conn.discard();
                     let pause = Duration::from_millis(10 * (1 << attempt) as u64);
                     tokio::time::sleep(pause).await;
                     last_error = Some(e);
                 }
-                Err(e) => {
-                    conn.discard();
-                    return Err(e);
-                }
+                Written::Failed(e) => return Err(e),
             }
         }
         Err(last_error.unwrap_or_else(|| Error::config("no attempt was made")))

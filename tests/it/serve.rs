@@ -816,3 +816,112 @@ idemtest!(
         );
     }
 );
+
+// Requests that arrive together may share one transaction (group commit,
+// PostgreSQL): each answer must still be the one the request would get
+// committed alone, one after another. 200 requests at once over 10 record
+// keys, every value different: each key is inserted by exactly one request
+// and updated by every other, and a request naming a key twice counts one
+// duplicate of its own. With an integer key (compared in memory) and a text
+// key (the run's keys in a temporary table).
+fn requests_together(env: &Env, text_key: bool) {
+    const REQUESTS: usize = 200;
+    const KEYS: usize = 10;
+    let id = move |i: usize| {
+        if text_key {
+            json!(format!("k-{}", i % KEYS))
+        } else {
+            json!(i % KEYS)
+        }
+    };
+    let p = pipeline(env, "together", "key = \"id\"", "");
+    let server = Server::start(env, &p, "127.0.0.1:0", &[]);
+    let url = server.url("/v1/records");
+    let rt = runtime();
+    let answers: Vec<(usize, Answer)> = rt.block_on(async {
+        let c = client();
+        let tasks = (0..REQUESTS).map(|i| {
+            let (c, url) = (c.clone(), url.clone());
+            async move {
+                let mut records = vec![json!({"id": id(i), "v": i})];
+                if i % 7 == 0 {
+                    // The same key again in the same request, newer.
+                    records.push(json!({"id": id(i), "v": REQUESTS + i}));
+                }
+                let key = format!("\"together-{i}\"");
+                let mut pause = Duration::from_millis(20);
+                loop {
+                    let a = post(&c, &url, Some(&key), None, ndjson(&records))
+                        .await
+                        .expect("the server answers");
+                    if a.status != 409 && a.status < 500 {
+                        return (i, a);
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+            }
+        });
+        futures_util::future::join_all(tasks).await
+    });
+    let (mut inserted, mut updated, mut duplicates) = (0, 0, 0);
+    for (i, a) in &answers {
+        assert_eq!(a.status, 200, "request {i}: {a:?}");
+        let v = a.json();
+        assert_eq!(
+            v["inserted"].as_u64().unwrap() + v["updated"].as_u64().unwrap(),
+            1,
+            "request {i} changed its key's row exactly once: {v}"
+        );
+        assert_eq!(v["duplicates"], u64::from(i % 7 == 0), "request {i}: {v}");
+        inserted += v["inserted"].as_u64().unwrap();
+        updated += v["updated"].as_u64().unwrap();
+        duplicates += v["duplicates"].as_u64().unwrap();
+    }
+    assert_eq!(inserted, KEYS as u64, "each key inserted by one request");
+    assert_eq!(updated, (REQUESTS - KEYS) as u64);
+    assert_eq!(duplicates, REQUESTS.div_ceil(7) as u64);
+    assert_eq!(env.backend.count("together"), KEYS as u64);
+    assert_eq!(
+        env.backend
+            .scalar_i64("SELECT count(*) FROM _idemload_requests WHERE status = 'done'"),
+        Some(REQUESTS as i64)
+    );
+    if env.backend.kind == BackendKind::Postgres {
+        let metrics = rt.block_on(async {
+            client()
+                .get(server.url("/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        });
+        let value = |name: &str| -> f64 {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} in /metrics:\n{metrics}"))
+        };
+        let (requests, groups) = (
+            value("idemload_commit_group_requests_sum"),
+            value("idemload_commit_group_requests_count"),
+        );
+        assert!(
+            requests > groups,
+            "no two of {REQUESTS} simultaneous requests shared a transaction ({requests} requests in {groups} groups)"
+        );
+    }
+}
+
+idemtest!(requests_committed_together_answer_as_if_alone, |env| {
+    requests_together(env, false)
+});
+
+idemtest!(
+    requests_committed_together_answer_as_if_alone_with_a_text_key,
+    |env| { requests_together(env, true) }
+);

@@ -448,6 +448,11 @@ impl BatchTx for MysqlTx<'_> {
         super::requests::fence(self.conn, request).await
     }
 
+    fn begin_request(&mut self, _request: &crate::request::RequestEntry) {
+        // One request per transaction (`max_group` is 1): the transaction
+        // was opened for this request, its claim is the run id already.
+    }
+
     async fn finish_request(
         &mut self,
         request: &crate::request::RequestEntry,

@@ -58,6 +58,12 @@ use self::ddl::PgSchema;
 /// Longest identifier PostgreSQL keeps (longer ones are cut silently).
 const MAX_IDENTIFIER: usize = 63;
 
+/// Ingest requests committed in one transaction at most. Each request's
+/// rows copied straight into the table take a savepoint (a subtransaction);
+/// past 64 in one transaction PostgreSQL's snapshots grow slower for every
+/// session.
+const MAX_GROUP: usize = 32;
+
 /// A PostgreSQL database and the schema idemload writes in.
 pub struct PostgresDestination {
     pub(crate) client: Client,
@@ -421,6 +427,17 @@ impl Destination for PostgresDestination {
         write::write_batch(self, batch, commit).await
     }
 
+    fn max_group(&self) -> usize {
+        MAX_GROUP
+    }
+
+    async fn write_requests(
+        &mut self,
+        group: Vec<(PlannedBatch, &crate::request::RequestEntry)>,
+    ) -> Result<Vec<RunStats>> {
+        write::write_requests(self, group).await
+    }
+
     async fn loaded_files(&mut self) -> Result<Vec<crate::files::LoadedFile>> {
         match &self.run {
             Some(run) => {
@@ -453,10 +470,17 @@ impl Destination for PostgresDestination {
         // Requests run the same prepared statements over a table that grows
         // from empty: a plan made once for all would be made for the empty
         // table (a scan). Each execution is planned for the table as it is.
+        //
+        // Claims, takeovers and releases commit without waiting for the
+        // disk: a request's own transaction waits (`SET LOCAL
+        // synchronous_commit = on`), and its flush carries every earlier
+        // commit with it; a claim lost in a crash only lets the client's
+        // retry claim the key again.
         self.client
             .batch_execute(
                 "SELECT set_config('plan_cache_mode', 'force_custom_plan', false)
-                 WHERE current_setting('server_version_num')::int >= 120000",
+                 WHERE current_setting('server_version_num')::int >= 120000;
+                 SET synchronous_commit = off",
             )
             .await
             .map_err(pg_error("preparing the connection for requests"))?;

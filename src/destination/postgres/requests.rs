@@ -250,3 +250,86 @@ pub(super) async fn finish(
         Err(Error::RequestLost { key: r.key.clone() })
     }
 }
+
+/// [`fence`] for a group of requests, in one statement: fails with the
+/// first request whose claim is no longer its own.
+pub(super) async fn fence_all(
+    tx: &impl GenericClient,
+    statements: &Statements,
+    schema: &str,
+    requests: &[&RequestEntry],
+) -> Result<()> {
+    if let [request] = requests {
+        return fence(tx, statements, schema, request).await;
+    }
+    let Some(pipeline) = requests.first().map(|r| &r.pipeline) else {
+        return Ok(());
+    };
+    let keys: Vec<&str> = requests.iter().map(|r| r.key.as_str()).collect();
+    let claims: Vec<&str> = requests.iter().map(|r| r.claim.as_str()).collect();
+    let held: Vec<String> = statements
+        .query(
+            tx,
+            &format!(
+                "SELECT r.key FROM {} r
+                 JOIN unnest($2::text[], $3::text[]) AS g(key, claim)
+                   ON r.key = g.key AND r.claim = g.claim
+                 WHERE r.pipeline = $1 AND r.status = $4
+                 FOR UPDATE OF r",
+                qualified(schema, REQUESTS_TABLE)
+            ),
+            &[pipeline, &keys, &claims, &PROCESSING],
+        )
+        .await
+        .map_err(pg_error("fencing requests"))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    match requests.iter().find(|r| !held.contains(&r.key)) {
+        None => Ok(()),
+        Some(lost) => Err(Error::RequestLost {
+            key: lost.key.clone(),
+        }),
+    }
+}
+
+/// [`finish`] for a group of requests, in one statement.
+pub(super) async fn finish_all(
+    tx: &impl GenericClient,
+    statements: &Statements,
+    schema: &str,
+    done: &[(&RequestEntry, String)],
+) -> Result<()> {
+    if let [(request, response)] = done {
+        return finish(tx, statements, schema, request, response).await;
+    }
+    let Some(pipeline) = done.first().map(|(r, _)| &r.pipeline) else {
+        return Ok(());
+    };
+    let now = now_ms();
+    let keys: Vec<&str> = done.iter().map(|(r, _)| r.key.as_str()).collect();
+    let claims: Vec<&str> = done.iter().map(|(r, _)| r.claim.as_str()).collect();
+    let responses: Vec<&str> = done.iter().map(|(_, a)| a.as_str()).collect();
+    let expires: Vec<i64> = done.iter().map(|(r, _)| r.expires_at(now)).collect();
+    let n = statements
+        .execute(
+            tx,
+            &format!(
+                "UPDATE {} r SET status = $2, response = g.response, expires_at = g.expires_at
+                 FROM unnest($3::text[], $4::text[], $5::text[], $6::bigint[])
+                   AS g(key, claim, response, expires_at)
+                 WHERE r.pipeline = $1 AND r.key = g.key AND r.claim = g.claim",
+                qualified(schema, REQUESTS_TABLE)
+            ),
+            &[pipeline, &DONE, &keys, &claims, &responses, &expires],
+        )
+        .await
+        .map_err(pg_error("finishing requests"))?;
+    if n == done.len() as u64 {
+        Ok(())
+    } else {
+        Err(Error::RequestLost {
+            key: done.first().map(|(r, _)| r.key.clone()).unwrap_or_default(),
+        })
+    }
+}

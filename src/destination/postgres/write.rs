@@ -38,7 +38,7 @@ use super::merge::{Merge, BATCH};
 use super::stage::apply_stage;
 use super::{pg_error, qualified, PostgresDestination, Run};
 use crate::batch::{PlannedBatch, Row};
-use crate::destination::commit::{commit_batch, BatchTx};
+use crate::destination::commit::{commit_batch, commit_requests, BatchTx};
 use crate::destination::seen::SeenKeys;
 use crate::destination::Commit;
 use crate::error::{Error, ErrorKind, Result};
@@ -57,6 +57,45 @@ pub(super) async fn write_batch(
     batch: PlannedBatch,
     commit: Commit,
 ) -> Result<RunStats> {
+    let tx = begin_tx(dest, &commit).await?;
+    let before = tx.run.info.checkpoint_before.clone();
+    let written = commit_batch(tx, batch, &commit, before.as_ref()).await;
+    forget_schema_on_error(dest, &written, commit.request.is_some());
+    written
+}
+
+/// Writes a group of ingest requests in one transaction (see
+/// `commit_requests`); each request's stats, in order.
+pub(super) async fn write_requests(
+    dest: &mut PostgresDestination,
+    group: Vec<(PlannedBatch, &RequestEntry)>,
+) -> Result<Vec<RunStats>> {
+    let Some((_, first)) = group.first() else {
+        return Ok(Vec::new());
+    };
+    let commit = Commit {
+        request: Some((*first).clone()),
+        ..Default::default()
+    };
+    let tx = begin_tx(dest, &commit).await?;
+    let written = commit_requests(tx, group).await;
+    forget_schema_on_error(dest, &written, true);
+    written
+}
+
+/// After a request's failed transaction: another serve process may have
+/// changed the table's columns, so they are read again next time.
+fn forget_schema_on_error<T>(dest: &mut PostgresDestination, written: &Result<T>, request: bool) {
+    if written.is_err() && request {
+        if let Some(run) = dest.run.as_mut() {
+            run.schema = None;
+        }
+    }
+}
+
+/// Opens a batch's transaction, fenced as `commit` says (the run lock, a
+/// backfill window's claim, or an ingest request's claim).
+async fn begin_tx<'a>(dest: &'a mut PostgresDestination, commit: &Commit) -> Result<PgTx<'a>> {
     let PostgresDestination {
         client,
         schema,
@@ -108,15 +147,22 @@ pub(super) async fn write_batch(
         },
     };
     let context = format!("table {:?}", run.target.table);
-    let before = run.info.checkpoint_before.clone();
-    let tx = PgTx {
-        tx: client
-            .transaction()
+    let tx = client
+        .transaction()
+        .await
+        .map_err(pg_error(context.clone()))?;
+    if commit.request.is_some() {
+        // Serve's connections commit their claims without waiting for the
+        // disk (see `requests`); the rows and the stored answer do wait.
+        tx.batch_execute("SET LOCAL synchronous_commit = on")
             .await
-            .map_err(pg_error(context.clone()))?,
+            .map_err(pg_error(context.clone()))?;
+    }
+    Ok(PgTx {
+        tx,
         schema: schema.as_str(),
         statements,
-        run: &mut *run,
+        run,
         batch_table,
         ahead: ahead.as_deref(),
         read_ahead,
@@ -127,14 +173,8 @@ pub(super) async fn write_batch(
         made_batch_table: None,
         made_run_keys: false,
         seen_added: Vec::new(),
-    };
-    let written = commit_batch(tx, batch, &commit, before.as_ref()).await;
-    if written.is_err() && commit.request.is_some() {
-        // Another serve process may have changed the table's columns: read
-        // them again next time.
-        run.schema = None;
-    }
-    written
+        used: Used::default(),
+    })
 }
 
 /// A batch's transaction, with what it makes that outlives it only if it
@@ -155,6 +195,18 @@ struct PgTx<'a> {
     made_batch_table: Option<String>,
     made_run_keys: bool,
     seen_added: Vec<i64>,
+    /// An earlier request of this transaction's group left rows in the
+    /// batch table or keys in the run's key set.
+    used: Used,
+}
+
+/// What an earlier request of a group left in the temporary tables, to be
+/// emptied before the next request's rows (each request is a run of its
+/// own, and the batch table empties only at commit).
+#[derive(Default, Clone, Copy)]
+struct Used {
+    batch: bool,
+    run_keys: bool,
 }
 
 impl BatchTx for PgTx<'_> {
@@ -198,10 +250,22 @@ impl BatchTx for PgTx<'_> {
             made_batch_table,
             made_run_keys,
             seen_added,
+            used,
             ..
         } = self;
         let schema: &str = schema;
         let context = context.clone();
+        let left: Vec<String> = [(used.batch, BATCH), (used.run_keys, books::RUN_KEYS)]
+            .iter()
+            .filter(|(left, _)| *left)
+            .map(|(_, table)| format!("DELETE FROM {table}"))
+            .collect();
+        if !left.is_empty() {
+            tx.batch_execute(&left.join("; "))
+                .await
+                .map_err(pg_error(context.clone()))?;
+            *used = Used::default();
+        }
         // Whether the transaction changes anything beyond the lease it fences.
         let mut writes = false;
         let table = run
@@ -421,6 +485,8 @@ impl BatchTx for PgTx<'_> {
             }
             copy.send(tx, statements, BATCH, &merge.copy_columns())
                 .await?;
+            used.batch = true;
+            used.run_keys = !in_memory;
             // A batch is small against its table: every row is looked up
             // through the key's index, never by scanning the table.
             tx.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
@@ -496,6 +562,19 @@ impl BatchTx for PgTx<'_> {
 
     async fn finish_request(&mut self, request: &RequestEntry, response: &str) -> Result<()> {
         super::requests::finish(&self.tx, self.statements, self.schema, request, response).await
+    }
+
+    async fn fence_requests(&mut self, requests: &[&RequestEntry]) -> Result<()> {
+        super::requests::fence_all(&self.tx, self.statements, self.schema, requests).await
+    }
+
+    fn begin_request(&mut self, request: &RequestEntry) {
+        self.pipeline.clone_from(&request.pipeline);
+        self.run_id.clone_from(&request.claim);
+    }
+
+    async fn finish_requests(&mut self, done: &[(&RequestEntry, String)]) -> Result<()> {
+        super::requests::finish_all(&self.tx, self.statements, self.schema, done).await
     }
 
     async fn finish_run(&mut self, end: &Resolution, after: Option<&Value>) -> Result<()> {

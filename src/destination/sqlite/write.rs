@@ -190,6 +190,11 @@ impl BatchTx for SqliteTx<'_> {
         super::requests::fence(&self.tx, request)
     }
 
+    fn begin_request(&mut self, request: &RequestEntry) {
+        self.pipeline.clone_from(&request.pipeline);
+        self.run_id.clone_from(&request.claim);
+    }
+
     async fn finish_request(&mut self, request: &RequestEntry, response: &str) -> Result<()> {
         super::requests::finish(&self.tx, request, response)
     }

@@ -1,0 +1,134 @@
+//! Group commit: requests planned while the writers are busy share one
+//! transaction.
+//!
+//! A planned request waits in a queue; each writer takes the oldest one and
+//! every other one waiting (up to the destination's `max_group`), writes
+//! them with `Destination::write_requests` in one transaction, and answers
+//! each. Nothing waits on purpose: a request that finds a writer idle is
+//! written at once, alone; under load the queue fills while the writers
+//! work, and one transaction (one fence, one finish, one flush to disk)
+//! then carries many requests. The requests of a group are written in the
+//! order they were queued, each seeing the ones before it, so every answer
+//! is the one it would get committed alone in that order. When a group of
+//! several fails, each of its requests is written again alone.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use super::Shared;
+use crate::batch::PlannedBatch;
+use crate::error::Error;
+use crate::request::RequestEntry;
+use crate::stats::RunStats;
+
+/// How a queued request was written.
+pub(super) enum Written {
+    /// Committed (alone or in a group).
+    Done(RunStats),
+    /// It was alone and its transaction failed with this.
+    Failed(Error),
+    /// Its group failed: write it again alone.
+    Alone,
+}
+
+struct Queued {
+    batch: PlannedBatch,
+    entry: RequestEntry,
+    reply: oneshot::Sender<Written>,
+}
+
+/// The queue the writers take groups from.
+pub(super) struct Queue {
+    send: mpsc::UnboundedSender<Queued>,
+    receive: Mutex<mpsc::UnboundedReceiver<Queued>>,
+}
+
+impl Queue {
+    pub(super) fn new() -> Queue {
+        let (send, receive) = mpsc::unbounded_channel();
+        Queue {
+            send,
+            receive: Mutex::new(receive),
+        }
+    }
+
+    /// Queues a planned request and waits until a writer wrote it.
+    pub(super) async fn write(&self, batch: PlannedBatch, entry: RequestEntry) -> Written {
+        let (reply, answer) = oneshot::channel();
+        let queued = Queued {
+            batch,
+            entry,
+            reply,
+        };
+        if self.send.send(queued).is_err() {
+            return Written::Alone;
+        }
+        answer.await.unwrap_or(Written::Alone)
+    }
+
+    /// The next group: the oldest request waiting, and those queued behind
+    /// it, at most `max` in all. `None` once the queue is closed.
+    async fn next(&self, max: usize) -> Option<Vec<Queued>> {
+        let mut receive = self.receive.lock().await;
+        let first = receive.recv().await?;
+        let mut group = vec![first];
+        while group.len() < max {
+            match receive.try_recv() {
+                Ok(queued) => group.push(queued),
+                Err(_) => break,
+            }
+        }
+        Some(group)
+    }
+}
+
+/// One writer: takes groups from the queue until it closes (serve aborts
+/// the writers once every request was answered).
+pub(super) async fn writer(shared: Arc<Shared>, max: usize) {
+    let Some(queue) = &shared.queue else {
+        return;
+    };
+    while let Some(group) = queue.next(max).await {
+        let n = group.len();
+        let mut batches = Vec::with_capacity(n);
+        let mut entries = Vec::with_capacity(n);
+        let mut replies = Vec::with_capacity(n);
+        for q in group {
+            batches.push(q.batch);
+            entries.push(q.entry);
+            replies.push(q.reply);
+        }
+        let written = async {
+            let mut conn = shared.pool.get().await?;
+            let work = batches.into_iter().zip(entries.iter()).collect();
+            match conn.dest().write_requests(work).await {
+                Ok(stats) => Ok(stats),
+                Err(e) => {
+                    conn.discard();
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        match written {
+            Ok(stats) => {
+                shared.metrics.grouped(n);
+                for (reply, stats) in replies.into_iter().zip(stats) {
+                    let _ = reply.send(Written::Done(stats));
+                }
+            }
+            Err(e) if n == 1 => {
+                if let Some(reply) = replies.pop() {
+                    let _ = reply.send(Written::Failed(e));
+                }
+            }
+            Err(e) => {
+                tracing::info!(pipeline = %shared.name, requests = n, error = %e, "A group of requests failed; writing each alone.");
+                for reply in replies {
+                    let _ = reply.send(Written::Alone);
+                }
+            }
+        }
+    }
+}
