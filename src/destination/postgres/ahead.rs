@@ -59,6 +59,25 @@ impl Shape {
     }
 }
 
+/// At most this many keys are looked up by [`Shape::probe`]; more by a
+/// COPY of [`Shape::select`] (streamed, one range scan when dense).
+pub(super) const PROBE_MAX: usize = 1000;
+
+impl Shape {
+    /// The `SELECT` of the stored rows whose key is in the `bigint[]` `$1`,
+    /// all the columns in order: one text per table shape, so a connection
+    /// prepares it once and each lookup is one round trip without a parse.
+    pub(super) fn probe(&self) -> String {
+        let names: Vec<&str> = self.columns.iter().map(|(n, _)| n.as_str()).collect();
+        format!(
+            "SELECT {} FROM {} WHERE {} = ANY ($1::bigint[])",
+            column_list(&names),
+            self.table,
+            quote(&self.columns[self.key_at].0)
+        )
+    }
+}
+
 /// A read started for a batch: its keys, the shape it read with.
 pub(super) struct Pending {
     keys: Vec<i64>,

@@ -360,9 +360,63 @@ impl StoredRows {
         Ok(StoredRows { data, rows })
     }
 
+    /// Keys the rows of a `SELECT` of the table's columns in order (read
+    /// in binary, as a prepared statement reads them) by the `bigint`
+    /// column at `key_at`. Each row is kept as binary COPY would send it:
+    /// a binary column value is the same bytes in both.
+    pub(super) fn of_rows(rows: &[tokio_postgres::Row], key_at: usize) -> Result<StoredRows> {
+        let mut data = BytesMut::with_capacity(rows.len() * 256);
+        let mut index = HashMap::default();
+        for row in rows {
+            let start = data.len();
+            let mut key = None;
+            for column in 0..row.len() {
+                let Raw(value) = row.try_get(column).map_err(pg_error(READING_STORED))?;
+                match value {
+                    Some(value) => {
+                        data.put_i32(value.len() as i32);
+                        data.extend_from_slice(value);
+                        if column == key_at {
+                            key = <[u8; 8]>::try_from(value).ok().map(i64::from_be_bytes);
+                        }
+                    }
+                    None => data.put_i32(-1),
+                }
+            }
+            let key = key.ok_or_else(|| {
+                Error::destination(READING_STORED, "a row without its integer key")
+            })?;
+            index.insert(key, start..data.len());
+        }
+        Ok(StoredRows { data, rows: index })
+    }
+
     /// The stored columns' bytes of the row with this key.
     pub(super) fn get(&self, key: i64) -> Option<&[u8]> {
         self.rows.get(&key).map(|r| &self.data[r.clone()])
+    }
+}
+
+/// A column's value as the server sent it in binary (`None` for NULL),
+/// whatever its type.
+struct Raw<'a>(Option<&'a [u8]>);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for Raw<'a> {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(Some(raw)))
+    }
+
+    fn from_sql_null(
+        _: &tokio_postgres::types::Type,
+    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(None))
+    }
+
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
     }
 }
 

@@ -28,7 +28,7 @@ use bytes::BytesMut;
 use serde_json::Value;
 use tokio_postgres::Transaction;
 
-use super::ahead::{int_key, stored_keys, Shape};
+use super::ahead::{int_key, stored_keys, Shape, PROBE_MAX};
 use super::books::{self, insert_rejects, write_checkpoint};
 use super::copy::{encode_columns, ColumnOrder, CopyBuffer, StoredRows};
 use super::ddl::{ensure_table, Ddl, PgSchema, Stage};
@@ -365,20 +365,29 @@ impl BatchTx for PgTx<'_> {
                         ahead_rows = Some(stored);
                         None
                     }
+                    _ if keys.is_empty() => None,
+                    _ if keys.len() <= PROBE_MAX => Some(Lookup::Probe(shape.probe(), keys)),
                     _ => shape
                         .select(&keys)
-                        .map(|query| (query, shape.key_at, keys.len())),
+                        .map(|query| Lookup::Copy(StoredRows::copy(&query), keys.len())),
                 }
+                .map(|lookup| (lookup, shape.key_at))
             }
             _ => None,
         };
         let read_ahead = ahead_rows.is_some();
         let fetch = async {
             match &lookup {
+                Some((Lookup::Probe(query, keys), key_at)) => {
+                    let rows = statements
+                        .query(&*tx, query, &[keys])
+                        .await
+                        .map_err(pg_error(context.clone()))?;
+                    StoredRows::of_rows(&rows, *key_at).map(Some)
+                }
                 // About the size of the rows' own encoding.
-                Some((query, key_at, n)) => {
-                    let copy = StoredRows::copy(query);
-                    StoredRows::read(tx.copy_out(&copy), *key_at, n * 256)
+                Some((Lookup::Copy(copy, n), key_at)) => {
+                    StoredRows::read(tx.copy_out(copy), *key_at, n * 256)
                         .await
                         .map(Some)
                 }
@@ -630,6 +639,14 @@ impl BatchTx for PgTx<'_> {
     async fn rollback(self) {
         // Dropping the transaction rolls it back.
     }
+}
+
+/// How a batch reads the stored rows of its keys.
+enum Lookup {
+    /// A prepared `SELECT` (`Shape::probe`) and its keys.
+    Probe(String, Vec<i64>),
+    /// A `COPY` of `Shape::select`, and how many keys it names.
+    Copy(String, usize),
 }
 
 /// A batch's rows checked and encoded, each row's columns in `buf`.
