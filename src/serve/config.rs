@@ -26,8 +26,10 @@ pub struct ServeConfig {
     /// its key over (default `"30s"`): a process killed mid-request leaves
     /// its key answering 409 at most this long.
     pub claim_lease: Option<String>,
-    /// Database connections, i.e. requests written at the same time
-    /// (default 8; SQLite writes one at a time whatever this says).
+    /// Database connections (default 8; SQLite writes one at a time
+    /// whatever this says): on MySQL/MariaDB the requests written at the
+    /// same time; on PostgreSQL half of them write groups of requests, the
+    /// rest claim keys.
     pub connections: Option<usize>,
 }
 

@@ -20,6 +20,9 @@
 //!    claim, writes the rows and rejects, and marks the request done with
 //!    its response. Rows and response commit together or not at all, so a
 //!    process killed mid-request leaves no row and a claim that expires.
+//!    Where the destination commits several requests in one transaction
+//!    (PostgreSQL), requests planned while the writers are busy are
+//!    committed together (see [`group`]).
 //!
 //! **Why serve takes no run lock.** A run holds the pipeline's lock so that
 //! one process at a time moves its checkpoint; several serve processes must
@@ -404,9 +407,11 @@ impl Shared {
     /// Plans and commits a claimed request; its answer and stats.
     async fn process(&self, claim: &Claim, bytes: Vec<u8>) -> Result<(Answer, Option<RunStats>)> {
         let key = claim.key.clone();
-        let items = match tokio::task::spawn_blocking(move || body::records(&bytes, &key))
-            .await
-            .map_err(|e| Error::config(format!("parsing the body failed: {e}")))?
+        let small = bytes.len() <= INLINE_BODY;
+        let items = match off_runtime(small, "parsing the body", move || {
+            body::records(&bytes, &key)
+        })
+        .await?
         {
             Ok(items) => items,
             Err(e) => {
@@ -420,9 +425,10 @@ impl Shared {
         for attempt in 1..=ATTEMPTS {
             let planner = self.planner.clone();
             let planned_items = items.clone();
-            let batch = tokio::task::spawn_blocking(move || planner.plan(planned_items))
-                .await
-                .map_err(|e| Error::config(format!("planning the records failed: {e}")))?;
+            let batch = off_runtime(small, "planning the records", move || {
+                planner.plan(planned_items)
+            })
+            .await?;
             let entry = RequestEntry {
                 pipeline: claim.pipeline.clone(),
                 key: claim.key.clone(),
@@ -481,6 +487,25 @@ impl Shared {
             tracing::warn!(pipeline = %self.name, key = %claim.key, error = %e, "Could not release the request's claim; it frees itself when its lease runs out.");
         }
     }
+}
+
+/// Bodies up to this size are parsed and planned on the runtime's thread
+/// (tens of microseconds); larger ones on the blocking pool, which costs a
+/// thread hand-off each way but keeps other requests moving.
+const INLINE_BODY: usize = 64 << 10;
+
+/// Runs `f` here when `small`, else on the blocking pool.
+async fn off_runtime<T: Send + 'static>(
+    small: bool,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    if small {
+        return Ok(f());
+    }
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::config(format!("{what} failed: {e}")))
 }
 
 /// Whether running the request's transaction again may succeed: another
