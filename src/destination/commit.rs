@@ -116,6 +116,16 @@ pub(crate) trait BatchTx {
     /// run id its rejects carry, and its duplicates are counted within it.
     fn begin_request(&mut self, request: &RequestEntry);
 
+    /// A group of requests with these rows (one slice per request) is
+    /// about to be written: a backend may read what they all need at once.
+    fn begin_group(&mut self, _rows: &[&[Row]]) {}
+
+    /// Every request of the group is written: a backend sends what it held
+    /// back. An error fails the whole group.
+    async fn end_group(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// [`BatchTx::finish_request`] for each request of a group, with its
     /// response (a backend may finish them all in one statement).
     async fn finish_requests(&mut self, done: &[(&RequestEntry, String)]) -> Result<()> {
@@ -224,6 +234,10 @@ pub(crate) async fn commit_requests<T: BatchTx>(
     let steps = async {
         let requests: Vec<&RequestEntry> = group.iter().map(|(_, r)| *r).collect();
         tx.fence_requests(&requests).await?;
+        if group.len() > 1 {
+            let rows: Vec<&[Row]> = group.iter().map(|(b, _)| b.rows.as_slice()).collect();
+            tx.begin_group(&rows);
+        }
         let mut done = Vec::with_capacity(group.len());
         let mut all_stats = Vec::with_capacity(group.len());
         for (batch, request) in group {
@@ -239,6 +253,7 @@ pub(crate) async fn commit_requests<T: BatchTx>(
             done.push((request, request.response(&stats, &rejects)));
             all_stats.push(stats);
         }
+        tx.end_group().await?;
         tx.finish_requests(&done).await?;
         Ok::<_, crate::error::Error>((done, all_stats))
     }

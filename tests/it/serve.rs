@@ -888,32 +888,7 @@ fn requests_together(env: &Env, text_key: bool) {
         Some(REQUESTS as i64)
     );
     if env.backend.kind == BackendKind::Postgres {
-        let metrics = rt.block_on(async {
-            client()
-                .get(server.url("/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-        });
-        let value = |name: &str| -> f64 {
-            metrics
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{name} in /metrics:\n{metrics}"))
-        };
-        let (requests, groups) = (
-            value("idemload_commit_group_requests_sum"),
-            value("idemload_commit_group_requests_count"),
-        );
-        assert!(
-            requests > groups,
-            "no two of {REQUESTS} simultaneous requests shared a transaction ({requests} requests in {groups} groups)"
-        );
+        assert_grouped(&rt, &server, REQUESTS);
     }
 }
 
@@ -924,4 +899,108 @@ idemtest!(requests_committed_together_answer_as_if_alone, |env| {
 idemtest!(
     requests_committed_together_answer_as_if_alone_with_a_text_key,
     |env| { requests_together(env, true) }
+);
+
+/// On PostgreSQL, `sent` simultaneous requests were not all committed
+/// alone (`idemload_commit_group_requests` in /metrics).
+fn assert_grouped(rt: &tokio::runtime::Runtime, server: &Server, sent: usize) {
+    let metrics = rt.block_on(async {
+        client()
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /metrics:\n{metrics}"))
+    };
+    let (requests, groups) = (
+        value("idemload_commit_group_requests_sum"),
+        value("idemload_commit_group_requests_count"),
+    );
+    assert!(
+        requests > groups,
+        "no two of {sent} simultaneous requests shared a transaction ({requests} requests in {groups} groups)"
+    );
+}
+
+// Requests with keys of their own, sent together over a table that holds
+// some of them: a group reads the stored rows once and copies its new rows
+// in once, and each answer is still exactly its own: request i inserts key
+// 1000 + i, and for i < 100 finds key i unchanged (even i) or changes it.
+idemtest!(
+    simultaneous_requests_with_their_own_keys_answer_exactly,
+    |env| {
+        const REQUESTS: usize = 200;
+        let p = pipeline(env, "own", "key = \"id\"", "");
+        let server = Server::start(env, &p, "127.0.0.1:0", &[]);
+        let url = server.url("/v1/records");
+        let rt = runtime();
+        let stored: Vec<Value> = (0..100).map(|i| json!({"id": i, "v": 0})).collect();
+        let first = rt
+            .block_on(post(&client(), &url, Some("stored"), None, ndjson(&stored)))
+            .unwrap();
+        assert_eq!(first.json()["inserted"], 100, "{first:?}");
+        let answers: Vec<(usize, Answer)> = rt.block_on(async {
+            let c = client();
+            let tasks = (0..REQUESTS).map(|i| {
+                let (c, url) = (c.clone(), url.clone());
+                async move {
+                    let mut records = vec![json!({"id": 1000 + i, "v": i})];
+                    if i < 100 {
+                        records.push(json!({"id": i, "v": i % 2}));
+                    }
+                    let key = format!("own-{i}");
+                    let mut pause = Duration::from_millis(20);
+                    loop {
+                        let a = post(&c, &url, Some(&key), None, ndjson(&records))
+                            .await
+                            .expect("the server answers");
+                        if a.status != 409 && a.status < 500 {
+                            return (i, a);
+                        }
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(500));
+                    }
+                }
+            });
+            futures_util::future::join_all(tasks).await
+        });
+        for (i, a) in &answers {
+            assert_eq!(a.status, 200, "request {i}: {a:?}");
+            let v = a.json();
+            let (unchanged, updated) = match i {
+                i if *i >= 100 => (0, 0),
+                i if i % 2 == 0 => (1, 0),
+                _ => (0, 1),
+            };
+            assert_eq!(
+                (
+                    &v["inserted"],
+                    &v["unchanged"],
+                    &v["updated"],
+                    &v["duplicates"]
+                ),
+                (&json!(1), &json!(unchanged), &json!(updated), &json!(0)),
+                "request {i}: {v}"
+            );
+        }
+        assert_eq!(env.backend.count("own"), 100 + REQUESTS as u64);
+        assert_eq!(
+            env.backend
+                .scalar_i64("SELECT count(*) FROM own WHERE id < 100 AND v = 1"),
+            Some(50)
+        );
+        if env.backend.kind == BackendKind::Postgres {
+            assert_grouped(&rt, &server, REQUESTS);
+        }
+    }
 );

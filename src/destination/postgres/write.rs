@@ -36,6 +36,7 @@ use super::files;
 use super::lock::fence;
 use super::merge::{Merge, BATCH};
 use super::stage::apply_stage;
+use super::statements::Statements;
 use super::{pg_error, qualified, PostgresDestination, Run};
 use crate::batch::{PlannedBatch, Row};
 use crate::destination::commit::{commit_batch, commit_requests, BatchTx};
@@ -174,6 +175,9 @@ async fn begin_tx<'a>(dest: &'a mut PostgresDestination, commit: &Commit) -> Res
         made_run_keys: false,
         seen_added: Vec::new(),
         used: Used::default(),
+        group_keys: None,
+        group_stored: None,
+        group_direct: None,
     })
 }
 
@@ -182,7 +186,7 @@ async fn begin_tx<'a>(dest: &'a mut PostgresDestination, commit: &Commit) -> Res
 struct PgTx<'a> {
     tx: Transaction<'a>,
     schema: &'a str,
-    statements: &'a super::statements::Statements,
+    statements: &'a Statements,
     run: &'a mut Run,
     /// The shape of the temporary batch table this connection holds.
     batch_table: &'a mut Option<String>,
@@ -198,6 +202,28 @@ struct PgTx<'a> {
     /// An earlier request of this transaction's group left rows in the
     /// batch table or keys in the run's key set.
     used: Used,
+    /// A group of requests no two of which share a key (see
+    /// `begin_group`): every integer key of its rows.
+    group_keys: Option<Vec<i64>>,
+    /// The stored rows of `group_keys`, read once with the table's shape.
+    group_stored: Option<(Shape, StoredRows)>,
+    /// The group's rows new to the table, copied in once it ends.
+    group_direct: Option<Deferred>,
+}
+
+/// Rows held back to be copied into `table (columns)` in one COPY.
+struct Deferred {
+    table: String,
+    columns: String,
+    rows: CopyBuffer,
+}
+
+impl Deferred {
+    async fn send(self, tx: &Transaction<'_>, statements: &Statements) -> Result<u64> {
+        self.rows
+            .send(tx, statements, &self.table, &self.columns)
+            .await
+    }
 }
 
 /// What an earlier request of a group left in the temporary tables, to be
@@ -251,6 +277,9 @@ impl BatchTx for PgTx<'_> {
             made_run_keys,
             seen_added,
             used,
+            group_keys,
+            group_stored,
+            group_direct,
             ..
         } = self;
         let schema: &str = schema;
@@ -352,12 +381,21 @@ impl BatchTx for PgTx<'_> {
         if let Some(ahead) = ahead.as_ref() {
             ahead.set_shape(shape.clone().filter(|_| !direct));
         }
+        // A group of requests with distinct keys reads the stored rows of
+        // all of them with its first request (no request of the group
+        // writes another's keys, so none needs to see another's writes).
+        let grouped = group_keys.is_some() && !staged;
         let mut ahead_rows = None;
         let lookup = match (&shape, seen) {
             (Some(shape), Some(seen)) => {
-                let keys: Vec<i64> = stored_keys(&rows)
-                    .filter(|&k| !direct || seen.contains(k))
-                    .collect();
+                let keys: Vec<i64> = match group_keys.as_ref() {
+                    Some(_) if direct => Vec::new(),
+                    Some(_) if group_stored.as_ref().is_some_and(|(s, _)| s == shape) => Vec::new(),
+                    Some(all) => all.clone(),
+                    None => stored_keys(&rows)
+                        .filter(|&k| !direct || seen.contains(k))
+                        .collect(),
+                };
                 match read_ahead.take() {
                     Some((read_keys, read_shape, stored))
                         if !direct && *shape == read_shape && read_keys == keys =>
@@ -400,10 +438,34 @@ impl BatchTx for PgTx<'_> {
             encode(&pg_schema, rows, key_at, seen, stats, rejects)
         });
         let stored = stored?;
+        let stored = match (group_keys.as_ref(), &shape) {
+            (Some(_), Some(shape)) => {
+                if let Some(read) = stored {
+                    *group_stored = Some((shape.clone(), read));
+                }
+                group_stored
+                    .as_ref()
+                    .filter(|(s, _)| s == shape)
+                    .map(|(_, read)| read)
+            }
+            _ => stored.as_ref(),
+        };
         *seen_added = encoded.rows.iter().filter_map(|r| r.key).collect();
         let columns = pg_schema.columns.len();
         let mut copy = CopyBuffer::new();
-        let mut direct_copy = CopyBuffer::new();
+        // In a group, the rows new to the table join the group's one COPY.
+        let (direct_table, direct_columns) = (qualified(schema, &table), merge.table_columns());
+        let mut direct_copy = match group_direct.take() {
+            Some(d) if grouped && d.table == direct_table && d.columns == direct_columns => d.rows,
+            Some(d) => {
+                // The columns changed within the group: what was held back
+                // goes in first, with the columns it was encoded for.
+                d.send(tx, statements).await?;
+                CopyBuffer::new()
+            }
+            None => CopyBuffer::new(),
+        };
+        let held_back = direct_copy.rows;
         let mut deletes = false;
         // The rows copied straight in, should another writer's row with the
         // same key make the copy fail (see below).
@@ -441,8 +503,17 @@ impl BatchTx for PgTx<'_> {
             deletes |= row.delete;
             copy.push_encoded(&[Some(row.delete), row.fresh], columns, bytes);
         }
-        writes |= direct_copy.rows > 0 || copy.rows > 0;
-        if direct_copy.rows > 0 {
+        writes |= direct_copy.rows > held_back || copy.rows > 0;
+        if grouped {
+            stats.inserted += direct_copy.rows - held_back;
+            if direct_copy.rows > 0 {
+                *group_direct = Some(Deferred {
+                    table: direct_table,
+                    columns: direct_columns,
+                    rows: direct_copy,
+                });
+            }
+        } else if direct_copy.rows > 0 {
             // Keys new to the run and not stored when looked at: another
             // pipeline (or any writer) may store one of them meanwhile. Its
             // row fails the copy on the primary key; the copy is then undone
@@ -451,12 +522,7 @@ impl BatchTx for PgTx<'_> {
                 .await
                 .map_err(pg_error(context.clone()))?;
             let copied = direct_copy
-                .send(
-                    tx,
-                    statements,
-                    &qualified(schema, &table),
-                    &merge.table_columns(),
-                )
+                .send(tx, statements, &direct_table, &direct_columns)
                 .await;
             match copied {
                 Ok(copied) => {
@@ -575,6 +641,37 @@ impl BatchTx for PgTx<'_> {
 
     async fn fence_requests(&mut self, requests: &[&RequestEntry]) -> Result<()> {
         super::requests::fence_all(&self.tx, self.statements, self.schema, requests).await
+    }
+
+    fn begin_group(&mut self, rows: &[&[Row]]) {
+        // Only when no key is in two requests: then one read of the stored
+        // rows serves them all, and the rows new to the table can wait for
+        // one COPY at the end, as no later request reads or writes them.
+        let mut all = foldhash::HashSet::default();
+        let mut keys = Vec::new();
+        for request in rows {
+            if request.iter().any(|r| int_key(r).is_none()) {
+                return;
+            }
+            let mine: foldhash::HashSet<i64> = request.iter().filter_map(int_key).collect();
+            if mine.iter().any(|k| all.contains(k)) {
+                return;
+            }
+            all.extend(mine.iter().copied());
+            keys.extend(mine);
+        }
+        keys.sort_unstable();
+        self.group_keys = Some(keys);
+    }
+
+    async fn end_group(&mut self) -> Result<()> {
+        // A key stored meanwhile by another writer fails this COPY on the
+        // primary key, and with it the group: its requests are then written
+        // one by one, each merging what it meets.
+        match self.group_direct.take() {
+            Some(d) => d.send(&self.tx, self.statements).await.map(|_| ()),
+            None => Ok(()),
+        }
     }
 
     fn begin_request(&mut self, request: &RequestEntry) {
