@@ -35,8 +35,11 @@ def main():
             proc, url, _ = S.start_server(workdir)
             try:
                 S.generate(url, 32, 1, 900_000_000 + base)
+                groups = S.group_sizes(url)
                 ones = S.generate(url, ONES, 1, base)
+                groups = S.with_groups(url, ones, groups)
                 hundreds = S.generate(url, HUNDREDS, 100, 10_000_000 + base * 100)
+                S.with_groups(url, hundreds, groups)
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
@@ -45,7 +48,8 @@ def main():
                 f"{binary}: one-record {ones['requests_per_s']:.0f} req/s "
                 f"(p50 {ones['p50_ms']:.1f} ms, p99 {ones['p99_ms']:.1f} ms); "
                 f"hundred-record {hundreds['records_per_s']:.0f} records/s "
-                f"(p50 {hundreds['p50_ms']:.1f} ms)",
+                f"(p50 {hundreds['p50_ms']:.1f} ms); requests per transaction "
+                f"{ones['group']} / {hundreds['group']}",
                 flush=True,
             )
 

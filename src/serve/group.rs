@@ -99,32 +99,44 @@ pub(super) async fn writer(shared: Arc<Shared>, max: usize) {
             entries.push(q.entry);
             replies.push(q.reply);
         }
-        let written = async {
-            let mut conn = shared.pool.get().await?;
-            let work = batches.into_iter().zip(entries.iter()).collect();
-            match conn.dest().write_requests(work).await {
-                Ok(stats) => Ok(stats),
-                Err(e) => {
-                    conn.discard();
-                    Err(e)
+        // On a task of its own: a panic while writing fails this group
+        // (each request is then written alone, in its own task), not the
+        // writer.
+        let written = tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                let mut conn = shared.pool.get().await?;
+                let work = batches.into_iter().zip(entries.iter()).collect();
+                match conn.dest().write_requests(work).await {
+                    Ok(stats) => Ok(stats),
+                    Err(e) => {
+                        conn.discard();
+                        Err(e)
+                    }
                 }
             }
-        }
+        })
         .await;
         match written {
-            Ok(stats) => {
+            Ok(Ok(stats)) => {
                 shared.metrics.grouped(n);
                 for (reply, stats) in replies.into_iter().zip(stats) {
                     let _ = reply.send(Written::Done(stats));
                 }
             }
-            Err(e) if n == 1 => {
+            Ok(Err(e)) if n == 1 => {
                 if let Some(reply) = replies.pop() {
                     let _ = reply.send(Written::Failed(e));
                 }
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::info!(pipeline = %shared.name, requests = n, error = %e, "A group of requests failed; writing each alone.");
+                for reply in replies {
+                    let _ = reply.send(Written::Alone);
+                }
+            }
+            Err(e) => {
+                tracing::error!(pipeline = %shared.name, requests = n, error = %e, "Writing a group of requests failed unexpectedly; writing each alone.");
                 for reply in replies {
                     let _ = reply.send(Written::Alone);
                 }
