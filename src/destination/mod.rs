@@ -289,6 +289,16 @@ pub trait Destination: Books + WindowBooks {
         Err(not_serving())
     }
 
+    /// [`Destination::insert_claim`] for several claims at once (one
+    /// statement where the backend can): whether each won its key, in order.
+    async fn insert_claims(&mut self, claims: &[crate::request::Claim]) -> Result<Vec<bool>> {
+        let mut won = Vec::with_capacity(claims.len());
+        for claim in claims {
+            won.push(self.insert_claim(claim).await?);
+        }
+        Ok(won)
+    }
+
     /// Takes over the row of a key that was seen with claim `from` and
     /// status `status` (a lease or retention that ran out); false when the
     /// row changed meanwhile.

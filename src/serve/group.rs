@@ -11,6 +11,9 @@
 //! order they were queued, each seeing the ones before it, so every answer
 //! is the one it would get committed alone in that order. When a group of
 //! several fails, each of its requests is written again alone.
+//!
+//! Claims are grouped the same way: the claims waiting are inserted by one
+//! statement, and each learns whether it won its key.
 
 use std::sync::Arc;
 
@@ -19,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use super::Shared;
 use crate::batch::PlannedBatch;
 use crate::error::Error;
-use crate::request::RequestEntry;
+use crate::request::{Claim, RequestEntry};
 use crate::stats::RunStats;
 
 /// How a queued request was written.
@@ -32,20 +35,14 @@ pub(super) enum Written {
     Alone,
 }
 
-struct Queued {
-    batch: PlannedBatch,
-    entry: RequestEntry,
-    reply: oneshot::Sender<Written>,
+/// A queue whose items are taken in groups, each item answered with an `A`.
+pub(super) struct Queue<T, A> {
+    send: mpsc::UnboundedSender<(T, oneshot::Sender<A>)>,
+    receive: Mutex<mpsc::UnboundedReceiver<(T, oneshot::Sender<A>)>>,
 }
 
-/// The queue the writers take groups from.
-pub(super) struct Queue {
-    send: mpsc::UnboundedSender<Queued>,
-    receive: Mutex<mpsc::UnboundedReceiver<Queued>>,
-}
-
-impl Queue {
-    pub(super) fn new() -> Queue {
+impl<T, A> Queue<T, A> {
+    pub(super) fn new() -> Queue<T, A> {
         let (send, receive) = mpsc::unbounded_channel();
         Queue {
             send,
@@ -53,23 +50,17 @@ impl Queue {
         }
     }
 
-    /// Queues a planned request and waits until a writer wrote it.
-    pub(super) async fn write(&self, batch: PlannedBatch, entry: RequestEntry) -> Written {
+    /// Queues `item` and waits for its answer; `None` when the group it
+    /// joined was dropped unanswered.
+    pub(super) async fn ask(&self, item: T) -> Option<A> {
         let (reply, answer) = oneshot::channel();
-        let queued = Queued {
-            batch,
-            entry,
-            reply,
-        };
-        if self.send.send(queued).is_err() {
-            return Written::Alone;
-        }
-        answer.await.unwrap_or(Written::Alone)
+        self.send.send((item, reply)).ok()?;
+        answer.await.ok()
     }
 
-    /// The next group: the oldest request waiting, and those queued behind
+    /// The next group: the oldest item waiting, and those queued behind
     /// it, at most `max` in all. `None` once the queue is closed.
-    async fn next(&self, max: usize) -> Option<Vec<Queued>> {
+    async fn next(&self, max: usize) -> Option<Vec<(T, oneshot::Sender<A>)>> {
         let mut receive = self.receive.lock().await;
         let first = receive.recv().await?;
         let mut group = vec![first];
@@ -80,6 +71,45 @@ impl Queue {
             }
         }
         Some(group)
+    }
+}
+
+/// Planned requests waiting for a writer.
+pub(super) type Requests = Queue<(PlannedBatch, RequestEntry), Written>;
+
+/// Claims waiting to be inserted; each answered whether it won its key
+/// (`None`: the batch failed, claim alone).
+pub(super) type Claims = Queue<Claim, Option<bool>>;
+
+/// Claims inserted by one statement at most.
+const MAX_CLAIMS: usize = 64;
+
+/// One claimer: inserts the claims waiting in one statement (in a
+/// transaction of its own) and answers each whether it won its key.
+pub(super) async fn claimer(shared: Arc<Shared>) {
+    let Some(queue) = &shared.claims else {
+        return;
+    };
+    while let Some(batch) = queue.next(MAX_CLAIMS).await {
+        let (claims, replies): (Vec<Claim>, Vec<_>) = batch.into_iter().unzip();
+        let inserted = async {
+            let mut conn = shared.pool.get().await?;
+            conn.dest().insert_claims(&claims).await
+        }
+        .await;
+        match inserted {
+            Ok(won) => {
+                for (reply, won) in replies.into_iter().zip(won) {
+                    let _ = reply.send(Some(won));
+                }
+            }
+            Err(e) => {
+                tracing::info!(pipeline = %shared.name, claims = claims.len(), error = %e, "Claiming keys together failed; claiming each alone.");
+                for reply in replies {
+                    let _ = reply.send(None);
+                }
+            }
+        }
     }
 }
 
@@ -94,10 +124,10 @@ pub(super) async fn writer(shared: Arc<Shared>, max: usize) {
         let mut batches = Vec::with_capacity(n);
         let mut entries = Vec::with_capacity(n);
         let mut replies = Vec::with_capacity(n);
-        for q in group {
-            batches.push(q.batch);
-            entries.push(q.entry);
-            replies.push(q.reply);
+        for ((batch, entry), reply) in group {
+            batches.push(batch);
+            entries.push(entry);
+            replies.push(reply);
         }
         // On a task of its own: a panic while writing fails this group
         // (each request is then written alone, in its own task), not the

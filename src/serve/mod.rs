@@ -139,11 +139,13 @@ pub async fn serve(
         metrics: Metrics::new(&name),
         this: LockHolder::this_process(""),
         queue: (max_group > 1).then(group::Queue::new),
+        claims: (max_group > 1).then(group::Queue::new),
     });
     let cleaner = tokio::spawn(clean_expired(shared.clone(), stop.clone()));
     let writers: Vec<_> = match shared.queue {
         Some(_) => (0..writers(connections))
             .map(|_| tokio::spawn(group::writer(shared.clone(), max_group)))
+            .chain((0..CLAIMERS).map(|_| tokio::spawn(group::claimer(shared.clone()))))
             .collect(),
         None => Vec::new(),
     };
@@ -198,8 +200,13 @@ struct Shared {
     this: LockHolder,
     /// Where planned requests wait for a writer, when the destination
     /// commits several in one transaction (see `group`).
-    queue: Option<group::Queue>,
+    queue: Option<group::Requests>,
+    /// Where claims wait to be inserted together (with `queue`).
+    claims: Option<group::Claims>,
 }
+
+/// Tasks inserting claims in groups.
+const CLAIMERS: usize = 2;
 
 /// The group writers for `connections` database connections: fewer
 /// writers than connections, so claims (which answer 409s and replays at
@@ -349,11 +356,23 @@ impl Shared {
 
     /// Claims the key, or says how to answer without processing.
     async fn claim(&self, claim: &Claim) -> Result<Claimed> {
+        // With other claims when they are grouped; `None` if that failed.
+        let mut inserted = match &self.claims {
+            Some(claims) => claims.ask(claim.clone()).await.flatten(),
+            None => None,
+        };
+        if inserted == Some(true) {
+            return Ok(Claimed::Mine);
+        }
         let mut conn = self.pool.get().await?;
         // Each turn either claims, answers, or sees the row change under
         // it (claimed, finished or deleted by another process meanwhile).
         for _ in 0..10 {
-            if conn.dest().insert_claim(claim).await? {
+            let won = match inserted.take() {
+                Some(won) => won,
+                None => conn.dest().insert_claim(claim).await?,
+            };
+            if won {
                 return Ok(Claimed::Mine);
             }
             let Some(stored) = conn
@@ -443,7 +462,10 @@ impl Shared {
             // First in a group when the destination groups requests; a
             // retry, or a request whose group failed, alone.
             let written = match &self.queue {
-                Some(queue) if attempt == 1 => queue.write(batch, entry.clone()).await,
+                Some(queue) if attempt == 1 => queue
+                    .ask((batch, entry.clone()))
+                    .await
+                    .unwrap_or(Written::Alone),
                 _ => {
                     let mut conn = self.pool.get().await?;
                     match conn.dest().write(batch, commit).await {

@@ -1004,3 +1004,41 @@ idemtest!(
         }
     }
 );
+
+// Twenty attempts of one request at the same moment (their claims may be
+// inserted by one statement): exactly one processes it, every other gets
+// 409 or its stored response replayed, and its rows are stored once.
+idemtest!(
+    simultaneous_attempts_of_one_request_process_it_once,
+    |env| {
+        const ATTEMPTS: usize = 20;
+        let p = pipeline(env, "once", "key = \"id\"", "");
+        let server = Server::start(env, &p, "127.0.0.1:0", &[]);
+        let url = server.url("/v1/records");
+        let rt = runtime();
+        let body = ndjson(&[json!({"id": 1, "v": "a"}), json!({"id": 2, "v": "b"})]);
+        let answers: Vec<Answer> = rt.block_on(async {
+            let c = client();
+            let attempts =
+                (0..ATTEMPTS).map(|_| post(&c, &url, Some("\"the-one\""), None, body.clone()));
+            futures_util::future::join_all(attempts)
+                .await
+                .into_iter()
+                .map(|a| a.expect("the server answers"))
+                .collect()
+        });
+        let processed: Vec<&Answer> = answers
+            .iter()
+            .filter(|a| a.status == 200 && !a.replayed)
+            .collect();
+        assert_eq!(processed.len(), 1, "{answers:#?}");
+        assert_eq!(processed[0].json()["inserted"], 2, "{answers:#?}");
+        for a in &answers {
+            assert!(
+                a.status == 409 || (a.status == 200 && a.body == processed[0].body),
+                "{a:?}"
+            );
+        }
+        assert_eq!(env.backend.count("once"), 2);
+    }
+);

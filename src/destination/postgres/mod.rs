@@ -520,6 +520,10 @@ impl Destination for PostgresDestination {
         requests::insert_claim(&self.client, &self.statements, &self.schema, claim).await
     }
 
+    async fn insert_claims(&mut self, claims: &[crate::request::Claim]) -> Result<Vec<bool>> {
+        requests::insert_claims(&self.client, &self.statements, &self.schema, claims).await
+    }
+
     async fn take_over_claim(
         &mut self,
         claim: &crate::request::Claim,

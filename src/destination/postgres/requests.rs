@@ -116,6 +116,58 @@ pub(super) async fn insert_claim(
     Ok(n == 1)
 }
 
+/// [`insert_claim`] for several claims in one statement: whether each
+/// won its key. Of two claims of one key in the same statement, one wins.
+pub(super) async fn insert_claims(
+    client: &Client,
+    statements: &Statements,
+    schema: &str,
+    claims: &[Claim],
+) -> Result<Vec<bool>> {
+    if let [claim] = claims {
+        return Ok(vec![insert_claim(client, statements, schema, claim).await?]);
+    }
+    let column = |f: fn(&Claim) -> &str| claims.iter().map(f).collect::<Vec<&str>>();
+    let (pipelines, keys, digests, tokens, hosts) = (
+        column(|c| &c.pipeline),
+        column(|c| &c.key),
+        column(|c| &c.digest),
+        column(|c| &c.claim),
+        column(|c| &c.host),
+    );
+    let pids: Vec<i64> = claims.iter().map(|c| c.pid).collect();
+    let leases: Vec<i64> = claims.iter().map(|c| c.lease_until).collect();
+    let won: std::collections::HashSet<String> = statements
+        .query(
+            client,
+            &format!(
+                "INSERT INTO {} (pipeline, key, digest, status, claim, host, pid, created_at, expires_at)
+                 SELECT g.pipeline, g.key, g.digest, $1, g.claim, g.host, g.pid, now(), g.expires_at
+                 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[])
+                   AS g(pipeline, key, digest, claim, host, pid, expires_at)
+                 ON CONFLICT (pipeline, key) DO NOTHING
+                 RETURNING claim",
+                qualified(schema, REQUESTS_TABLE)
+            ),
+            &[
+                &PROCESSING,
+                &pipelines,
+                &keys,
+                &digests,
+                &tokens,
+                &hosts,
+                &pids,
+                &leases,
+            ],
+        )
+        .await
+        .map_err(pg_error("claiming requests"))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    Ok(claims.iter().map(|c| won.contains(&c.claim)).collect())
+}
+
 pub(super) async fn take_over(
     client: &Client,
     statements: &Statements,
