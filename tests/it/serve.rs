@@ -838,31 +838,13 @@ fn requests_together(env: &Env, text_key: bool) {
     let server = Server::start(env, &p, "127.0.0.1:0", &[]);
     let url = server.url("/v1/records");
     let rt = runtime();
-    let answers: Vec<(usize, Answer)> = rt.block_on(async {
-        let c = client();
-        let tasks = (0..REQUESTS).map(|i| {
-            let (c, url) = (c.clone(), url.clone());
-            async move {
-                let mut records = vec![json!({"id": id(i), "v": i})];
-                if i % 7 == 0 {
-                    // The same key again in the same request, newer.
-                    records.push(json!({"id": id(i), "v": REQUESTS + i}));
-                }
-                let key = format!("\"together-{i}\"");
-                let mut pause = Duration::from_millis(20);
-                loop {
-                    let a = post(&c, &url, Some(&key), None, ndjson(&records))
-                        .await
-                        .expect("the server answers");
-                    if a.status != 409 && a.status < 500 {
-                        return (i, a);
-                    }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(500));
-                }
-            }
-        });
-        futures_util::future::join_all(tasks).await
+    let answers = send_together(&rt, &url, REQUESTS, |i| {
+        let mut records = vec![json!({"id": id(i), "v": i})];
+        if i % 7 == 0 {
+            // The same key again in the same request, newer.
+            records.push(json!({"id": id(i), "v": REQUESTS + i}));
+        }
+        (format!("\"together-{i}\""), records)
     });
     let (mut inserted, mut updated, mut duplicates) = (0, 0, 0);
     for (i, a) in &answers {
@@ -900,6 +882,38 @@ idemtest!(
     requests_committed_together_answer_as_if_alone_with_a_text_key,
     |env| { requests_together(env, true) }
 );
+
+/// Sends `n` requests at once, request `i` with the key and records
+/// `request(i)`, each until it gets neither 409 nor 5xx; each answer with
+/// its `i`.
+fn send_together(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    n: usize,
+    request: impl Fn(usize) -> (String, Vec<Value>),
+) -> Vec<(usize, Answer)> {
+    rt.block_on(async {
+        let c = client();
+        let tasks = (0..n).map(|i| {
+            let (key, records) = request(i);
+            let c = c.clone();
+            async move {
+                let mut pause = Duration::from_millis(20);
+                loop {
+                    let a = post(&c, url, Some(&key), None, ndjson(&records))
+                        .await
+                        .expect("the server answers");
+                    if a.status != 409 && a.status < 500 {
+                        return (i, a);
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+            }
+        });
+        futures_util::future::join_all(tasks).await
+    })
+}
 
 /// On PostgreSQL, `sent` simultaneous requests were not all committed
 /// alone (`idemload_commit_group_requests` in /metrics).
@@ -949,30 +963,12 @@ idemtest!(
             .block_on(post(&client(), &url, Some("stored"), None, ndjson(&stored)))
             .unwrap();
         assert_eq!(first.json()["inserted"], 100, "{first:?}");
-        let answers: Vec<(usize, Answer)> = rt.block_on(async {
-            let c = client();
-            let tasks = (0..REQUESTS).map(|i| {
-                let (c, url) = (c.clone(), url.clone());
-                async move {
-                    let mut records = vec![json!({"id": 1000 + i, "v": i})];
-                    if i < 100 {
-                        records.push(json!({"id": i, "v": i % 2}));
-                    }
-                    let key = format!("own-{i}");
-                    let mut pause = Duration::from_millis(20);
-                    loop {
-                        let a = post(&c, &url, Some(&key), None, ndjson(&records))
-                            .await
-                            .expect("the server answers");
-                        if a.status != 409 && a.status < 500 {
-                            return (i, a);
-                        }
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_millis(500));
-                    }
-                }
-            });
-            futures_util::future::join_all(tasks).await
+        let answers = send_together(&rt, &url, REQUESTS, |i| {
+            let mut records = vec![json!({"id": 1000 + i, "v": i})];
+            if i < 100 {
+                records.push(json!({"id": i, "v": i % 2}));
+            }
+            (format!("own-{i}"), records)
         });
         for (i, a) in &answers {
             assert_eq!(a.status, 200, "request {i}: {a:?}");
