@@ -472,10 +472,10 @@ impl Destination for PostgresDestination {
         // table (a scan). Each execution is planned for the table as it is.
         //
         // Claims, takeovers and releases commit without waiting for the
-        // disk: a request's own transaction waits (`SET LOCAL
-        // synchronous_commit = on`), and its flush carries every earlier
-        // commit with it; a claim lost in a crash only lets the client's
-        // retry claim the key again.
+        // disk: a request's own transaction waits (its fence sets
+        // synchronous_commit back on, see `requests::fence`), and its flush
+        // carries every earlier commit with it; a claim lost in a crash only
+        // lets the client's retry claim the key again.
         self.client
             .batch_execute(
                 "SELECT set_config('plan_cache_mode', 'force_custom_plan', false)

@@ -242,6 +242,11 @@ pub(super) async fn expire(client: &Client, schema: &str, pipeline: &str, now: i
 /// row is locked, not written: a takeover waits for this transaction, while
 /// a claim of the same key by another request (`INSERT … ON CONFLICT`)
 /// still sees the row at once and answers 409 rather than wait behind it.
+///
+/// The fence is a request transaction's first statement, and it also turns
+/// the transaction's synchronous commit back on ([`SYNC`]): serve's
+/// connections commit claims without waiting for the disk, the rows and the
+/// stored answer wait.
 pub(super) async fn fence(
     tx: &impl GenericClient,
     statements: &Statements,
@@ -252,7 +257,7 @@ pub(super) async fn fence(
         .query(
             tx,
             &format!(
-                "SELECT 1 FROM {}
+                "SELECT {SYNC} FROM {}
                  WHERE pipeline = $1 AND key = $2 AND claim = $3 AND status = $4
                  FOR UPDATE",
                 qualified(schema, REQUESTS_TABLE)
@@ -303,6 +308,11 @@ pub(super) async fn finish(
     }
 }
 
+/// `SET LOCAL synchronous_commit = on` as an expression, so the fence
+/// carries it without a round trip of its own; it runs for each row the
+/// fence returns, and a fence that returns none fails the transaction.
+const SYNC: &str = "set_config('synchronous_commit', 'on', true)";
+
 /// [`fence`] for a group of requests, in one statement: fails with the
 /// first request whose claim is no longer its own.
 pub(super) async fn fence_all(
@@ -323,7 +333,7 @@ pub(super) async fn fence_all(
         .query(
             tx,
             &format!(
-                "SELECT r.key FROM {} r
+                "SELECT r.key, {SYNC} FROM {} r
                  JOIN unnest($2::text[], $3::text[]) AS g(key, claim)
                    ON r.key = g.key AND r.claim = g.claim
                  WHERE r.pipeline = $1 AND r.status = $4
@@ -383,5 +393,84 @@ pub(super) async fn finish_all(
         Err(Error::RequestLost {
             key: done.first().map(|(r, _)| r.key.clone()).unwrap_or_default(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::testing::{server, TestSchema};
+    use super::*;
+
+    async fn show(tx: &tokio_postgres::Transaction<'_>) -> String {
+        tx.query_one("SHOW synchronous_commit", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// On a connection whose commits do not wait for the disk (serve's),
+    /// the fence of one request and of a group turns a request
+    /// transaction's synchronous commit back on.
+    #[tokio::test]
+    async fn a_fenced_request_transaction_waits_for_the_disk() {
+        let Some(url) = server("a_fenced_request_transaction_waits_for_the_disk") else {
+            return;
+        };
+        let mut pg = TestSchema::new(&url, "fence_sync").await;
+        let schema = pg.name.clone();
+        pg.client
+            .batch_execute(&format!("CREATE SCHEMA {}", quote(&schema)))
+            .await
+            .unwrap();
+        create_table(&pg.client, &schema).await.unwrap();
+        pg.client
+            .batch_execute("SET synchronous_commit = off")
+            .await
+            .unwrap();
+        let statements = Statements::default();
+        let entry = |key: &str| RequestEntry {
+            pipeline: "p".into(),
+            key: key.into(),
+            claim: format!("claim-{key}"),
+            retention: Duration::from_secs(60),
+            answered: Default::default(),
+        };
+        let entries = [entry("a"), entry("b")];
+        for e in &entries {
+            let claim = Claim {
+                pipeline: e.pipeline.clone(),
+                key: e.key.clone(),
+                claim: e.claim.clone(),
+                digest: "d".into(),
+                host: "h".into(),
+                pid: 1,
+                lease_until: now_ms() + 60_000,
+            };
+            assert!(insert_claim(&pg.client, &statements, &schema, &claim)
+                .await
+                .unwrap());
+        }
+        {
+            let tx = pg.client.transaction().await.unwrap();
+            assert_eq!(show(&tx).await, "off");
+            fence(&tx, &statements, &schema, &entries[0]).await.unwrap();
+            assert_eq!(show(&tx).await, "on");
+        }
+        {
+            let tx = pg.client.transaction().await.unwrap();
+            let refs: Vec<&RequestEntry> = entries.iter().collect();
+            fence_all(&tx, &statements, &schema, &refs).await.unwrap();
+            assert_eq!(show(&tx).await, "on");
+        }
+        let off: String = pg
+            .client
+            .query_one("SHOW synchronous_commit", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(off, "off", "only the transaction's own setting changes");
+        pg.drop().await;
     }
 }

@@ -152,13 +152,6 @@ async fn begin_tx<'a>(dest: &'a mut PostgresDestination, commit: &Commit) -> Res
         .transaction()
         .await
         .map_err(pg_error(context.clone()))?;
-    if commit.request.is_some() {
-        // Serve's connections commit their claims without waiting for the
-        // disk (see `requests`); the rows and the stored answer do wait.
-        tx.batch_execute("SET LOCAL synchronous_commit = on")
-            .await
-            .map_err(pg_error(context.clone()))?;
-    }
     Ok(PgTx {
         tx,
         schema: schema.as_str(),
