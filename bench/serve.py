@@ -11,7 +11,8 @@ requests/s, records/s and p50/p99 latency. The hundred-record records are
 also written to a JSONL file and loaded with `idemload load` into another
 table of the same schema, for the records/s of a file load of the same
 records. Results go into bench/RESULTS.md (section `serve`). SERVE_LOAD names
-another serve_load binary (default target/release/examples/serve_load).
+another serve_load binary (default target/release/examples/serve_load);
+CLIENTS sets the client connections (default 16).
 """
 
 import argparse
@@ -86,7 +87,7 @@ def with_groups(url, result, before):
 
 
 def generate(url, requests, per_request, first_id, jsonl=None):
-    cmd = [LOAD, "--url", url, "--connections", "16", "--requests", str(requests),
+    cmd = [LOAD, "--url", url, "--connections", os.environ.get("CLIENTS", "16"), "--requests", str(requests),
            "--per-request", str(per_request), "--first-id", str(first_id)]
     if jsonl:
         cmd += ["--jsonl", jsonl]
