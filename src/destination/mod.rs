@@ -258,20 +258,20 @@ pub trait Destination: Books + WindowBooks {
         &mut self,
         group: Vec<(PlannedBatch, &crate::request::RequestEntry)>,
     ) -> Result<Vec<RunStats>> {
-        let mut group = group;
-        match (group.pop(), group.is_empty()) {
-            (Some((batch, request)), true) => {
-                let commit = Commit {
-                    request: Some(request.clone()),
-                    ..Default::default()
-                };
-                Ok(vec![self.write(batch, commit).await?])
-            }
-            (None, _) => Ok(Vec::new()),
-            _ => Err(Error::config(
+        if group.len() > self.max_group() {
+            return Err(Error::config(
                 "this destination commits one ingest request per transaction",
-            )),
+            ));
         }
+        let mut stats = Vec::with_capacity(group.len());
+        for (batch, request) in group {
+            let commit = Commit {
+                request: Some(request.clone()),
+                ..Default::default()
+            };
+            stats.push(self.write(batch, commit).await?);
+        }
+        Ok(stats)
     }
 
     /// The stored request with `key`, if any.

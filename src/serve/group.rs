@@ -135,15 +135,9 @@ pub(super) async fn writer(shared: Arc<Shared>, max: usize) {
         let written = tokio::spawn({
             let shared = shared.clone();
             async move {
-                let mut conn = shared.pool.get().await?;
-                let work = batches.into_iter().zip(entries.iter()).collect();
-                match conn.dest().write_requests(work).await {
-                    Ok(stats) => Ok(stats),
-                    Err(e) => {
-                        conn.discard();
-                        Err(e)
-                    }
-                }
+                shared
+                    .write(batches.into_iter().zip(entries.iter()).collect())
+                    .await
             }
         })
         .await;

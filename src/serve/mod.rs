@@ -75,8 +75,8 @@ pub use self::metrics::Metrics;
 use self::answer::{failed, mismatch, Answer};
 use self::group::Written;
 use self::pool::Pool;
+use crate::batch::PlannedBatch;
 use crate::connect::Backend;
-use crate::destination::Commit;
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::plan::Planner;
 use crate::pipeline::Pipeline;
@@ -455,10 +455,6 @@ impl Shared {
                 retention: self.settings.key_retention,
                 answered: Default::default(),
             };
-            let commit = Commit {
-                request: Some(entry.clone()),
-                ..Default::default()
-            };
             // First in a group when the destination groups requests; a
             // retry, or a request whose group failed, alone.
             let written = match &self.queue {
@@ -466,16 +462,10 @@ impl Shared {
                     .ask((batch, entry.clone()))
                     .await
                     .unwrap_or(Written::Alone),
-                _ => {
-                    let mut conn = self.pool.get().await?;
-                    match conn.dest().write(batch, commit).await {
-                        Ok(stats) => Written::Done(stats),
-                        Err(e) => {
-                            conn.discard();
-                            Written::Failed(e)
-                        }
-                    }
-                }
+                _ => match self.write(vec![(batch, &entry)]).await {
+                    Ok(mut stats) => Written::Done(stats.pop().unwrap_or_default()),
+                    Err(e) => Written::Failed(e),
+                },
             };
             match written {
                 Written::Done(stats) => {
@@ -494,6 +484,17 @@ impl Shared {
             }
         }
         Err(last_error.unwrap_or_else(|| Error::config("no attempt was made")))
+    }
+
+    /// Writes `work` (one request, or a group) in one transaction on a
+    /// connection of the pool; a connection whose write failed is dropped.
+    async fn write(&self, work: Vec<(PlannedBatch, &RequestEntry)>) -> Result<Vec<RunStats>> {
+        let mut conn = self.pool.get().await?;
+        let written = conn.dest().write_requests(work).await;
+        if written.is_err() {
+            conn.discard();
+        }
+        written
     }
 
     /// Frees a claim whose request failed before committing (best effort:

@@ -641,18 +641,20 @@ impl BatchTx for PgTx<'_> {
         // rows serves them all, and the rows new to the table can wait for
         // one COPY at the end, as no later request reads or writes them.
         let mut all = foldhash::HashSet::default();
-        let mut keys = Vec::new();
         for request in rows {
-            if request.iter().any(|r| int_key(r).is_none()) {
+            let Some(mine) = request
+                .iter()
+                .map(int_key)
+                .collect::<Option<foldhash::HashSet<i64>>>()
+            else {
+                return;
+            };
+            if !mine.is_disjoint(&all) {
                 return;
             }
-            let mine: foldhash::HashSet<i64> = request.iter().filter_map(int_key).collect();
-            if mine.iter().any(|k| all.contains(k)) {
-                return;
-            }
-            all.extend(mine.iter().copied());
-            keys.extend(mine);
+            all.extend(mine);
         }
+        let mut keys: Vec<i64> = all.into_iter().collect();
         keys.sort_unstable();
         self.group_keys = Some(keys);
     }
