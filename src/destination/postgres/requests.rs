@@ -347,12 +347,7 @@ pub(super) async fn fence_all(
         .iter()
         .map(|row| row.get(0))
         .collect();
-    match requests.iter().find(|r| !held.contains(&r.key)) {
-        None => Ok(()),
-        Some(lost) => Err(Error::RequestLost {
-            key: lost.key.clone(),
-        }),
-    }
+    lost(requests.iter().copied(), &held)
 }
 
 /// [`finish`] for a group of requests, in one statement.
@@ -373,26 +368,34 @@ pub(super) async fn finish_all(
     let claims: Vec<&str> = done.iter().map(|(r, _)| r.claim.as_str()).collect();
     let responses: Vec<&str> = done.iter().map(|(_, a)| a.as_str()).collect();
     let expires: Vec<i64> = done.iter().map(|(r, _)| r.expires_at(now)).collect();
-    let n = statements
-        .execute(
+    let finished: Vec<String> = statements
+        .query(
             tx,
             &format!(
                 "UPDATE {} r SET status = $2, response = g.response, expires_at = g.expires_at
                  FROM unnest($3::text[], $4::text[], $5::text[], $6::bigint[])
                    AS g(key, claim, response, expires_at)
-                 WHERE r.pipeline = $1 AND r.key = g.key AND r.claim = g.claim",
+                 WHERE r.pipeline = $1 AND r.key = g.key AND r.claim = g.claim
+                 RETURNING r.key",
                 qualified(schema, REQUESTS_TABLE)
             ),
             &[pipeline, &DONE, &keys, &claims, &responses, &expires],
         )
         .await
-        .map_err(pg_error("finishing requests"))?;
-    if n == done.len() as u64 {
-        Ok(())
-    } else {
-        Err(Error::RequestLost {
-            key: done.first().map(|(r, _)| r.key.clone()).unwrap_or_default(),
-        })
+        .map_err(pg_error("finishing requests"))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    lost(done.iter().map(|(r, _)| *r), &finished)
+}
+
+/// Fails with the first of `requests` whose key is not in `held`.
+fn lost<'a>(mut requests: impl Iterator<Item = &'a RequestEntry>, held: &[String]) -> Result<()> {
+    match requests.find(|r| !held.contains(&r.key)) {
+        None => Ok(()),
+        Some(lost) => Err(Error::RequestLost {
+            key: lost.key.clone(),
+        }),
     }
 }
 
@@ -463,6 +466,19 @@ mod tests {
             let refs: Vec<&RequestEntry> = entries.iter().collect();
             fence_all(&tx, &statements, &schema, &refs).await.unwrap();
             assert_eq!(show(&tx).await, "on");
+        }
+        {
+            // A group whose second claim is no longer its own names that key.
+            let tx = pg.client.transaction().await.unwrap();
+            let taken = RequestEntry {
+                claim: "another".into(),
+                ..entry("b")
+            };
+            let done = [(&entries[0], "{}".to_string()), (&taken, "{}".to_string())];
+            match finish_all(&tx, &statements, &schema, &done).await {
+                Err(Error::RequestLost { key }) => assert_eq!(key, "b"),
+                other => panic!("{other:?}"),
+            }
         }
         let off: String = pg
             .client
