@@ -2,15 +2,24 @@
 //! sees them: the `_idemload_requests` row that makes one HTTP request land
 //! exactly once.
 //!
-//! A request is first *claimed* (its row inserted as `processing`, in a
-//! short transaction of its own, the primary key `(pipeline, key)` letting
-//! exactly one process win), then its records are written through the one
-//! commit path with a [`RequestEntry`] in the `Commit`: the transaction
-//! fences on the claim (still this process's, still `processing`) and marks
-//! the row `done` with the response it will send, in the same transaction as
-//! the rows. A request that dies before that commit leaves no row behind and
-//! a claim whose lease runs out. This file sits below `destination`, which
-//! writes the rows, and `serve`, which speaks HTTP.
+//! A request's key is *claimed*, then its records are written through the
+//! one commit path with a [`RequestEntry`]; the transaction marks the row
+//! `done` with the response it will send, in the same transaction as the
+//! rows. Where the claim lives depends on the destination:
+//!
+//! - SQLite and MySQL/MariaDB claim first, in a short transaction of its
+//!   own (the row inserted as `processing`, the primary key `(pipeline,
+//!   key)` letting exactly one process win); the request's transaction
+//!   fences on that claim. A request that dies before its commit leaves a
+//!   claim whose lease runs out.
+//! - PostgreSQL claims inside the request's own transaction
+//!   ([`crate::destination::Destination::claims_in_transaction`]): a
+//!   transaction-scoped advisory lock on the key, then a read of its row
+//!   ([`Landed`] says what answered a request that was not written). A
+//!   request that dies leaves nothing: its lock goes with its connection.
+//!
+//! This file sits below `destination`, which writes the rows, and `serve`,
+//! which speaks HTTP.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -18,6 +27,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::record::{Reject, SourceRef};
+use crate::state::LockHolder;
 use crate::stats::{RunStats, RunStatus};
 
 /// The bookkeeping table of `serve`.
@@ -37,6 +47,11 @@ pub struct RequestEntry {
     pub key: String,
     /// This attempt's claim token (also the run id its rejects carry).
     pub claim: String,
+    /// SHA-256 of the body, lowercase hex.
+    pub digest: String,
+    /// The process writing it (host, pid), as its row records.
+    pub host: String,
+    pub pid: i64,
     /// How long the key is kept once done.
     pub retention: Duration,
     /// The response stored with the request, once the commit path made it
@@ -143,6 +158,41 @@ pub struct StoredRequest {
     pub expires_at: i64,
 }
 
+impl StoredRequest {
+    /// Whether this row answers another attempt at its key without
+    /// processing it: a done request within its retention, or a claim
+    /// whose lease is live and whose holder is not known to be dead. Any
+    /// other row (a lease or retention that ran out, a dead holder) may be
+    /// taken over.
+    pub fn settles(&self, now_ms: i64) -> bool {
+        self.expires_at >= now_ms
+            && (self.status == DONE || (self.status == PROCESSING && !self.holder_died()))
+    }
+
+    /// A claim held by a process of this host that no longer exists.
+    fn holder_died(&self) -> bool {
+        LockHolder {
+            run_id: self.claim.clone(),
+            host: self.host.clone(),
+            pid: u32::try_from(self.pid).unwrap_or(u32::MAX),
+            since: chrono::Utc::now(),
+        }
+        .is_dead_local_process()
+    }
+}
+
+/// How a request's transaction left it.
+#[derive(Debug)]
+pub enum Landed {
+    /// Its rows and its response committed.
+    Written(RunStats),
+    /// Another attempt at its key is being processed right now.
+    Busy,
+    /// The row stored under its key answers it (see
+    /// [`StoredRequest::settles`]); nothing was written.
+    Stored(StoredRequest),
+}
+
 /// Milliseconds since the epoch, now.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -158,6 +208,9 @@ mod tests {
             pipeline: "p".into(),
             key: "k1".into(),
             claim: "c".into(),
+            digest: "d".into(),
+            host: "h".into(),
+            pid: 1,
             retention: Duration::from_secs(1),
             answered: Default::default(),
         };

@@ -31,9 +31,12 @@
 //! stored response commit together or not at all.
 //!
 //! A group of ingest requests ([`commit_requests`]) shares one transaction:
-//! every request's claim is fenced first (step 1), then each request's rows
-//! and rejects are written in arrival order as their own run (steps 2-3),
-//! then every request is marked done (step 5), and the group commits once.
+//! every request is admitted first (step 1: its claim fenced, or, where the
+//! destination claims inside this transaction, its key taken and its stored
+//! row read, which may answer it without writing), then each admitted
+//! request's rows and rejects are written in arrival order as their own run
+//! (steps 2-3), then every one is marked done (step 5), and the group
+//! commits once.
 //! Each request sees the rows of the requests before it in the same
 //! transaction, so the rows and answers are those of the same requests
 //! committed one after another; an error in any step rolls the whole group
@@ -46,7 +49,7 @@ use crate::batch::{PlannedBatch, Row};
 use crate::error::Result;
 use crate::files::LoadedFile;
 use crate::record::{stored_raw, Reject};
-use crate::request::RequestEntry;
+use crate::request::{Landed, RequestEntry};
 use crate::state::Resolution;
 use crate::stats::{RunStats, RunStatus};
 use crate::windows::WindowEntry;
@@ -102,13 +105,16 @@ pub(crate) trait BatchTx {
     /// ends.
     async fn finish_request(&mut self, request: &RequestEntry, response: &str) -> Result<()>;
 
-    /// [`BatchTx::fence_request`] for each request of a group (a backend
-    /// may fence them all in one statement).
-    async fn fence_requests(&mut self, requests: &[&RequestEntry]) -> Result<()> {
+    /// Admits each request of a group: `None` for a request to write,
+    /// or what answers it without writing. By default each request's claim
+    /// is fenced ([`BatchTx::fence_request`]) and every one is written; a
+    /// destination that claims keys inside this transaction takes them here
+    /// and reads what is stored under them.
+    async fn admit_requests(&mut self, requests: &[&RequestEntry]) -> Result<Vec<Option<Landed>>> {
         for request in requests {
             self.fence_request(request).await?;
         }
-        Ok(())
+        Ok(requests.iter().map(|_| None).collect())
     }
 
     /// The rows and rejects that follow are `request`'s (a group's requests
@@ -225,22 +231,27 @@ pub(crate) async fn commit_batch<T: BatchTx>(
 }
 
 /// Writes a group of ingest requests in one transaction, in the order of
-/// the module doc; returns each request's stats, in the group's order. Each
-/// request's response is set once the group committed.
+/// the module doc; returns how each request landed, in the group's order.
+/// Each written request's response is set once the group committed.
 pub(crate) async fn commit_requests<T: BatchTx>(
     mut tx: T,
     group: Vec<(PlannedBatch, &RequestEntry)>,
-) -> Result<Vec<RunStats>> {
+) -> Result<Vec<Landed>> {
     let steps = async {
         let requests: Vec<&RequestEntry> = group.iter().map(|(_, r)| *r).collect();
-        tx.fence_requests(&requests).await?;
-        if group.len() > 1 {
-            let rows: Vec<&[Row]> = group.iter().map(|(b, _)| b.rows.as_slice()).collect();
+        let mut landed = tx.admit_requests(&requests).await?;
+        let admitted: Vec<(usize, PlannedBatch, &RequestEntry)> = group
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| landed[*i].is_none())
+            .map(|(i, (batch, request))| (i, batch, request))
+            .collect();
+        if admitted.len() > 1 {
+            let rows: Vec<&[Row]> = admitted.iter().map(|(_, b, _)| b.rows.as_slice()).collect();
             tx.begin_group(&rows);
         }
-        let mut done = Vec::with_capacity(group.len());
-        let mut all_stats = Vec::with_capacity(group.len());
-        for (batch, request) in group {
+        let mut done = Vec::with_capacity(admitted.len());
+        for (i, batch, request) in admitted {
             let PlannedBatch {
                 rows,
                 mut rejects,
@@ -251,20 +262,22 @@ pub(crate) async fn commit_requests<T: BatchTx>(
             tx.write_rows(rows, &mut stats, &mut rejects).await?;
             record_rejects(&mut tx, &mut rejects, &mut stats).await?;
             done.push((request, request.response(&stats, &rejects)));
-            all_stats.push(stats);
+            landed[i] = Some(Landed::Written(stats));
         }
         tx.end_group().await?;
-        tx.finish_requests(&done).await?;
-        Ok::<_, crate::error::Error>((done, all_stats))
+        if !done.is_empty() {
+            tx.finish_requests(&done).await?;
+        }
+        Ok::<_, crate::error::Error>((done, landed))
     }
     .await;
     match steps {
-        Ok((done, all_stats)) => {
-            tx.commit(true).await?;
+        Ok((done, landed)) => {
+            tx.commit(!done.is_empty()).await?;
             for (request, response) in done {
                 let _ = request.answered.set(response);
             }
-            Ok(all_stats)
+            Ok(landed.into_iter().flatten().collect())
         }
         Err(e) => {
             tx.rollback().await;

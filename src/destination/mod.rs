@@ -249,15 +249,23 @@ pub trait Destination: Books + WindowBooks {
         1
     }
 
+    /// Whether this destination claims an ingest request's key inside the
+    /// request's own transaction ([`Destination::write_requests`] then
+    /// answers replays, conflicts and 409s itself), rather than before it
+    /// with [`Destination::insert_claim`].
+    fn claims_in_transaction(&self) -> bool {
+        false
+    }
+
     /// Writes a group of ingest requests (at most
     /// [`Destination::max_group`]) in one transaction, as if committed one
-    /// after another in order (see `commit.rs`): all or none. Each
-    /// request's stats, in order; each request's answer is set once the
-    /// group committed.
+    /// after another in order (see `commit.rs`): all or none. How each
+    /// request landed, in order; each written request's answer is set once
+    /// the group committed.
     async fn write_requests(
         &mut self,
         group: Vec<(PlannedBatch, &crate::request::RequestEntry)>,
-    ) -> Result<Vec<RunStats>> {
+    ) -> Result<Vec<crate::request::Landed>> {
         if group.len() > self.max_group() {
             return Err(Error::config(
                 "this destination commits one ingest request per transaction",
@@ -269,7 +277,9 @@ pub trait Destination: Books + WindowBooks {
                 request: Some(request.clone()),
                 ..Default::default()
             };
-            stats.push(self.write(batch, commit).await?);
+            stats.push(crate::request::Landed::Written(
+                self.write(batch, commit).await?,
+            ));
         }
         Ok(stats)
     }
@@ -287,16 +297,6 @@ pub trait Destination: Books + WindowBooks {
     /// when a row exists.
     async fn insert_claim(&mut self, _claim: &crate::request::Claim) -> Result<bool> {
         Err(not_serving())
-    }
-
-    /// [`Destination::insert_claim`] for several claims at once (one
-    /// statement where the backend can): whether each won its key, in order.
-    async fn insert_claims(&mut self, claims: &[crate::request::Claim]) -> Result<Vec<bool>> {
-        let mut won = Vec::with_capacity(claims.len());
-        for claim in claims {
-            won.push(self.insert_claim(claim).await?);
-        }
-        Ok(won)
     }
 
     /// Takes over the row of a key that was seen with claim `from` and

@@ -6,14 +6,14 @@
 //! them with `Destination::write_requests` in one transaction, and answers
 //! each. Nothing waits on purpose: a request that finds a writer idle is
 //! written at once, alone; under load the queue fills while the writers
-//! work, and one transaction (one fence, one finish, one flush to disk)
-//! then carries many requests. The requests of a group are written in the
-//! order they were queued, each seeing the ones before it, so every answer
-//! is the one it would get committed alone in that order. When a group of
-//! several fails, each of its requests is written again alone.
-//!
-//! Claims are grouped the same way: the claims waiting are inserted by one
-//! statement, and each learns whether it won its key.
+//! work, and one transaction (one statement taking every key, one read of
+//! their rows, one finish, one flush to disk) then carries many requests.
+//! A request the transaction answers without writing (a replay, another
+//! body under the key, a key another process holds) leaves the group
+//! unharmed. The requests of a group are written in the order they were
+//! queued, each seeing the ones before it, so every answer is the one it
+//! would get committed alone in that order. When a group of several fails,
+//! each of its requests is written again alone.
 
 use std::sync::Arc;
 
@@ -22,13 +22,12 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use super::Shared;
 use crate::batch::PlannedBatch;
 use crate::error::Error;
-use crate::request::{Claim, RequestEntry};
-use crate::stats::RunStats;
+use crate::request::{Landed, RequestEntry};
 
 /// How a queued request was written.
 pub(super) enum Written {
-    /// Committed (alone or in a group).
-    Done(RunStats),
+    /// Its transaction (alone or a group's) committed.
+    Done(Landed),
     /// It was alone and its transaction failed with this.
     Failed(Error),
     /// Its group failed: write it again alone.
@@ -77,42 +76,6 @@ impl<T, A> Queue<T, A> {
 /// Planned requests waiting for a writer.
 pub(super) type Requests = Queue<(PlannedBatch, RequestEntry), Written>;
 
-/// Claims waiting to be inserted; each answered whether it won its key
-/// (`None`: the batch failed, claim alone).
-pub(super) type Claims = Queue<Claim, Option<bool>>;
-
-/// Claims inserted by one statement at most.
-const MAX_CLAIMS: usize = 64;
-
-/// One claimer: inserts the claims waiting in one statement (in a
-/// transaction of its own) and answers each whether it won its key.
-pub(super) async fn claimer(shared: Arc<Shared>) {
-    let Some(queue) = &shared.claims else {
-        return;
-    };
-    while let Some(batch) = queue.next(MAX_CLAIMS).await {
-        let (claims, replies): (Vec<Claim>, Vec<_>) = batch.into_iter().unzip();
-        let inserted = async {
-            let mut conn = shared.pool.get().await?;
-            conn.dest().insert_claims(&claims).await
-        }
-        .await;
-        match inserted {
-            Ok(won) => {
-                for (reply, won) in replies.into_iter().zip(won) {
-                    let _ = reply.send(Some(won));
-                }
-            }
-            Err(e) => {
-                tracing::info!(pipeline = %shared.name, claims = claims.len(), error = %e, "Claiming keys together failed; claiming each alone.");
-                for reply in replies {
-                    let _ = reply.send(None);
-                }
-            }
-        }
-    }
-}
-
 /// One writer: takes groups from the queue until it closes (serve aborts
 /// the writers once every request was answered).
 pub(super) async fn writer(shared: Arc<Shared>, max: usize) {
@@ -142,10 +105,10 @@ pub(super) async fn writer(shared: Arc<Shared>, max: usize) {
         })
         .await;
         match written {
-            Ok(Ok(stats)) => {
+            Ok(Ok(landed)) => {
                 shared.metrics.grouped(n);
-                for (reply, stats) in replies.into_iter().zip(stats) {
-                    let _ = reply.send(Written::Done(stats));
+                for (reply, landed) in replies.into_iter().zip(landed) {
+                    let _ = reply.send(Written::Done(landed));
                 }
             }
             Ok(Err(e)) if n == 1 => {

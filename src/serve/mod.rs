@@ -2,27 +2,34 @@
 //! exactly once, following the IETF `Idempotency-Key` header draft.
 //!
 //! `POST /v1/records` carries records (a JSON object, a JSON array or
-//! NDJSON) and an `Idempotency-Key`. A request goes through three steps:
+//! NDJSON) and an `Idempotency-Key`. A key already in flight in this
+//! process answers 409 (422 with another body) at once; otherwise a
+//! request goes through three steps:
 //!
-//! 1. **Claim** the key, in a short transaction of its own: insert its
-//!    `_idemload_requests` row as `processing` with a lease (`claim_lease`).
-//!    The primary key `(pipeline, key)` lets exactly one attempt win, in
-//!    this process or any other sharing the database. The loser reads the
-//!    row: done with the same body digest → the stored response again
+//! 1. **Claim** the key. SQLite and MySQL/MariaDB claim in a short
+//!    transaction of their own: insert its `_idemload_requests` row as
+//!    `processing` with a lease (`claim_lease`). The primary key
+//!    `(pipeline, key)` lets exactly one attempt win, in this process or
+//!    any other sharing the database. The loser reads the row: done with
+//!    the same body digest → the stored response again
 //!    (`Idempotent-Replayed: true`, nothing written); another digest → 422;
 //!    processing under a live lease → 409; processing under a lease that ran
 //!    out, or held by a process of this host that no longer exists → taken
 //!    over by an `UPDATE` naming the claim it saw (one taker wins).
+//!    PostgreSQL claims in step 3 instead, inside the request's own
+//!    transaction (`Destination::claims_in_transaction`; see
+//!    `destination::postgres::requests`), with the same answers.
 //! 2. **Plan** the records with the pipeline's planner (the same checks,
 //!    keys and one-version-per-key as `run`).
 //! 3. **Commit** through the one commit path (`destination::commit`) with
 //!    the request in `Commit::request`: the transaction fences on the
-//!    claim, writes the rows and rejects, and marks the request done with
-//!    its response. Rows and response commit together or not at all, so a
-//!    process killed mid-request leaves no row and a claim that expires.
-//!    Where the destination commits several requests in one transaction
-//!    (PostgreSQL), requests planned while the writers are busy are
-//!    committed together (see [`group`]).
+//!    claim (or takes the key), writes the rows and rejects, and marks the
+//!    request done with its response. Rows and response commit together or
+//!    not at all, so a process killed mid-request leaves no row (and, where
+//!    claims commit apart, a claim that expires). Where the destination
+//!    commits several requests in one transaction (PostgreSQL), requests
+//!    planned while the writers are busy are committed together (see
+//!    [`group`]).
 //!
 //! **Why serve takes no run lock.** A run holds the pipeline's lock so that
 //! one process at a time moves its checkpoint; several serve processes must
@@ -42,7 +49,8 @@
 //!
 //! A claim's lease is not renewed: a request must commit within
 //! `claim_lease`, or its key may be taken over and its own commit then
-//! fails its fence (409), never writing twice.
+//! fails its fence (409), never writing twice. (A PostgreSQL key is held
+//! as long as its transaction runs, and no longer.)
 //!
 //! Stopping (SIGTERM, SIGINT through the [`StopToken`]) stops accepting
 //! connections, lets in-flight requests commit and answer, then returns.
@@ -54,6 +62,7 @@ mod group;
 mod metrics;
 mod pool;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -80,7 +89,7 @@ use crate::connect::Backend;
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::plan::Planner;
 use crate::pipeline::Pipeline;
-use crate::request::{now_ms, Claim, RequestEntry, StoredRequest, DONE, PROCESSING};
+use crate::request::{now_ms, Claim, Landed, RequestEntry, StoredRequest, DONE};
 use crate::state::LockHolder;
 use crate::stats::RunStats;
 use crate::stop::StopToken;
@@ -127,6 +136,7 @@ pub async fn serve(
     // the first request.
     let first = pool.open().await?;
     let max_group = first.max_group();
+    let claims_apart = !first.claims_in_transaction();
     pool.idle
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -138,14 +148,14 @@ pub async fn serve(
         pool,
         metrics: Metrics::new(&name),
         this: LockHolder::this_process(""),
+        in_flight: Mutex::new(HashMap::new()),
+        claims_apart,
         queue: (max_group > 1).then(group::Queue::new),
-        claims: (max_group > 1).then(group::Queue::new),
     });
     let cleaner = tokio::spawn(clean_expired(shared.clone(), stop.clone()));
     let writers: Vec<_> = match shared.queue {
         Some(_) => (0..writers(connections))
             .map(|_| tokio::spawn(group::writer(shared.clone(), max_group)))
-            .chain((0..CLAIMERS).map(|_| tokio::spawn(group::claimer(shared.clone()))))
             .collect(),
         None => Vec::new(),
     };
@@ -198,19 +208,21 @@ struct Shared {
     metrics: Metrics,
     /// This process (host, pid), as claims record it.
     this: LockHolder,
+    /// The keys of this process's requests in flight, with their body's
+    /// digest.
+    in_flight: Mutex<HashMap<String, String>>,
+    /// Whether keys are claimed in a transaction of their own before the
+    /// request's (false: inside it, see `Destination::claims_in_transaction`).
+    claims_apart: bool,
     /// Where planned requests wait for a writer, when the destination
     /// commits several in one transaction (see `group`).
     queue: Option<group::Requests>,
-    /// Where claims wait to be inserted together (with `queue`).
-    claims: Option<group::Claims>,
 }
 
-/// Tasks inserting claims in groups.
-const CLAIMERS: usize = 2;
-
 /// The group writers for `connections` database connections: fewer
-/// writers than connections, so claims (which answer 409s and replays at
-/// once) always find a connection, and requests queue into larger groups.
+/// writers than connections, so requests queue into larger groups and the
+/// other connections stay free for requests written alone (retries, the
+/// requests of a failed group) and for the cleaning of expired keys.
 fn writers(connections: usize) -> usize {
     (connections / 2).max(1)
 }
@@ -338,10 +350,15 @@ impl Shared {
             pid: i64::from(self.this.pid),
             lease_until: now_ms() + self.settings.claim_lease.as_millis() as i64,
         };
-        match self.claim(&claim).await {
-            Ok(Claimed::Mine) => {}
-            Ok(Claimed::Answer(a)) => return (a, None),
-            Err(e) => return (failed(&e), None),
+        let Some(_in_flight) = InFlight::enter(&self.in_flight, &claim) else {
+            return (self.in_flight_answer(&claim), None);
+        };
+        if self.claims_apart {
+            match self.claim(&claim).await {
+                Ok(Claimed::Mine) => {}
+                Ok(Claimed::Answer(a)) => return (a, None),
+                Err(e) => return (failed(&e), None),
+            }
         }
         match self.process(&claim, bytes).await {
             Ok((answer, stats)) => (answer, stats),
@@ -354,25 +371,27 @@ impl Shared {
         }
     }
 
-    /// Claims the key, or says how to answer without processing.
-    async fn claim(&self, claim: &Claim) -> Result<Claimed> {
-        // With other claims when they are grouped; `None` if that failed.
-        let mut inserted = match &self.claims {
-            Some(claims) => claims.ask(claim.clone()).await.flatten(),
-            None => None,
-        };
-        if inserted == Some(true) {
-            return Ok(Claimed::Mine);
+    /// The answer to a request whose key another request of this process
+    /// holds.
+    fn in_flight_answer(&self, claim: &Claim) -> Answer {
+        let same = lock(&self.in_flight)
+            .get(&claim.key)
+            .is_none_or(|digest| *digest == claim.digest);
+        if same {
+            busy()
+        } else {
+            mismatch()
         }
+    }
+
+    /// Claims the key in a transaction of its own, or says how to answer
+    /// without processing.
+    async fn claim(&self, claim: &Claim) -> Result<Claimed> {
         let mut conn = self.pool.get().await?;
         // Each turn either claims, answers, or sees the row change under
         // it (claimed, finished or deleted by another process meanwhile).
         for _ in 0..10 {
-            let won = match inserted.take() {
-                Some(won) => won,
-                None => conn.dest().insert_claim(claim).await?,
-            };
-            if won {
+            if conn.dest().insert_claim(claim).await? {
                 return Ok(Claimed::Mine);
             }
             let Some(stored) = conn
@@ -382,29 +401,8 @@ impl Shared {
             else {
                 continue;
             };
-            let now = now_ms();
-            let live = stored.expires_at >= now;
-            if stored.status == DONE && live {
-                return Ok(Claimed::Answer(if stored.digest == claim.digest {
-                    Answer {
-                        status: StatusCode::OK,
-                        replayed: true,
-                        body: stored.response.unwrap_or_default(),
-                        challenge: false,
-                    }
-                } else {
-                    mismatch()
-                }));
-            }
-            if stored.status == PROCESSING && live && !died(&stored) {
-                return Ok(Claimed::Answer(if stored.digest == claim.digest {
-                    Answer::error(
-                        StatusCode::CONFLICT,
-                        "a request with this Idempotency-Key is being processed; retry later",
-                    )
-                } else {
-                    mismatch()
-                }));
+            if stored.settles(now_ms()) {
+                return Ok(Claimed::Answer(stored_answer(stored, &claim.digest)));
             }
             // A lease that ran out, a holder that died, or a key past its
             // retention: take it over, unless another process did first.
@@ -435,8 +433,11 @@ impl Shared {
             Ok(items) => items,
             Err(e) => {
                 // Nothing to commit: free the key so a corrected body may
-                // use it.
+                // use it. Unclaimed, the key may be done with another body.
                 self.release(claim).await;
+                if let Some(answer) = self.stored_answer(claim).await {
+                    return Ok((answer, None));
+                }
                 return Ok((Answer::error(StatusCode::BAD_REQUEST, e), None));
             }
         };
@@ -452,6 +453,9 @@ impl Shared {
                 pipeline: claim.pipeline.clone(),
                 key: claim.key.clone(),
                 claim: claim.claim.clone(),
+                digest: claim.digest.clone(),
+                host: claim.host.clone(),
+                pid: claim.pid,
                 retention: self.settings.key_retention,
                 answered: Default::default(),
             };
@@ -463,14 +467,21 @@ impl Shared {
                     .await
                     .unwrap_or(Written::Alone),
                 _ => match self.write(vec![(batch, &entry)]).await {
-                    Ok(mut stats) => Written::Done(stats.pop().unwrap_or_default()),
+                    Ok(mut landed) => match landed.pop() {
+                        Some(landed) => Written::Done(landed),
+                        None => Written::Failed(Error::config("a request was not written")),
+                    },
                     Err(e) => Written::Failed(e),
                 },
             };
             match written {
-                Written::Done(stats) => {
+                Written::Done(Landed::Written(stats)) => {
                     let body = entry.answered.get().cloned().unwrap_or_default();
                     return Ok((Answer::json(StatusCode::OK, body), Some(stats)));
+                }
+                Written::Done(Landed::Busy) => return Ok((busy(), None)),
+                Written::Done(Landed::Stored(stored)) => {
+                    return Ok((stored_answer(stored, &claim.digest), None))
                 }
                 Written::Alone => {}
                 Written::Failed(e @ Error::RequestLost { .. }) => return Err(e),
@@ -488,7 +499,7 @@ impl Shared {
 
     /// Writes `work` (one request, or a group) in one transaction on a
     /// connection of the pool; a connection whose write failed is dropped.
-    async fn write(&self, work: Vec<(PlannedBatch, &RequestEntry)>) -> Result<Vec<RunStats>> {
+    async fn write(&self, work: Vec<(PlannedBatch, &RequestEntry)>) -> Result<Vec<Landed>> {
         let mut conn = self.pool.get().await?;
         let written = conn.dest().write_requests(work).await;
         if written.is_err() {
@@ -497,9 +508,34 @@ impl Shared {
         written
     }
 
+    /// Where keys are claimed inside the request's transaction, the answer
+    /// the key's stored row gives a request that will not be written (its
+    /// body is not records): a done key with another body answers 422.
+    async fn stored_answer(&self, claim: &Claim) -> Option<Answer> {
+        if self.claims_apart {
+            return None;
+        }
+        let stored = async {
+            let mut conn = self.pool.get().await?;
+            conn.dest()
+                .stored_request(&claim.pipeline, &claim.key)
+                .await
+        };
+        match stored.await {
+            Ok(Some(stored)) if stored.settles(now_ms()) => {
+                Some(stored_answer(stored, &claim.digest))
+            }
+            _ => None,
+        }
+    }
+
     /// Frees a claim whose request failed before committing (best effort:
-    /// otherwise its lease frees it).
+    /// otherwise its lease frees it). Nothing to do where keys are claimed
+    /// inside the request's transaction.
     async fn release(&self, claim: &Claim) {
+        if !self.claims_apart {
+            return;
+        }
         let released = async {
             let mut conn = self.pool.get().await?;
             conn.dest()
@@ -548,15 +584,61 @@ fn conflicts(e: &Error) -> bool {
     )
 }
 
-/// A claim held by a process of this host that no longer exists.
-fn died(stored: &StoredRequest) -> bool {
-    LockHolder {
-        run_id: stored.claim.clone(),
-        host: stored.host.clone(),
-        pid: u32::try_from(stored.pid).unwrap_or(u32::MAX),
-        since: chrono::Utc::now(),
+/// The answer a stored row that settles a request gives it
+/// (`StoredRequest::settles`): the stored response again, 422 for another
+/// body, 409 while the key is claimed.
+fn stored_answer(stored: StoredRequest, digest: &str) -> Answer {
+    if stored.digest != digest {
+        mismatch()
+    } else if stored.status == DONE {
+        Answer {
+            status: StatusCode::OK,
+            replayed: true,
+            body: stored.response.unwrap_or_default(),
+            challenge: false,
+        }
+    } else {
+        busy()
     }
-    .is_dead_local_process()
+}
+
+/// 409: another attempt at the key is being processed.
+fn busy() -> Answer {
+    Answer::error(
+        StatusCode::CONFLICT,
+        "a request with this Idempotency-Key is being processed; retry later",
+    )
+}
+
+/// A key held in [`Shared::in_flight`] while its request is processed.
+struct InFlight<'a> {
+    keys: &'a Mutex<HashMap<String, String>>,
+    key: String,
+}
+
+impl<'a> InFlight<'a> {
+    /// Holds `claim`'s key; `None` when a request of this process holds it.
+    fn enter(keys: &'a Mutex<HashMap<String, String>>, claim: &Claim) -> Option<InFlight<'a>> {
+        let mut held = lock(keys);
+        if held.contains_key(&claim.key) {
+            return None;
+        }
+        held.insert(claim.key.clone(), claim.digest.clone());
+        Some(InFlight {
+            keys,
+            key: claim.key.clone(),
+        })
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        lock(self.keys).remove(&self.key);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// `Authorization: Bearer <token>`, compared in constant time.

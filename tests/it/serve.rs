@@ -652,12 +652,15 @@ fn two_servers_on_one_mysql_land_each_event_once() {
 }
 
 /// PostgreSQL: a request held in flight (its table locked by the test)
-/// makes the same key answer 409 from anywhere, then commits once.
+/// makes the same key answer 409 from anywhere (its own process, which
+/// also answers another body 422, and a second serve process, which holds
+/// no row to compare the body with), then commits once.
 #[test]
 fn a_request_in_flight_answers_409_to_its_retry() {
     crate::common::with_backend("in_flight_409", BackendKind::Postgres, |env| {
         let p = pipeline(env, "inflight", "key = \"id\"", "");
         let server = Server::start(env, &p, "127.0.0.1:0", &[]);
+        let elsewhere = Server::start(env, &p, "127.0.0.1:0", &[]);
         let url = server.url("/v1/records");
         let rt = runtime();
         let c = client();
@@ -676,12 +679,8 @@ fn a_request_in_flight_answers_409_to_its_retry() {
             let (c, url, body) = (c.clone(), url.clone(), body.clone());
             rt.spawn(async move { post(&c, &url, Some("\"slow\""), None, body).await })
         };
-        // Claimed (the claim commits on its own), then stuck on the lock.
-        assert!(crate::common::wait_until(Duration::from_secs(30), || {
-            env.backend.scalar_i64(
-                "SELECT count(*) FROM _idemload_requests WHERE key = 'slow' AND status = 'processing'",
-            ) == Some(1)
-        }));
+        // Its key taken, then stuck on the lock.
+        wait_for_table_lock(env, "inflight");
         let retry = rt
             .block_on(post(&c, &url, Some("\"slow\""), None, body.clone()))
             .unwrap();
@@ -690,17 +689,39 @@ fn a_request_in_flight_answers_409_to_its_retry() {
             .block_on(post(&c, &url, Some("\"slow\""), None, "{\"id\": 9}"))
             .unwrap();
         assert_eq!(other.status, 422, "{other:?}");
+        let there = elsewhere.url("/v1/records");
+        for sent in [body.clone(), "{\"id\": 9}".to_string()] {
+            let retry = rt
+                .block_on(post(&c, &there, Some("\"slow\""), None, sent))
+                .unwrap();
+            assert_eq!(retry.status, 409, "{retry:?}");
+        }
         env.backend.execute("COMMIT");
         let first = rt.block_on(first).unwrap().unwrap();
         assert_eq!(first.status, 200, "{first:?}");
         assert_eq!(first.json()["inserted"], 2);
-        let again = rt
-            .block_on(post(&c, &url, Some("\"slow\""), None, body))
-            .unwrap();
-        assert!(again.replayed);
-        assert_eq!(again.body, first.body);
+        for url in [&url, &there] {
+            let again = rt
+                .block_on(post(&c, url, Some("\"slow\""), None, body.clone()))
+                .unwrap();
+            assert!(again.replayed, "{again:?}");
+            assert_eq!(again.body, first.body);
+        }
         assert_eq!(env.backend.count("inflight"), 3);
     });
+}
+
+/// Waits until a session waits for a lock on `table` (PostgreSQL).
+fn wait_for_table_lock(env: &Env, table: &str) {
+    let waiting = format!(
+        "SELECT count(*) FROM pg_locks WHERE relation = '{table}'::regclass AND NOT granted"
+    );
+    assert!(
+        crate::common::wait_until(Duration::from_secs(30), || {
+            env.backend.scalar_i64(&waiting).unwrap_or(0) > 0
+        }),
+        "nothing waited for {table}"
+    );
 }
 
 /// SIGTERM while a request is in flight: it commits and is answered, then
@@ -728,11 +749,7 @@ fn sigterm_lets_the_request_in_flight_commit_and_exits_0() {
             let (c, url) = (c.clone(), url.clone());
             rt.spawn(async move { post(&c, &url, Some("in-flight"), None, body).await })
         };
-        assert!(crate::common::wait_until(Duration::from_secs(30), || {
-            env.backend
-                .scalar_i64("SELECT count(*) FROM _idemload_requests WHERE key = 'in-flight'")
-                == Some(1)
-        }));
+        wait_for_table_lock(env, "term");
         server.signal(nix::sys::signal::Signal::SIGTERM);
         std::thread::sleep(Duration::from_millis(300));
         // Still running: it waits for the request in flight.

@@ -431,10 +431,14 @@ impl Destination for PostgresDestination {
         MAX_GROUP
     }
 
+    fn claims_in_transaction(&self) -> bool {
+        true
+    }
+
     async fn write_requests(
         &mut self,
         group: Vec<(PlannedBatch, &crate::request::RequestEntry)>,
-    ) -> Result<Vec<RunStats>> {
+    ) -> Result<Vec<crate::request::Landed>> {
         write::write_requests(self, group).await
     }
 
@@ -470,17 +474,10 @@ impl Destination for PostgresDestination {
         // Requests run the same prepared statements over a table that grows
         // from empty: a plan made once for all would be made for the empty
         // table (a scan). Each execution is planned for the table as it is.
-        //
-        // Claims, takeovers and releases commit without waiting for the
-        // disk: a request's own transaction waits (its fence sets
-        // synchronous_commit back on, see `requests::fence`), and its flush
-        // carries every earlier commit with it; a claim lost in a crash only
-        // lets the client's retry claim the key again.
         self.client
             .batch_execute(
                 "SELECT set_config('plan_cache_mode', 'force_custom_plan', false)
-                 WHERE current_setting('server_version_num')::int >= 120000;
-                 SET synchronous_commit = off",
+                 WHERE current_setting('server_version_num')::int >= 120000",
             )
             .await
             .map_err(pg_error("preparing the connection for requests"))?;
@@ -514,43 +511,6 @@ impl Destination for PostgresDestination {
         key: &str,
     ) -> Result<Option<crate::request::StoredRequest>> {
         requests::stored(&self.client, &self.statements, &self.schema, pipeline, key).await
-    }
-
-    async fn insert_claim(&mut self, claim: &crate::request::Claim) -> Result<bool> {
-        requests::insert_claim(&self.client, &self.statements, &self.schema, claim).await
-    }
-
-    async fn insert_claims(&mut self, claims: &[crate::request::Claim]) -> Result<Vec<bool>> {
-        requests::insert_claims(&self.client, &self.statements, &self.schema, claims).await
-    }
-
-    async fn take_over_claim(
-        &mut self,
-        claim: &crate::request::Claim,
-        from: &str,
-        status: &str,
-    ) -> Result<bool> {
-        requests::take_over(
-            &self.client,
-            &self.statements,
-            &self.schema,
-            claim,
-            from,
-            status,
-        )
-        .await
-    }
-
-    async fn release_claim(&mut self, pipeline: &str, key: &str, claim: &str) -> Result<()> {
-        requests::release(
-            &self.client,
-            &self.statements,
-            &self.schema,
-            pipeline,
-            key,
-            claim,
-        )
-        .await
     }
 
     async fn expire_requests(&mut self, pipeline: &str, now_ms: i64) -> Result<u64> {

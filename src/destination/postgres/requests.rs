@@ -1,15 +1,18 @@
-//! PostgreSQL's `_idemload_requests`: the claims and stored responses of
+//! PostgreSQL's `_idemload_requests`: the keys and stored responses of
 //! `idemload serve` (see `crate::request`).
 //!
-//! A claim is one `INSERT … ON CONFLICT DO NOTHING` in a transaction of its
-//! own: the primary key `(pipeline, key)` lets exactly one session win,
-//! whatever the number of serve processes. A takeover is an `UPDATE` that
-//! names the claim and status it saw, so of two processes taking over the
-//! same dead claim one changes the row and the other changes nothing. The
-//! request's batch transaction fences on its claim with `SELECT … FOR
-//! UPDATE` (a takeover waits for the batch to commit, then finds the
-//! request done) and marks it done in the same transaction as its rows.
-
+//! A request's key is claimed inside the request's own transaction, not in
+//! a transaction before it ([`admit`]): a transaction-scoped advisory lock
+//! on the key lets one session at a time hold it, whatever the number of
+//! serve processes (a key another session holds answers 409 at once, never
+//! waits), and the key's row, read once the lock is held, says whether an
+//! earlier attempt already committed it. The rows, then the key's row as
+//! `done` with its response ([`finish_all`]), commit together; a process
+//! killed mid-request leaves nothing behind, and its lock goes with its
+//! connection. One transaction thus claims, writes and answers: no claim
+//! row is written, locked and rewritten per request, and no claim commits
+//! apart.
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient};
 
 use super::ddl::advisory_key;
@@ -17,9 +20,7 @@ use super::statements::Statements;
 use super::{pg_error, qualified};
 use crate::destination::sql::quote;
 use crate::error::{Error, Result};
-use crate::request::{
-    now_ms, Claim, RequestEntry, StoredRequest, DONE, PROCESSING, REQUESTS_TABLE,
-};
+use crate::request::{now_ms, Landed, RequestEntry, StoredRequest, DONE, REQUESTS_TABLE};
 
 /// Creates `_idemload_requests` when missing (serialised by an advisory
 /// lock, as concurrent `CREATE … IF NOT EXISTS` can collide).
@@ -85,146 +86,6 @@ pub(super) async fn stored(
     }))
 }
 
-pub(super) async fn insert_claim(
-    client: &Client,
-    statements: &Statements,
-    schema: &str,
-    c: &Claim,
-) -> Result<bool> {
-    let n = statements
-        .execute(
-            client,
-            &format!(
-                "INSERT INTO {} (pipeline, key, digest, status, claim, host, pid, created_at, expires_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8)
-                 ON CONFLICT (pipeline, key) DO NOTHING",
-                qualified(schema, REQUESTS_TABLE)
-            ),
-            &[
-                &c.pipeline,
-                &c.key,
-                &c.digest,
-                &PROCESSING,
-                &c.claim,
-                &c.host,
-                &c.pid,
-                &c.lease_until,
-            ],
-        )
-        .await
-        .map_err(pg_error("claiming a request"))?;
-    Ok(n == 1)
-}
-
-/// [`insert_claim`] for several claims in one statement: whether each
-/// won its key. Of two claims of one key in the same statement, one wins.
-pub(super) async fn insert_claims(
-    client: &Client,
-    statements: &Statements,
-    schema: &str,
-    claims: &[Claim],
-) -> Result<Vec<bool>> {
-    if let [claim] = claims {
-        return Ok(vec![insert_claim(client, statements, schema, claim).await?]);
-    }
-    let column = |f: fn(&Claim) -> &str| claims.iter().map(f).collect::<Vec<&str>>();
-    let (pipelines, keys, digests, tokens, hosts) = (
-        column(|c| &c.pipeline),
-        column(|c| &c.key),
-        column(|c| &c.digest),
-        column(|c| &c.claim),
-        column(|c| &c.host),
-    );
-    let pids: Vec<i64> = claims.iter().map(|c| c.pid).collect();
-    let leases: Vec<i64> = claims.iter().map(|c| c.lease_until).collect();
-    let won: std::collections::HashSet<String> = statements
-        .query(
-            client,
-            &format!(
-                "INSERT INTO {} (pipeline, key, digest, status, claim, host, pid, created_at, expires_at)
-                 SELECT g.pipeline, g.key, g.digest, $1, g.claim, g.host, g.pid, now(), g.expires_at
-                 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[])
-                   AS g(pipeline, key, digest, claim, host, pid, expires_at)
-                 ON CONFLICT (pipeline, key) DO NOTHING
-                 RETURNING claim",
-                qualified(schema, REQUESTS_TABLE)
-            ),
-            &[
-                &PROCESSING,
-                &pipelines,
-                &keys,
-                &digests,
-                &tokens,
-                &hosts,
-                &pids,
-                &leases,
-            ],
-        )
-        .await
-        .map_err(pg_error("claiming requests"))?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    Ok(claims.iter().map(|c| won.contains(&c.claim)).collect())
-}
-
-pub(super) async fn take_over(
-    client: &Client,
-    statements: &Statements,
-    schema: &str,
-    c: &Claim,
-    from: &str,
-    status: &str,
-) -> Result<bool> {
-    let n = statements
-        .execute(
-            client,
-            &format!(
-                "UPDATE {} SET digest = $3, status = $4, response = NULL, claim = $5, host = $6,
-                     pid = $7, created_at = now(), expires_at = $8
-                 WHERE pipeline = $1 AND key = $2 AND claim = $9 AND status = $10",
-                qualified(schema, REQUESTS_TABLE)
-            ),
-            &[
-                &c.pipeline,
-                &c.key,
-                &c.digest,
-                &PROCESSING,
-                &c.claim,
-                &c.host,
-                &c.pid,
-                &c.lease_until,
-                &from,
-                &status,
-            ],
-        )
-        .await
-        .map_err(pg_error("taking over a request"))?;
-    Ok(n == 1)
-}
-
-pub(super) async fn release(
-    client: &Client,
-    statements: &Statements,
-    schema: &str,
-    pipeline: &str,
-    key: &str,
-    claim: &str,
-) -> Result<()> {
-    statements
-        .execute(
-            client,
-            &format!(
-                "DELETE FROM {} WHERE pipeline = $1 AND key = $2 AND claim = $3 AND status = $4",
-                qualified(schema, REQUESTS_TABLE)
-            ),
-            &[&pipeline, &key, &claim, &PROCESSING],
-        )
-        .await
-        .map_err(pg_error("releasing a request"))?;
-    Ok(())
-}
-
 pub(super) async fn expire(client: &Client, schema: &str, pipeline: &str, now: i64) -> Result<u64> {
     client
         .execute(
@@ -238,148 +99,140 @@ pub(super) async fn expire(client: &Client, schema: &str, pipeline: &str, now: i
         .map_err(pg_error("expiring requests"))
 }
 
-/// Inside the batch transaction: the claim is still this attempt's. The
-/// row is locked, not written: a takeover waits for this transaction, while
-/// a claim of the same key by another request (`INSERT … ON CONFLICT`)
-/// still sees the row at once and answers 409 rather than wait behind it.
+/// Inside a request transaction, before anything is written: takes each
+/// request's key (a transaction-scoped advisory lock, tried, never waited
+/// for) and reads the rows stored under the keys. `None` for a request to
+/// write; `Busy` when another session holds its key; `Stored` when its row
+/// settles it (`StoredRequest::settles`). A row that does not settle it (a
+/// retention that ran out, a claim of an older serve whose holder died) is
+/// overwritten by [`finish_all`].
 ///
-/// The fence is a request transaction's first statement, and it also turns
-/// the transaction's synchronous commit back on ([`SYNC`]): serve's
-/// connections commit claims without waiting for the disk, the rows and the
-/// stored answer wait.
-pub(super) async fn fence(
-    tx: &impl GenericClient,
-    statements: &Statements,
-    schema: &str,
-    r: &RequestEntry,
-) -> Result<()> {
-    let n = statements
-        .query(
-            tx,
-            &format!(
-                "SELECT {SYNC} FROM {}
-                 WHERE pipeline = $1 AND key = $2 AND claim = $3 AND status = $4
-                 FOR UPDATE",
-                qualified(schema, REQUESTS_TABLE)
-            ),
-            &[&r.pipeline, &r.key, &r.claim, &PROCESSING],
-        )
-        .await
-        .map_err(pg_error("fencing a request"))?
-        .len();
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(Error::RequestLost { key: r.key.clone() })
-    }
-}
-
-/// Inside the batch transaction: the request is done, with its response.
-pub(super) async fn finish(
-    tx: &impl GenericClient,
-    statements: &Statements,
-    schema: &str,
-    r: &RequestEntry,
-    response: &str,
-) -> Result<()> {
-    let n = statements
-        .execute(
-            tx,
-            &format!(
-                "UPDATE {} SET status = $4, response = $5, expires_at = $6
-                 WHERE pipeline = $1 AND key = $2 AND claim = $3",
-                qualified(schema, REQUESTS_TABLE)
-            ),
-            &[
-                &r.pipeline,
-                &r.key,
-                &r.claim,
-                &DONE,
-                &response,
-                &r.expires_at(now_ms()),
-            ],
-        )
-        .await
-        .map_err(pg_error("finishing a request"))?;
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(Error::RequestLost { key: r.key.clone() })
-    }
-}
-
-/// `SET LOCAL synchronous_commit = on` as an expression, so the fence
-/// carries it without a round trip of its own; it runs for each row the
-/// fence returns, and a fence that returns none fails the transaction.
-const SYNC: &str = "set_config('synchronous_commit', 'on', true)";
-
-/// [`fence`] for a group of requests, in one statement: fails with the
-/// first request whose claim is no longer its own.
-pub(super) async fn fence_all(
+/// The lock and the read are sent together but are two statements: the
+/// read's snapshot is taken after the locks are held, so it sees every
+/// commit of the key's previous holder.
+pub(super) async fn admit(
     tx: &impl GenericClient,
     statements: &Statements,
     schema: &str,
     requests: &[&RequestEntry],
-) -> Result<()> {
-    if let [request] = requests {
-        return fence(tx, statements, schema, request).await;
-    }
+) -> Result<Vec<Option<Landed>>> {
     let Some(pipeline) = requests.first().map(|r| &r.pipeline) else {
-        return Ok(());
+        return Ok(Vec::new());
     };
+    let locks: Vec<i64> = requests
+        .iter()
+        .map(|r| {
+            advisory_key(
+                schema,
+                &format!("{REQUESTS_TABLE}\0{}\0{}", r.pipeline, r.key),
+            )
+        })
+        .collect();
     let keys: Vec<&str> = requests.iter().map(|r| r.key.as_str()).collect();
-    let claims: Vec<&str> = requests.iter().map(|r| r.claim.as_str()).collect();
-    let held: Vec<String> = statements
-        .query(
+    let lock = statements
+        .prepare(
             tx,
-            &format!(
-                "SELECT r.key, {SYNC} FROM {} r
-                 JOIN unnest($2::text[], $3::text[]) AS g(key, claim)
-                   ON r.key = g.key AND r.claim = g.claim
-                 WHERE r.pipeline = $1 AND r.status = $4
-                 FOR UPDATE OF r",
-                qualified(schema, REQUESTS_TABLE)
-            ),
-            &[pipeline, &keys, &claims, &PROCESSING],
+            "SELECT pg_try_advisory_xact_lock(g.lock)
+             FROM unnest($1::bigint[]) WITH ORDINALITY AS g(lock, i) ORDER BY g.i",
         )
         .await
-        .map_err(pg_error("fencing requests"))?
+        .map_err(pg_error("taking request keys"))?;
+    let read = statements
+        .prepare(
+            tx,
+            &format!(
+                "SELECT key, digest, status, response, claim, host, pid, expires_at
+                 FROM {} WHERE pipeline = $1 AND key = ANY($2)",
+                qualified(schema, REQUESTS_TABLE)
+            ),
+        )
+        .await
+        .map_err(pg_error("reading requests"))?;
+    // Polled in this order, so the lock statement is sent first.
+    let (lock_params, read_params): (&[&(dyn ToSql + Sync)], &[&(dyn ToSql + Sync)]) =
+        (&[&locks], &[pipeline, &keys]);
+    let (held, rows) =
+        futures_util::try_join!(tx.query(&lock, lock_params), tx.query(&read, read_params))
+            .map_err(pg_error("taking request keys"))?;
+    let mut stored: std::collections::HashMap<String, StoredRequest> = rows
         .iter()
-        .map(|row| row.get(0))
+        .map(|r| {
+            (
+                r.get(0),
+                StoredRequest {
+                    digest: r.get(1),
+                    status: r.get(2),
+                    response: r.get(3),
+                    claim: r.get(4),
+                    host: r.get(5),
+                    pid: r.get(6),
+                    expires_at: r.get(7),
+                },
+            )
+        })
         .collect();
-    lost(requests.iter().copied(), &held)
+    let now = now_ms();
+    Ok(requests
+        .iter()
+        .zip(&held)
+        .map(|(r, held)| {
+            if !held.get::<_, bool>(0) {
+                return Some(Landed::Busy);
+            }
+            stored
+                .remove(&r.key)
+                .filter(|s| s.settles(now))
+                .map(Landed::Stored)
+        })
+        .collect())
 }
 
-/// [`finish`] for a group of requests, in one statement.
+/// Inside a request transaction, after its rows: stores each request as
+/// done with its response, in one statement. A row another writer stored
+/// meanwhile as done (a serve of an older version, which claims apart) is
+/// left alone and fails the transaction, naming its key.
 pub(super) async fn finish_all(
     tx: &impl GenericClient,
     statements: &Statements,
     schema: &str,
     done: &[(&RequestEntry, String)],
 ) -> Result<()> {
-    if let [(request, response)] = done {
-        return finish(tx, statements, schema, request, response).await;
-    }
     let Some(pipeline) = done.first().map(|(r, _)| &r.pipeline) else {
         return Ok(());
     };
     let now = now_ms();
-    let keys: Vec<&str> = done.iter().map(|(r, _)| r.key.as_str()).collect();
-    let claims: Vec<&str> = done.iter().map(|(r, _)| r.claim.as_str()).collect();
+    let column =
+        |f: fn(&RequestEntry) -> &str| done.iter().map(|(r, _)| f(r)).collect::<Vec<&str>>();
+    let (keys, digests, claims, hosts) = (
+        column(|r| &r.key),
+        column(|r| &r.digest),
+        column(|r| &r.claim),
+        column(|r| &r.host),
+    );
+    let pids: Vec<i64> = done.iter().map(|(r, _)| r.pid).collect();
     let responses: Vec<&str> = done.iter().map(|(_, a)| a.as_str()).collect();
     let expires: Vec<i64> = done.iter().map(|(r, _)| r.expires_at(now)).collect();
     let finished: Vec<String> = statements
         .query(
             tx,
             &format!(
-                "UPDATE {} r SET status = $2, response = g.response, expires_at = g.expires_at
-                 FROM unnest($3::text[], $4::text[], $5::text[], $6::bigint[])
-                   AS g(key, claim, response, expires_at)
-                 WHERE r.pipeline = $1 AND r.key = g.key AND r.claim = g.claim
+                "INSERT INTO {table} AS r
+                   (pipeline, key, digest, status, response, claim, host, pid, created_at, expires_at)
+                 SELECT $1, g.key, g.digest, $2, g.response, g.claim, g.host, g.pid, now(), g.expires_at
+                 FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[], $9::bigint[])
+                   AS g(key, digest, response, claim, host, pid, expires_at)
+                 ON CONFLICT (pipeline, key) DO UPDATE SET
+                   digest = excluded.digest, status = excluded.status, response = excluded.response,
+                   claim = excluded.claim, host = excluded.host, pid = excluded.pid,
+                   created_at = excluded.created_at, expires_at = excluded.expires_at
+                 WHERE r.status <> $2 OR r.expires_at < $10
                  RETURNING r.key",
-                qualified(schema, REQUESTS_TABLE)
+                table = qualified(schema, REQUESTS_TABLE)
             ),
-            &[pipeline, &DONE, &keys, &claims, &responses, &expires],
+            &[
+                pipeline, &DONE, &keys, &digests, &responses, &claims, &hosts, &pids, &expires,
+                &now,
+            ],
         )
         .await
         .map_err(pg_error("finishing requests"))?
@@ -403,90 +256,118 @@ fn lost<'a>(mut requests: impl Iterator<Item = &'a RequestEntry>, held: &[String
 mod tests {
     use std::time::Duration;
 
+    use super::super::parse_url;
     use super::super::testing::{server, TestSchema};
     use super::*;
 
-    async fn show(tx: &tokio_postgres::Transaction<'_>) -> String {
-        tx.query_one("SHOW synchronous_commit", &[])
-            .await
-            .unwrap()
-            .get(0)
+    fn entry(key: &str, digest: &str) -> RequestEntry {
+        RequestEntry {
+            pipeline: "p".into(),
+            key: key.into(),
+            claim: format!("claim-{key}-{digest}"),
+            digest: digest.into(),
+            host: "h".into(),
+            pid: 1,
+            retention: Duration::from_secs(60),
+            answered: Default::default(),
+        }
     }
 
-    /// On a connection whose commits do not wait for the disk (serve's),
-    /// the fence of one request and of a group turns a request
-    /// transaction's synchronous commit back on.
+    fn landed(admitted: &[Option<Landed>]) -> Vec<String> {
+        admitted
+            .iter()
+            .map(|a| match a {
+                None => "write".to_string(),
+                Some(Landed::Busy) => "busy".to_string(),
+                Some(Landed::Stored(s)) => format!("stored {} {}", s.status, s.digest),
+                Some(Landed::Written(_)) => "written".to_string(),
+            })
+            .collect()
+    }
+
+    /// A key is held by one transaction at a time (the other is told at
+    /// once, without waiting); once committed, its row answers the next
+    /// attempt; a row whose retention ran out is written over; a key
+    /// another writer finished meanwhile fails the finish, named.
     #[tokio::test]
-    async fn a_fenced_request_transaction_waits_for_the_disk() {
-        let Some(url) = server("a_fenced_request_transaction_waits_for_the_disk") else {
+    async fn a_request_transaction_takes_its_key_and_reads_what_is_stored() {
+        let Some(url) = server("a_request_transaction_takes_its_key_and_reads_what_is_stored")
+        else {
             return;
         };
-        let mut pg = TestSchema::new(&url, "fence_sync").await;
+        let mut pg = TestSchema::new(&url, "admit").await;
         let schema = pg.name.clone();
         pg.client
             .batch_execute(&format!("CREATE SCHEMA {}", quote(&schema)))
             .await
             .unwrap();
         create_table(&pg.client, &schema).await.unwrap();
-        pg.client
-            .batch_execute("SET synchronous_commit = off")
+        let (mut other, _) = parse_url(&url).unwrap().config.connect().await.unwrap();
+        let (first, second) = (Statements::default(), Statements::default());
+        let (a, b) = (entry("a", "d1"), entry("b", "d1"));
+
+        let tx = pg.client.transaction().await.unwrap();
+        let admitted = admit(&tx, &first, &schema, &[&a]).await.unwrap();
+        assert_eq!(landed(&admitted), ["write"]);
+        {
+            let tx2 = other.transaction().await.unwrap();
+            let admitted = admit(&tx2, &second, &schema, &[&b, &a]).await.unwrap();
+            assert_eq!(landed(&admitted), ["write", "busy"]);
+        }
+        finish_all(&tx, &first, &schema, &[(&a, "{\"ok\":1}".into())])
             .await
             .unwrap();
-        let statements = Statements::default();
-        let entry = |key: &str| RequestEntry {
-            pipeline: "p".into(),
-            key: key.into(),
-            claim: format!("claim-{key}"),
-            retention: Duration::from_secs(60),
-            answered: Default::default(),
-        };
-        let entries = [entry("a"), entry("b")];
-        for e in &entries {
-            let claim = Claim {
-                pipeline: e.pipeline.clone(),
-                key: e.key.clone(),
-                claim: e.claim.clone(),
-                digest: "d".into(),
-                host: "h".into(),
-                pid: 1,
-                lease_until: now_ms() + 60_000,
-            };
-            assert!(insert_claim(&pg.client, &statements, &schema, &claim)
-                .await
-                .unwrap());
-        }
-        {
-            let tx = pg.client.transaction().await.unwrap();
-            assert_eq!(show(&tx).await, "off");
-            fence(&tx, &statements, &schema, &entries[0]).await.unwrap();
-            assert_eq!(show(&tx).await, "on");
-        }
-        {
-            let tx = pg.client.transaction().await.unwrap();
-            let refs: Vec<&RequestEntry> = entries.iter().collect();
-            fence_all(&tx, &statements, &schema, &refs).await.unwrap();
-            assert_eq!(show(&tx).await, "on");
-        }
-        {
-            // A group whose second claim is no longer its own names that key.
-            let tx = pg.client.transaction().await.unwrap();
-            let taken = RequestEntry {
-                claim: "another".into(),
-                ..entry("b")
-            };
-            let done = [(&entries[0], "{}".to_string()), (&taken, "{}".to_string())];
-            match finish_all(&tx, &statements, &schema, &done).await {
-                Err(Error::RequestLost { key }) => assert_eq!(key, "b"),
-                other => panic!("{other:?}"),
-            }
-        }
-        let off: String = pg
-            .client
-            .query_one("SHOW synchronous_commit", &[])
+        tx.commit().await.unwrap();
+
+        let tx2 = other.transaction().await.unwrap();
+        let again = entry("a", "d2");
+        let admitted = admit(&tx2, &second, &schema, &[&again]).await.unwrap();
+        assert_eq!(landed(&admitted), ["stored done d1"]);
+        tx2.rollback().await.unwrap();
+
+        // A done row past its retention is no answer: written over.
+        pg.client
+            .execute(
+                &format!(
+                    "UPDATE {} SET expires_at = 0 WHERE key = 'a'",
+                    qualified(&schema, REQUESTS_TABLE)
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        let tx2 = other.transaction().await.unwrap();
+        let admitted = admit(&tx2, &second, &schema, &[&again]).await.unwrap();
+        assert_eq!(landed(&admitted), ["write"]);
+        finish_all(&tx2, &second, &schema, &[(&again, "{}".into())])
+            .await
+            .unwrap();
+        tx2.commit().await.unwrap();
+        let stored = stored(&pg.client, &first, &schema, "p", "a")
             .await
             .unwrap()
-            .get(0);
-        assert_eq!(off, "off", "only the transaction's own setting changes");
+            .unwrap();
+        assert_eq!(
+            (stored.digest.as_str(), stored.status.as_str()),
+            ("d2", DONE)
+        );
+
+        // A key done meanwhile (by a writer that claims apart) is not
+        // overwritten: the group fails, naming it.
+        let tx = pg.client.transaction().await.unwrap();
+        let (c, late) = (entry("c", "d1"), entry("a", "d2"));
+        match finish_all(
+            &tx,
+            &first,
+            &schema,
+            &[(&c, "{}".into()), (&late, "{}".into())],
+        )
+        .await
+        {
+            Err(Error::RequestLost { key }) => assert_eq!(key, "a"),
+            other => panic!("{other:?}"),
+        }
+        drop(tx);
         pg.drop().await;
     }
 }

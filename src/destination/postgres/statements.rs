@@ -40,17 +40,6 @@ impl Statements {
         Ok(statement)
     }
 
-    /// `client.execute(sql, params)` through the prepared statement.
-    pub(super) async fn execute(
-        &self,
-        client: &impl GenericClient,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<u64, Error> {
-        let statement = self.prepare(client, sql).await?;
-        client.execute(&statement, params).await
-    }
-
     /// `client.query(sql, params)` through the prepared statement.
     pub(super) async fn query(
         &self,

@@ -46,7 +46,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::files::LoadedFile;
 use crate::mode::Mode;
 use crate::record::Reject;
-use crate::request::RequestEntry;
+use crate::request::{Landed, RequestEntry};
 use crate::state::Resolution;
 use crate::stats::RunStats;
 use crate::windows::WindowEntry;
@@ -66,11 +66,11 @@ pub(super) async fn write_batch(
 }
 
 /// Writes a group of ingest requests in one transaction (see
-/// `commit_requests`); each request's stats, in order.
+/// `commit_requests`); how each request landed, in order.
 pub(super) async fn write_requests(
     dest: &mut PostgresDestination,
     group: Vec<(PlannedBatch, &RequestEntry)>,
-) -> Result<Vec<RunStats>> {
+) -> Result<Vec<Landed>> {
     let Some((_, first)) = group.first() else {
         return Ok(Vec::new());
     };
@@ -625,15 +625,21 @@ impl BatchTx for PgTx<'_> {
     }
 
     async fn fence_request(&mut self, request: &RequestEntry) -> Result<()> {
-        super::requests::fence(&self.tx, self.statements, self.schema, request).await
+        match self.admit_requests(&[request]).await?.pop().flatten() {
+            None => Ok(()),
+            Some(_) => Err(Error::RequestLost {
+                key: request.key.clone(),
+            }),
+        }
     }
 
     async fn finish_request(&mut self, request: &RequestEntry, response: &str) -> Result<()> {
-        super::requests::finish(&self.tx, self.statements, self.schema, request, response).await
+        self.finish_requests(&[(request, response.to_string())])
+            .await
     }
 
-    async fn fence_requests(&mut self, requests: &[&RequestEntry]) -> Result<()> {
-        super::requests::fence_all(&self.tx, self.statements, self.schema, requests).await
+    async fn admit_requests(&mut self, requests: &[&RequestEntry]) -> Result<Vec<Option<Landed>>> {
+        super::requests::admit(&self.tx, self.statements, self.schema, requests).await
     }
 
     fn begin_group(&mut self, rows: &[&[Row]]) {
