@@ -12,7 +12,8 @@ also written to a JSONL file and loaded with `idemload load` into another
 table of the same schema, for the records/s of a file load of the same
 records. Results go into bench/RESULTS.md (section `serve`). SERVE_LOAD names
 another serve_load binary (default target/release/examples/serve_load);
-CLIENTS sets the client connections (default 16).
+CLIENTS sets the client connections (default 16), SERVE_CONNECTIONS the
+serve process's database connections (default 8).
 """
 
 import argparse
@@ -28,6 +29,7 @@ import run as R  # noqa: E402
 
 URL = os.environ.get("IDEMLOAD_BENCH_POSTGRES", "postgres://root@127.0.0.1:5432/test")
 SCHEMA = "bench_serve"
+CONNECTIONS = int(os.environ.get("SERVE_CONNECTIONS", "8"))
 LOAD = os.environ.get("SERVE_LOAD", os.path.join(R.ROOT, "target", "release", "examples", "serve_load"))
 
 
@@ -48,7 +50,7 @@ def start_server(workdir):
     with open(pipeline, "w") as f:
         f.write(
             f'name = "bench_ingest"\n\n[destination]\nurl = "{dest_url()}"\ntable = "events"\n\n'
-            '[load]\nkey = "id"\n\n[serve]\nconnections = 8\n'
+            f'[load]\nkey = "id"\n\n[serve]\nconnections = {CONNECTIONS}\n'
         )
     log_path = os.path.join(workdir, "serve.log")
     log = open(log_path, "w")

@@ -123,17 +123,15 @@ pub(crate) trait BatchTx {
     fn begin_request(&mut self, request: &RequestEntry);
 
     /// A group of requests with these rows (one slice per request) is
-    /// about to be written: a backend may read what they all need at once.
+    /// about to be admitted and written: a backend may read what they all
+    /// need at once (rows of a request that is not admitted are read for
+    /// nothing, and never written).
     fn begin_group(&mut self, _rows: &[&[Row]]) {}
 
-    /// Every request of the group is written: a backend sends what it held
-    /// back. An error fails the whole group.
-    async fn end_group(&mut self) -> Result<()> {
-        Ok(())
-    }
-
     /// [`BatchTx::finish_request`] for each request of a group, with its
-    /// response (a backend may finish them all in one statement).
+    /// response, once every request of the group is written (a backend may
+    /// finish them all in one statement, and send now what it held back of
+    /// their rows; an error fails the whole group).
     async fn finish_requests(&mut self, done: &[(&RequestEntry, String)]) -> Result<()> {
         for (request, response) in done {
             self.finish_request(request, response).await?;
@@ -238,6 +236,10 @@ pub(crate) async fn commit_requests<T: BatchTx>(
     group: Vec<(PlannedBatch, &RequestEntry)>,
 ) -> Result<Vec<Landed>> {
     let steps = async {
+        if group.len() > 1 {
+            let rows: Vec<&[Row]> = group.iter().map(|(b, _)| b.rows.as_slice()).collect();
+            tx.begin_group(&rows);
+        }
         let requests: Vec<&RequestEntry> = group.iter().map(|(_, r)| *r).collect();
         let mut landed = tx.admit_requests(&requests).await?;
         let admitted: Vec<(usize, PlannedBatch, &RequestEntry)> = group
@@ -246,10 +248,6 @@ pub(crate) async fn commit_requests<T: BatchTx>(
             .filter(|(i, _)| landed[*i].is_none())
             .map(|(i, (batch, request))| (i, batch, request))
             .collect();
-        if admitted.len() > 1 {
-            let rows: Vec<&[Row]> = admitted.iter().map(|(_, b, _)| b.rows.as_slice()).collect();
-            tx.begin_group(&rows);
-        }
         let mut done = Vec::with_capacity(admitted.len());
         for (i, batch, request) in admitted {
             let PlannedBatch {
@@ -264,7 +262,6 @@ pub(crate) async fn commit_requests<T: BatchTx>(
             done.push((request, request.response(&stats, &rejects)));
             landed[i] = Some(Landed::Written(stats));
         }
-        tx.end_group().await?;
         if !done.is_empty() {
             tx.finish_requests(&done).await?;
         }

@@ -219,12 +219,15 @@ struct Shared {
     queue: Option<group::Requests>,
 }
 
-/// The group writers for `connections` database connections: fewer
-/// writers than connections, so requests queue into larger groups and the
-/// other connections stay free for requests written alone (retries, the
-/// requests of a failed group) and for the cleaning of expired keys.
+/// The group writers for `connections` database connections: a quarter
+/// of them. Few writers make large groups (each transaction's fixed cost,
+/// its statements and its flush, shared by more requests); more than one
+/// keeps a group being written while the next one gathers. The other
+/// connections serve requests written alone (retries, the requests of a
+/// failed group), replays of a bad body's key, and the cleaning of expired
+/// keys.
 fn writers(connections: usize) -> usize {
-    (connections / 2).max(1)
+    (connections / 4).max(1)
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -1018,9 +1018,52 @@ idemtest!(
     }
 );
 
-// Twenty attempts of one request at the same moment (their claims may be
-// inserted by one statement): exactly one processes it, every other gets
-// 409 or its stored response replayed, and its rows are stored once.
+// Two waves of simultaneous requests over the same keys, the second adding
+// a column for its odd keys: a group reads its stored rows as it takes its
+// keys, with the columns the previous group saw, so a wave that adds a
+// column must read them again. Every even key is unchanged, every odd one
+// updated once.
+idemtest!(
+    a_group_that_adds_a_column_compares_with_the_new_columns,
+    |env| {
+        const REQUESTS: usize = 200;
+        let p = pipeline(env, "widened", "key = \"id\"", "");
+        let server = Server::start(env, &p, "127.0.0.1:0", &[]);
+        let url = server.url("/v1/records");
+        let rt = runtime();
+        let first = send_together(&rt, &url, REQUESTS, |i| {
+            (format!("first-{i}"), vec![json!({"id": i, "v": i})])
+        });
+        assert!(first.iter().all(|(_, a)| a.json()["inserted"] == 1));
+        let second = send_together(&rt, &url, REQUESTS, |i| {
+            let mut record = json!({"id": i, "v": i});
+            if i % 2 == 1 {
+                record["w"] = json!(format!("w-{i}"));
+            }
+            (format!("second-{i}"), vec![record])
+        });
+        for (i, a) in &second {
+            let v = a.json();
+            assert_eq!(
+                (&v["updated"], &v["unchanged"], &v["inserted"]),
+                (&json!(i % 2), &json!(1 - i % 2), &json!(0)),
+                "request {i}: {v}"
+            );
+        }
+        assert_eq!(
+            env.backend
+                .scalar_i64("SELECT count(*) FROM widened WHERE w IS NOT NULL"),
+            Some(REQUESTS as i64 / 2)
+        );
+        if env.backend.kind == BackendKind::Postgres {
+            assert_grouped(&rt, &server, 2 * REQUESTS);
+        }
+    }
+);
+
+// Twenty attempts of one request at the same moment: exactly one processes
+// it, every other gets 409 (its key in flight) or its stored response
+// replayed, and its rows are stored once.
 idemtest!(
     simultaneous_attempts_of_one_request_process_it_once,
     |env| {

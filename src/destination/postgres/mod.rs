@@ -99,6 +99,9 @@ struct Run {
     empty_at_start: Option<bool>,
     /// When a batch last committed (and with it the lease's expiry).
     renewed: std::time::Instant,
+    /// The shape a group of ingest requests last read stored rows with:
+    /// the next group reads its rows with it as it takes its keys.
+    probed: Option<ahead::Shape>,
 }
 
 /// A `postgres://` URL split into the driver's config and idemload's own
@@ -419,6 +422,7 @@ impl Destination for PostgresDestination {
             seen: None,
             empty_at_start: None,
             renewed: std::time::Instant::now(),
+            probed: None,
         });
         Ok(())
     }
@@ -501,6 +505,7 @@ impl Destination for PostgresDestination {
             // copy rows straight in on the belief that it was empty.
             empty_at_start: Some(false),
             renewed: std::time::Instant::now(),
+            probed: None,
         });
         Ok(())
     }

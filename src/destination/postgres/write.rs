@@ -378,6 +378,9 @@ impl BatchTx for PgTx<'_> {
         // all of them with its first request (no request of the group
         // writes another's keys, so none needs to see another's writes).
         let grouped = group_keys.is_some() && !staged;
+        if grouped {
+            run.probed.clone_from(&shape);
+        }
         let mut ahead_rows = None;
         let lookup = match (&shape, seen) {
             (Some(shape), Some(seen)) => {
@@ -639,7 +642,40 @@ impl BatchTx for PgTx<'_> {
     }
 
     async fn admit_requests(&mut self, requests: &[&RequestEntry]) -> Result<Vec<Option<Landed>>> {
-        super::requests::admit(&self.tx, self.statements, self.schema, requests).await
+        // A group's stored rows, read with the shape the last group read
+        // them with, sent with the statements taking the keys: one round
+        // trip less. Another shape by the time the rows are written (a new
+        // column) reads them again.
+        let probe = match (&self.group_keys, &self.run.probed) {
+            (Some(keys), Some(shape)) if !keys.is_empty() && keys.len() <= PROBE_MAX => {
+                let statement = self
+                    .statements
+                    .prepare(&self.tx, &shape.probe())
+                    .await
+                    .map_err(pg_error(self.context.clone()))?;
+                Some((statement, shape.clone(), keys))
+            }
+            _ => None,
+        };
+        let admit = super::requests::admit(&self.tx, self.statements, self.schema, requests);
+        let read = async {
+            match &probe {
+                Some((statement, shape, keys)) => {
+                    let rows = self
+                        .tx
+                        .query(statement, &[keys])
+                        .await
+                        .map_err(pg_error(self.context.clone()))?;
+                    StoredRows::of_rows(&rows, shape.key_at).map(|read| Some((shape.clone(), read)))
+                }
+                None => Ok(None),
+            }
+        };
+        let (landed, read) = tokio::try_join!(admit, read)?;
+        if read.is_some() {
+            self.group_stored = read;
+        }
+        Ok(landed)
     }
 
     fn begin_group(&mut self, rows: &[&[Row]]) {
@@ -665,23 +701,26 @@ impl BatchTx for PgTx<'_> {
         self.group_keys = Some(keys);
     }
 
-    async fn end_group(&mut self) -> Result<()> {
-        // A key stored meanwhile by another writer fails this COPY on the
-        // primary key, and with it the group: its requests are then written
-        // one by one, each merging what it meets.
-        match self.group_direct.take() {
-            Some(d) => d.send(&self.tx, self.statements).await.map(|_| ()),
-            None => Ok(()),
-        }
-    }
-
     fn begin_request(&mut self, request: &RequestEntry) {
         self.pipeline.clone_from(&request.pipeline);
         self.run_id.clone_from(&request.claim);
     }
 
     async fn finish_requests(&mut self, done: &[(&RequestEntry, String)]) -> Result<()> {
-        super::requests::finish_all(&self.tx, self.statements, self.schema, done).await
+        // The rows new to the table the group held back, in one COPY, with
+        // the statement finishing the requests sent behind it, not after its
+        // answer. A key stored meanwhile by another writer fails this COPY
+        // on the primary key, and with it the group: its requests are then
+        // written one by one, each merging what it meets.
+        let deferred = self.group_direct.take();
+        let copy = async {
+            match deferred {
+                Some(d) => d.send(&self.tx, self.statements).await.map(|_| ()),
+                None => Ok(()),
+            }
+        };
+        let finish = super::requests::finish_all(&self.tx, self.statements, self.schema, done);
+        tokio::try_join!(copy, finish).map(|_| ())
     }
 
     async fn finish_run(&mut self, end: &Resolution, after: Option<&Value>) -> Result<()> {
