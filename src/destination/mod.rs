@@ -239,7 +239,13 @@ pub trait Destination: Books + WindowBooks {
     /// run and takes no lock. Each later [`Destination::write`] must carry
     /// `Commit::request`, whose claim fences the batch instead of the run
     /// lock, and counts its duplicates and rejects as a run of its own.
-    async fn serve(&mut self, _pipeline: &str, _target: &Target) -> Result<()> {
+    /// `claim_lease` bounds how long a request may hold its key.
+    async fn serve(
+        &mut self,
+        _pipeline: &str,
+        _target: &Target,
+        _claim_lease: std::time::Duration,
+    ) -> Result<()> {
         Err(not_serving())
     }
 

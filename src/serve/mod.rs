@@ -131,6 +131,7 @@ pub async fn serve(
         pipeline: pipeline.clone(),
         idle: Mutex::new(Vec::new()),
         permits: Arc::new(Semaphore::new(connections)),
+        claim_lease: settings.claim_lease,
     };
     // One connection now: a wrong URL or password fails at start, not at
     // the first request.

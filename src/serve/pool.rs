@@ -15,6 +15,8 @@ pub(super) struct Pool {
     pub(super) pipeline: Pipeline,
     pub(super) idle: Mutex<Vec<Box<dyn Destination>>>,
     pub(super) permits: Arc<Semaphore>,
+    /// How long a request may hold its key (`claim_lease`).
+    pub(super) claim_lease: std::time::Duration,
 }
 
 /// A connection taken from the pool; back to it when dropped, unless it
@@ -28,8 +30,12 @@ pub(super) struct Conn<'a> {
 impl Pool {
     pub(super) async fn open(&self) -> Result<Box<dyn Destination>> {
         let mut dest = self.pipeline.destination().await?;
-        dest.serve(self.pipeline.name(), &self.pipeline.target())
-            .await?;
+        dest.serve(
+            self.pipeline.name(),
+            &self.pipeline.target(),
+            self.claim_lease,
+        )
+        .await?;
         Ok(dest)
     }
 

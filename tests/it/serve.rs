@@ -711,6 +711,64 @@ fn a_request_in_flight_answers_409_to_its_retry() {
     });
 }
 
+/// PostgreSQL: a serve process that stops mid-request (SIGSTOP, or cut off
+/// from the server without its connection closing) holds its key only
+/// `claim_lease`: the server ends its idle transaction, another process
+/// then lands the request, and the stopped one, resumed, answers with that
+/// stored response.
+#[test]
+fn a_stopped_server_holds_its_key_only_for_the_claim_lease() {
+    crate::common::with_backend("stopped_holder", BackendKind::Postgres, |env| {
+        let p = pipeline(env, "stopped", "key = \"id\"", "claim_lease = \"1s\"");
+        let stopped = Server::start(env, &p, "127.0.0.1:0", &[]);
+        let other = Server::start(env, &p, "127.0.0.1:0", &[]);
+        let rt = runtime();
+        let c = client();
+        let body = ndjson(&[json!({"id": 1}), json!({"id": 2})]);
+        rt.block_on(post(
+            &c,
+            &stopped.url("/v1/records"),
+            Some("warm"),
+            None,
+            "{\"id\": 0}",
+        ))
+        .unwrap();
+        env.backend
+            .execute("BEGIN; LOCK TABLE stopped IN ACCESS EXCLUSIVE MODE");
+        let first = {
+            let (c, url, body) = (c.clone(), stopped.url("/v1/records"), body.clone());
+            rt.spawn(async move { post(&c, &url, Some("k"), None, body).await })
+        };
+        wait_for_table_lock(env, "stopped");
+        stopped.signal(nix::sys::signal::Signal::SIGSTOP);
+        env.backend.execute("COMMIT");
+        let there = other.url("/v1/records");
+        let mut retry = rt
+            .block_on(post(&c, &there, Some("k"), None, body.clone()))
+            .unwrap();
+        assert_eq!(
+            retry.status, 409,
+            "held while its transaction lives: {retry:?}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while retry.status == 409 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            retry = rt
+                .block_on(post(&c, &there, Some("k"), None, body.clone()))
+                .unwrap();
+        }
+        assert_eq!(retry.status, 200, "{retry:?}\n{}", other.log());
+        assert!(!retry.replayed);
+        assert_eq!(retry.json()["inserted"], 2);
+        stopped.signal(nix::sys::signal::Signal::SIGCONT);
+        let first = rt.block_on(first).unwrap().unwrap();
+        assert_eq!(first.status, 200, "{first:?}\n{}", stopped.log());
+        assert!(first.replayed, "{first:?}");
+        assert_eq!(first.body, retry.body);
+        assert_eq!(env.backend.count("stopped"), 3);
+    });
+}
+
 /// Waits until a session waits for a lock on `table` (PostgreSQL).
 fn wait_for_table_lock(env: &Env, table: &str) {
     let waiting = format!(

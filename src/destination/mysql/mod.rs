@@ -392,7 +392,12 @@ impl Destination for MysqlDestination {
             .map_err(|e| Error::destination("mysql bookkeeping", e))
     }
 
-    async fn serve(&mut self, pipeline: &str, target: &Target) -> Result<()> {
+    async fn serve(
+        &mut self,
+        pipeline: &str,
+        target: &Target,
+        _claim_lease: std::time::Duration,
+    ) -> Result<()> {
         requests::create_table(&mut self.conn, &self.server).await?;
         let fills = ddl::existing_table(&mut self.conn, &target.table, &target.key_columns).await?;
         self.run = Some(Run {

@@ -467,7 +467,12 @@ impl Destination for PostgresDestination {
         Some(Box::new(ahead::ReadAhead(ahead)))
     }
 
-    async fn serve(&mut self, pipeline: &str, target: &Target) -> Result<()> {
+    async fn serve(
+        &mut self,
+        pipeline: &str,
+        target: &Target,
+        claim_lease: std::time::Duration,
+    ) -> Result<()> {
         if target.table.len() > MAX_IDENTIFIER {
             return Err(Error::config(format!(
                 "table name {:?} is longer than PostgreSQL's {MAX_IDENTIFIER} bytes",
@@ -478,11 +483,18 @@ impl Destination for PostgresDestination {
         // Requests run the same prepared statements over a table that grows
         // from empty: a plan made once for all would be made for the empty
         // table (a scan). Each execution is planned for the table as it is.
+        //
+        // A request holds its key as long as its transaction is open; a
+        // transaction left open (a serve process stopped, or cut off from
+        // the server without the connection closing) is ended by the server
+        // once idle for `claim_lease`, which frees the key.
         self.client
-            .batch_execute(
+            .batch_execute(&format!(
                 "SELECT set_config('plan_cache_mode', 'force_custom_plan', false)
-                 WHERE current_setting('server_version_num')::int >= 120000",
-            )
+                 WHERE current_setting('server_version_num')::int >= 120000;
+                 SET idle_in_transaction_session_timeout = {}",
+                claim_lease.as_millis().min(i32::MAX as u128)
+            ))
             .await
             .map_err(pg_error("preparing the connection for requests"))?;
         let fills = ddl::existing_table(

@@ -341,7 +341,12 @@ impl Destination for SqliteDestination {
             .await
     }
 
-    async fn serve(&mut self, pipeline: &str, target: &Target) -> Result<()> {
+    async fn serve(
+        &mut self,
+        pipeline: &str,
+        target: &Target,
+        _claim_lease: std::time::Duration,
+    ) -> Result<()> {
         let (pipeline, target) = (pipeline.to_string(), target.clone());
         self.inner
             .run(move |inner| {
