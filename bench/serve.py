@@ -30,6 +30,7 @@ import run as R  # noqa: E402
 URL = os.environ.get("IDEMLOAD_BENCH_POSTGRES", "postgres://root@127.0.0.1:5432/test")
 SCHEMA = "bench_serve"
 CONNECTIONS = int(os.environ.get("SERVE_CONNECTIONS", "8"))
+CLIENTS = os.environ.get("CLIENTS", "16")
 LOAD = os.environ.get("SERVE_LOAD", os.path.join(R.ROOT, "target", "release", "examples", "serve_load"))
 
 
@@ -89,7 +90,7 @@ def with_groups(url, result, before):
 
 
 def generate(url, requests, per_request, first_id, jsonl=None):
-    cmd = [LOAD, "--url", url, "--connections", os.environ.get("CLIENTS", "16"), "--requests", str(requests),
+    cmd = [LOAD, "--url", url, "--connections", CLIENTS, "--requests", str(requests),
            "--per-request", str(per_request), "--first-id", str(first_id)]
     if jsonl:
         cmd += ["--jsonl", jsonl]
@@ -142,13 +143,12 @@ def main():
         f"Written by `python3 bench/serve.py --ones {args.ones} --hundreds {args.hundreds}`; one run.",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {R.machine()};",
         f"PostgreSQL {psql('SHOW server_version')}, idemload {R.git_describe()} (release build). One `idemload serve`",
-        "process (8 database connections, request logs at info to a file); `examples/serve_load`",
-        "(bench/serve_load.rs) on the same machine sends NDJSON requests over 16 concurrent",
+        f"process ({CONNECTIONS} database connections, request logs at info to a file); `examples/serve_load`",
+        f"(bench/serve_load.rs) on the same machine sends NDJSON requests over {CLIENTS} concurrent",
         "connections, each with its own `Idempotency-Key`, into a table with `key = \"id\"`",
-        "(merge). Each request claims its key (with the other claims waiting, in one statement",
-        "whose commit does not wait for the disk), then",
+        "(merge). Each request's transaction takes its key (an advisory lock) and reads its row, then",
         "its rows, rejects and response commit, alone or with the other requests waiting for a",
-        "writer (group commit: 4 writers, up to 32 requests per transaction; the group sizes are",
+        f"writer (group commit: {max(1, CONNECTIONS // 4)} writers, up to 32 requests per transaction; the group sizes are",
         "read from `/metrics`). The file load is `idemload load` of the hundred-record requests' records",
         f"(one JSONL file, batches of 10,000) into another table. Server exit code after SIGTERM: {code}.",
         f"Load average (1/5/15 min) when the run ended: {load_avg[0]:.1f} / {load_avg[1]:.1f} / {load_avg[2]:.1f}",
