@@ -236,10 +236,11 @@ pub trait Destination: Books + WindowBooks {
     /// Prepares this connection to write ingest requests (`idemload
     /// serve`) into `target`: makes `_idemload_requests` when missing and
     /// checks an existing table, like [`Destination::begin`], but records no
-    /// run and takes no lock. Each later [`Destination::write`] must carry
-    /// `Commit::request`, whose claim fences the batch instead of the run
-    /// lock, and counts its duplicates and rejects as a run of its own.
-    /// `claim_lease` bounds how long a request may hold its key.
+    /// run and takes no lock. Each later write carries its request
+    /// (`Commit::request`, or [`Destination::write_requests`]), whose claim
+    /// or key fences the batch instead of the run lock, and counts its
+    /// duplicates and rejects as a run of its own. `claim_lease` bounds how
+    /// long a stalled request keeps its key (see `[serve] claim_lease`).
     async fn serve(
         &mut self,
         _pipeline: &str,

@@ -22,14 +22,17 @@ pub struct ServeConfig {
     /// How long an `Idempotency-Key` is remembered once its request is done
     /// (default `"7d"`); expired keys are deleted in the background.
     pub key_retention: Option<String>,
-    /// How long a request may be in flight before another process may take
-    /// its key over (default `"30s"`): a process killed mid-request leaves
-    /// its key answering 409 at most this long.
+    /// How long a stalled request may keep its key (default `"30s"`).
+    /// SQLite, MySQL/MariaDB: how long a claim lives before another process
+    /// may take its key over (a process killed mid-request leaves its key
+    /// answering 409 at most this long). PostgreSQL: how long the request's
+    /// transaction may sit idle before the server ends it and frees the key
+    /// (a killed process frees it at once).
     pub claim_lease: Option<String>,
     /// Database connections (default 8; SQLite writes one at a time
     /// whatever this says): on MySQL/MariaDB the requests written at the
-    /// same time; on PostgreSQL half of them write groups of requests, the
-    /// rest claim keys.
+    /// same time; on PostgreSQL a quarter of them (at least one) write
+    /// groups of requests, the others requests written alone.
     pub connections: Option<usize>,
 }
 

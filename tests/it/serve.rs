@@ -254,6 +254,16 @@ idemtest!(each_status_code_means_what_the_spec_says, |env| {
             .await
             .unwrap();
         assert_eq!(a.status, 422, "{a:?}");
+        // An empty body (nothing to read): 422 under that done key all the
+        // same, 400 under a new one.
+        let a = post(&c, &url, Some("\"k-1\""), Some(TOKEN), "")
+            .await
+            .unwrap();
+        assert_eq!(a.status, 422, "{a:?}");
+        let a = post(&c, &url, Some("\"k-new\""), Some(TOKEN), "")
+            .await
+            .unwrap();
+        assert_eq!(a.status, 400, "{a:?}");
 
         // A JSON array and a single object are bodies too.
         let a = post(
@@ -291,13 +301,14 @@ idemtest!(each_status_code_means_what_the_spec_says, |env| {
             ("idemload_requests_total", "status=\"200\"", 4),
             ("idemload_requests_total", "status=\"401\"", 2),
             ("idemload_requests_total", "status=\"413\"", 1),
-            ("idemload_requests_total", "status=\"422\"", 1),
+            ("idemload_requests_total", "status=\"422\"", 2),
+            ("idemload_requests_total", "status=\"400\"", 2),
             ("idemload_records_total", "outcome=\"inserted\"", 4),
             ("idemload_records_total", "outcome=\"rejected\"", 1),
             (
                 "idemload_request_duration_seconds_count",
                 "pipeline=\"ingest\"",
-                9,
+                11,
             ),
         ] {
             let found = metrics.lines().any(|l| {
@@ -741,7 +752,6 @@ fn a_stopped_server_holds_its_key_only_for_the_claim_lease() {
         };
         wait_for_table_lock(env, "stopped");
         stopped.signal(nix::sys::signal::Signal::SIGSTOP);
-        env.backend.execute("COMMIT");
         let there = other.url("/v1/records");
         let mut retry = rt
             .block_on(post(&c, &there, Some("k"), None, body.clone()))
@@ -750,6 +760,8 @@ fn a_stopped_server_holds_its_key_only_for_the_claim_lease() {
             retry.status, 409,
             "held while its transaction lives: {retry:?}"
         );
+        // Its statement done, the stopped process's transaction sits idle.
+        env.backend.execute("COMMIT");
         let deadline = Instant::now() + Duration::from_secs(20);
         while retry.status == 409 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(200));

@@ -154,7 +154,7 @@ pub(super) async fn admit(
     let (held, rows) =
         futures_util::try_join!(tx.query(&lock, lock_params), tx.query(&read, read_params))
             .map_err(pg_error("taking request keys"))?;
-    let mut stored: std::collections::HashMap<String, StoredRequest> = rows
+    let stored: std::collections::HashMap<String, StoredRequest> = rows
         .iter()
         .map(|r| {
             (
@@ -172,16 +172,21 @@ pub(super) async fn admit(
         })
         .collect();
     let now = now_ms();
+    // A key twice in one group (an attempt queued behind one whose client
+    // went away): the lock is this session's both times, so the second is
+    // told the key is busy here.
+    let mut seen = std::collections::HashSet::new();
     Ok(requests
         .iter()
         .zip(&held)
         .map(|(r, held)| {
-            if !held.get::<_, bool>(0) {
+            if !held.get::<_, bool>(0) || !seen.insert(r.key.as_str()) {
                 return Some(Landed::Busy);
             }
             stored
-                .remove(&r.key)
+                .get(&r.key)
                 .filter(|s| s.settles(now))
+                .cloned()
                 .map(Landed::Stored)
         })
         .collect())
@@ -311,8 +316,12 @@ mod tests {
         assert_eq!(landed(&admitted), ["write"]);
         {
             let tx2 = other.transaction().await.unwrap();
-            let admitted = admit(&tx2, &second, &schema, &[&b, &a]).await.unwrap();
-            assert_eq!(landed(&admitted), ["write", "busy"]);
+            let admitted = admit(&tx2, &second, &schema, &[&b, &a, &b]).await.unwrap();
+            assert_eq!(
+                landed(&admitted),
+                ["write", "busy", "busy"],
+                "held, or twice"
+            );
         }
         finish_all(&tx, &first, &schema, &[(&a, "{\"ok\":1}".into())])
             .await

@@ -148,10 +148,14 @@ async fn begin_tx<'a>(dest: &'a mut PostgresDestination, commit: &Commit) -> Res
         },
     };
     let context = format!("table {:?}", run.target.table);
-    let tx = client
-        .transaction()
-        .await
-        .map_err(pg_error(context.clone()))?;
+    // A request's transaction reads its key's row after taking the key, and
+    // must see the commit of the key's previous holder: each statement its
+    // own snapshot, whatever the database's default isolation.
+    let mut begin = client.build_transaction();
+    if commit.request.is_some() {
+        begin = begin.isolation_level(tokio_postgres::IsolationLevel::ReadCommitted);
+    }
+    let tx = begin.start().await.map_err(pg_error(context.clone()))?;
     Ok(PgTx {
         tx,
         schema: schema.as_str(),
@@ -644,8 +648,10 @@ impl BatchTx for PgTx<'_> {
     async fn admit_requests(&mut self, requests: &[&RequestEntry]) -> Result<Vec<Option<Landed>>> {
         // A group's stored rows, read with the shape the last group read
         // them with, sent with the statements taking the keys: one round
-        // trip less. Another shape by the time the rows are written (a new
-        // column) reads them again.
+        // trip less. (Usually just after them; on a connection's first
+        // group, whose statements are prepared first, possibly before: the
+        // rows read do not depend on the keys being held.) Another shape by
+        // the time the rows are written (a new column) reads them again.
         let probe = match (&self.group_keys, &self.run.probed) {
             (Some(keys), Some(shape)) if !keys.is_empty() && keys.len() <= PROBE_MAX => {
                 let statement = self
@@ -774,7 +780,10 @@ impl BatchTx for PgTx<'_> {
     }
 
     async fn rollback(self) {
-        // Dropping the transaction rolls it back.
+        // Awaited, not left to the drop: a request's key (an advisory lock)
+        // is free once this returns, so writing the request again at once,
+        // on another connection, does not find its own key held.
+        let _ = self.tx.rollback().await;
     }
 }
 
