@@ -278,17 +278,17 @@ pub trait Destination: Books + WindowBooks {
                 "this destination commits one ingest request per transaction",
             ));
         }
-        let mut stats = Vec::with_capacity(group.len());
+        let mut landed = Vec::with_capacity(group.len());
         for (batch, request) in group {
             let commit = Commit {
                 request: Some(request.clone()),
                 ..Default::default()
             };
-            stats.push(crate::request::Landed::Written(
+            landed.push(crate::request::Landed::Written(
                 self.write(batch, commit).await?,
             ));
         }
-        Ok(stats)
+        Ok(landed)
     }
 
     /// The stored request with `key`, if any.

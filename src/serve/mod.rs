@@ -62,6 +62,7 @@ mod group;
 mod metrics;
 mod pool;
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -354,8 +355,10 @@ impl Shared {
             pid: i64::from(self.this.pid),
             lease_until: now_ms() + self.settings.claim_lease.as_millis() as i64,
         };
-        let Some(_in_flight) = InFlight::enter(&self.in_flight, &claim) else {
-            return (self.in_flight_answer(&claim), None);
+        let _in_flight = match InFlight::enter(&self.in_flight, &claim) {
+            Ok(held) => held,
+            Err(digest) if digest == claim.digest => return (busy(), None),
+            Err(_) => return (mismatch(), None),
         };
         if self.claims_apart {
             match self.claim(&claim).await {
@@ -372,19 +375,6 @@ impl Shared {
                 }
                 (failed(&e), None)
             }
-        }
-    }
-
-    /// The answer to a request whose key another request of this process
-    /// holds.
-    fn in_flight_answer(&self, claim: &Claim) -> Answer {
-        let same = lock(&self.in_flight)
-            .get(&claim.key)
-            .is_none_or(|digest| *digest == claim.digest);
-        if same {
-            busy()
-        } else {
-            mismatch()
         }
     }
 
@@ -439,7 +429,7 @@ impl Shared {
                 // Nothing to commit: free the key so a corrected body may
                 // use it. Unclaimed, the key may be done with another body.
                 self.release(claim).await;
-                if let Some(answer) = self.stored_answer(claim).await {
+                if let Some(answer) = self.answer_from_store(claim).await {
                     return Ok((answer, None));
                 }
                 return Ok((Answer::error(StatusCode::BAD_REQUEST, e), None));
@@ -515,7 +505,7 @@ impl Shared {
     /// Where keys are claimed inside the request's transaction, the answer
     /// the key's stored row gives a request that will not be written (its
     /// body is not records): a done key with another body answers 422.
-    async fn stored_answer(&self, claim: &Claim) -> Option<Answer> {
+    async fn answer_from_store(&self, claim: &Claim) -> Option<Answer> {
         if self.claims_apart {
             return None;
         }
@@ -621,17 +611,22 @@ struct InFlight<'a> {
 }
 
 impl<'a> InFlight<'a> {
-    /// Holds `claim`'s key; `None` when a request of this process holds it.
-    fn enter(keys: &'a Mutex<HashMap<String, String>>, claim: &Claim) -> Option<InFlight<'a>> {
-        let mut held = lock(keys);
-        if held.contains_key(&claim.key) {
-            return None;
+    /// Holds `claim`'s key; when a request of this process holds it
+    /// already, that request's body digest.
+    fn enter(
+        keys: &'a Mutex<HashMap<String, String>>,
+        claim: &Claim,
+    ) -> std::result::Result<InFlight<'a>, String> {
+        match lock(keys).entry(claim.key.clone()) {
+            Entry::Occupied(held) => Err(held.get().clone()),
+            Entry::Vacant(free) => {
+                free.insert(claim.digest.clone());
+                Ok(InFlight {
+                    keys,
+                    key: claim.key.clone(),
+                })
+            }
         }
-        held.insert(claim.key.clone(), claim.digest.clone());
-        Some(InFlight {
-            keys,
-            key: claim.key.clone(),
-        })
     }
 }
 

@@ -13,7 +13,7 @@
 //! row is written, locked and rewritten per request, and no claim commits
 //! apart.
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, GenericClient};
+use tokio_postgres::{Client, GenericClient, Row};
 
 use super::ddl::advisory_key;
 use super::statements::Statements;
@@ -67,23 +67,31 @@ pub(super) async fn stored(
         .query_opt(
             client,
             &format!(
-                "SELECT digest, status, response, claim, host, pid, expires_at
-                 FROM {} WHERE pipeline = $1 AND key = $2",
+                "SELECT key, {STORED} FROM {} WHERE pipeline = $1 AND key = $2",
                 qualified(schema, REQUESTS_TABLE)
             ),
             &[&pipeline, &key],
         )
         .await
         .map_err(pg_error("reading a request"))?;
-    Ok(row.map(|r| StoredRequest {
-        digest: r.get(0),
-        status: r.get(1),
-        response: r.get(2),
-        claim: r.get(3),
-        host: r.get(4),
-        pid: r.get(5),
-        expires_at: r.get(6),
-    }))
+    Ok(row.as_ref().map(stored_request))
+}
+
+/// The columns of a [`StoredRequest`], in the order [`stored_request`]
+/// reads them after the key.
+const STORED: &str = "digest, status, response, claim, host, pid, expires_at";
+
+/// A row of `SELECT key, {STORED}` as a [`StoredRequest`].
+fn stored_request(r: &Row) -> StoredRequest {
+    StoredRequest {
+        digest: r.get(1),
+        status: r.get(2),
+        response: r.get(3),
+        claim: r.get(4),
+        host: r.get(5),
+        pid: r.get(6),
+        expires_at: r.get(7),
+    }
 }
 
 pub(super) async fn expire(client: &Client, schema: &str, pipeline: &str, now: i64) -> Result<u64> {
@@ -141,8 +149,7 @@ pub(super) async fn admit(
         .prepare(
             tx,
             &format!(
-                "SELECT key, digest, status, response, claim, host, pid, expires_at
-                 FROM {} WHERE pipeline = $1 AND key = ANY($2)",
+                "SELECT key, {STORED} FROM {} WHERE pipeline = $1 AND key = ANY($2)",
                 qualified(schema, REQUESTS_TABLE)
             ),
         )
@@ -154,23 +161,8 @@ pub(super) async fn admit(
     let (held, rows) =
         futures_util::try_join!(tx.query(&lock, lock_params), tx.query(&read, read_params))
             .map_err(pg_error("taking request keys"))?;
-    let stored: std::collections::HashMap<String, StoredRequest> = rows
-        .iter()
-        .map(|r| {
-            (
-                r.get(0),
-                StoredRequest {
-                    digest: r.get(1),
-                    status: r.get(2),
-                    response: r.get(3),
-                    claim: r.get(4),
-                    host: r.get(5),
-                    pid: r.get(6),
-                    expires_at: r.get(7),
-                },
-            )
-        })
-        .collect();
+    let stored: std::collections::HashMap<String, StoredRequest> =
+        rows.iter().map(|r| (r.get(0), stored_request(r))).collect();
     let now = now_ms();
     // A key twice in one group (an attempt queued behind one whose client
     // went away): the lock is this session's both times, so the second is
